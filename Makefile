@@ -1,0 +1,46 @@
+# Two commands matter: `make run` starts the service, `make test` runs the checks.
+# Every target installs what it needs into .venv first; nothing is reinstalled while
+# pyproject.toml is unchanged (the install stamp is named after its hash).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+HASH   := $(shell (sha256sum pyproject.toml 2>/dev/null || shasum -a 256 pyproject.toml) | cut -c1-16)
+STAMP  := $(VENV)/.installed-$(HASH)
+export QUICKDRAW_SAMPLE_DIR ?= $(abspath ../shared/quickdraw)
+
+.PHONY: install run test lint protos bench clean help
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## create .venv and install the project (only when pyproject.toml changed)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+run: $(STAMP) ## start the service
+	@echo "Serving is not built yet: the gateway lands with the gateway issue."
+	@echo "Meanwhile: $(BIN)/quickdraw --help"
+	@$(BIN)/quickdraw --help
+
+test: $(STAMP) ## ruff, then the whole test suite
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+lint: $(STAMP) ## ruff only
+	$(BIN)/ruff check .
+
+protos: $(STAMP) ## regenerate the Python code for protos/ (reproducible)
+	$(BIN)/python scripts/gen_protos.py
+
+bench: $(STAMP) ## benchmarks: each compares two things in one run and prints ratios
+	$(BIN)/python -m benchmarks
+
+clean: ## remove the virtualenv, caches and build outputs
+	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info test-artifacts .bench
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

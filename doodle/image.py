@@ -1,0 +1,123 @@
+"""PNG or JPEG images of any size and mode to 28x28 grayscale, by the numpy_bitmap conventions.
+
+The conventions: strokes bright (255) on a dark (0) background, the drawing centred and scaled so
+that its larger side spans about 25 of the 28 pixels, as a 256-unit drawing with a 16-unit line does
+in Google's rendering. Dark-on-light images are inverted; transparent images use their alpha as ink.
+Limits on encoded bytes and on decoded pixels refuse decompression bombs before any pixel is decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image, UnidentifiedImageError
+
+from doodle.drawing import BITMAP_SIDE
+from doodle.errors import ImageDecodeError
+from doodle.raster import LINE_WIDTH, ORIGINAL_SIDE, PADDING
+
+ALLOWED_FORMATS = frozenset({"PNG", "JPEG"})
+#: Fraction of the 28-pixel side that a drawing's bounding box (strokes included) covers.
+CONTENT_FRACTION = (ORIGINAL_SIDE + LINE_WIDTH) / (ORIGINAL_SIDE + 2 * PADDING + LINE_WIDTH)
+#: A pixel counts as ink above this level (0..255) when finding the drawing's bounding box.
+INK_THRESHOLD = 32
+
+
+@dataclass(frozen=True, slots=True)
+class ImageLimits:
+    """Limits that refuse oversized or hostile images before they are decoded."""
+
+    max_image_bytes: int = 4 * 1024 * 1024
+    max_image_pixels: int = 16 * 1024 * 1024
+    max_image_side_px: int = 8192
+
+
+def decode_image(data: bytes, limits: ImageLimits | None = None) -> NDArray[np.uint8]:
+    """Decode PNG/JPEG bytes to a 28x28 uint8 bitmap, strokes bright on dark and centred.
+
+    Raises ImageDecodeError naming the limit or the reason when the image is refused.
+    """
+    limits = limits or ImageLimits()
+    if len(data) == 0:
+        raise ImageDecodeError("image is empty", "image")
+    if len(data) > limits.max_image_bytes:
+        raise ImageDecodeError(
+            f"image is {len(data)} bytes, over the limit of {limits.max_image_bytes} bytes",
+            "max_image_bytes",
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS))
+            # Only the header has been read so far: check the size before decoding pixels.
+            w, h = img.size
+            if w <= 0 or h <= 0 or max(w, h) > limits.max_image_side_px:
+                raise ImageDecodeError(
+                    f"image is {w}x{h} pixels; each side must be 1..{limits.max_image_side_px}",
+                    "max_image_side_px",
+                )
+            if w * h > limits.max_image_pixels:
+                raise ImageDecodeError(
+                    f"image is {w}x{h} = {w * h} pixels, over the limit of {limits.max_image_pixels}",
+                    "max_image_pixels",
+                )
+            img.load()
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own guard fires while reading the header, before our checks above can run.
+        raise ImageDecodeError(
+            f"image is too large to decode (over the limit of {limits.max_image_pixels} pixels): {exc}",
+            "max_image_pixels",
+        ) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError(f"not a decodable PNG or JPEG image: {exc}", "image") from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise ImageDecodeError(f"corrupt or truncated image: {exc}", "image") from exc
+    return image_to_bitmap(img)
+
+
+def image_to_bitmap(img: Image.Image) -> NDArray[np.uint8]:
+    """Any Pillow image to the 28x28 convention: ink bright, cropped, centred and scaled."""
+    ink = _ink(img)
+    mask = ink > INK_THRESHOLD
+    if not mask.any():
+        return np.zeros((BITMAP_SIDE, BITMAP_SIDE), dtype=np.uint8)
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    # Centre of the ink's bounding box, and the source span that maps onto the 28 output pixels so
+    # that the larger side of the box covers CONTENT_FRACTION of them; kept at sub-pixel precision,
+    # because half a pixel of offset costs a lot of agreement with 1.5-pixel-wide strokes.
+    cy = (rows[0] + rows[-1] + 1) / 2.0
+    cx = (cols[0] + cols[-1] + 1) / 2.0
+    extent = max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1)
+    span = extent / CONTENT_FRACTION
+    box = (cx - span / 2, cy - span / 2, cx + span / 2, cy + span / 2)
+    # Pad so that the box lies inside the image (resize's box must not leave it).
+    pad = int(np.ceil(max(0.0, -box[0], -box[1], box[2] - ink.shape[1], box[3] - ink.shape[0]))) + 1
+    padded = np.pad(ink, pad) if pad else ink
+    shifted = (box[0] + pad, box[1] + pad, box[2] + pad, box[3] + pad)
+    small = Image.fromarray(padded, mode="L").resize(
+        (BITMAP_SIDE, BITMAP_SIDE), Image.Resampling.BOX, box=shifted
+    )
+    return np.asarray(small, dtype=np.uint8)
+
+
+def _ink(img: Image.Image) -> NDArray[np.uint8]:
+    """The ink of an image as uint8, bright on dark, whatever its mode and polarity."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        alpha = np.asarray(rgba.getchannel("A"), dtype=np.uint8)
+        if alpha.min() < 250:
+            # Transparent background: the ink is where the alpha is, whatever its colour.
+            return alpha
+        img = rgba.convert("RGB")
+    gray = np.asarray(img.convert("L"), dtype=np.uint8)
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    if np.median(border) > 127:
+        gray = 255 - gray
+    return gray

@@ -1,0 +1,5 @@
+"""Allows ``python -m quickdraw``."""
+
+from quickdraw.cli import main
+
+raise SystemExit(main())

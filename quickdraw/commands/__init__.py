@@ -1,0 +1,1 @@
+"""One module per ``quickdraw`` subcommand; each exposes ``add_parser`` and ``run``."""

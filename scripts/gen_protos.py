@@ -1,0 +1,73 @@
+"""Generate Python code for every ``.proto`` under ``protos/``, reproducibly (``make protos``).
+
+``protos/quickdraw/v1/x.proto`` becomes ``quickdraw/v1/x_pb2.py`` (plus ``_pb2_grpc.py`` and ``.pyi``),
+a path that mirrors the proto package. The output depends only on the .proto files and the pinned
+grpcio-tools version, so a test can regenerate into a temporary directory and compare for drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def proto_files(proto_root: Path) -> list[Path]:
+    """Every .proto under ``proto_root``, sorted for a stable order."""
+    return sorted(proto_root.rglob("*.proto"))
+
+
+def generate(out_dir: Path, proto_root: Path = ROOT / "protos") -> list[Path]:
+    """Compile every proto into ``out_dir``; returns the files written. Raises on protoc errors."""
+    from grpc_tools import protoc
+
+    files = proto_files(proto_root)
+    if not files:
+        return []
+    include = str(resources.files("grpc_tools") / "_proto")
+    args = [
+        "protoc",
+        f"--proto_path={proto_root}",
+        f"--proto_path={include}",
+        f"--python_out={out_dir}",
+        f"--pyi_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+        *(str(f.relative_to(proto_root)) for f in files),
+    ]
+    if protoc.main(args) != 0:
+        raise RuntimeError(f"protoc failed: {' '.join(args)}")
+    written = []
+    for f in files:
+        stem = f.relative_to(proto_root).with_suffix("")
+        for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"):
+            p = out_dir / f"{stem}{suffix}"
+            if p.exists():
+                written.append(p)
+        # Make every generated directory an importable package.
+        pkg = (out_dir / stem).parent
+        while pkg != out_dir and out_dir in pkg.parents:
+            init = pkg / "__init__.py"
+            if not init.exists():
+                init.write_text('"""Generated from protos/ by `make protos`; do not edit."""\n')
+            pkg = pkg.parent
+    return written
+
+
+def main() -> int:
+    """Regenerate into the repository (or ``--out``)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT, help="output root (default: the repository)")
+    args = parser.parse_args()
+    written = generate(args.out)
+    if not written:
+        print("no .proto files under protos/: nothing to generate")
+    for p in written:
+        print(f"generated {p.relative_to(args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

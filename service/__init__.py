@@ -1,0 +1,1 @@
+"""service: the gRPC gateway that validates drawings, batches them and calls the model backend."""
