@@ -93,13 +93,13 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(info))
             continue
         print(f"{info['file']}")
-        print(f"  format   {info['format']}  ({info['bytes']:,} bytes)")
-        print(f"  count    {info['count']:,} drawings")
+        print(f"  {'format':<12} {info['format']}  ({info['bytes']:,} bytes)")
+        print(f"  {'count':<12} {info['count']:,} drawings")
         for key in ("shape", "splits", "recognized", "mean_points"):
             if key in info:
-                print(f"  {key:<8} {info[key]}")
+                print(f"  {key:<12} {info[key]}")
         classes = info["classes"]
         shown = ", ".join(f"{k} ({v:,})" for k, v in list(classes.items())[:10])
         more = f", ... {len(classes) - 10} more" if len(classes) > 10 else ""
-        print(f"  classes  {len(classes)}: {shown}{more}")
+        print(f"  {'classes':<12} {len(classes)}: {shown}{more}")
     return 0
