@@ -18,6 +18,9 @@ from doodle.errors import DoodleError
 COMMANDS: dict[str, str] = {
     "render": "render",
     "inspect": "inspect_cmd",
+    "train": "train",
+    "evaluate": "evaluate",
+    "predict": "predict",
 }
 
 DESCRIPTION = """\

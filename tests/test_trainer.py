@@ -1,0 +1,135 @@
+"""The trainer: deterministic splits, sharded batches, augmentation, export layout, evaluate and predict."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trainer.data import BitmapData, Split, SplitSpec
+
+CLASSES = "cat,dog,apple"
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+def quickdraw(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "quickdraw", *args], capture_output=True, text=True, cwd=cwd, env=env or ENV
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_split_is_deterministic_and_follows_row_order(sample: Path) -> None:
+    data = BitmapData.from_dir(sample, ["cat", "angel"])
+    assert data.labels == ["angel", "cat"]
+    for rows, split in zip(map(len, data.maps), data.splits, strict=True):
+        assert split[Split.TEST].stop == rows
+        assert split[Split.VAL].stop == split[Split.TEST].start
+        assert split[Split.TRAIN].stop == split[Split.VAL].start
+        assert len(split[Split.TEST]) == -(-rows // 10)
+    capped = BitmapData.from_dir(sample, ["cat"], SplitSpec(per_class=100))
+    assert capped.splits[0][Split.TRAIN] == range(0, 100)
+    assert capped.splits[0][Split.TEST] == data.splits[1][Split.TEST]
+    with pytest.raises(FileNotFoundError, match="nope"):
+        BitmapData.from_dir(sample, ["nope"])
+
+
+def test_batches_gather_the_right_rows(sample: Path) -> None:
+    data = BitmapData.from_dir(sample, ["cat", "dog"])
+    cat = np.load(sample / "numpy_bitmap" / "cat.npy", mmap_mode="r")
+    x, y = next(data.batches(Split.TEST, 16, shuffle=False))
+    assert x.shape == (16, 28, 28, 1) and x.dtype == np.uint8
+    start = data.splits[0][Split.TEST].start
+    np.testing.assert_array_equal(x.reshape(16, 784), cat[start : start + 16])
+    assert (y == 0).all()
+
+
+def test_shuffled_shards_are_disjoint_and_cover_the_split(sample: Path) -> None:
+    data = BitmapData.from_dir(sample, ["cat", "dog"], SplitSpec(per_class=200))
+    seen = []
+    for shard in (0, 1):
+        batches = list(data.batches(Split.TRAIN, 50, shuffle=True, seed=3, epoch=1, shard=shard, num_shards=2))
+        assert len(batches) == 4
+        seen.append({(int(lbl), img.tobytes()) for x, y in batches for img, lbl in zip(x, y, strict=True)})
+    assert not seen[0] & seen[1]
+    assert len(seen[0] | seen[1]) == 400
+    again = next(data.batches(Split.TRAIN, 50, shuffle=True, seed=3, epoch=1))
+    other_epoch = next(data.batches(Split.TRAIN, 50, shuffle=True, seed=3, epoch=2))
+    first = next(data.batches(Split.TRAIN, 50, shuffle=True, seed=3, epoch=1))
+    np.testing.assert_array_equal(again[0], first[0])
+    assert not np.array_equal(other_epoch[0], first[0])
+
+
+def test_augmentation_keeps_shape_and_ink(sample: Path) -> None:
+    from trainer.pipeline import Augment, make_dataset
+
+    data = BitmapData.from_dir(sample, ["cat"], SplitSpec(per_class=64))
+    plain = next(iter(make_dataset(data, Split.TRAIN, 32, shuffle=False)))[0].numpy()
+    warped = next(iter(make_dataset(data, Split.TRAIN, 32, shuffle=False, augment=Augment())))[0].numpy()
+    assert warped.shape == plain.shape == (32, 28, 28, 1)
+    assert not np.array_equal(plain, warped)
+    ratio = warped.sum(axis=(1, 2, 3)) / plain.sum(axis=(1, 2, 3))
+    assert 0.6 < ratio.mean() < 1.4  # a small warp, not an empty or blown-up image
+    corr = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(plain, warped, strict=True)]
+    assert np.mean(corr) > 0.2
+
+
+@pytest.fixture(scope="module")
+def tiny_model(sample: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model trained for one short epoch on three classes, exported twice (versions 1 and 2)."""
+    base = tmp_path_factory.mktemp("models")
+    for _ in range(2):
+        quickdraw("train", "--data", str(sample), "--classes", CLASSES, "--per-class", "256", "--epochs", "1",
+                  "--out", str(base), "--workdir", str(base.parent / "run"), "--threads", "2")
+    return base
+
+
+def test_export_layout_and_signature(tiny_model: Path) -> None:
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    assert sorted(p.name for p in tiny_model.iterdir()) == ["1", "2"]  # no temporary directory left behind
+    v = tiny_model / "2"
+    assert (v / "assets" / "labels.txt").read_text().splitlines() == ["apple", "cat", "dog"]
+    loaded = tf.saved_model.load(str(v))
+    fn = loaded.signatures["serving_default"]
+    spec = fn.structured_input_signature[1]["image"]
+    assert spec.dtype == tf.uint8 and spec.shape.as_list() == [None, 28, 28, 1]
+    for n in (1, 7, 128):
+        out = fn(image=tf.zeros([n, 28, 28, 1], tf.uint8))
+        assert out["probabilities"].shape == (n, 3) and out["probabilities"].dtype == tf.float32
+        np.testing.assert_allclose(out["probabilities"].numpy().sum(axis=1), 1.0, rtol=1e-5)
+        for key, value in out.items():
+            assert value.shape[0] == n, key
+        assert out["top_k_labels"].numpy()[0, 0].decode() in {"apple", "cat", "dog"}
+    records = list(tf.data.TFRecordDataset(str(v / "assets.extra" / "tf_serving_warmup_requests")))
+    assert len(records) >= 1
+    log = prediction_log_pb2.PredictionLog.FromString(records[0].numpy())
+    assert log.predict_log.request.model_spec.signature_name == "serving_default"
+    assert list(log.predict_log.request.inputs["image"].tensor_shape.dim)[1].size == 28
+    card = json.loads((v / "model_card.json").read_text())
+    assert card["version"] == 2 and card["classes"] == ["apple", "cat", "dog"]
+    assert card["architecture"] == "qdnet" and card["parameters"] > 0
+    for key in ("test_top1", "test_top3", "val_top1"):
+        assert 0.0 <= card["metrics"][key] <= 1.0
+    assert card["training_seconds"] > 0 and card["tensorflow_version"] == tf.__version__
+
+
+def test_evaluate_and_predict(tiny_model: Path, sample: Path, tmp_path: Path) -> None:
+    out = quickdraw("evaluate", str(tiny_model), "--data", str(sample), "--out", str(tmp_path), "--no-speed")
+    assert "top-1" in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["version"] == 2 and set(report["per_class_accuracy"]) == {"apple", "cat", "dog"}
+    assert np.array(report["confusion_matrix"]).sum() == report["drawings"] > 0
+    for png in ("confusion.png", "curves.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = quickdraw("predict", "--model", str(tiny_model), str(sample / "simplified" / "cat.ndjson"),
+                      "--limit", "4").splitlines()
+    assert len(lines) == 4
+    assert all(len(line.split(": ", 1)[1].split("  ")) == 3 for line in lines)

@@ -1,0 +1,218 @@
+"""SavedModel export in TF Serving's layout, written atomically, with labels, warm-up data and a model card.
+
+``models/quickdraw/<version>/`` holds:
+
+- ``saved_model.pb`` and ``variables/``, with signature ``serving_default``: input ``image`` uint8
+  [batch, 28, 28, 1] (strokes bright on dark, as numpy_bitmap), outputs ``probabilities`` float32
+  [batch, C], ``top_k_scores`` float32 [batch, K], ``top_k_indices`` int32 [batch, K] and
+  ``top_k_labels`` string [batch, K]; every output has the batch dimension first, as TF Serving's
+  server-side batching requires;
+- ``assets/labels.txt``: the class names, one a line, in output order;
+- ``assets.extra/tf_serving_warmup_requests``: PredictionLog records TF Serving replays on load;
+- ``model_card.json``: what the model is, what it was trained on and how well it does.
+
+The version directory appears in one ``rename`` from a hidden temporary directory beside it, so a
+server watching ``models/quickdraw/`` never sees a half-written version.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import tempfile
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from doodle import BITMAP_SIDE
+
+if TYPE_CHECKING:
+    from trainer.data import BitmapData
+    from trainer.train import Recipe, TrainConfig
+
+MODEL_NAME = "quickdraw"
+SIGNATURE = "serving_default"
+INPUT_KEY = "image"
+TOP_K = 5
+WARMUP_BATCH_SIZES = (1, 8, 32, 128)
+LABELS_FILE = "labels.txt"
+CARD_FILE = "model_card.json"
+
+
+class ServingModule(tf.Module):
+    """The exported graph: uint8 images in, probabilities and the top classes out."""
+
+    def __init__(self, model: keras.Model, labels: Sequence[str], labels_path: Path) -> None:
+        super().__init__()
+        self.model = model
+        self.labels_asset = tf.saved_model.Asset(str(labels_path))
+        self.labels = tf.constant(list(labels))
+        self.k = min(TOP_K, len(labels))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, BITMAP_SIDE, BITMAP_SIDE, 1], tf.uint8, name=INPUT_KEY)])
+    def serve(self, image: tf.Tensor) -> dict[str, tf.Tensor]:
+        """Classify a batch of 28x28 uint8 bitmaps."""
+        logits = tf.cast(self.model(tf.cast(image, tf.float32), training=False), tf.float32)
+        probabilities = tf.nn.softmax(logits, axis=-1)
+        scores, indices = tf.math.top_k(probabilities, k=self.k)
+        return {
+            "probabilities": probabilities,
+            "top_k_scores": scores,
+            "top_k_indices": indices,
+            "top_k_labels": tf.gather(self.labels, indices),
+        }
+
+
+@dataclass(slots=True)
+class ModelCard:
+    """``model_card.json``: the facts a user of the model needs, in one file."""
+
+    name: str
+    version: int | None
+    created: str
+    classes: list[str]
+    architecture: str
+    parameters: int
+    input: dict[str, Any]
+    outputs: dict[str, Any]
+    data: dict[str, Any]
+    recipe: dict[str, Any]
+    metrics: dict[str, Any]
+    history: list[dict[str, float]]
+    training_seconds: float
+    workers: int
+    tensorflow_version: str
+    keras_version: str
+    machine: dict[str, Any]
+
+    @classmethod
+    def build(
+        cls,
+        cfg: TrainConfig,
+        recipe: Recipe,
+        data: BitmapData,
+        model: keras.Model,
+        history: list[dict[str, float]],
+        train_seconds: float,
+        workers: int,
+        metrics: dict[str, Any] | None = None,
+    ) -> ModelCard:
+        """Collect the card's facts from a finished training run."""
+        from trainer.data import Split
+
+        return cls(
+            name=MODEL_NAME,
+            version=None,
+            created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            classes=list(data.labels),
+            architecture=cfg.arch,
+            parameters=int(model.count_params()),
+            input={
+                "name": INPUT_KEY,
+                "dtype": "uint8",
+                "shape": [-1, BITMAP_SIDE, BITMAP_SIDE, 1],
+                "convention": "numpy_bitmap: strokes 255 on background 0, drawing centred",
+            },
+            outputs={
+                "probabilities": "float32 [batch, C]",
+                "top_k_scores": f"float32 [batch, {min(TOP_K, len(data.labels))}]",
+                "top_k_indices": "int32 [batch, K]",
+                "top_k_labels": "string [batch, K]",
+            },
+            data={
+                "data_dir": str(cfg.data_dir),
+                "format": "numpy_bitmap",
+                "split": {
+                    "val_fraction": data.spec.val_fraction,
+                    "test_fraction": data.spec.test_fraction,
+                    "per_class": data.spec.per_class,
+                    "max_eval_per_class": data.spec.max_eval_per_class,
+                    "rule": "per class file: last rows are test, the rows before them validation",
+                },
+                "rows": {s.value: data.row_ranges(s) for s in Split},
+                "counts": {s.value: data.count(s) for s in Split},
+            },
+            recipe=asdict(recipe) | {"seed": cfg.seed},
+            metrics=metrics or {},
+            history=history,
+            training_seconds=round(train_seconds, 1),
+            workers=workers,
+            tensorflow_version=tf.__version__,
+            keras_version=keras.__version__,
+            machine={"platform": platform.platform(), "cpus": os.cpu_count()},
+        )
+
+
+def next_version(base: Path) -> int:
+    """One more than the highest integer version directory under ``base`` (1 when there is none)."""
+    versions = [int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit()] if base.exists() else []
+    return max(versions, default=0) + 1
+
+
+def export_model(
+    model: keras.Model, labels: Sequence[str], base: Path, card: ModelCard, version: int | None = None
+) -> Path:
+    """Write ``base/<version>/`` atomically and return it. Refuses to overwrite an existing version."""
+    base.mkdir(parents=True, exist_ok=True)
+    version = version or next_version(base)
+    final = base / str(version)
+    if final.exists():
+        raise FileExistsError(f"{final} exists; versions are immutable, pick another --version")
+    tmp = base / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
+    scratch = Path(tempfile.mkdtemp(prefix="labels-"))
+    try:
+        labels_path = scratch / LABELS_FILE
+        labels_path.write_text("".join(f"{label}\n" for label in labels))
+        module = ServingModule(model, labels, labels_path)
+        tf.saved_model.save(module, str(tmp), signatures={SIGNATURE: module.serve.get_concrete_function()})
+        write_warmup_requests(tmp / "assets.extra" / "tf_serving_warmup_requests")
+        card.version = version
+        (tmp / CARD_FILE).write_text(json.dumps(asdict(card), indent=1) + "\n")
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def write_warmup_requests(path: Path, batch_sizes: Sequence[int] = WARMUP_BATCH_SIZES) -> None:
+    """A TFRecord of ``tensorflow.serving.PredictionLog``, one Predict request per batch size."""
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for n in batch_sizes:
+            request = predict_pb2.PredictRequest()
+            request.model_spec.name = MODEL_NAME
+            request.model_spec.signature_name = SIGNATURE
+            images = (rng.random((n, BITMAP_SIDE, BITMAP_SIDE, 1)) > 0.9).astype(np.uint8) * 255
+            request.inputs[INPUT_KEY].CopyFrom(tf.make_tensor_proto(images, dtype=tf.uint8))
+            log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+            writer.write(log.SerializeToString())
+
+
+def read_labels(model_dir: Path) -> list[str]:
+    """The class names of an exported version, in output order."""
+    return (model_dir / "assets" / LABELS_FILE).read_text().splitlines()
+
+
+def latest_version_dir(path: Path) -> Path:
+    """``path`` itself if it is a version directory, else its highest integer version."""
+    if (path / "saved_model.pb").exists():
+        return path
+    versions = sorted((int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit()), reverse=True)
+    for v in versions:
+        if (path / str(v) / "saved_model.pb").exists():
+            return path / str(v)
+    raise FileNotFoundError(f"no SavedModel version under {path}")

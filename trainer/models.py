@@ -1,0 +1,61 @@
+"""Model architectures: ``seed`` (the starting point, fixed to train) and ``qdnet`` (the default).
+
+Every model takes float32 images 0..255 shaped [b, 28, 28, 1] and returns logits; it scales its input
+itself, so the serving signature and the training pipeline cannot disagree about scaling. Softmax
+is applied in the serving signature; training uses the numerically stable loss on logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import keras
+from keras import layers
+
+
+def seed(num_classes: int) -> keras.Model:
+    """The starting point's layers: 3x3 convs of 16/32/64, each ReLU + 2x2 max-pool, dense 1024, dropout.
+
+    Its original bugs are fixed, nothing else: the input is scaled to 0..1 and the loss is computed
+    from logits (it used ``-sum(y * log(softmax))`` on raw 0..255 pixels and diverged).
+    """
+    inputs = keras.Input((28, 28, 1), name="image")
+    x = layers.Rescaling(1.0 / 255.0)(inputs)
+    for filters in (16, 32, 64):
+        x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+        x = layers.MaxPooling2D(2)(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(1024, activation="relu")(x)
+    x = layers.Dropout(0.5)(x)
+    outputs = layers.Dense(num_classes, name="logits")(x)
+    return keras.Model(inputs, outputs, name="seed")
+
+
+def _conv_bn(x: keras.KerasTensor, filters: int) -> keras.KerasTensor:
+    x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+    x = layers.BatchNormalization()(x)
+    return layers.ReLU()(x)
+
+
+def qdnet(num_classes: int, width: int = 32, dropout: float = 0.3) -> keras.Model:
+    """A small VGG-style network with batch norm: 3 stages of two 3x3 convs (w, 2w, 4w filters).
+
+    Global average pooling keeps the parameter count low (about 0.33M at width 32) and the
+    serving latency small; augmentation in the pipeline does the regularising.
+    """
+    inputs = keras.Input((28, 28, 1), name="image")
+    x = layers.Rescaling(1.0 / 255.0)(inputs)
+    for stage, filters in enumerate((width, 2 * width, 4 * width)):
+        x = _conv_bn(x, filters)
+        x = _conv_bn(x, filters)
+        if stage < 2:
+            x = layers.MaxPooling2D(2)(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.Dense(8 * width, activation="relu")(x)
+    x = layers.Dropout(dropout)(x)
+    outputs = layers.Dense(num_classes, name="logits")(x)
+    return keras.Model(inputs, outputs, name="qdnet")
+
+
+ARCHITECTURES: dict[str, Callable[[int], keras.Model]] = {"qdnet": qdnet, "seed": seed}
+DEFAULT_ARCH = "qdnet"

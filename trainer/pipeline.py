@@ -1,0 +1,114 @@
+"""tf.data input pipeline over ``trainer.data.BitmapData``, with on-the-fly augmentation.
+
+Batches are gathered from the memory maps in a generator (cheap: a few fancy-indexing reads a
+batch) and augmented in TensorFlow with one random affine warp per image: small rotation, scale,
+shear and shift, and a horizontal flip (doodles of every Quick, Draw! class still read as that class
+mirrored). Images stay 0..255 floats; the model scales them itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+from doodle import BITMAP_SIDE
+from trainer.data import BitmapData, Split
+
+
+@dataclass(frozen=True, slots=True)
+class Augment:
+    """Ranges of the random affine warp; all zero disables augmentation."""
+
+    rotate_deg: float = 10.0
+    scale: float = 0.10
+    shear: float = 0.10
+    shift_px: float = 2.0
+    flip: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any augmentation is on."""
+        return bool(self.rotate_deg or self.scale or self.shear or self.shift_px or self.flip)
+
+
+NO_AUGMENT = Augment(0.0, 0.0, 0.0, 0.0, False)
+
+
+def random_affine(images: tf.Tensor, aug: Augment, seed: tf.Tensor) -> tf.Tensor:
+    """Warp a float batch [b, 28, 28, 1] by one random affine transform per image."""
+    b = tf.shape(images)[0]
+    seeds = tf.random.experimental.stateless_split(seed, 6)
+    u = [tf.random.stateless_uniform([b], s, -1.0, 1.0) for s in tf.unstack(seeds)]
+    theta = u[0] * aug.rotate_deg * math.pi / 180.0
+    zoom = 1.0 + u[1] * aug.scale
+    shear = u[2] * aug.shear
+    tx, ty = u[3] * aug.shift_px, u[4] * aug.shift_px
+    flip = tf.where(u[5] < 0.0, -1.0, 1.0) if aug.flip else tf.ones([b])
+    # Output pixel p maps to input pixel A @ (p - c) + c - t, with c the centre of the image.
+    cos, sin = tf.cos(theta) / zoom, tf.sin(theta) / zoom
+    a0, a1 = cos * flip, -sin + shear
+    b0, b1 = sin * flip, cos
+    c = (BITMAP_SIDE - 1) / 2.0
+    a2 = c - a0 * c - a1 * c - tx
+    b2 = c - b0 * c - b1 * c - ty
+    zeros = tf.zeros([b])
+    transforms = tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images,
+        transforms=transforms,
+        output_shape=[BITMAP_SIDE, BITMAP_SIDE],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="CONSTANT",
+    )
+
+
+def make_dataset(
+    data: BitmapData,
+    split: Split,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    augment: Augment = NO_AUGMENT,
+    seed: int = 0,
+    epoch: int = 0,
+    shard: int = 0,
+    num_shards: int = 1,
+) -> tf.data.Dataset:
+    """One epoch of (float32 images 0..255 [b, 28, 28, 1], int32 labels [b]) batches."""
+
+    def gen():
+        yield from data.batches(
+            split, batch_size, shuffle=shuffle, seed=seed, epoch=epoch, shard=shard, num_shards=num_shards
+        )
+
+    ds = tf.data.Dataset.from_generator(
+        gen,
+        output_signature=(
+            tf.TensorSpec([None, BITMAP_SIDE, BITMAP_SIDE, 1], tf.uint8),
+            tf.TensorSpec([None], tf.int32),
+        ),
+    )
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    ds = ds.with_options(options)
+    if augment.enabled:
+        base = tf.constant([seed, epoch * 1_000_003 + shard], dtype=tf.int64)
+        ds = ds.enumerate().map(
+            lambda i, xy: (
+                random_affine(tf.cast(xy[0], tf.float32), augment, base + tf.stack([i, i])),
+                xy[1],
+            ),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    else:
+        ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y))
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def as_numpy_images(ds: tf.data.Dataset) -> np.ndarray:
+    """All images of a (small) dataset as one array, for tests and plots."""
+    return np.concatenate([x.numpy() for x, _ in ds])

@@ -1,0 +1,345 @@
+"""The training loop: one process or many (``MultiWorkerMirroredStrategy`` through ``TF_CONFIG``).
+
+A custom loop rather than ``model.fit`` so that every piece a team relies on is explicit: seeded
+per-epoch shuffling shared by all workers, progress bars, TensorBoard scalars, a checkpoint every
+epoch and ``--resume`` from the last one, and an export written once, by the chief, atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from trainer import models
+from trainer.data import BitmapData, Split, SplitSpec
+from trainer.pipeline import NO_AUGMENT, Augment, make_dataset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Recipe:
+    """Optimisation settings that go with an architecture."""
+
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    schedule: str  # "constant" or "cosine" (with one epoch of linear warm-up)
+    label_smoothing: float
+    augment: bool
+    weight_decay: float = 0.0
+
+
+#: ``seed`` keeps the starting point's recipe (Adam 1e-4, batch 512, 10 epochs, no augmentation).
+RECIPES: dict[str, Recipe] = {
+    "seed": Recipe(10, 512, 1e-4, "constant", 0.0, False),
+    "qdnet": Recipe(20, 256, 2e-3, "cosine", 0.1, True),
+}
+
+
+@dataclass(slots=True)
+class TrainConfig:
+    """Everything one training run needs; the CLI fills it, unset fields take the recipe's values."""
+
+    data_dir: Path
+    out: Path = Path("models/quickdraw")
+    workdir: Path | None = None
+    classes: Sequence[str] | None = None
+    per_class: int | None = None
+    arch: str = models.DEFAULT_ARCH
+    epochs: int | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    augment: bool | None = None
+    seed: int = 1
+    resume: bool = False
+    version: int | None = None
+    evaluate: bool = True
+    split: SplitSpec = field(default_factory=SplitSpec)
+
+    def recipe(self) -> Recipe:
+        """The architecture's recipe with this run's overrides applied."""
+        base = RECIPES[self.arch]
+        return Recipe(
+            epochs=self.epochs if self.epochs is not None else base.epochs,
+            batch_size=self.batch_size or base.batch_size,
+            learning_rate=self.learning_rate or base.learning_rate,
+            schedule=base.schedule,
+            label_smoothing=base.label_smoothing,
+            augment=base.augment if self.augment is None else self.augment,
+            weight_decay=base.weight_decay,
+        )
+
+
+@dataclass(slots=True)
+class TrainResult:
+    """What a run produced; ``export_dir`` is None on non-chief workers."""
+
+    export_dir: Path | None
+    history: list[dict[str, float]]
+    train_seconds: float
+    weights_sha256: str
+    is_chief: bool
+
+
+def make_strategy() -> tf.distribute.Strategy:
+    """MultiWorkerMirroredStrategy when TF_CONFIG names more than one worker, else the default."""
+    tf_config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
+    workers = tf_config.get("cluster", {}).get("worker", [])
+    if len(workers) + len(tf_config.get("cluster", {}).get("chief", [])) > 1:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def _task() -> tuple[str, int]:
+    tf_config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
+    task = tf_config.get("task", {})
+    return task.get("type", "worker"), int(task.get("index", 0))
+
+
+def is_chief() -> bool:
+    """The chief (or worker 0 when there is no chief) writes checkpoints, logs and the export."""
+    kind, index = _task()
+    tf_config = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
+    has_chief = "chief" in tf_config.get("cluster", {})
+    return kind == "chief" or (kind == "worker" and index == 0 and not has_chief)
+
+
+def weights_digest(model: keras.Model) -> str:
+    """SHA-256 over every weight (trainable or not), to compare workers' models."""
+    h = hashlib.sha256()
+    for w in model.weights:
+        h.update(np.ascontiguousarray(keras.ops.convert_to_numpy(w)).tobytes())
+    return h.hexdigest()
+
+
+def _schedule(recipe: Recipe, steps_per_epoch: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    if recipe.schedule == "constant":
+        return recipe.learning_rate
+    total = max(1, recipe.epochs * steps_per_epoch)
+    warmup = min(steps_per_epoch, total // 2)
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=total - warmup, warmup_target=recipe.learning_rate, warmup_steps=warmup
+    )
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train, checkpoint every epoch, export on the chief; returns what was produced."""
+    strategy = make_strategy()
+    chief = is_chief()
+    workers = strategy.num_replicas_in_sync
+    recipe = cfg.recipe()
+    data = BitmapData.from_dir(cfg.data_dir, cfg.classes, replace_per_class(cfg.split, cfg.per_class))
+    workdir = cfg.workdir or Path("runs") / cfg.arch
+    ckpt_dir = workdir / "checkpoints" if chief else Path(tempfile.mkdtemp(prefix="ckpt-worker-"))
+    global_bs = recipe.batch_size
+    per_replica_bs = global_bs // workers
+    steps = data.steps(Split.TRAIN, per_replica_bs, num_shards=workers)
+    if steps == 0:
+        raise ValueError(f"batch size {global_bs} is larger than the training split ({data.count(Split.TRAIN)})")
+    num_classes = data.num_classes
+    keras.utils.set_random_seed(cfg.seed)
+
+    with strategy.scope():
+        model = models.ARCHITECTURES[cfg.arch](num_classes)
+        if workers > 1:
+            # Synchronised batch norm keeps the moving statistics, and so every weight, identical on all
+            # workers; plain batch norm would let them drift apart.
+            for layer in model.layers:
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    layer.synchronized = True
+        optimizer = keras.optimizers.Adam(_schedule(recipe, steps))
+        optimizer.build(model.trainable_variables)
+        epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+    loss_fn = keras.losses.CategoricalCrossentropy(
+        from_logits=True, label_smoothing=recipe.label_smoothing, reduction="none"
+    )
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var)
+    manager = tf.train.CheckpointManager(checkpoint, str(ckpt_dir), max_to_keep=2)
+    history_path = workdir / "history.json"
+    history: list[dict[str, float]] = []
+    elapsed_before = 0.0
+    if cfg.resume and manager.latest_checkpoint is None and chief:
+        log.warning("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
+    if cfg.resume:
+        latest = tf.train.latest_checkpoint(str(workdir / "checkpoints"))
+        if latest:
+            checkpoint.restore(latest)
+            if history_path.exists():
+                saved = json.loads(history_path.read_text())
+                history = saved["history"][: int(epoch_var.numpy())]
+                elapsed_before = float(saved.get("train_seconds", 0.0))
+            log.info("resumed from %s at epoch %d", latest, int(epoch_var.numpy()))
+
+    @tf.function
+    def train_step(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        def step_fn(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            with tf.GradientTape() as tape:
+                logits = tf.cast(model(x, training=True), tf.float32)
+                per_example = loss_fn(tf.one_hot(y, num_classes), logits)
+                loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_bs)
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+            correct = tf.reduce_sum(tf.cast(tf.argmax(logits, -1, output_type=tf.int32) == y, tf.float32))
+            return loss, correct
+
+        loss, correct = strategy.run(step_fn, args=(x, y))
+        return (
+            strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None),
+            strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None),
+        )
+
+    writer = tf.summary.create_file_writer(str(workdir / "logs")) if chief else tf.summary.create_noop_writer()
+    augment = Augment() if recipe.augment else NO_AUGMENT
+    start_epoch = int(epoch_var.numpy())
+    t_start = time.perf_counter()
+    for epoch in range(start_epoch, recipe.epochs):
+        dist = strategy.distribute_datasets_from_function(
+            lambda ctx, epoch=epoch: make_dataset(
+                data,
+                Split.TRAIN,
+                ctx.get_per_replica_batch_size(global_bs),
+                shuffle=True,
+                augment=augment,
+                seed=cfg.seed,
+                epoch=epoch,
+                shard=ctx.input_pipeline_id,
+                num_shards=ctx.num_input_pipelines,
+            )
+        )
+        t0 = time.perf_counter()
+        loss_sum = correct = seen = 0.0
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{recipe.epochs}", unit="step", disable=None if chief else True)
+        for x, y in dist:
+            loss, right = train_step(x, y)
+            n = per_replica_bs * workers
+            loss_sum += float(loss) * n
+            correct += float(right)
+            seen += n
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
+        bar.close()
+        seconds = time.perf_counter() - t0
+        val = evaluate_split(model, data, Split.VAL)
+        record = {
+            "epoch": epoch + 1,
+            "loss": loss_sum / max(seen, 1),
+            "accuracy": correct / max(seen, 1),
+            "val_loss": val["loss"],
+            "val_accuracy": val["top1"],
+            "seconds": seconds,
+            "images_per_second": seen / seconds,
+            "learning_rate": float(keras.ops.convert_to_numpy(optimizer.learning_rate)),
+        }
+        history.append(record)
+        with writer.as_default(step=epoch + 1):
+            for key in ("loss", "accuracy", "val_loss", "val_accuracy", "images_per_second", "learning_rate"):
+                tf.summary.scalar(key, record[key])
+        writer.flush()
+        epoch_var.assign(epoch + 1)
+        manager.save(checkpoint_number=epoch + 1)
+        if chief:
+            history_path.parent.mkdir(parents=True, exist_ok=True)
+            history_path.write_text(
+                json.dumps(
+                    {"history": history, "train_seconds": elapsed_before + time.perf_counter() - t_start}, indent=1
+                )
+            )
+            tqdm.write(
+                f"epoch {epoch + 1}: loss {record['loss']:.4f} acc {record['accuracy']:.4f} "
+                f"val_acc {record['val_accuracy']:.4f} ({seconds:.0f}s, {record['images_per_second']:.0f} img/s)"
+            )
+    train_seconds = elapsed_before + time.perf_counter() - t_start
+    digest = weights_digest(model)
+    workdir.mkdir(parents=True, exist_ok=True)
+    kind, index = _task()
+    (workdir / f"weights-{kind}-{index}.sha256").write_text(digest + "\n")
+
+    from trainer.export import ModelCard, export_model
+
+    metrics: dict[str, Any] = {}
+    if cfg.evaluate:
+        test = evaluate_split(model, data, Split.TEST)
+        val = evaluate_split(model, data, Split.VAL)
+        metrics = {
+            "test_top1": test["top1"],
+            "test_top3": test["top3"],
+            "test_n": test["n"],
+            "val_top1": val["top1"],
+            "val_top3": val["top3"],
+            "val_n": val["n"],
+        }
+        if chief:
+            tqdm.write(f"test: top-1 {test['top1']:.4f}  top-3 {test['top3']:.4f}  ({test['n']} drawings)")
+    card = ModelCard.build(cfg, recipe, data, model, history, train_seconds, workers, metrics)
+    if chief:
+        export_dir: Path | None = export_model(model, data.labels, cfg.out, card, version=cfg.version)
+    else:
+        # Every worker must take part in saving (it may run collectives); non-chiefs write to a scratch
+        # directory that is removed at once, so exactly one export is written.
+        scratch = Path(tempfile.mkdtemp(prefix="export-worker-"))
+        export_model(model, data.labels, scratch, card, version=1)
+        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        export_dir = None
+    return TrainResult(export_dir, history, train_seconds, digest, chief)
+
+
+def replace_per_class(spec: SplitSpec, per_class: int | None) -> SplitSpec:
+    """The split spec with a per-class cap on training rows."""
+    return SplitSpec(spec.val_fraction, spec.test_fraction, per_class, spec.max_eval_per_class)
+
+
+def evaluate_split(
+    model: keras.Model, data: BitmapData, split: Split, batch_size: int = 512, keep_predictions: bool = False
+) -> dict[str, Any]:
+    """Loss, top-1 and top-3 accuracy of a model on a split (and, optionally, every prediction)."""
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
+    total_loss = 0.0
+    top1 = top3 = n = 0
+    preds: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    for x, y in data.batches(split, batch_size, shuffle=False):
+        logits = np.asarray(_predict_logits(model, tf.constant(x)), dtype=np.float32)
+        total_loss += float(loss_fn(y, logits))
+        top = np.argsort(-logits, axis=1)[:, :3]
+        top1 += int((top[:, 0] == y).sum())
+        top3 += int((top == y[:, None]).any(axis=1).sum())
+        n += len(y)
+        if keep_predictions:
+            preds.append(top[:, 0])
+            labels.append(y)
+    result: dict[str, Any] = {
+        "loss": total_loss / max(n, 1),
+        "top1": top1 / max(n, 1),
+        "top3": top3 / max(n, 1),
+        "n": n,
+    }
+    if keep_predictions:
+        result["predicted"] = np.concatenate(preds) if preds else np.zeros(0, np.int64)
+        result["labels"] = np.concatenate(labels) if labels else np.zeros(0, np.int32)
+    return result
+
+
+def _predict_logits(model: keras.Model, x: tf.Tensor) -> tf.Tensor:
+    return tf.cast(model(tf.cast(x, tf.float32), training=False), tf.float32)
+
+
+def config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as JSON-friendly values (paths as strings)."""
+    d = asdict(cfg)
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
