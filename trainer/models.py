@@ -57,5 +57,45 @@ def qdnet(num_classes: int, width: int = 32, dropout: float = 0.3) -> keras.Mode
     return keras.Model(inputs, outputs, name="qdnet")
 
 
+class FlipAverage(keras.Model):
+    """Test-time augmentation: the mean of a model's logits on an image and on its mirror image.
+
+    Training augments with horizontal flips, so both views are in-distribution; averaging them is a
+    cheap two-member ensemble. It doubles inference work, which batching absorbs.
+    """
+
+    def __init__(self, inner: keras.Model, **kwargs: object) -> None:
+        super().__init__(name=f"{inner.name}_flip_tta", **kwargs)
+        self.inner = inner
+
+    def call(self, images: keras.KerasTensor, training: bool = False) -> keras.KerasTensor:
+        """Average the logits of both views."""
+        mirrored = keras.ops.flip(images, axis=2)
+        return (self.inner(images, training=training) + self.inner(mirrored, training=training)) / 2.0
+
+
+def for_inference(model: keras.Model, flip_tta: bool) -> keras.Model:
+    """The model as served: the trained model itself, or wrapped in flip test-time augmentation."""
+    return FlipAverage(model) if flip_tta else model
+
+
+def as_float32(model: keras.Model, num_classes: int, arch: str) -> keras.Model:
+    """A float32 copy of a model trained under a mixed-precision policy, for export.
+
+    The weights of a mixed-precision model are float32 already; only the compute dtype differs, and
+    a float32 graph serves on every CPU and GPU.
+    """
+    if model.dtype_policy.name == "float32":
+        return model
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")
+    try:
+        clone = ARCHITECTURES[arch](num_classes)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
 ARCHITECTURES: dict[str, Callable[[int], keras.Model]] = {"qdnet": qdnet, "seed": seed}
 DEFAULT_ARCH = "qdnet"

@@ -41,13 +41,16 @@ class Recipe:
     schedule: str  # "constant" or "cosine" (with one epoch of linear warm-up)
     label_smoothing: float
     augment: bool
-    weight_decay: float = 0.0
+    #: Keras dtype policy for training ("mixed_bfloat16" uses bf16 matrix units where the CPU has them).
+    precision: str = "float32"
+    #: Serve the mean of the logits on the image and its mirror image (see models.FlipAverage).
+    flip_tta: bool = False
 
 
 #: ``seed`` keeps the starting point's recipe (Adam 1e-4, batch 512, 10 epochs, no augmentation).
 RECIPES: dict[str, Recipe] = {
     "seed": Recipe(10, 512, 1e-4, "constant", 0.0, False),
-    "qdnet": Recipe(20, 256, 2e-3, "cosine", 0.1, True),
+    "qdnet": Recipe(24, 256, 2e-3, "cosine", 0.1, True, precision="mixed_bfloat16", flip_tta=True),
 }
 
 
@@ -65,6 +68,8 @@ class TrainConfig:
     batch_size: int | None = None
     learning_rate: float | None = None
     augment: bool | None = None
+    precision: str | None = None
+    flip_tta: bool | None = None
     seed: int = 1
     resume: bool = False
     version: int | None = None
@@ -81,7 +86,8 @@ class TrainConfig:
             schedule=base.schedule,
             label_smoothing=base.label_smoothing,
             augment=base.augment if self.augment is None else self.augment,
-            weight_decay=base.weight_decay,
+            precision=self.precision or base.precision,
+            flip_tta=base.flip_tta if self.flip_tta is None else self.flip_tta,
         )
 
 
@@ -153,6 +159,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise ValueError(f"batch size {global_bs} is larger than the training split ({data.count(Split.TRAIN)})")
     num_classes = data.num_classes
     keras.utils.set_random_seed(cfg.seed)
+    keras.config.set_dtype_policy(recipe.precision)
 
     with strategy.scope():
         model = models.ARCHITECTURES[cfg.arch](num_classes)
@@ -271,10 +278,12 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     from trainer.export import ModelCard, export_model
 
+    keras.config.set_dtype_policy("float32")
+    served = models.for_inference(models.as_float32(model, num_classes, cfg.arch), recipe.flip_tta)
     metrics: dict[str, Any] = {}
     if cfg.evaluate:
-        test = evaluate_split(model, data, Split.TEST)
-        val = evaluate_split(model, data, Split.VAL)
+        test = evaluate_split(served, data, Split.TEST)
+        val = evaluate_split(served, data, Split.VAL)
         metrics = {
             "test_top1": test["top1"],
             "test_top3": test["top3"],
@@ -287,12 +296,12 @@ def train(cfg: TrainConfig) -> TrainResult:
             tqdm.write(f"test: top-1 {test['top1']:.4f}  top-3 {test['top3']:.4f}  ({test['n']} drawings)")
     card = ModelCard.build(cfg, recipe, data, model, history, train_seconds, workers, metrics)
     if chief:
-        export_dir: Path | None = export_model(model, data.labels, cfg.out, card, version=cfg.version)
+        export_dir: Path | None = export_model(served, data.labels, cfg.out, card, version=cfg.version)
     else:
         # Every worker must take part in saving (it may run collectives); non-chiefs write to a scratch
         # directory that is removed at once, so exactly one export is written.
         scratch = Path(tempfile.mkdtemp(prefix="export-worker-"))
-        export_model(model, data.labels, scratch, card, version=1)
+        export_model(served, data.labels, scratch, card, version=1)
         shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         export_dir = None

@@ -37,6 +37,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--learning-rate", type=float, default=None, help="peak learning rate (default: the recipe's)")
     p.add_argument("--no-augment", dest="augment", action="store_const", const=False, default=None,
                    help="turn augmentation off")
+    p.add_argument("--precision", choices=["float32", "mixed_bfloat16"], default=None,
+                   help="training compute precision (default: the recipe's; the export is always float32)")
+    p.add_argument("--no-flip-tta", dest="flip_tta", action="store_const", const=False, default=None,
+                   help="serve the plain model instead of averaging it with its mirror image")
     p.add_argument("--seed", type=int, default=1, help="random seed for shuffling, augmentation and weights")
     p.add_argument("--out", type=Path, default=Path("models/quickdraw"),
                    help="model base directory; the export goes to OUT/<version>/ (default: %(default)s)")
@@ -61,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         data_dir=args.data, out=args.out, workdir=args.workdir, classes=args.classes, per_class=args.per_class,
         arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        augment=args.augment, seed=args.seed, resume=args.resume, version=args.version,
+        augment=args.augment, precision=args.precision, flip_tta=args.flip_tta, seed=args.seed, resume=args.resume,
+        version=args.version,
     )
     result = train(cfg)
     if result.export_dir is not None:
