@@ -16,6 +16,7 @@ from doodle.errors import DoodleError
 
 #: Subcommand name -> module under quickdraw.commands, in the order ``--help`` lists them.
 COMMANDS: dict[str, str] = {
+    "download": "download",
     "render": "render",
     "inspect": "inspect_cmd",
     "train": "train",
