@@ -9,7 +9,7 @@ HASH   := $(shell (sha256sum pyproject.toml 2>/dev/null || shasum -a 256 pyproje
 STAMP  := $(VENV)/.installed-$(HASH)
 export QUICKDRAW_SAMPLE_DIR ?= $(abspath ../shared/quickdraw)
 
-.PHONY: install run test lint protos bench clean help
+.PHONY: install run train test lint protos bench clean help
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -23,10 +23,12 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-run: $(STAMP) ## start the service
-	@echo "Serving is not built yet: the gateway lands with the gateway issue."
-	@echo "Meanwhile: $(BIN)/quickdraw --help"
-	@$(BIN)/quickdraw --help
+run: $(STAMP) ## start the gateway on the shipped model (gRPC :50051, metrics :8080); Ctrl-C drains and stops
+	$(BIN)/quickdraw serve $(ARGS)
+
+train: $(STAMP) ## retrain the shipped model on the sample data (next version under models/quickdraw), then evaluate it
+	$(BIN)/quickdraw train --data $(QUICKDRAW_SAMPLE_DIR) --out models/quickdraw $(ARGS)
+	$(BIN)/quickdraw evaluate models/quickdraw --data $(QUICKDRAW_SAMPLE_DIR)
 
 test: $(STAMP) ## ruff, then the whole test suite
 	$(BIN)/ruff check .

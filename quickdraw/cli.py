@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -22,6 +23,8 @@ COMMANDS: dict[str, str] = {
     "train": "train",
     "evaluate": "evaluate",
     "predict": "predict",
+    "serve": "serve",
+    "classify": "classify",
 }
 
 DESCRIPTION = """\
@@ -46,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, run the chosen subcommand and return its exit code."""
+    # TensorFlow's C++ INFO lines (CPU features, oneDNN notes) drown the output of every command.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

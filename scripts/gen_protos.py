@@ -28,10 +28,15 @@ def generate(out_dir: Path, proto_root: Path = ROOT / "protos") -> list[Path]:
     if not files:
         return []
     include = str(resources.files("grpc_tools") / "_proto")
+    # google/rpc/*.proto ship with googleapis-common-protos, whose Python modules we import at run time.
+    from google.rpc import status_pb2
+
+    googleapis = str(Path(status_pb2.__file__).resolve().parents[2])
     args = [
         "protoc",
         f"--proto_path={proto_root}",
         f"--proto_path={include}",
+        f"--proto_path={googleapis}",
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",

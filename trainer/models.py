@@ -12,6 +12,8 @@ from collections.abc import Callable
 import keras
 from keras import layers
 
+import trainer
+
 
 def seed(num_classes: int) -> keras.Model:
     """The starting point's layers: 3x3 convs of 16/32/64, each ReLU + 2x2 max-pool, dense 1024, dropout.
@@ -60,26 +62,47 @@ def qdnet(num_classes: int, width: int = 32, dropout: float = 0.3) -> keras.Mode
     return keras.Model(inputs, outputs, name="qdnet")
 
 
-class FlipAverage(keras.Model):
-    """Test-time augmentation: the mean of a model's logits on an image and on its mirror image.
+#: Test-time views, by name: each is an image -> image transform averaged over at inference.
+TTA_VIEWS = ("flip", "zoom0.9", "zoom1.1")
+TTA_CHOICES: dict[str, tuple[str, ...]] = {"none": (), "flip": ("flip",), "flip-zoom": TTA_VIEWS}
 
-    Training augments with horizontal flips, so both views are in-distribution; averaging them is a
-    cheap two-member ensemble. It doubles inference work, which batching absorbs.
+
+def _view(images: keras.KerasTensor, name: str) -> keras.KerasTensor:
+    import tensorflow as tf
+
+    if name == "flip":
+        return keras.ops.flip(images, axis=2)
+    if name.startswith("zoom"):
+        side = int(28 * float(name.removeprefix("zoom")))
+        resized = tf.image.resize(images, [side, side], antialias=True)
+        return tf.image.resize_with_crop_or_pad(resized, 28, 28)
+    raise ValueError(f"unknown test-time view {name!r}")
+
+
+class TestTimeAugment(keras.Model):
+    """Test-time augmentation: the mean of a model's logits over the image and a few views of it.
+
+    The views (mirror, 10% smaller, 10% larger) are inside the training augmentation's range, so each
+    is in-distribution; averaging them is a cheap ensemble. It multiplies inference work by the number
+    of views, which batching absorbs.
     """
 
-    def __init__(self, inner: keras.Model, **kwargs: object) -> None:
-        super().__init__(name=f"{inner.name}_flip_tta", **kwargs)
+    def __init__(self, inner: keras.Model, views: tuple[str, ...] = TTA_VIEWS, **kwargs: object) -> None:
+        super().__init__(name=f"{inner.name}_tta", **kwargs)
         self.inner = inner
+        self.views = tuple(views)
 
     def call(self, images: keras.KerasTensor, training: bool = False) -> keras.KerasTensor:
-        """Average the logits of both views."""
-        mirrored = keras.ops.flip(images, axis=2)
-        return (self.inner(images, training=training) + self.inner(mirrored, training=training)) / 2.0
+        """Average the logits of every view."""
+        total = self.inner(images, training=training)
+        for name in self.views:
+            total = total + self.inner(_view(images, name), training=training)
+        return total / float(1 + len(self.views))
 
 
-def for_inference(model: keras.Model, flip_tta: bool) -> keras.Model:
-    """The model as served: the trained model itself, or wrapped in flip test-time augmentation."""
-    return FlipAverage(model) if flip_tta else model
+def for_inference(model: keras.Model, views: tuple[str, ...]) -> keras.Model:
+    """The model as served: the trained model itself, or wrapped in test-time augmentation."""
+    return TestTimeAugment(model, views) if views else model
 
 
 def as_float32(model: keras.Model, num_classes: int, arch: str) -> keras.Model:
@@ -101,4 +124,5 @@ def as_float32(model: keras.Model, num_classes: int, arch: str) -> keras.Model:
 
 
 ARCHITECTURES: dict[str, Callable[[int], keras.Model]] = {"qdnet": qdnet, "seed": seed}
-DEFAULT_ARCH = "qdnet"
+DEFAULT_ARCH = trainer.DEFAULT_ARCH
+assert tuple(sorted(ARCHITECTURES)) == tuple(sorted(trainer.ARCH_NAMES)), "keep trainer.ARCH_NAMES in step"

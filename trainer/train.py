@@ -43,14 +43,18 @@ class Recipe:
     augment: bool
     #: Keras dtype policy for training ("mixed_bfloat16" uses bf16 matrix units where the CPU has them).
     precision: str = "float32"
-    #: Serve the mean of the logits on the image and its mirror image (see models.FlipAverage).
-    flip_tta: bool = False
+    #: Test-time views averaged in the served model (see models.TestTimeAugment); () serves the plain model.
+    tta: tuple[str, ...] = ()
+    #: Decoupled weight decay (AdamW); batch-norm parameters and biases are exempt.
+    weight_decay: float = 0.0
 
 
 #: ``seed`` keeps the starting point's recipe (Adam 1e-4, batch 512, 10 epochs, no augmentation).
 RECIPES: dict[str, Recipe] = {
     "seed": Recipe(10, 512, 1e-4, "constant", 0.0, False),
-    "qdnet": Recipe(24, 256, 2e-3, "cosine", 0.1, True, precision="mixed_bfloat16", flip_tta=True),
+    "qdnet": Recipe(
+        24, 256, 2e-3, "cosine", 0.1, True, precision="mixed_bfloat16", tta=models.TTA_VIEWS, weight_decay=0.05
+    ),
 }
 
 
@@ -69,7 +73,7 @@ class TrainConfig:
     learning_rate: float | None = None
     augment: bool | None = None
     precision: str | None = None
-    flip_tta: bool | None = None
+    tta: tuple[str, ...] | None = None
     seed: int = 1
     resume: bool = False
     version: int | None = None
@@ -87,7 +91,8 @@ class TrainConfig:
             label_smoothing=base.label_smoothing,
             augment=base.augment if self.augment is None else self.augment,
             precision=self.precision or base.precision,
-            flip_tta=base.flip_tta if self.flip_tta is None else self.flip_tta,
+            tta=base.tta if self.tta is None else self.tta,
+            weight_decay=base.weight_decay,
         )
 
 
@@ -169,7 +174,11 @@ def train(cfg: TrainConfig) -> TrainResult:
             for layer in model.layers:
                 if isinstance(layer, keras.layers.BatchNormalization):
                     layer.synchronized = True
-        optimizer = keras.optimizers.Adam(_schedule(recipe, steps))
+        if recipe.weight_decay:
+            optimizer = keras.optimizers.AdamW(_schedule(recipe, steps), weight_decay=recipe.weight_decay)
+            optimizer.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
+        else:
+            optimizer = keras.optimizers.Adam(_schedule(recipe, steps))
         optimizer.build(model.trainable_variables)
         epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
     loss_fn = keras.losses.CategoricalCrossentropy(
@@ -279,7 +288,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     from trainer.export import ModelCard, export_model
 
     keras.config.set_dtype_policy("float32")
-    served = models.for_inference(models.as_float32(model, num_classes, cfg.arch), recipe.flip_tta)
+    served = models.for_inference(models.as_float32(model, num_classes, cfg.arch), recipe.tta)
     metrics: dict[str, Any] = {}
     if cfg.evaluate:
         test = evaluate_split(served, data, Split.TEST)

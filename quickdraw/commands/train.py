@@ -11,7 +11,7 @@ from quickdraw.commands.common import sample_dir
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the subcommand."""
-    from trainer.models import ARCHITECTURES, DEFAULT_ARCH  # keras is imported lazily below; this module is light
+    from trainer import ARCH_NAMES, DEFAULT_ARCH  # no Keras import: --help stays fast
     p = sub.add_parser(
         "train",
         help="train a model on numpy_bitmap files and export a SavedModel",
@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated class names (default: every file in --data)")
     p.add_argument("--per-class", type=int, default=None, metavar="N",
                    help="use at most N training rows per class (default: all rows before validation)")
-    p.add_argument("--arch", choices=sorted(ARCHITECTURES), default=DEFAULT_ARCH,
+    p.add_argument("--arch", choices=sorted(ARCH_NAMES), default=DEFAULT_ARCH,
                    help="architecture; each has its own recipe (default: %(default)s; 'seed' is the starting point)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the architecture's recipe)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch size (default: the recipe's)")
@@ -39,8 +39,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="turn augmentation off")
     p.add_argument("--precision", choices=["float32", "mixed_bfloat16"], default=None,
                    help="training compute precision (default: the recipe's; the export is always float32)")
-    p.add_argument("--no-flip-tta", dest="flip_tta", action="store_const", const=False, default=None,
-                   help="serve the plain model instead of averaging it with its mirror image")
+    p.add_argument("--tta", choices=["none", "flip", "flip-zoom"], default=None,
+                   help="test-time views averaged by the exported model (default: the recipe's; qdnet: flip-zoom)")
     p.add_argument("--seed", type=int, default=1, help="random seed for shuffling, augmentation and weights")
     p.add_argument("--out", type=Path, default=Path("models/quickdraw"),
                    help="model base directory; the export goes to OUT/<version>/ (default: %(default)s)")
@@ -60,13 +60,14 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.threads)
         tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    from trainer.models import TTA_CHOICES
     from trainer.train import TrainConfig, train
 
     cfg = TrainConfig(
         data_dir=args.data, out=args.out, workdir=args.workdir, classes=args.classes, per_class=args.per_class,
         arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        augment=args.augment, precision=args.precision, flip_tta=args.flip_tta, seed=args.seed, resume=args.resume,
-        version=args.version,
+        augment=args.augment, precision=args.precision, tta=None if args.tta is None else TTA_CHOICES[args.tta],
+        seed=args.seed, resume=args.resume, version=args.version,
     )
     result = train(cfg)
     if result.export_dir is not None:

@@ -1,0 +1,88 @@
+"""``quickdraw serve``: run the gRPC gateway. Every setting is an option here and a ``QUICKDRAW_*`` variable."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+EXAMPLE = "quickdraw classify --target {target} ../shared/quickdraw/simplified/cat.ndjson"
+
+
+def _option_type(annotation: Any) -> dict[str, Any]:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return {"choices": list(typing.get_args(annotation))}
+    if origin in (typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    return {"type": annotation if annotation in (int, float, str, Path) else str}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the subcommand, one option per setting (generated from service.settings)."""
+    from service.settings import ENV_PREFIX, Settings
+
+    p = sub.add_parser(
+        "serve",
+        help="run the gRPC classification gateway (metrics on HTTP)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Serve quickdraw.v1.Classifier over gRPC with dynamic batching, grpc.health.v1, reflection and\n"
+            "Prometheus metrics at http://HOST:HTTP_PORT/metrics. The embedded backend loads the highest\n"
+            "version under --model-dir in-process.\n\n"
+            f"Every option can also be set as an environment variable: --max-batch-size 64 is\n"
+            f"{ENV_PREFIX}MAX_BATCH_SIZE=64. Options win over the environment.\n\n"
+            "SIGTERM/SIGINT: health turns NOT_SERVING, new calls are refused, in-flight calls finish within\n"
+            "--shutdown-grace-s, then the process exits 0."
+        ),
+    )
+    for name, info in Settings.model_fields.items():
+        default = info.default
+        shown = default.value if hasattr(default, "value") else default
+        p.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            default=None,
+            help=f"{info.description} (env {ENV_PREFIX}{name.upper()}; default: {shown})".replace("%", "%%"),
+            **_option_type(info.annotation),
+        )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the settings, run the app until a signal, exit 0."""
+    from pydantic import ValidationError
+
+    from service.app import App
+    from service.settings import Settings
+
+    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    try:
+        settings = Settings(**given)
+    except ValidationError as exc:
+        for e in exc.errors(include_url=False):
+            field = ".".join(str(x) for x in e["loc"]) or "settings"
+            print(f"quickdraw serve: --{field.replace('_', '-')}: {e['msg']}", file=sys.stderr)
+        return 2
+
+    def ready(app: App) -> None:
+        host = "localhost" if settings.host in ("0.0.0.0", "::", "[::]") else settings.host
+        target = f"{host}:{app.grpc_port}"
+        print(f"quickdraw gateway ready: gRPC on {settings.host}:{app.grpc_port}, "
+              f"metrics on http://{host}:{app.http_port}/metrics", flush=True)
+        print(f"  try: {EXAMPLE.format(target=target)}", flush=True)
+
+    import logging
+
+    if not logging.getLogger().handlers or logging.getLogger().level > logging.INFO:
+        logging.getLogger("service").setLevel(logging.INFO)
+        if not logging.getLogger().handlers:
+            logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(App(settings).run(on_ready=ready))
+    return 0

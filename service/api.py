@@ -1,0 +1,272 @@
+"""Thin gRPC handlers for ``quickdraw.v1.Classifier``: decode -> validate -> render -> batcher -> encode.
+
+``Gateway`` is the data plane (it knows nothing about gRPC transport); ``ClassifierService`` adapts it to
+gRPC and is the one place where errors become status codes with rich details, and where request latency is
+recorded by method and code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from grpc_status import rpc_status
+from numpy.typing import NDArray
+
+from quickdraw.v1 import classifier_pb2 as pb
+from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
+from service.backends import ModelDescription
+from service.batching import Batcher
+from service.errors import Cancelled, InvalidArgument, NotFound, ServiceError, Unavailable, to_rpc_status
+from service.metrics import Metrics
+from service.validation import BitmapIn, ClassifyIn, ImageIn, Kind, Limits, render, validate
+
+log = logging.getLogger(__name__)
+
+#: Most stream messages handled at once per stream; beyond it the stream stops reading (flow control).
+STREAM_WINDOW = 256
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
+
+
+def _kind(d: object) -> Kind:
+    return Kind.BITMAP if isinstance(d, BitmapIn) else Kind.IMAGE if isinstance(d, ImageIn) else Kind.STROKES
+
+
+class Gateway:
+    """Classify requests: validate, render on a thread pool, batch, and build responses."""
+
+    def __init__(
+        self,
+        model: ModelDescription,
+        batcher: Batcher,
+        limits: Limits,
+        metrics: Metrics,
+        backend_name: str,
+        preprocess_threads: int = 2,
+    ) -> None:
+        self.model = model
+        self.batcher = batcher
+        self.limits = limits
+        self.metrics = metrics
+        self.backend_name = backend_name
+        self._labels = list(model.labels)
+        self._pool = ThreadPoolExecutor(max_workers=preprocess_threads, thread_name_prefix="preprocess")
+
+    def _images(self, req: ClassifyIn) -> NDArray[np.uint8]:
+        """Render every drawing; all decode errors are reported together."""
+        out = np.empty((len(req.drawings), 28, 28, 1), np.uint8)
+        problems: list[Any] = []
+        for i, d in enumerate(req.drawings):
+            try:
+                out[i, :, :, 0] = render(i, d, self.limits)
+            except InvalidArgument as exc:
+                problems.extend(exc.violations)
+        if problems:
+            raise InvalidArgument(problems)
+        return out
+
+    async def classify(self, request: pb.ClassifyRequest, deadline_s: float | None) -> pb.ClassifyResponse:
+        """Answer one ClassifyRequest (``deadline_s`` on the monotonic clock)."""
+        req = validate(request, self.limits)
+        version = self.model.default_version if req.version is None else req.version
+        if version not in self.model.versions:
+            raise NotFound(
+                f"model {self.model.name!r} version {version} is not served; versions: "
+                f"{', '.join(map(str, self.model.versions))}"
+            )
+        kinds = [_kind(d) for d in req.drawings]
+        for kind in set(kinds):
+            self.metrics.drawings.labels(kind.value).inc(kinds.count(kind))
+        t0 = time.perf_counter()
+        if all(k is Kind.BITMAP for k in kinds):
+            images = self._images(req)  # 784-byte copies: cheaper inline than a thread hop
+        else:
+            images = await asyncio.get_running_loop().run_in_executor(self._pool, self._images, req)
+        kind_label = kinds[0].value if len(set(kinds)) == 1 else "mixed"
+        self.metrics.preprocess_latency.labels(kind_label).observe(time.perf_counter() - t0)
+        probs = await self.batcher.submit(images, version, deadline_s)
+        return self._response(probs, req.top_k, version)
+
+    def _response(self, probs: NDArray[np.float32], k: int, version: int) -> pb.ClassifyResponse:
+        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        labels = self._labels
+        return pb.ClassifyResponse(
+            predictions=[
+                pb.Prediction(
+                    top=[pb.ScoredLabel(label=labels[j], score=float(row[j]), index=int(j)) for j in idx]
+                )
+                for row, idx in zip(probs, top, strict=True)
+            ],
+            model_name=self.model.name,
+            model_version=version,
+        )
+
+    def model_info(self, max_message_bytes: int) -> pb.ModelInfo:
+        """The GetModelInfo answer."""
+        lim = self.limits
+        return pb.ModelInfo(
+            name=self.model.name,
+            versions=list(self.model.versions),
+            default_version=self.model.default_version,
+            labels=self._labels,
+            input_kinds=[k.value for k in Kind],
+            limits=pb.Limits(
+                max_drawings_per_request=lim.max_drawings_per_request,
+                max_top_k=min(lim.max_top_k, len(self._labels)),
+                max_strokes=lim.max_strokes,
+                max_points=lim.max_points,
+                max_raw_coordinate=lim.max_raw_coordinate,
+                max_image_bytes=lim.max_image_bytes,
+                max_image_pixels=lim.max_image_pixels,
+                max_message_bytes=max_message_bytes,
+            ),
+            backend=self.backend_name,
+        )
+
+    def close(self) -> None:
+        """Stop the preprocessing threads."""
+        self._pool.shutdown(wait=True)
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _error(exc: BaseException) -> ServiceError:
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, asyncio.CancelledError):
+        return Cancelled("the call was cancelled")
+    log.exception("unexpected error", exc_info=exc)
+    return ServiceError(f"internal error: {type(exc).__name__}")
+
+
+T = TypeVar("T")
+
+
+def _unary(method: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Awaitable[T]]]:
+    """Record latency by method and code, and turn ServiceErrors into rich gRPC statuses, in one place."""
+
+    def wrap(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+        @functools.wraps(fn)
+        async def handler(self: ClassifierService, request: Any, context: grpc.aio.ServicerContext) -> T:
+            t0 = time.perf_counter()
+            code = "OK"
+            self.metrics.inflight.inc()
+            try:
+                return await fn(self, request, context)
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except Exception as exc:
+                err = _error(exc)
+                code = err.code.name
+                await context.abort_with_status(rpc_status.to_status(to_rpc_status(err)))
+                raise  # not reached: abort raises
+            finally:
+                self.metrics.inflight.dec()
+                self.metrics.request_latency.labels(method, code).observe(time.perf_counter() - t0)
+
+        return handler
+
+    return wrap
+
+
+class ClassifierService(pb_grpc.ClassifierServicer):
+    """The gRPC adapter over ``Gateway``."""
+
+    def __init__(self, metrics: Metrics, max_message_bytes: int, gateway: Gateway | None = None) -> None:
+        self.metrics = metrics
+        self._gateway = gateway
+        self._max_message_bytes = max_message_bytes
+
+    @property
+    def gateway(self) -> Gateway:
+        """The data plane; Unavailable until the model is loaded."""
+        if self._gateway is None:
+            raise Unavailable("the model is still loading; retry shortly")
+        return self._gateway
+
+    def attach(self, gateway: Gateway) -> None:
+        """Start serving through a ready gateway."""
+        self._gateway = gateway
+
+    @_unary("Classify")
+    async def Classify(
+        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClassifyResponse:
+        """Classify a batch of drawings."""
+        return await self.gateway.classify(request, _deadline(context))
+
+    @_unary("GetModelInfo")
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
+        """Describe the served model."""
+        return self.gateway.model_info(self._max_message_bytes)
+
+    async def ClassifyStream(
+        self, request_iterator: AsyncIterator[pb.ClassifyStreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ClassifyStreamResponse]:
+        """Answer each stream message as soon as it is ready; errors are per message, with its id."""
+        gateway = self._gateway
+        if gateway is None:
+            err = Unavailable("the model is still loading; retry shortly")
+            await context.abort_with_status(rpc_status.to_status(to_rpc_status(err)))
+            return
+        metrics = self.metrics
+        answers: asyncio.Queue[pb.ClassifyStreamResponse | None] = asyncio.Queue()
+        window = asyncio.Semaphore(STREAM_WINDOW)
+        deadline = _deadline(context)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(msg: pb.ClassifyStreamRequest) -> None:
+            t0 = time.perf_counter()
+            code = "OK"
+            metrics.inflight.inc()
+            try:
+                resp = await gateway.classify(msg.request, deadline)
+                await answers.put(pb.ClassifyStreamResponse(id=msg.id, response=resp))
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except Exception as exc:
+                err = _error(exc)
+                code = err.code.name
+                await answers.put(pb.ClassifyStreamResponse(id=msg.id, error=to_rpc_status(err)))
+            finally:
+                metrics.inflight.dec()
+                metrics.request_latency.labels("ClassifyStream", code).observe(time.perf_counter() - t0)
+                window.release()
+
+        async def read() -> None:
+            try:
+                async for msg in request_iterator:
+                    await window.acquire()
+                    task = asyncio.get_running_loop().create_task(one(msg))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*list(tasks), return_exceptions=True)
+            finally:
+                await answers.put(None)
+
+        reader = asyncio.get_running_loop().create_task(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader

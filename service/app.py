@@ -1,0 +1,152 @@
+"""The composition root: build every part of the gateway from ``Settings``, start them, stop them in order.
+
+Start: metrics HTTP server, then the gRPC server (health NOT_SERVING, so orchestrators can probe it while the
+model loads), then the backend loads and warms up, then the batcher starts, then health turns SERVING.
+Stop (SIGTERM/SIGINT): health NOT_SERVING, stop accepting new calls, let in-flight calls finish within
+``shutdown_grace_s``, drain the batcher, close the backend. Nothing is built at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
+from service.api import SERVICE_NAME, ClassifierService, Gateway
+from service.backends import Backend
+from service.backends.embedded import EmbeddedBackend
+from service.batching import Batcher, BatcherConfig
+from service.metrics import Metrics
+from service.settings import Settings
+from service.validation import Limits
+
+log = logging.getLogger(__name__)
+
+
+def build_backend(settings: Settings) -> Backend:
+    """The backend the settings ask for."""
+    return EmbeddedBackend(
+        settings.model_dir,
+        settings.model_name,
+        all_versions=settings.model_versions == "all",
+        max_batch_size=settings.max_batch_size,
+        concurrency=settings.max_concurrent_batches,
+        threads=settings.inference_threads,
+        warmup=settings.warmup,
+    )
+
+
+@dataclass
+class App:
+    """A running gateway; ``grpc_port`` and ``http_port`` are the bound ports (useful with port 0)."""
+
+    settings: Settings
+    backend_factory: Callable[[Settings], Backend] = build_backend
+    metrics: Metrics = field(init=False)
+    grpc_port: int = field(init=False, default=0)
+    http_port: int = field(init=False, default=0)
+    ready: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(self.settings.max_batch_size)
+        self._server: grpc.aio.Server | None = None
+        self._http: Any = None
+        self._health = health.aio.HealthServicer()
+        self._backend: Backend | None = None
+        self._batcher: Batcher | None = None
+        self._gateway: Gateway | None = None
+        self._stopping = False
+
+    async def start(self) -> None:
+        """Bind, load the model, warm up, and report SERVING."""
+        s = self.settings
+        self._http, _ = start_http_server(s.http_port, addr=s.host, registry=self.metrics.registry)
+        self.http_port = self._http.server_port
+        options = [
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        self._server = grpc.aio.server(options=options)
+        service = ClassifierService(self.metrics, s.max_message_bytes)
+        pb_grpc.add_ClassifierServicer_to_server(service, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        if s.reflection:
+            names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                     reflection.SERVICE_NAME)
+            reflection.enable_server_reflection(names, self._server)
+        await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.grpc_port = self._server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        await self._server.start()
+        log.info("gRPC on %s:%d (NOT_SERVING while the model loads), metrics on http://%s:%d/metrics",
+                 s.host, self.grpc_port, s.host, self.http_port)
+
+        self._backend = self.backend_factory(s)
+        model = await self._backend.start()
+        self._batcher = Batcher(
+            self._backend.predict,
+            BatcherConfig(s.max_batch_size, s.max_batch_delay_ms, s.max_concurrent_batches, s.max_queued_drawings,
+                          s.backend_timeout_ms),
+            self.metrics,
+            self._backend.name,
+        )
+        self._batcher.start()
+        limits = Limits(s.max_drawings_per_request, s.max_top_k, s.max_strokes, s.max_points, s.max_raw_coordinate,
+                        s.max_image_bytes, s.max_image_pixels, num_classes=len(model.labels))
+        self._gateway = Gateway(model, self._batcher, limits, self.metrics, self._backend.name,
+                                s.preprocess_threads)
+        service.attach(self._gateway)
+        for v in model.versions:
+            self.metrics.model_version.labels(model.name, str(v), self._backend.name).set(1)
+        self.metrics.ready.set(1)
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        self.ready.set()
+        log.info("serving %s versions %s (%d classes)", model.name, list(model.versions), len(model.labels))
+
+    async def stop(self) -> None:
+        """Health NOT_SERVING, stop accepting, finish in-flight calls, drain, close the backend."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self.metrics.ready.set(0)
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self.settings.shutdown_grace_s)
+        if self._batcher is not None:
+            await self._batcher.close()
+        if self._gateway is not None:
+            self._gateway.close()
+        if self._backend is not None:
+            await self._backend.close()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        log.info("stopped")
+
+    async def run(self, on_ready: Callable[[App], None] | None = None) -> None:
+        """Start, serve until SIGTERM or SIGINT, then stop in order."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await self.start()
+            if on_ready is not None:
+                on_ready(self)
+            await stop.wait()
+            log.info("signal received: draining (grace %.1fs)", self.settings.shutdown_grace_s)
+        finally:
+            await self.stop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)

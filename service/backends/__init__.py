@@ -1,0 +1,60 @@
+"""Backends run model batches; the gateway talks to them through one small Protocol.
+
+``embedded`` loads the SavedModel in-process with TensorFlow. Every backend takes uint8 images
+[n, 28, 28, 1] and returns float32 probabilities [n, classes] in the order of ``ModelDescription.labels``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+LABELS_PATH = Path("assets") / "labels.txt"
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What a backend serves: the model name, its versions (ascending) and the labels in output order."""
+
+    name: str
+    versions: tuple[int, ...]
+    labels: tuple[str, ...]
+
+    @property
+    def default_version(self) -> int:
+        """The highest version: what a request without a version gets."""
+        return self.versions[-1]
+
+
+class Backend(Protocol):
+    """A model runner behind the batcher."""
+
+    name: str
+
+    async def start(self) -> ModelDescription:
+        """Load and warm up the model; return what is served. Ready to predict when it returns."""
+        ...
+
+    async def predict(self, images: NDArray[np.uint8], version: int) -> NDArray[np.float32]:
+        """Probabilities for a batch of images."""
+        ...
+
+    async def close(self) -> None:
+        """Release resources; called after the last batch finished."""
+        ...
+
+
+def find_versions(base: Path) -> list[int]:
+    """Integer version folders under a model base directory that hold a SavedModel, ascending."""
+    if not base.is_dir():
+        return []
+    return sorted(int(p.name) for p in base.iterdir() if p.name.isdigit() and (p / "saved_model.pb").is_file())
+
+
+def read_labels(version_dir: Path) -> tuple[str, ...]:
+    """Class names from ``assets/labels.txt``, one per line, in output order."""
+    return tuple(line for line in (version_dir / LABELS_PATH).read_text(encoding="utf-8").splitlines() if line)

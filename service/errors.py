@@ -1,0 +1,103 @@
+"""One error hierarchy for the gateway, each class carrying its gRPC status code, and the one place that
+turns an error into a rich ``google.rpc.Status`` (with ``BadRequest`` field violations where there are any).
+
+Handlers raise these; ``service.api`` converts them with :func:`to_rpc_status` for unary calls and for the
+per-message errors of the stream, so both carry the same code, message and details.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad field: its path in the request (``drawings[2].strokes.strokes[0].x``) and what limit it broke."""
+
+    field: str
+    description: str
+
+
+class ServiceError(Exception):
+    """Base class: an error with a gRPC status code and a message a developer can act on."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(ServiceError):
+    """The request is malformed or breaks a limit; carries field violations."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, violations: Sequence[FieldViolation], message: str | None = None) -> None:
+        self.violations = list(violations)
+        if message is None:
+            first = self.violations[0]
+            more = f" (and {len(self.violations) - 1} more)" if len(self.violations) > 1 else ""
+            message = f"{first.field}: {first.description}{more}"
+        super().__init__(message)
+
+
+class NotFound(ServiceError):
+    """The requested model version is not served."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class ResourceExhausted(ServiceError):
+    """The queue is full; the call was refused at once and may be retried later."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(ServiceError):
+    """The call's deadline passed before the backend could run it."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(ServiceError):
+    """The client cancelled the call."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
+class Unavailable(ServiceError):
+    """The service is not ready (model loading) or is shutting down; safe to retry elsewhere."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class BackendError(ServiceError):
+    """The backend failed on a batch; only that batch's calls see it."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+def to_rpc_status(error: ServiceError) -> status_pb2.Status:
+    """The ``google.rpc.Status`` for an error, with a ``BadRequest`` detail for field violations."""
+    status = status_pb2.Status(code=_CODES[error.code], message=error.message)
+    if isinstance(error, InvalidArgument):
+        detail = any_pb2.Any()
+        detail.Pack(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                    for v in error.violations
+                ]
+            )
+        )
+        status.details.append(detail)
+    return status
+
+
+_CODES: dict[grpc.StatusCode, int] = {sc: getattr(code_pb2, sc.name) for sc in grpc.StatusCode}

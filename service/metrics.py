@@ -1,0 +1,80 @@
+"""Every Prometheus metric of the gateway, declared once, here, in its own registry.
+
+Names carry the ``quickdraw_`` namespace and a unit suffix; labels have bounded cardinality (method and status
+code come from fixed sets, kinds from the three input forms, versions from the few a model has). Latency
+buckets span 0.5 ms to 5 s.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+NAMESPACE = "quickdraw"
+LATENCY_BUCKETS_S = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
+    0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 3.0, 5.0,
+)  # fmt: skip
+
+
+def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
+    """Powers of two up to the largest batch, so the histogram shows how full batches are."""
+    out, b = [], 1
+    while b < max_batch_size:
+        out.append(float(b))
+        b *= 2
+    out.append(float(max_batch_size))
+    return tuple(out)
+
+
+class Metrics:
+    """The gateway's metrics; one instance per server, built by the composition root."""
+
+    def __init__(self, max_batch_size: int = 128, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r, ns = self.registry, NAMESPACE
+        self.request_latency = Histogram(
+            "request_duration_seconds", "Time from a call's arrival to its answer, by gRPC method and status code.",
+            ["method", "code"], namespace=ns, buckets=LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            "queue_wait_seconds", "Time a drawing waited in the batcher's queue before its batch was dispatched.",
+            namespace=ns, buckets=LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.backend_latency = Histogram(
+            "backend_duration_seconds", "Time the backend took for one batch, by backend and outcome.",
+            ["backend", "outcome"], namespace=ns, buckets=LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.preprocess_latency = Histogram(
+            "preprocess_duration_seconds", "Time to turn one call's drawings into bitmaps, by input kind.",
+            ["kind"], namespace=ns, buckets=LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "batch_size_drawings", "Drawings per backend batch.",
+            namespace=ns, buckets=batch_size_buckets(max_batch_size), registry=r,
+        )  # fmt: skip
+        self.inflight = Gauge(
+            "inflight_requests", "Calls being handled now (Classify calls and stream messages).",
+            namespace=ns, registry=r,
+        )  # fmt: skip
+        self.queue_depth = Gauge(
+            "queue_depth_drawings", "Drawings waiting in the batcher's queue.", namespace=ns, registry=r
+        )
+        self.inflight_batches = Gauge(
+            "inflight_batches", "Backend batches running now.", namespace=ns, registry=r
+        )
+        self.drawings = Counter(
+            "drawings_total", "Drawings received, by input kind (bitmap, image, strokes).",
+            ["kind"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.dropped = Counter(
+            "dropped_drawings_total", "Drawings never sent to the backend, by reason (deadline, cancelled).",
+            ["reason"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.rejected = Counter(
+            "rejected_requests_total", "Calls refused because the queue was full.", namespace=ns, registry=r
+        )
+        self.model_version = Gauge(
+            "model_version_info", "1 for each model version being served.",
+            ["model", "version", "backend"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.ready = Gauge("ready", "1 once the model is loaded and warmed up.", namespace=ns, registry=r)

@@ -1,0 +1,84 @@
+"""The gateway's settings: one validated, frozen pydantic-settings tree with units in the field names.
+
+Every field can be set as an environment variable with the ``QUICKDRAW_`` prefix (``QUICKDRAW_GRPC_PORT=50052``)
+or as a ``quickdraw serve`` option (``--grpc-port 50052``); the option wins. Each field's description is
+its ``--help`` text, so the documentation cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "QUICKDRAW_"
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Everything the gateway can be told; see ``quickdraw serve --help``."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+
+    # --- listening -------------------------------------------------------------------------------------------
+    host: str = Field("0.0.0.0", description="address to bind the gRPC and HTTP servers to")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one)")
+    http_port: int = Field(8080, ge=0, le=65535, description="HTTP port for /metrics (0 picks a free one)")
+    reflection: bool = Field(True, description="enable gRPC server reflection (grpcurl, grpcui)")
+    max_message_bytes: int = Field(4 * MiB, ge=1024, description="largest gRPC message accepted, in bytes")
+
+    # --- model and backend -----------------------------------------------------------------------------------
+    backend: Literal["embedded"] = Field("embedded", description="embedded: the SavedModel in-process")
+    model_dir: Path = Field(
+        Path("models/quickdraw"), description="model base directory holding integer version folders"
+    )
+    model_name: str = Field("quickdraw", description="model name reported to clients (and asked of TF Serving)")
+    model_versions: Literal["latest", "all"] = Field(
+        "latest", description="embedded backend: load only the highest version, or every version found"
+    )
+    inference_threads: int = Field(
+        0, ge=0, description="embedded backend: TensorFlow intra-op threads per batch (0: TensorFlow decides)"
+    )
+    warmup: bool = Field(True, description="run warm-up batches before reporting SERVING")
+
+    # --- dynamic batching -------------------------------------------------------------------------------------
+    max_batch_size: int = Field(128, ge=1, le=4096, description="most drawings in one backend batch")
+    max_batch_delay_ms: float = Field(
+        0.0,
+        ge=0.0,
+        le=10_000.0,
+        description="how long a batch may wait for more drawings once a backend slot is free; 0 dispatches at "
+        "once (drawings still merge while every slot is busy)",
+    )
+    max_concurrent_batches: int = Field(2, ge=1, le=256, description="backend batches in flight at once")
+    max_queued_drawings: int = Field(
+        4096, ge=1, description="drawings waiting for the backend; beyond this calls get RESOURCE_EXHAUSTED"
+    )
+    backend_timeout_ms: float = Field(
+        10_000.0, gt=0.0, description="deadline for one backend batch (TF Serving call or in-process run)"
+    )
+
+    # --- request limits ---------------------------------------------------------------------------------------
+    max_drawings_per_request: int = Field(256, ge=1, description="most drawings in one Classify call")
+    max_top_k: int = Field(20, ge=1, description="largest top_k a request may ask for")
+    max_strokes: int = Field(256, ge=1, description="most strokes in one drawing")
+    max_points: int = Field(8192, ge=1, description="most points in one drawing, all strokes together")
+    max_raw_coordinate: float = Field(1.0e6, gt=0.0, description="largest absolute raw stroke coordinate")
+    max_image_bytes: int = Field(2 * MiB, ge=1, description="largest encoded PNG/JPEG, in bytes")
+    max_image_pixels: int = Field(16 * MiB, ge=1, description="largest decoded image, width x height in pixels")
+    preprocess_threads: int = Field(2, ge=1, description="threads that decode images and render strokes")
+
+    # --- lifecycle --------------------------------------------------------------------------------------------
+    shutdown_grace_s: float = Field(
+        10.0, ge=0.0, description="on SIGTERM, how long in-flight calls may take to finish before exit"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.max_image_bytes > self.max_message_bytes:
+            raise ValueError(
+                f"max_image_bytes ({self.max_image_bytes}) cannot exceed max_message_bytes ({self.max_message_bytes})"
+            )
+        return self

@@ -1,0 +1,559 @@
+"""Unit tests for the dynamic batcher (``service.batching``): pure asyncio, no gRPC and no TensorFlow.
+
+The model backend is replaced by :class:`FakeBackend`, which records every batch it is given and answers with
+probabilities derived from the input, so each test can check that a caller gets back exactly its own rows, in
+order. Every test runs its coroutine under ``asyncio.wait_for`` so that nothing can hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+
+from service.batching import Batcher, BatcherConfig
+from service.errors import BackendError, DeadlineExceeded, ResourceExhausted, Unavailable
+from service.metrics import Metrics
+
+pytestmark = pytest.mark.timeout(10)
+
+TEST_TIMEOUT_S = 2.0
+#: One column per possible drawing id (the uint8 pixel value that tags a drawing), plus one for the version.
+NUM_COLUMNS = 257
+MARKER = 250  # a drawing id that makes the fake backend fail
+
+
+@dataclass
+class Call:
+    """One batch the fake backend received."""
+
+    size: int
+    version: int
+    ids: list[int]
+
+
+@dataclass
+class FakeBackend:
+    """A stand-in for the model backend (the ``run_batch`` the batcher calls); it never touches a model.
+
+    It records every call (batch size, version, drawing ids), can hold the first ``gate_calls`` batches until
+    ``gate`` is set, can sleep ``delay_s``, fails batches that contain the drawing id ``fail_on``, and returns
+    ``expected(ids, version)``: a one-hot row per drawing at its id, with the version in the last column.
+    """
+
+    gate: asyncio.Event | None = None
+    gate_calls: int = 1
+    delay_s: float = 0.0
+    fail_on: int | None = None
+    fail_with: BaseException | None = None
+    drop_a_row: bool = False
+    calls: list[Call] = field(default_factory=list)
+    cancelled: int = 0
+
+    async def __call__(self, images: NDArray[np.uint8], version: int) -> NDArray[np.float32]:
+        assert images.dtype == np.uint8 and images.shape[1:] == (28, 28, 1)
+        ids = [int(v) for v in images[:, 0, 0, 0]]
+        self.calls.append(Call(len(images), version, ids))
+        try:
+            if self.gate is not None and len(self.calls) <= self.gate_calls:
+                await self.gate.wait()
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        if self.fail_on is not None and self.fail_on in ids:
+            raise self.fail_with or RuntimeError(f"fake backend failure on drawing {self.fail_on}")
+        probs = expected(ids, version)
+        return probs[:-1] if self.drop_a_row else probs
+
+    @property
+    def seen_ids(self) -> list[int]:
+        return [i for c in self.calls for i in c.ids]
+
+
+def images_for(ids: Iterable[int]) -> NDArray[np.uint8]:
+    """Drawings [n, 28, 28, 1], drawing i filled with the value ids[i] (its tag)."""
+    ids = list(ids)
+    out = np.empty((len(ids), 28, 28, 1), np.uint8)
+    for i, v in enumerate(ids):
+        out[i] = v
+    return out
+
+
+def expected(ids: Iterable[int], version: int) -> NDArray[np.float32]:
+    ids = list(ids)
+    probs = np.zeros((len(ids), NUM_COLUMNS), np.float32)
+    probs[np.arange(len(ids)), ids] = 1.0
+    probs[:, -1] = version
+    return probs
+
+
+def make(backend: FakeBackend, **cfg: Any) -> tuple[Batcher, Metrics]:
+    config = BatcherConfig(**cfg)
+    metrics = Metrics(config.max_batch_size)
+    batcher = Batcher(backend, config, metrics, backend_name="fake")
+    batcher.start()
+    return batcher, metrics
+
+
+def run(coro_fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(asyncio.wait_for(coro_fn(), TEST_TIMEOUT_S))
+
+
+async def until(predicate: Callable[[], bool], timeout_s: float = 1.0) -> None:
+    """Yield to the loop until ``predicate()`` holds."""
+    end = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.001)
+
+
+def spawn(batcher: Batcher, ids: list[int], version: int = 1, deadline_s: float | None = None) -> asyncio.Task:
+    return asyncio.create_task(batcher.submit(images_for(ids), version, deadline_s))
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(f"quickdraw_{name}", labels or None)
+    return 0.0 if value is None else value
+
+
+# 1. An idle service adds no wait.
+
+
+def test_idle_single_submit_dispatches_immediately() -> None:
+    async def main() -> None:
+        backend = FakeBackend()
+        batcher, _ = make(backend, max_batch_delay_ms=0)
+        for tag in (7, 8, 9):
+            t0 = time.monotonic()
+            probs = await batcher.submit(images_for([tag]), 3)
+            elapsed = time.monotonic() - t0
+            assert elapsed < 0.05, f"an idle batcher took {elapsed * 1000:.1f} ms for one drawing"
+            np.testing.assert_array_equal(probs, expected([tag], 3))
+        assert [(c.size, c.version) for c in backend.calls] == [(1, 3)] * 3
+        await batcher.close()
+
+    run(main)
+
+
+# 2. Under load, queued drawings are merged into the next free slot's batch.
+
+
+def test_calls_queued_behind_a_busy_slot_are_merged() -> None:
+    async def main() -> None:
+        backend = FakeBackend(gate=asyncio.Event())
+        batcher, metrics = make(backend, max_batch_size=32, max_concurrent_batches=1)
+        first = spawn(batcher, [0])
+        await until(lambda: len(backend.calls) == 1)
+        waiting = {i: spawn(batcher, [i]) for i in range(1, 21)}
+        await until(lambda: batcher.queued_drawings == 20)
+        assert len(backend.calls) == 1  # nothing else dispatched while the only slot is busy
+        backend.gate.set()
+        np.testing.assert_array_equal(await first, expected([0], 1))
+        for i, task in waiting.items():
+            np.testing.assert_array_equal(await task, expected([i], 1))
+        sizes = [c.size for c in backend.calls]
+        assert sizes == [1, 20]
+        assert backend.calls[1].ids == list(range(1, 21))  # FIFO
+        assert sample(metrics, "batch_size_drawings_count") == 2
+        assert sample(metrics, "batch_size_drawings_sum") == 21
+        assert sample(metrics, "batch_size_drawings_bucket", le="1.0") == 1
+        assert sample(metrics, "batch_size_drawings_bucket", le="16.0") == 1
+        assert sample(metrics, "batch_size_drawings_bucket", le="32.0") == 2
+        assert sample(metrics, "queue_depth_drawings") == 0
+        await batcher.close()
+
+    run(main)
+
+
+def test_merged_batches_never_exceed_max_batch_size() -> None:
+    async def main() -> None:
+        backend = FakeBackend(gate=asyncio.Event())
+        batcher, _ = make(backend, max_batch_size=8, max_concurrent_batches=1)
+        first = spawn(batcher, [0])
+        await until(lambda: len(backend.calls) == 1)
+        calls = [[3 * k + 1, 3 * k + 2, 3 * k + 3] for k in range(7)]  # 7 calls of 3 drawings
+        tasks = [spawn(batcher, ids) for ids in calls]
+        await until(lambda: batcher.queued_drawings == 21)
+        backend.gate.set()
+        await first
+        for ids, task in zip(calls, tasks, strict=True):
+            np.testing.assert_array_equal(await task, expected(ids, 1))
+        assert all(c.size <= 8 for c in backend.calls)
+        assert [c.size for c in backend.calls[1:]] == [6, 6, 6, 3]  # 3+3 fit in 8, a third call does not
+        assert backend.seen_ids == list(range(22))
+        await batcher.close()
+
+    run(main)
+
+
+# 3. With max_batch_delay_ms > 0, a free slot waits for a fuller batch.
+
+
+def test_batch_delay_merges_calls_arriving_within_the_delay() -> None:
+    async def main() -> None:
+        backend = FakeBackend()
+        batcher, _ = make(backend, max_batch_delay_ms=100, max_concurrent_batches=2)
+        t0 = time.monotonic()
+        tasks = []
+        for i in range(5):
+            tasks.append(spawn(batcher, [i]))
+            await asyncio.sleep(0.005)
+        for i, task in enumerate(tasks):
+            np.testing.assert_array_equal(await task, expected([i], 1))
+        elapsed = time.monotonic() - t0
+        assert [c.size for c in backend.calls] == [5]
+        assert 0.08 <= elapsed < 0.5
+        await batcher.close()
+
+    run(main)
+
+
+def test_batch_delay_ends_early_when_the_batch_is_full() -> None:
+    async def main() -> None:
+        backend = FakeBackend()
+        batcher, _ = make(backend, max_batch_size=4, max_batch_delay_ms=1000)
+        t0 = time.monotonic()
+        tasks = [spawn(batcher, [i]) for i in range(4)]
+        await asyncio.gather(*tasks)
+        assert time.monotonic() - t0 < 0.5
+        assert [c.size for c in backend.calls] == [4]
+        await batcher.close()
+
+    run(main)
+
+
+# 4. max_batch_size is respected; a call larger than it is split into chunks and reassembled in order.
+
+
+def test_large_call_is_split_into_chunks_and_reassembled_in_order() -> None:
+    async def main() -> None:
+        backend = FakeBackend()
+        batcher, _ = make(backend, max_batch_size=4, max_concurrent_batches=2)
+        ids = list(range(100, 110))
+        probs = await batcher.submit(images_for(ids), 2)
+        np.testing.assert_array_equal(probs, expected(ids, 2))
+        assert sorted(c.size for c in backend.calls) == [2, 4, 4]
+        assert all(c.size <= 4 for c in backend.calls)
+        assert sorted(backend.seen_ids) == ids
+        await batcher.close()
+
+    run(main)
+
+
+# 5. The queue is bounded; a call that does not fit is refused at once.
+
+
+def test_full_queue_refuses_at_once_and_earlier_calls_complete() -> None:
+    async def main() -> None:
+        backend = FakeBackend(gate=asyncio.Event())
+        batcher, metrics = make(backend, max_queued_drawings=5, max_concurrent_batches=1)
+        a = spawn(batcher, [1, 2])
+        await until(lambda: len(backend.calls) == 1)  # dispatched: no longer queued
+        b = spawn(batcher, [3, 4, 5])
+        await until(lambda: batcher.queued_drawings == 3)
+        with pytest.raises(ResourceExhausted, match="max_queued_drawings=5"):
+            # refused while the backend is still blocked, so the caller did not wait for room
+            await asyncio.wait_for(batcher.submit(images_for([6, 7, 8]), 1), 0.1)
+        assert sample(metrics, "rejected_requests_total") == 1
+        c = spawn(batcher, [9, 10])  # exactly fills the queue: accepted
+        await until(lambda: batcher.queued_drawings == 5)
+        backend.gate.set()
+        np.testing.assert_array_equal(await a, expected([1, 2], 1))
+        np.testing.assert_array_equal(await b, expected([3, 4, 5], 1))
+        np.testing.assert_array_equal(await c, expected([9, 10], 1))
+        assert 6 not in backend.seen_ids
+        assert sample(metrics, "rejected_requests_total") == 1
+        await batcher.close()
+
+    run(main)
+
+
+# 6. An item whose deadline passes while queued is dropped before it reaches the backend.
+
+
+def test_expired_item_raises_deadline_exceeded_and_never_reaches_backend() -> None:
+    async def main() -> None:
+        backend = FakeBackend(gate=asyncio.Event())
+        batcher, metrics = make(backend, max_concurrent_batches=1)
+        a = spawn(batcher, [1])
+        await until(lambda: len(backend.calls) == 1)
+        late = spawn(batcher, [2, 3], deadline_s=time.monotonic() + 0.03)
+        on_time = spawn(batcher, [4], deadline_s=time.monotonic() + 5.0)
+        no_deadline = spawn(batcher, [5])
+        await asyncio.sleep(0.06)
+        backend.gate.set()
+        with pytest.raises(DeadlineExceeded):
+            await late
+        np.testing.assert_array_equal(await a, expected([1], 1))
+        np.testing.assert_array_equal(await on_time, expected([4], 1))
+        np.testing.assert_array_equal(await no_deadline, expected([5], 1))
+        assert 2 not in backend.seen_ids and 3 not in backend.seen_ids
+        assert sample(metrics, "dropped_drawings_total", reason="deadline") == 2
+        assert sample(metrics, "dropped_drawings_total", reason="cancelled") == 0
+        await batcher.close()
+
+    run(main)
+
+
+# 7. A cancelled caller's items are dropped before dispatch.
+
+
+def test_cancelled_caller_items_never_reach_backend() -> None:
+    async def main() -> None:
+        backend = FakeBackend(gate=asyncio.Event())
+        batcher, metrics = make(backend, max_concurrent_batches=1)
+        a = spawn(batcher, [1])
+        await until(lambda: len(backend.calls) == 1)
+        gone = spawn(batcher, [2, 3, 4])
+        stays = spawn(batcher, [5])
+        await until(lambda: batcher.queued_drawings == 4)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert batcher.queued_drawings == 1  # the cancelled call's room is freed at once, not at the next batch
+        backend.gate.set()
+        np.testing.assert_array_equal(await a, expected([1], 1))
+        np.testing.assert_array_equal(await stays, expected([5], 1))
+        assert backend.seen_ids == [1, 5]
+        assert sample(metrics, "dropped_drawings_total", reason="cancelled") == 3
+        assert batcher.queued_drawings == 0
+        await batcher.close()
+
+    run(main)
+
+
+def test_cancelled_multi_chunk_caller_drops_all_its_queued_chunks() -> None:
+    async def main() -> None:
+        backend = FakeBackend(gate=asyncio.Event())
+        batcher, metrics = make(backend, max_batch_size=2, max_concurrent_batches=1)
+        a = spawn(batcher, [1])
+        await until(lambda: len(backend.calls) == 1)
+        gone = spawn(batcher, [10, 11, 12, 13, 14])  # three chunks
+        await until(lambda: batcher.queued_drawings == 5)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        backend.gate.set()
+        await a
+        after = await batcher.submit(images_for([20]), 1)
+        np.testing.assert_array_equal(after, expected([20], 1))
+        assert backend.seen_ids == [1, 20]
+        assert sample(metrics, "dropped_drawings_total", reason="cancelled") == 5
+        await batcher.close()
+
+    run(main)
+
+
+# 8. A failing batch fails only its own calls.
+
+
+def test_failing_batch_fails_only_its_own_calls() -> None:
+    async def main() -> None:
+        backend = FakeBackend(gate=asyncio.Event(), fail_on=MARKER)
+        batcher, metrics = make(backend, max_batch_size=4, max_concurrent_batches=1)
+        a = spawn(batcher, [1])
+        await until(lambda: len(backend.calls) == 1)
+        bad = spawn(batcher, [MARKER, 2])  # batch 2: bad + neighbour (4 drawings)
+        neighbour = spawn(batcher, [3, 4])
+        good = spawn(batcher, [5, 6, 7])  # does not fit in batch 2: batch 3
+        await until(lambda: batcher.queued_drawings == 7)
+        backend.gate.set()
+        results = await asyncio.gather(a, bad, neighbour, good, return_exceptions=True)
+        np.testing.assert_array_equal(results[0], expected([1], 1))
+        np.testing.assert_array_equal(results[3], expected([5, 6, 7], 1))
+        assert [c.ids for c in backend.calls] == [[1], [MARKER, 2, 3, 4], [5, 6, 7]]
+        for err in results[1:3]:
+            assert isinstance(err, BackendError), err
+            assert "fake backend failure" in str(err)
+        assert sample(metrics, "backend_duration_seconds_count", backend="fake", outcome="error") == 1
+        assert sample(metrics, "backend_duration_seconds_count", backend="fake", outcome="ok") == 2
+        # the batcher keeps serving after a failure
+        np.testing.assert_array_equal(await batcher.submit(images_for([8]), 1), expected([8], 1))
+        await batcher.close()
+
+    run(main)
+
+
+def test_service_error_from_backend_is_passed_through() -> None:
+    async def main() -> None:
+        reason = Unavailable("model is reloading")
+        backend = FakeBackend(fail_on=MARKER, fail_with=reason)
+        batcher, _ = make(backend)
+        with pytest.raises(Unavailable) as info:
+            await batcher.submit(images_for([MARKER]), 1)
+        assert info.value is reason
+        await batcher.close()
+
+    run(main)
+
+
+def test_backend_raising_cancelled_error_still_answers_its_callers() -> None:
+    async def main() -> None:
+        backend = FakeBackend(fail_on=MARKER, fail_with=asyncio.CancelledError())
+        batcher, _ = make(backend, max_concurrent_batches=1)
+        task = spawn(batcher, [MARKER])
+        done, _ = await asyncio.wait({task}, timeout=0.3)
+        if task not in done:
+            task.cancel()
+            await batcher.close()
+            raise AssertionError("the caller of a batch whose backend raised CancelledError was never answered")
+        with pytest.raises(BackendError):
+            await task
+        np.testing.assert_array_equal(await batcher.submit(images_for([1]), 1), expected([1], 1))
+        await batcher.close()
+
+    run(main)
+
+
+# 9. A batch that takes longer than backend_timeout_ms fails with BackendError.
+
+
+def test_backend_timeout_raises_backend_error() -> None:
+    async def main() -> None:
+        backend = FakeBackend(delay_s=1.0)
+        batcher, metrics = make(backend, backend_timeout_ms=30, max_concurrent_batches=1)
+        t0 = time.monotonic()
+        with pytest.raises(BackendError, match="backend_timeout_ms"):
+            await batcher.submit(images_for([1, 2]), 1)
+        assert time.monotonic() - t0 < 0.5
+        assert backend.cancelled == 1  # the backend call itself was cancelled
+        assert sample(metrics, "backend_duration_seconds_count", backend="fake", outcome="error") == 1
+        backend.delay_s = 0.0  # the slot was given back: the next call is served
+        np.testing.assert_array_equal(await batcher.submit(images_for([3]), 1), expected([3], 1))
+        await batcher.close()
+
+    run(main)
+
+
+# 10. A batch never mixes model versions.
+
+
+def test_versions_are_never_mixed_within_a_batch() -> None:
+    async def main() -> None:
+        backend = FakeBackend(gate=asyncio.Event())
+        batcher, _ = make(backend, max_batch_size=16, max_concurrent_batches=1)
+        first = spawn(batcher, [0], version=1)
+        await until(lambda: len(backend.calls) == 1)
+        version_of = {0: 1}
+        tasks = []
+        for i in range(1, 13):
+            v = (1, 2, 3)[i % 3]
+            version_of[i] = v
+            tasks.append((i, v, spawn(batcher, [i], version=v)))
+        await until(lambda: batcher.queued_drawings == 12)
+        backend.gate.set()
+        await first
+        for i, v, task in tasks:
+            np.testing.assert_array_equal(await task, expected([i], v))
+        for call in backend.calls:
+            assert {version_of[i] for i in call.ids} == {call.version}, call
+            assert call.ids == sorted(call.ids)  # FIFO within a version
+        assert [c.size for c in backend.calls] == [1, 4, 4, 4]
+        await batcher.close()
+
+    run(main)
+
+
+# 11. close() drains what is queued and refuses new calls; every accepted call is answered exactly once.
+
+
+def test_close_drains_queue_and_refuses_new_calls() -> None:
+    async def main() -> None:
+        backend = FakeBackend(gate=asyncio.Event())
+        batcher, _ = make(backend, max_batch_size=4, max_concurrent_batches=1)
+        accepted = {0: spawn(batcher, [0])}
+        await until(lambda: len(backend.calls) == 1)
+        for i in range(1, 10):
+            accepted[i] = spawn(batcher, [i])
+        await until(lambda: batcher.queued_drawings == 9)
+        closing = asyncio.create_task(batcher.close())
+        await asyncio.sleep(0.01)
+        assert not closing.done()  # waiting for the blocked batch and the queue
+        with pytest.raises(Unavailable):
+            await batcher.submit(images_for([99]), 1)
+        backend.gate.set()
+        await closing
+        answers = 0
+        for i, task in accepted.items():
+            assert task.done()
+            np.testing.assert_array_equal(task.result(), expected([i], 1))
+            answers += 1
+        assert answers == len(accepted)
+        assert sorted(backend.seen_ids) == list(range(10))  # each drawing went to the backend exactly once
+        assert batcher.queued_drawings == 0
+        with pytest.raises(Unavailable):
+            await batcher.submit(images_for([98]), 1)
+        await batcher.close()  # closing twice is harmless
+
+    run(main)
+
+
+def test_close_does_not_wait_out_the_batch_delay() -> None:
+    async def main() -> None:
+        backend = FakeBackend()
+        batcher, _ = make(backend, max_batch_delay_ms=1000)
+        task = spawn(batcher, [1, 2])
+        await until(lambda: batcher.queued_drawings == 2)
+        t0 = time.monotonic()
+        await batcher.close()
+        assert time.monotonic() - t0 < 0.3
+        np.testing.assert_array_equal(await task, expected([1, 2], 1))
+
+    run(main)
+
+
+# 12. A backend that returns the wrong number of rows fails that batch.
+
+
+def test_wrong_number_of_rows_is_a_backend_error() -> None:
+    async def main() -> None:
+        backend = FakeBackend(drop_a_row=True)
+        batcher, _ = make(backend)
+        with pytest.raises(BackendError, match="returned 2 results for 3 drawings"):
+            await batcher.submit(images_for([1, 2, 3]), 1)
+        backend.drop_a_row = False
+        np.testing.assert_array_equal(await batcher.submit(images_for([4]), 1), expected([4], 1))
+        await batcher.close()
+
+    run(main)
+
+
+def test_empty_call_returns_no_rows_without_a_backend_call() -> None:
+    async def main() -> None:
+        backend = FakeBackend()
+        batcher, _ = make(backend)
+        probs = await batcher.submit(images_for([]), 1)
+        assert len(probs) == 0
+        assert backend.calls == []
+        await batcher.close()
+
+    run(main)
+
+
+def test_deadline_is_answered_on_time_even_while_every_slot_is_busy() -> None:
+    async def main() -> None:
+        backend = FakeBackend(gate=asyncio.Event())
+        batcher, metrics = make(backend, max_concurrent_batches=1)
+        a = spawn(batcher, [1])
+        await until(lambda: len(backend.calls) == 1)
+        t0 = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit(images_for([2, 3]), 1, deadline_s=time.monotonic() + 0.05)
+        assert time.monotonic() - t0 < 0.3  # not held until the busy slot frees
+        assert batcher.queued_drawings == 0
+        assert sample(metrics, "dropped_drawings_total", reason="deadline") == 2
+        backend.gate.set()
+        await a
+        assert backend.seen_ids == [1]
+        await batcher.close()
+
+    run(main)

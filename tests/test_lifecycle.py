@@ -1,0 +1,134 @@
+"""``quickdraw serve`` as a process: it prints where it listens, and on SIGTERM it drains and exits 0.
+
+Order checked: health turns NOT_SERVING (seen on a Watch stream opened before the signal), new calls are
+refused, in-flight calls still get their answers, and the process exits 0 within the grace period.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from harness import SHIPPED_MODEL
+
+from service.backends import find_versions
+from service.client import QuickDrawClient
+
+pytestmark = pytest.mark.skipif(not find_versions(SHIPPED_MODEL), reason=f"no SavedModel under {SHIPPED_MODEL}")
+
+
+def start_server(*extra: str) -> tuple[subprocess.Popen[str], str, list[str]]:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "QUICKDRAW_MODEL_DIR": str(SHIPPED_MODEL)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "quickdraw", "serve", "--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "0",
+         *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    lines: list[str] = []
+    deadline = time.monotonic() + 120
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        m = re.search(r"ready: gRPC on 127\.0\.0\.1:(\d+)", line)
+        if m:
+            threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()  # type: ignore[arg-type]
+            return proc, f"127.0.0.1:{m.group(1)}", lines
+    proc.kill()
+    raise AssertionError("server did not start:\n" + "".join(lines[-40:]))
+
+
+@pytest.fixture()
+def server() -> Iterator[tuple[subprocess.Popen[str], str, list[str]]]:
+    proc, target, lines = start_server("--no-warmup", "--shutdown-grace-s", "20", "--preprocess-threads", "1")
+    try:
+        yield proc, target, lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def raw_scribbles(n: int, points: int = 400, seed: int = 0) -> list[list[list[list[float]]]]:
+    """Raw-coordinate drawings heavy enough to keep the gateway busy for a while."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        xy = np.cumsum(rng.normal(0, 20, size=(2, points)), axis=1) + 500
+        out.append([[xy[0].tolist(), xy[1].tolist()]])
+    return out
+
+
+def test_prints_where_it_listens_and_an_example(server: tuple[subprocess.Popen[str], str, list[str]]) -> None:
+    _, target, lines = server
+    text = "".join(lines)
+    assert "metrics on http://127.0.0.1:" in text
+    assert f"quickdraw classify --target {target}" in text
+    with QuickDrawClient(target) as c:
+        assert c.model_info().name == "quickdraw"
+
+
+def test_sigterm_drains_in_flight_calls_and_exits_zero(server: tuple[subprocess.Popen[str], str, list[str]]) -> None:
+    proc, target, lines = server
+    with grpc.insecure_channel(target) as ch:
+        watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        with QuickDrawClient(target, timeout_s=60) as c, ThreadPoolExecutor(6) as pool:
+            calls = [pool.submit(c.classify, raw_scribbles(64, seed=i), raw=True) for i in range(6)]
+            time.sleep(0.5)  # the calls are in flight: each takes the server a while to render
+            assert not all(f.done() for f in calls), "calls finished before the signal; make them heavier"
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            time.sleep(0.2)
+            with QuickDrawClient(target, max_attempts=1) as late, pytest.raises(grpc.RpcError) as info:
+                late.classify([np.zeros((28, 28), np.uint8)], timeout_s=5)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            results = [f.result(60) for f in calls]
+    assert [len(r) for r in results] == [64] * 6  # every in-flight call got its answer
+    assert proc.wait(30) == 0, "".join(lines[-20:])
+    assert time.monotonic() - t0 < 20
+    assert any("stopped" in line for line in lines)
+
+
+def test_bad_setting_is_refused_with_the_option_name() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "quickdraw", "serve", "--max-batch-size", "0"],
+        capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "--max-batch-size" in proc.stderr and "greater than or equal to 1" in proc.stderr
+
+
+def test_settings_come_from_the_environment_and_options_win() -> None:
+    from service.settings import Settings
+
+    env = {"QUICKDRAW_MAX_BATCH_SIZE": "64", "QUICKDRAW_GRPC_PORT": "6000"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        s = Settings(grpc_port=7000)
+        assert s.max_batch_size == 64 and s.grpc_port == 7000
+        assert Settings().grpc_port == 6000
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert Settings().grpc_port == 50051 and Settings().http_port == 8080
+    assert Path(Settings().model_dir) == Path("models/quickdraw")
