@@ -32,6 +32,9 @@ from service.metrics import Metrics
 log = logging.getLogger(__name__)
 
 #: The backend call: uint8 images [n, 28, 28, 1] and a model version -> float32 probabilities [n, classes].
+#: How close to its deadline a cancelled call counts as expired (gRPC's clock and ours differ slightly).
+DEADLINE_SLACK_S = 0.005
+
 RunBatch = Callable[[NDArray[np.uint8], int], Awaitable[NDArray[np.float32]]]
 
 
@@ -135,7 +138,9 @@ class Batcher:
             self._metrics.dropped.labels("deadline").inc(self._unqueue(items))
             raise DeadlineExceeded("deadline exceeded while queued for the backend") from None
         except asyncio.CancelledError:
-            self._metrics.dropped.labels("cancelled").inc(self._unqueue(items))
+            # gRPC cancels the handler when the client's deadline passes; count that as a deadline drop.
+            expired = deadline_s is not None and self._clock() >= deadline_s - DEADLINE_SLACK_S
+            self._metrics.dropped.labels("deadline" if expired else "cancelled").inc(self._unqueue(items))
             raise
         finally:
             self._unqueue(items)
