@@ -133,3 +133,36 @@ def test_evaluate_and_predict(tiny_model: Path, sample: Path, tmp_path: Path) ->
                       "--limit", "4").splitlines()
     assert len(lines) == 4
     assert all(len(line.split(": ", 1)[1].split("  ")) == 3 for line in lines)
+
+
+def test_checkpoints_tensorboard_and_resume(sample: Path, tmp_path: Path) -> None:
+    args = ["train", "--data", str(sample), "--classes", CLASSES, "--per-class", "128", "--arch", "seed",
+            "--out", str(tmp_path / "models"), "--workdir", str(tmp_path / "run"), "--threads", "2"]
+    quickdraw(*args, "--epochs", "1")
+    history = json.loads((tmp_path / "run" / "history.json").read_text())["history"]
+    assert len(history) == 1
+    assert list((tmp_path / "run" / "checkpoints").glob("ckpt-*.index"))
+    assert list((tmp_path / "run" / "logs").rglob("events.out.tfevents.*"))
+    quickdraw(*args, "--epochs", "2", "--resume")
+    history = json.loads((tmp_path / "run" / "history.json").read_text())["history"]
+    assert len(history) == 2  # epoch 1 came from the checkpoint, only epoch 2 was trained
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["1", "2"]
+    card = json.loads((tmp_path / "models" / "2" / "model_card.json").read_text())
+    assert len(card["history"]) == 2
+
+
+def test_shipped_model_serves_batches_of_1_7_128() -> None:
+    import tensorflow as tf
+    from conftest import ROOT
+
+    shipped = ROOT / "models" / "quickdraw" / "1"
+    loaded = tf.saved_model.load(str(shipped))
+    fn = loaded.signatures["serving_default"]
+    for n in (1, 7, 128):
+        out = fn(image=tf.zeros([n, 28, 28, 1], tf.uint8))
+        assert out["probabilities"].shape == (n, 29)
+    card = json.loads((shipped / "model_card.json").read_text())
+    assert card["metrics"]["test_top1"] >= 0.91
+    assert len(card["classes"]) == 29 and card["data"]
+    size = sum(p.stat().st_size for p in shipped.rglob("*") if p.is_file())
+    assert size < 5 * 1024 * 1024
