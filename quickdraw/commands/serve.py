@@ -75,8 +75,8 @@ def run(args: argparse.Namespace) -> int:
         host = "localhost" if settings.host in ("0.0.0.0", "::", "[::]") else settings.host
         target = f"{host}:{app.grpc_port}"
         print(f"quickdraw gateway ready: gRPC on {settings.host}:{app.grpc_port}, "
-              f"metrics on http://{host}:{app.http_port}/metrics", flush=True)
-        print(f"  try: {EXAMPLE.format(target=target)}", flush=True)
+              f"metrics on http://{host}:{app.http_port}/metrics\n"
+              f"  try: {EXAMPLE.format(target=target)}", flush=True)
 
     import logging
 
