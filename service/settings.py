@@ -52,7 +52,13 @@ class Settings(BaseSettings):
         description="how long a batch may wait for more drawings once a backend slot is free; 0 dispatches at "
         "once (drawings still merge while every slot is busy)",
     )
-    max_concurrent_batches: int = Field(2, ge=1, le=256, description="backend batches in flight at once")
+    max_concurrent_batches: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="backend batches in flight at once; 1 suits the embedded backend on CPU, where TensorFlow "
+        "already spreads one batch over every core; raise it for remote backends with several replicas",
+    )
     max_queued_drawings: int = Field(
         4096, ge=1, description="drawings waiting for the backend; beyond this calls get RESOURCE_EXHAUSTED"
     )
