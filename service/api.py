@@ -150,6 +150,26 @@ def _error(exc: BaseException) -> ServiceError:
     return ServiceError(f"internal error: {type(exc).__name__}")
 
 
+class _Observed:
+    """One call (a unary call or a stream message): counted in flight, its latency recorded by method and code."""
+
+    def __init__(self, metrics: Metrics, method: str) -> None:
+        self._metrics = metrics
+        self._method = method
+        self.code = "OK"
+
+    def __enter__(self) -> _Observed:
+        self._t0 = time.perf_counter()
+        self._metrics.inflight.inc()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is not None and issubclass(exc_type, asyncio.CancelledError):
+            self.code = "CANCELLED"
+        self._metrics.inflight.dec()
+        self._metrics.request_latency.labels(self._method, self.code).observe(time.perf_counter() - self._t0)
+
+
 T = TypeVar("T")
 
 
@@ -159,22 +179,14 @@ def _unary(method: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[...,
     def wrap(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         @functools.wraps(fn)
         async def handler(self: ClassifierService, request: Any, context: grpc.aio.ServicerContext) -> T:
-            t0 = time.perf_counter()
-            code = "OK"
-            self.metrics.inflight.inc()
-            try:
-                return await fn(self, request, context)
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            except Exception as exc:
-                err = _error(exc)
-                code = err.code.name
-                await context.abort_with_status(rpc_status.to_status(to_rpc_status(err)))
-                raise  # not reached: abort raises
-            finally:
-                self.metrics.inflight.dec()
-                self.metrics.request_latency.labels(method, code).observe(time.perf_counter() - t0)
+            with _Observed(self.metrics, method) as call:
+                try:
+                    return await fn(self, request, context)
+                except Exception as exc:
+                    err = _error(exc)
+                    call.code = err.code.name
+                    await context.abort_with_status(rpc_status.to_status(to_rpc_status(err)))
+                    raise  # not reached: abort raises
 
         return handler
 
@@ -230,22 +242,16 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         tasks: set[asyncio.Task[None]] = set()
 
         async def one(msg: pb.ClassifyStreamRequest) -> None:
-            t0 = time.perf_counter()
-            code = "OK"
-            metrics.inflight.inc()
             try:
-                resp = await gateway.classify(msg.request, deadline)
-                await answers.put(pb.ClassifyStreamResponse(id=msg.id, response=resp))
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            except Exception as exc:
-                err = _error(exc)
-                code = err.code.name
-                await answers.put(pb.ClassifyStreamResponse(id=msg.id, error=to_rpc_status(err)))
+                with _Observed(metrics, "ClassifyStream") as call:
+                    try:
+                        resp = await gateway.classify(msg.request, deadline)
+                        await answers.put(pb.ClassifyStreamResponse(id=msg.id, response=resp))
+                    except Exception as exc:
+                        err = _error(exc)
+                        call.code = err.code.name
+                        await answers.put(pb.ClassifyStreamResponse(id=msg.id, error=to_rpc_status(err)))
             finally:
-                metrics.inflight.dec()
-                metrics.request_latency.labels("ClassifyStream", code).observe(time.perf_counter() - t0)
                 window.release()
 
         async def read() -> None:
