@@ -19,7 +19,15 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from doodle import BITMAP_PIXELS, BITMAP_SIDE, Drawing, ImageLimits, decode_image, drawing_to_bitmap
+from doodle import (
+    BITMAP_PIXELS,
+    BITMAP_SIDE,
+    Drawing,
+    ImageLimits,
+    decode_image,
+    drawing_to_bitmap,
+    strokes_from_google,
+)
 from doodle.errors import DoodleError
 from quickdraw.v1 import classifier_pb2 as pb
 from service.errors import FieldViolation, InvalidArgument
@@ -273,11 +281,7 @@ def render(index: int, drawing: BitmapIn | ImageIn | StrokesIn, limits: Limits) 
                     max_image_side_px=max(1, math.isqrt(limits.max_image_pixels) * 4),
                 ),
             )
-        strokes = tuple(
-            np.stack([s.x, s.y, s.t_ms] if s.t_ms else [s.x, s.y], axis=1).astype(np.float64)
-            for s in drawing.strokes
-            if s.x
-        )
+        strokes = strokes_from_google([[s.x, s.y, s.t_ms] if s.t_ms else [s.x, s.y] for s in drawing.strokes if s.x])
         return drawing_to_bitmap(Drawing(word="", strokes=strokes, raw=drawing.raw))
     except DoodleError as exc:
         field = f"drawings[{index}].image.data" if isinstance(drawing, ImageIn) else f"drawings[{index}].strokes"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 CHUNK = 64  # drawings per call
@@ -32,42 +31,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def iter_file_drawings(path: Path, limit: int | None) -> Iterator[tuple[str, object, bool]]:
-    """(name, drawing in a form the client accepts, raw) for each drawing in a file."""
-    import numpy as np
-
-    from doodle.formats import open_bitmaps, read_binary, read_ndjson, read_stroke3
-
-    suffix = path.suffix.lower()
-    if suffix in (".png", ".jpg", ".jpeg"):
-        yield path.name, path.read_bytes(), False
-    elif suffix == ".npy":
-        rows = open_bitmaps(path)
-        for i in range(len(rows) if limit is None else min(limit, len(rows))):
-            yield f"{path.name}[{i}]", np.asarray(rows[i]), False
-    elif suffix in (".ndjson", ".bin", ".npz"):
-        reader = {".ndjson": read_ndjson, ".bin": read_binary}.get(suffix)
-        drawings = reader(path, limit=limit) if reader else read_stroke3(path)
-        for i, d in enumerate(drawings):
-            if limit is not None and i >= limit:
-                return
-            yield d.source or f"{path.name}:{i + 1}", d.google_strokes(), d.raw
-    else:
-        from doodle.errors import DoodleError
-
-        raise DoodleError(f"{path}: unsupported file type; expected PNG/JPEG, .ndjson, .bin, .npz or .npy")
-
-
 def run(args: argparse.Namespace) -> int:
     """Classify every drawing in every file, CHUNK drawings a call; print one line each."""
     import grpc
 
+    from doodle import Drawing
+    from quickdraw.commands.common import iter_file_items
     from service.client import QuickDrawClient, describe_error
 
     failed = 0
     with QuickDrawClient(args.target, timeout_s=args.timeout_s) as client:
         for path in args.files:
-            items = list(iter_file_drawings(path, args.limit))
+            items = [
+                (name, item.google_strokes(), item.raw) if isinstance(item, Drawing) else (name, item, False)
+                for name, item in iter_file_items(path, args.limit)
+            ]
             width = max((len(n) for n, _, _ in items), default=0)
             for raw in (False, True):
                 group = [(n, d) for n, d, r in items if r is raw]
