@@ -187,7 +187,7 @@ class Batcher:
             if not batch:
                 self._slots.release()
                 continue
-            task = asyncio.get_running_loop().create_task(self._dispatch(batch))
+            task = asyncio.get_running_loop().create_task(self._dispatch(batch, *self._start(batch)))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
@@ -226,18 +226,33 @@ class Batcher:
             self._metrics.queue_wait.observe(now - it.enqueued_s)
         return batch
 
-    async def _dispatch(self, batch: list[_Item]) -> None:
+    def _start(self, batch: list[_Item]) -> tuple[NDArray[np.uint8], asyncio.Future[NDArray[np.float32]], float]:
+        """Start the backend call now, from the collector, not from a task that runs after everything else
+        already scheduled (after a batch, that is every one of its callers' responses)."""
         images = batch[0].images if len(batch) == 1 else np.concatenate([it.images for it in batch])
         self._metrics.batch_size.observe(len(images))
         self._metrics.inflight_batches.inc()
         t0 = self._clock()
-        outcome = "ok"
         try:
-            probs = await asyncio.wait_for(
-                self._run_batch(images, batch[0].version), self._cfg.backend_timeout_ms / 1000.0
-            )
+            started = asyncio.ensure_future(self._run_batch(images, batch[0].version))
+        except Exception as exc:  # a backend that fails before it starts fails this batch like any other
+            started = asyncio.get_running_loop().create_future()
+            started.set_exception(exc)
+        return images, started, t0
+
+    async def _dispatch(
+        self, batch: list[_Item], images: NDArray[np.uint8], started: asyncio.Future[NDArray[np.float32]], t0: float
+    ) -> None:
+        outcome = "ok"
+        released = False
+        try:
+            probs = await asyncio.wait_for(started, self._cfg.backend_timeout_ms / 1000.0)
             if len(probs) != len(images):
                 raise BackendError(f"backend returned {len(probs)} results for {len(images)} drawings")
+            # Free the slot before answering: the collector wakes first and starts the next batch while this
+            # batch's callers are being answered, so the backend does not sit idle in between.
+            self._slots.release()
+            released = True
             start = 0
             for it in batch:
                 if not it.future.done():
@@ -265,7 +280,8 @@ class Batcher:
         finally:
             self._metrics.backend_latency.labels(self._backend, outcome).observe(self._clock() - t0)
             self._metrics.inflight_batches.dec()
-            self._slots.release()
+            if not released:
+                self._slots.release()
 
     async def close(self) -> None:
         """Stop accepting, dispatch what is queued, and wait for running batches to finish."""

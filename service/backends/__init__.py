@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -39,8 +40,9 @@ class Backend(Protocol):
         """Load and warm up the model; return what is served. Ready to predict when it returns."""
         ...
 
-    async def predict(self, images: NDArray[np.uint8], version: int) -> NDArray[np.float32]:
-        """Probabilities for a batch of images."""
+    def predict(self, images: NDArray[np.uint8], version: int) -> Awaitable[NDArray[np.float32]]:
+        """Probabilities for a batch of images. A backend should start the work when called (a future from
+        an executor, a gRPC call) rather than when the awaitable is first awaited; a coroutine works too."""
         ...
 
     async def close(self) -> None:

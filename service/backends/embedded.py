@@ -107,9 +107,9 @@ class EmbeddedBackend:
         out = fn(**{INPUT_KEY: self._tf.constant(images)})
         return np.asarray(out[OUTPUT_KEY].numpy(), dtype=np.float32)
 
-    async def predict(self, images: NDArray[np.uint8], version: int) -> NDArray[np.float32]:
-        """Run one batch on the pool."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._run, images, version)
+    def predict(self, images: NDArray[np.uint8], version: int) -> asyncio.Future[NDArray[np.float32]]:
+        """Submit one batch to the pool at once (not when a task gets round to it); await the result."""
+        return asyncio.get_running_loop().run_in_executor(self._pool, self._run, images, version)
 
     async def close(self) -> None:
         """Wait for running batches and drop the models."""
