@@ -95,6 +95,13 @@ class Gateway:
         probs = await self.batcher.submit(images, version, deadline_s)
         return self._response(probs, req.top_k, version)
 
+    async def predict(
+        self, images: NDArray[np.uint8], version: int, deadline_s: float | None
+    ) -> NDArray[np.float32]:
+        """Probabilities for already-valid bitmaps [n, 28, 28, 1] (TF Serving's Predict on the gateway)."""
+        self.metrics.drawings.labels(Kind.BITMAP.value).inc(len(images))
+        return await self.batcher.submit(images, version, deadline_s)
+
     def _response(self, probs: NDArray[np.float32], k: int, version: int) -> pb.ClassifyResponse:
         top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         labels = self._labels
@@ -174,11 +181,14 @@ T = TypeVar("T")
 
 
 def _unary(method: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Awaitable[T]]]:
-    """Record latency by method and code, and turn ServiceErrors into rich gRPC statuses, in one place."""
+    """Record latency by method and code, and turn ServiceErrors into rich gRPC statuses, in one place.
+
+    For the methods of any servicer with a ``metrics`` attribute (this API's and TF Serving's on the gateway).
+    """
 
     def wrap(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         @functools.wraps(fn)
-        async def handler(self: ClassifierService, request: Any, context: grpc.aio.ServicerContext) -> T:
+        async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
             with _Observed(self.metrics, method) as call:
                 try:
                     return await fn(self, request, context)

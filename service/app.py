@@ -21,8 +21,9 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
+from service import tfserving_api
 from service.api import SERVICE_NAME, ClassifierService, Gateway
-from service.backends import Backend
+from service.backends import Backend, ModelDescription
 from service.backends.embedded import EmbeddedBackend
 from service.batching import Batcher, BatcherConfig
 from service.metrics import Metrics
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 
 def build_backend(settings: Settings) -> Backend:
     """The backend the settings ask for."""
+    if settings.backend == "tfserving":
+        from service.backends.tfserving import TFServingBackend
+
+        return TFServingBackend(settings)
     return EmbeddedBackend(
         settings.model_dir,
         settings.model_name,
@@ -65,6 +70,7 @@ class App:
         self._batcher: Batcher | None = None
         self._gateway: Gateway | None = None
         self._stopping = False
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Bind, load the model, warm up, and report SERVING."""
@@ -76,13 +82,22 @@ class App:
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
+        if s.max_connection_age_s > 0:  # clients reconnect, so long-lived ones rebalance over the replicas
+            options += [
+                ("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(s.max_connection_age_grace_s * 1000)),
+            ]
         self._server = grpc.aio.server(options=options)
         service = ClassifierService(self.metrics, s.max_message_bytes)
         pb_grpc.add_ClassifierServicer_to_server(service, self._server)
+        names: tuple[str, ...] = (SERVICE_NAME,)
+        tfs = None
+        if s.tfserving_api:
+            tfs = tfserving_api.add_to_server(self._server, self.metrics)
+            names += (tfserving_api.PREDICTION_SERVICE, tfserving_api.MODEL_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         if s.reflection:
-            names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                     reflection.SERVICE_NAME)
+            names += (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
             reflection.enable_server_reflection(names, self._server)
         await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -106,13 +121,37 @@ class App:
         self._gateway = Gateway(model, self._batcher, limits, self.metrics, self._backend.name,
                                 s.preprocess_threads)
         service.attach(self._gateway)
-        for v in model.versions:
-            self.metrics.model_version.labels(model.name, str(v), self._backend.name).set(1)
-        self.metrics.ready.set(1)
-        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        if tfs is not None:
+            tfs.attach(self._gateway)
+        await self._set_health(self._publish(model))
+        if hasattr(self._backend, "on_change"):
+            self._backend.on_change = self._model_changed
         self.ready.set()
         log.info("serving %s versions %s (%d classes)", model.name, list(model.versions), len(model.labels))
+
+    def _publish(self, model: ModelDescription | None) -> int:
+        """Serve ``model`` (None: no version is available): versions and gauges; returns the health status."""
+        backend = self._backend.name if self._backend is not None else ""
+        self.metrics.model_version.clear()
+        if model is not None:
+            if self._gateway is not None:
+                self._gateway.model = model
+            for v in model.versions:
+                self.metrics.model_version.labels(model.name, str(v), backend).set(1)
+        self.metrics.ready.set(0 if model is None or self._stopping else 1)
+        serving = model is not None and not self._stopping
+        return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, status)
+
+    def _model_changed(self, model: ModelDescription | None) -> None:
+        """The backend's versions changed (TF Serving loaded or unloaded one, or has none available)."""
+        if not self._stopping:
+            task = asyncio.get_running_loop().create_task(self._set_health(self._publish(model)))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def stop(self) -> None:
         """Health NOT_SERVING, stop accepting, finish in-flight calls, drain, close the backend."""
