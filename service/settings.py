@@ -72,6 +72,12 @@ class Settings(BaseSettings):
         description="TF Serving gRPC target; use dns:///<headless-service>:8500 to balance per request over "
         "every replica (round_robin)",
     )
+    tfserving_deadline_margin_ms: float = Field(
+        20.0,
+        ge=0.0,
+        description="taken off each caller's remaining deadline before it goes to TF Serving, to cover the "
+        "network hops, so that TF Serving gives up no later than the caller",
+    )
     tfserving_signature: str = Field("serving_default", description="signature asked of TF Serving")
     tfserving_max_attempts: int = Field(
         3, ge=1, le=5, description="attempts per backend batch; only UNAVAILABLE is retried, with backoff"

@@ -6,8 +6,9 @@
 - The signature is checked through ``GetModelMetadata``; labels come from the labels asset
   (``--labels-file`` or ``<model-dir>/<version>/assets/labels.txt``), and their count must match the
   signature's output width.
-- Each batch's deadline is the latest remaining deadline among its callers, capped by ``backend_timeout_ms``,
-  so TF Serving never works for a caller that has gone.
+- Each batch's deadline is the latest remaining deadline among its callers, less a small margin for the
+  network hops (``tfserving_deadline_margin_ms``), capped by ``backend_timeout_ms``: TF Serving never works
+  for a caller that has gone.
 - Only UNAVAILABLE is retried, boundedly and with backoff, by gRPC's own retry policy (service config); the
   channel reconnects with a short capped backoff, so a restarted TF Serving is found again within a second.
 - Keepalive pings find dead peers; message sizes are capped both ways.
@@ -87,6 +88,8 @@ def _mapped(exc: grpc.aio.AioRpcError, what: str) -> ServiceError:
     code, detail = exc.code(), exc.details() or ""
     if code == grpc.StatusCode.UNAVAILABLE:
         return Unavailable(f"TF Serving is unavailable ({what}): {detail}; retry with backoff")
+    if code == grpc.StatusCode.CANCELLED:  # not by us (our callers' cancellations never get here): it went away
+        return Unavailable(f"TF Serving cancelled the call, shutting down or restarting ({what}); retry with backoff")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded(f"deadline exceeded waiting for TF Serving ({what})")
     if code == grpc.StatusCode.NOT_FOUND:
@@ -228,7 +231,7 @@ class TFServingBackend:
         assert self._predict is not None
         timeout = self._s.backend_timeout_ms / 1000.0
         if deadline_s is not None:
-            timeout = min(timeout, deadline_s - self._clock())
+            timeout = min(timeout, deadline_s - self._clock() - self._s.tfserving_deadline_margin_ms / 1000.0)
         if timeout <= 0:
             raise DeadlineExceeded("deadline exceeded before the batch reached TF Serving")
         req = predict_pb2.PredictRequest(output_filter=[OUTPUT_KEY])
