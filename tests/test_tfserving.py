@@ -70,8 +70,8 @@ def standin(model_base: Path) -> Iterator[TFServingStandIn]:
 @pytest.fixture(scope="module")
 def gateway(standin: TFServingStandIn, model_base: Path) -> Iterator[RunningGateway]:
     with RunningGateway(
-        backend="tfserving", tfserving_target=standin.target, model_dir=model_base, max_batch_delay_ms=2.0, max_top_k=400,
-        max_concurrent_batches=4, tfserving_status_poll_s=0.2, tfserving_deadline_margin_ms=50.0,
+        backend="tfserving", tfserving_target=standin.target, model_dir=model_base, max_batch_delay_ms=2.0,
+        max_top_k=400, max_concurrent_batches=4, tfserving_status_poll_s=0.2, tfserving_deadline_margin_ms=50.0,
     ) as gw:  # fmt: skip
         yield gw
 
@@ -182,7 +182,8 @@ def test_version_selection_reaches_the_version_asked_for(gateway: RunningGateway
             assert standin.seen[0].signature == "serving_default" and standin.seen[0].model == "quickdraw"
         with pytest.raises(grpc.RpcError) as err:
             client.classify_request(
-                pb.ClassifyRequest(drawings=[pb.Drawing(bitmap=pb.Bitmap(pixels=image.tobytes()))], model=pb.ModelSpec(version=3))
+                pb.ClassifyRequest(drawings=[pb.Drawing(bitmap=pb.Bitmap(pixels=image.tobytes()))],
+                                   model=pb.ModelSpec(version=3))
             )
         assert code_of(err.value) == grpc.StatusCode.NOT_FOUND
 

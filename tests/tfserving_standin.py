@@ -147,7 +147,9 @@ class TFServingStandIn:
         else:
             version = max(self.servables)
         if version not in self.servables:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Specific({spec.name}, {version})")
+            context.abort(
+                grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Specific({spec.name}, {version})"
+            )
         return version, self.servables[version]
 
 
@@ -160,7 +162,9 @@ class _Prediction(prediction_service_pb2_grpc.PredictionServiceServicer):
     def __init__(self, standin: TFServingStandIn) -> None:
         self.s = standin
 
-    def Predict(self, request: predict_pb2.PredictRequest, context: grpc.ServicerContext) -> predict_pb2.PredictResponse:
+    def Predict(
+        self, request: predict_pb2.PredictRequest, context: grpc.ServicerContext
+    ) -> predict_pb2.PredictResponse:
         import tensorflow as tf
 
         s = self.s
