@@ -294,6 +294,37 @@ def test_readiness_follows_tfserving_model_status(gateway: RunningGateway, stand
     assert gateway.scrape()["quickdraw_ready"] == 1
 
 
+def test_a_failing_backend_fails_its_calls_with_a_clear_status_then_recovers(
+    gateway: RunningGateway, standin: TFServingStandIn
+) -> None:
+    image = sample_bitmaps(1)[0]
+    req = pb.ClassifyRequest(drawings=[pb.Drawing(bitmap=pb.Bitmap(pixels=image.tobytes()))])
+    with grpc.insecure_channel(gateway.target) as ch:
+        stub = pb_grpc.ClassifierStub(ch)
+        standin.fail_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+        try:
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Classify(req, timeout=5)
+            assert code_of(err.value) == grpc.StatusCode.INTERNAL
+            assert "TF Serving failed" in err.value.details() and "RESOURCE_EXHAUSTED" in err.value.details()  # type: ignore[attr-defined]
+        finally:
+            standin.fail_code = None
+        assert stub.Classify(req, timeout=5).predictions
+
+
+def test_round_robin_spreads_calls_over_every_replica(model_base: Path) -> None:
+    """Per-request balancing: with two TF Serving replicas behind one target, both get calls."""
+    with TFServingStandIn(model_base) as a, TFServingStandIn(model_base) as b, RunningGateway(
+        backend="tfserving", tfserving_target=f"ipv4:{a.target},{b.target}", model_dir=model_base, warmup=False
+    ) as gw, grpc.insecure_channel(gw.target) as ch:  # fmt: skip
+        stub = pb_grpc.ClassifierStub(ch)
+        image = sample_bitmaps(1)[0]
+        for _ in range(20):  # one at a time: every call is its own batch, on one connection from the client
+            stub.Classify(pb.ClassifyRequest(drawings=[pb.Drawing(bitmap=pb.Bitmap(pixels=image.tobytes()))]),
+                          timeout=10)  # fmt: skip
+        assert len(a.seen) >= 5 and len(b.seen) >= 5, (len(a.seen), len(b.seen))
+
+
 # --- TF Serving's API on the gateway ----------------------------------------------------------------------------
 
 
@@ -303,9 +334,11 @@ def embedded() -> Iterator[RunningGateway]:
         yield gw
 
 
+@pytest.mark.parametrize("backend", ["embedded", "tfserving"])
 def test_tf_serving_client_pointed_at_the_gateway_gets_the_offline_probabilities(
-    embedded: RunningGateway, offline: object
+    backend: str, request: pytest.FixtureRequest, offline: object
 ) -> None:
+    embedded: RunningGateway = request.getfixturevalue("embedded" if backend == "embedded" else "gateway")
     images = sample_bitmaps(1000)
     want = offline_probs(offline, images)
     with grpc.insecure_channel(embedded.target) as ch:
@@ -314,7 +347,8 @@ def test_tf_serving_client_pointed_at_the_gateway_gets_the_offline_probabilities
         for chunk in np.array_split(images, 8):  # 8 calls of 125: several batches, concurrent-free
             resp = stub.Predict(predict_request(chunk), timeout=60)
             got.append(to_numpy(resp.outputs["probabilities"]))
-            assert resp.model_spec.name == "quickdraw" and resp.model_spec.version.value == 1
+            assert resp.model_spec.name == "quickdraw"
+            assert resp.model_spec.version.value == embedded.app._gateway.model.default_version  # type: ignore[union-attr]
         np.testing.assert_allclose(np.concatenate(got), want, atol=1e-5)
         # the other outputs of the signature, and output_filter
         req = predict_request(images[:4])
