@@ -1,9 +1,10 @@
 """The composition root: build every part of the gateway from ``Settings``, start them, stop them in order.
 
-Start: metrics HTTP server, then the gRPC server (health NOT_SERVING, so orchestrators can probe it while the
-model loads), then the backend loads and warms up, then the batcher starts, then health turns SERVING.
-Stop (SIGTERM/SIGINT): health NOT_SERVING, stop accepting new calls, let in-flight calls finish within
-``shutdown_grace_s``, drain the batcher, close the backend. Nothing is built at import time.
+Start: the HTTP server (/metrics, JSON API, playground), then the gRPC server (health NOT_SERVING, so
+orchestrators can probe it while the model loads), then the backend loads and warms up, then the batcher
+starts, then health turns SERVING. Stop (SIGTERM/SIGINT): health NOT_SERVING, stop accepting new calls, let
+in-flight calls finish within ``shutdown_grace_s``, drain the batcher, close the backend, then the HTTP server.
+Nothing is built at import time.
 """
 
 from __future__ import annotations
@@ -13,12 +14,10 @@ import logging
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
 from service import tfserving_api
@@ -26,6 +25,7 @@ from service.api import SERVICE_NAME, ClassifierService, Gateway
 from service.backends import Backend, ModelDescription
 from service.backends.embedded import EmbeddedBackend
 from service.batching import Batcher, BatcherConfig
+from service.http import HttpServer
 from service.metrics import Metrics
 from service.settings import Settings
 from service.validation import Limits
@@ -64,7 +64,7 @@ class App:
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.settings.max_batch_size)
         self._server: grpc.aio.Server | None = None
-        self._http: Any = None
+        self._http = HttpServer(self.metrics, self.settings.max_message_bytes, api=self.settings.http_api)
         self._health = health.aio.HealthServicer()
         self._backend: Backend | None = None
         self._batcher: Batcher | None = None
@@ -75,8 +75,7 @@ class App:
     async def start(self) -> None:
         """Bind, load the model, warm up, and report SERVING."""
         s = self.settings
-        self._http, _ = start_http_server(s.http_port, addr=s.host, registry=self.metrics.registry)
-        self.http_port = self._http.server_port
+        self.http_port = await self._http.start(s.host, s.http_port)
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
@@ -123,6 +122,7 @@ class App:
         service.attach(self._gateway)
         if tfs is not None:
             tfs.attach(self._gateway)
+        self._http.attach(self._gateway)
         await self._set_health(self._publish(model))
         if hasattr(self._backend, "on_change"):
             self._backend.on_change = self._model_changed
@@ -168,9 +168,7 @@ class App:
             self._gateway.close()
         if self._backend is not None:
             await self._backend.close()
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+        await self._http.stop()
         log.info("stopped")
 
     async def run(self, on_ready: Callable[[App], None] | None = None) -> None:

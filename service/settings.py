@@ -25,7 +25,12 @@ class Settings(BaseSettings):
     # --- listening -------------------------------------------------------------------------------------------
     host: str = Field("0.0.0.0", description="address to bind the gRPC and HTTP servers to")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one)")
-    http_port: int = Field(8080, ge=0, le=65535, description="HTTP port for /metrics (0 picks a free one)")
+    http_port: int = Field(
+        8080, ge=0, le=65535, description="HTTP port for /metrics, the JSON API and the playground (0 picks a free one)"
+    )
+    http_api: bool = Field(
+        True, description="serve the JSON API (/v1/classify, /v1/model) and the playground page (/) on the HTTP port"
+    )
     reflection: bool = Field(True, description="enable gRPC server reflection (grpcurl, grpcui)")
     max_message_bytes: int = Field(4 * MiB, ge=1024, description="largest gRPC message accepted, in bytes")
     max_connection_age_s: float = Field(

@@ -111,7 +111,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                 [FieldViolation("output_filter", f"unknown outputs {unknown}; this signature has {list(OUTPUTS)}")]
             )
         images = image_tensor(request.inputs[INPUT_KEY], INPUT_KEY, gateway.limits)
-        probs = await gateway.predict(images, version, _deadline(context))
+        probs = await gateway.predict_bitmaps(images, version, _deadline(context))
         wanted = list(request.output_filter) or list(OUTPUTS)
         resp = predict_pb2.PredictResponse()
         resp.model_spec.name = gateway.model.name
