@@ -110,7 +110,7 @@ class App:
         self._batcher = Batcher(
             self._backend.predict,
             BatcherConfig(s.max_batch_size, s.max_batch_delay_ms, s.max_concurrent_batches, s.max_queued_drawings,
-                          s.backend_timeout_ms),
+                          s.backend_timeout_ms, s.max_queue_wait_ms),
             self.metrics,
             self._backend.name,
         )

@@ -121,6 +121,12 @@ class Settings(BaseSettings):
     max_queued_drawings: int = Field(
         4096, ge=1, description="drawings waiting for the backend; beyond this calls get RESOURCE_EXHAUSTED"
     )
+    max_queue_wait_ms: float = Field(
+        250.0,
+        ge=0.0,
+        description="refuse a call at once (RESOURCE_EXHAUSTED) when the drawings queued ahead of it would keep the "
+        "backend busy longer than this (estimated from recent batches); 0 turns this off",
+    )
     backend_timeout_ms: float = Field(
         10_000.0, gt=0.0, description="deadline for one backend batch (TF Serving call or in-process run)"
     )
