@@ -47,6 +47,8 @@ def build_backend(settings: Settings) -> Backend:
         concurrency=settings.max_concurrent_batches,
         threads=settings.inference_threads,
         warmup=settings.warmup,
+        watch_s=settings.model_watch_s,
+        retire_s=settings.model_retire_s,
     )
 
 

@@ -65,6 +65,15 @@ class Settings(BaseSettings):
         0, ge=0, description="embedded backend: TensorFlow intra-op threads per batch (0: TensorFlow decides)"
     )
     warmup: bool = Field(True, description="run warm-up batches before reporting SERVING")
+    model_watch_s: float = Field(
+        2.0,
+        ge=0.0,
+        description="embedded backend: how often to look for a new version under --model-dir and move to it "
+        "(loaded and warmed up beside the served one, as TF Serving does); 0 never looks",
+    )
+    model_retire_s: float = Field(
+        30.0, ge=0.0, description="embedded backend: how long a replaced version stays loaded for calls queued to it"
+    )
     labels_file: Path | None = Field(
         None,
         description="class names, one a line, in output order (default: assets/labels.txt of the served version "
