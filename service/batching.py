@@ -91,9 +91,9 @@ class Batcher:
         self._running: set[asyncio.Task[None]] = set()
         self._collector: asyncio.Task[None] | None = None
         self._closed = False
-        #: Backend seconds per drawing (EWMA over batches, near-full ones preferred): the admission estimate.
-        self._per_drawing_s: float | None = None
-        self._learned_big = False
+        #: Durations (s) of recent batches, near-full ones apart: the admission estimate.
+        self._took_big: deque[float] = deque(maxlen=9)
+        self._took_small: deque[float] = deque(maxlen=9)
 
     @property
     def queued_drawings(self) -> int:
@@ -163,20 +163,21 @@ class Batcher:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def estimated_wait_s(self) -> float | None:
-        """How long the drawings queued now will keep the backend busy (None until a batch has run)."""
-        if self._per_drawing_s is None:
+        """How long a new call would wait for the full batches queued ahead of it (None until a batch ran).
+
+        A batch's cost is mostly per batch on a GPU and grows with its size on a CPU; either way, the queue
+        drains in full batches under load, so the estimate is (full batches queued) x (recent duration of a
+        near-full batch) / (concurrent batches). Medians ignore one-off stalls.
+        """
+        took = self._took_big or self._took_small
+        if not took:
             return None
-        return self._queued * self._per_drawing_s / self._cfg.max_concurrent_batches
+        ahead = self._queued // self._cfg.max_batch_size
+        return ahead * float(np.median(took)) / self._cfg.max_concurrent_batches
 
     def _learn(self, drawings: int, seconds: float) -> None:
-        """Update the per-drawing cost from a finished batch; small batches count only until a big one ran."""
-        per = seconds / max(1, drawings)
-        big = drawings * 2 >= self._cfg.max_batch_size
-        if self._per_drawing_s is None:
-            self._per_drawing_s, self._learned_big = per, big
-        elif big or not self._learned_big:
-            self._per_drawing_s += 0.2 * (per - self._per_drawing_s)
-            self._learned_big = self._learned_big or big
+        """Record a finished batch's duration, near-full batches (those that matter under load) apart."""
+        (self._took_big if drawings * 2 >= self._cfg.max_batch_size else self._took_small).append(seconds)
 
     def _unqueue(self, items: list[_Item]) -> int:
         """Cancel a caller's unanswered items and free their queue room at once; returns drawings freed."""

@@ -64,6 +64,12 @@ class _Servable:
         proto = saved_model_pb2.SavedModel()
         proto.ParseFromString((path / "saved_model.pb").read_bytes())
         self.signature_defs = proto.meta_graphs[0].signature_def
+        # Warm up before the version is AVAILABLE, as TF Serving does with assets.extra/tf_serving_warmup_requests.
+        for name, sig in self.signature_defs.items():
+            if name.startswith("__") or set(sig.inputs) != {"image"}:
+                continue
+            for n in (1, 8):
+                self.loaded.signatures[name](image=tf.zeros([n, 28, 28, 1], tf.uint8))
 
 
 class TFServingStandIn:

@@ -1,0 +1,213 @@
+"""Fault-test harness: real gateway and TF Serving stand-in processes, open-loop load, and a tally of every call.
+
+Every call has a deadline. A call is **lost** when it gets no answer by its deadline plus 100 ms (a hang, or
+an answer that comes too late to matter). Each test writes its tally to
+``test-artifacts/reliability/<name>.json``; ``make reliability`` turns those into RELIABILITY.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+from harness import SHIPPED_MODEL, parse_metrics
+
+from quickdraw.v1 import classifier_pb2 as pb
+from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts" / "reliability"
+LATE_S = 0.1
+
+
+@dataclass
+class Tally:
+    """What happened to every call of one fault test."""
+
+    name: str
+    sent: int = 0
+    codes: Counter[str] = field(default_factory=Counter)
+    lost: int = 0
+    #: (send time since start, latency s, code, model version or 0) for every answered call
+    calls: list[tuple[float, float, str, int]] = field(default_factory=list)
+
+    def latencies(self, code: str = "OK", since: float = 0.0, until: float = float("inf")) -> np.ndarray:
+        """Latencies (s) of the calls answered with ``code`` that were sent in [since, until)."""
+        return np.array([lat for t, lat, c, _ in self.calls if c == code and since <= t < until])
+
+    def save(self, fault: str, command: str, **extra: object) -> None:
+        """Write the tally for RELIABILITY.md."""
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        row = {"name": self.name, "fault": fault, "sent": self.sent, "ok": self.codes.get("OK", 0),
+               "codes": {k: v for k, v in sorted(self.codes.items()) if k != "OK"}, "lost": self.lost,
+               "command": command, **extra}  # fmt: skip
+        (ARTIFACTS / f"{self.name}.json").write_text(json.dumps(row, indent=1) + "\n")
+
+
+def bitmaps(n: int = 64) -> list[bytes]:
+    """Real cat bitmaps if the sample is there, else a square."""
+    path = Path(os.environ.get("QUICKDRAW_SAMPLE_DIR", ROOT.parent / "shared" / "quickdraw")) / "numpy_bitmap"
+    if (path / "cat.npy").exists():
+        rows = np.load(path / "cat.npy", mmap_mode="r")[:n]
+        return [np.asarray(r, np.uint8).tobytes() for r in rows]
+    square = np.zeros((28, 28), np.uint8)
+    square[6:22, 6] = square[6:22, 21] = square[6, 6:22] = square[21, 6:22] = 255
+    return [square.tobytes()]
+
+
+def open_load(
+    target: str,
+    rate: float,
+    duration_s: float,
+    deadline_s: float,
+    name: str,
+    events: dict[float, Callable[[], None]] | None = None,
+    version: int | None = None,
+) -> Tally:
+    """Calls due at ``rate``/s for ``duration_s`` whatever happens; ``events`` run at their times (in a thread)."""
+    tally = Tally(name)
+    payloads = bitmaps()
+
+    async def main() -> None:
+        async with grpc.aio.insecure_channel(target) as ch:
+            stub = pb_grpc.ClassifierStub(ch)
+            t0 = time.monotonic()
+            tasks = []
+
+            async def one(i: int, due: float) -> None:
+                req = pb.ClassifyRequest(drawings=[pb.Drawing(bitmap=pb.Bitmap(pixels=payloads[i % len(payloads)]))],
+                                         model=pb.ModelSpec(version=version) if version else None)  # fmt: skip
+                sent = time.monotonic()
+                try:
+                    resp = await asyncio.wait_for(stub.Classify(req, timeout=deadline_s), deadline_s + LATE_S)
+                    code, v = "OK", resp.model_version
+                except grpc.aio.AioRpcError as exc:
+                    code, v = exc.code().name, 0
+                except TimeoutError:
+                    tally.lost += 1
+                    return
+                tally.codes[code] += 1
+                tally.calls.append((sent - t0, time.monotonic() - sent, code, v))
+
+            for i in range(int(rate * duration_s)):
+                due = t0 + i / rate
+                if (wait := due - time.monotonic()) > 0:
+                    await asyncio.sleep(wait)
+                tally.sent += 1
+                tasks.append(asyncio.get_running_loop().create_task(one(i, due)))
+            await asyncio.gather(*tasks)
+
+    timers = [threading.Timer(at, fn) for at, fn in (events or {}).items()]
+    for t in timers:
+        t.start()
+    try:
+        asyncio.run(main())
+    finally:
+        for t in timers:
+            t.join(60)
+    return tally
+
+
+def free_port() -> int:
+    """A port nobody listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Process:
+    """A child process whose output is collected (and shown when a test fails)."""
+
+    def __init__(self, args: list[str], ready: str, timeout_s: float = 120) -> None:
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                     cwd=ROOT)  # fmt: skip
+        self.lines: list[str] = []
+        self.match: re.Match[str] | None = None
+        assert self.proc.stdout is not None
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            if (m := re.search(ready, line)) is not None:
+                self.match = m
+                threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()  # type: ignore[arg-type]
+                return
+        self.proc.kill()
+        raise AssertionError(f"{args[:4]} did not start:\n" + "".join(self.lines[-40:]))
+
+    @property
+    def pid(self) -> int:
+        """The process id."""
+        return self.proc.pid
+
+    def rss_mib(self) -> float:
+        """Resident memory now."""
+        with open(f"/proc/{self.pid}/status") as fh:
+            return next(int(x.split()[1]) for x in fh if x.startswith("VmRSS:")) / 1024
+
+    def kill(self) -> None:
+        """SIGKILL, as when a node dies."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+
+    def terminate(self) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(60)
+
+    def output(self) -> str:
+        """Everything it printed."""
+        return "".join(self.lines)
+
+
+def start_standin(port: int, *args: str, base: Path = SHIPPED_MODEL) -> Process:
+    """The TF Serving stand-in as its own process on ``port``."""
+    return Process([sys.executable, str(ROOT / "tests" / "tfserving_standin.py"), "--model-base-path", str(base),
+                    "--port", str(port), *args], ready=r"tfserving stand-in: .* on ")  # fmt: skip
+
+
+class Gateway(Process):
+    """``quickdraw serve`` on free ports."""
+
+    def __init__(self, *args: str) -> None:
+        super().__init__([sys.executable, "-m", "quickdraw", "serve", "--host", "127.0.0.1", "--grpc-port", "0",
+                          "--http-port", "0", *args], ready=r"ready: gRPC on 127\.0\.0\.1:(\d+), metrics on "
+                         r"http://[^:]+:(\d+)/metrics")  # fmt: skip
+        assert self.match is not None
+        self.target = f"127.0.0.1:{self.match.group(1)}"
+        self.http_port = int(self.match.group(2))
+
+    def scrape(self) -> dict[str, float]:
+        """Its /metrics."""
+        url = f"http://127.0.0.1:{self.http_port}/metrics"
+        return parse_metrics(urllib.request.urlopen(url, timeout=10).read().decode())
+
+
+@contextmanager
+def gateway(*args: str) -> Iterator[Gateway]:
+    """A gateway process, killed at the end if still running."""
+    gw = Gateway(*args)
+    try:
+        yield gw
+    finally:
+        gw.kill()
