@@ -15,7 +15,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -23,6 +25,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -71,7 +74,7 @@ _rendered: dict[str, list[dict[str, Any]]] = {}
 
 
 def render(target: str) -> list[dict[str, Any]]:
-    """The objects ``kustomize build deploy/k8s/<target>`` produces (cached per target)."""
+    """The objects ``kustomize build deploy/k8s/<target>`` produces (cached per target; "../x" is deploy/x)."""
     if target not in _rendered:
         cmd = kustomize_command()
         if cmd is None:
@@ -190,7 +193,7 @@ def test_every_path_a_kustomization_names_exists() -> None:
         assert (K8S / target / "kustomization.yaml").is_file(), target
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", [*TARGETS, "../loadtest"])
 def test_manifests_validate_against_kubernetes_schemas(target: str) -> None:
     import kubernetes_validate
 
@@ -205,6 +208,9 @@ def test_manifests_validate_against_kubernetes_schemas(target: str) -> None:
             errors.append(f"{o['kind']}/{o['metadata']['name']}: no schema ({e})")
     assert not errors, f"{target} (Kubernetes {K8S_VERSION}):\n" + "\n".join(errors)
     kinds = {o["kind"] for o in objs}
+    if target == "../loadtest":
+        assert kinds == {"Job", "ConfigMap"}, kinds
+        return
     assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy",
             "ConfigMap"} <= kinds, kinds  # fmt: skip
 
@@ -558,68 +564,91 @@ def query(base: str, expr: str) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def prometheus_on_gateway(promtool: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """(Prometheus URL, scraped pod name): the repo's scrape job and rules on a live gateway under load."""
+def gateway() -> Iterator[RunningGateway]:
+    """The real gateway on free ports, serving the shipped model."""
     if not find_versions(SHIPPED_MODEL):
         pytest.skip(f"no SavedModel under {SHIPPED_MODEL}")
+    with RunningGateway(max_batch_delay_ms=2.0) as gw:
+        yield gw
+
+
+def test_loadgen_drives_the_gateway(gateway: RunningGateway, capsys: pytest.CaptureFixture[str]) -> None:
+    """deploy/loadtest/loadgen.py (the in-cluster load test) runs its steps and reports every call."""
+    spec = importlib.util.spec_from_file_location("quickdraw_loadgen", DEPLOY / "loadtest" / "loadgen.py")
+    loadgen = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[spec.name] = loadgen  # type: ignore[union-attr]  # dataclasses look their module up
+    spec.loader.exec_module(loadgen)  # type: ignore[union-attr]
+    results = asyncio.run(loadgen.run(f"dns:///{gateway.target}", [1, 4], 1.0, drawings=2))
+    lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert [r["callers"] for r in lines] == [1, 4]
+    for r in results:
+        assert r.calls > 0 and not r.errors and 0 < r.p50_ms <= r.p99_ms <= r.max_ms
+        assert r.drawings_per_s == pytest.approx(2 * r.calls_per_s, rel=0.01)
+
+
+@pytest.fixture(scope="module")
+def prometheus_on_gateway(
+    promtool: Path, gateway: RunningGateway, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str]]:
+    """(Prometheus URL, scraped pod name): the repo's scrape job and rules on a live gateway under load."""
     from service.client import QuickDrawClient
 
     tmp = tmp_path_factory.mktemp("prometheus")
     pod = "quickdraw-gateway-5d8f7c9b6-x2x7q"
-    with RunningGateway(max_batch_delay_ms=2.0) as gw:
-        config = load_yaml(PROM / "prometheus.yml")
-        labels = pod_meta_labels("quickdraw-gateway", "metrics", pod)
-        live = with_static_discovery(config, {"quickdraw-gateway": (f"127.0.0.1:{gw.app.http_port}", labels)})
-        live["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
-        live["rule_files"] = [str(PROM / f) for f in config["rule_files"]]
-        (tmp / "prometheus.yml").write_text(yaml.safe_dump(live, sort_keys=False))
-        port = free_port()
-        log = (tmp / "prometheus.log").open("w")
-        server = subprocess.Popen(
-            [str(promtool / "prometheus"), f"--config.file={tmp / 'prometheus.yml'}",
-             f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        stop = threading.Event()
+    gw = gateway
+    config = load_yaml(PROM / "prometheus.yml")
+    labels = pod_meta_labels("quickdraw-gateway", "metrics", pod)
+    live = with_static_discovery(config, {"quickdraw-gateway": (f"127.0.0.1:{gw.app.http_port}", labels)})
+    live["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    live["rule_files"] = [str(PROM / f) for f in config["rule_files"]]
+    (tmp / "prometheus.yml").write_text(yaml.safe_dump(live, sort_keys=False))
+    port = free_port()
+    log = (tmp / "prometheus.log").open("w")
+    server = subprocess.Popen(
+        [str(promtool / "prometheus"), f"--config.file={tmp / 'prometheus.yml'}",
+         f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    stop = threading.Event()
 
-        def load(seed: int) -> None:
-            rng = np.random.default_rng(seed)
-            with QuickDrawClient(gw.target, timeout_s=30) as client:
-                while not stop.is_set():
-                    n = int(rng.integers(1, 9))
-                    client.classify(list(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)), top_k=3)
+    def load(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        with QuickDrawClient(gw.target, timeout_s=30) as client:
+            while not stop.is_set():
+                n = int(rng.integers(1, 9))
+                client.classify(list(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)), top_k=3)
 
-        threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(4)]
+    threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(4)]
+    for t in threads:
+        t.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, (tmp / "prometheus.log").read_text()[-3000:]
+            try:
+                if query(base, 'up{job="quickdraw-gateway"} == 1'):
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "Prometheus never scraped the gateway"
+            time.sleep(0.5)
+        yield base, pod
+    finally:
+        stop.set()
         for t in threads:
-            t.start()
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                assert server.poll() is None, (tmp / "prometheus.log").read_text()[-3000:]
-                try:
-                    if query(base, 'up{job="quickdraw-gateway"} == 1'):
-                        break
-                except OSError:
-                    pass
-                assert time.monotonic() < deadline, "Prometheus never scraped the gateway"
-                time.sleep(0.5)
-            yield base, pod
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(timeout=30)
-            server.terminate()
-            server.wait(timeout=30)
-            log.close()
+            t.join(timeout=30)
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
 
 
 def wait_for(base: str, expr: str, timeout_s: float = 45) -> list[dict[str, Any]]:
-    """The result of ``expr`` once it has at least one finite sample (rate windows need two scrapes)."""
+    """The result of ``expr`` once it has a finite sample (rate windows need two scrapes; an idle series is NaN)."""
     deadline = time.monotonic() + timeout_s
     while True:
         result = query(base, expr)
-        if result and all(math.isfinite(float(s["value"][1])) for s in result):
+        if any(math.isfinite(float(s["value"][1])) for s in result):
             return result
         assert time.monotonic() < deadline, f"no finite value for:\n{expr}\nlast result: {result}"
         time.sleep(0.5)
