@@ -8,8 +8,10 @@ BIN    := $(VENV)/bin
 HASH   := $(shell (sha256sum pyproject.toml 2>/dev/null || shasum -a 256 pyproject.toml) | cut -c1-16)
 STAMP  := $(VENV)/.installed-$(HASH)
 export QUICKDRAW_SAMPLE_DIR ?= $(abspath ../shared/quickdraw)
+# The browser test drives this Chromium (Debian's package) with Playwright; nothing downloads a browser.
+export QUICKDRAW_CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install run train test lint protos bench clean help
+.PHONY: install browser run train test lint protos bench clean help
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -23,14 +25,24 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-run: $(STAMP) ## start the gateway on the shipped model (gRPC :50051, metrics :8080); Ctrl-C drains and stops
+browser: ## install Debian's chromium for the browser test when it is missing (as root, with apt-get; else the test skips)
+	@if [ -x "$(QUICKDRAW_CHROMIUM)" ]; then :; \
+	elif [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "browser: no $(QUICKDRAW_CHROMIUM), and apt-get needs root to install it: the browser test will skip"; \
+	else \
+	  echo "browser: installing Debian's chromium for the browser test (apt-get install chromium)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      chromium fonts-dejavu-core >/dev/null; } || echo "browser: apt-get failed: the browser test will skip"; \
+	fi
+
+run: $(STAMP) ## start the gateway on the shipped model (gRPC :50051; playground, JSON API and metrics on :8080)
 	$(BIN)/quickdraw serve $(ARGS)
 
 train: $(STAMP) ## retrain the shipped model on the sample data (next version under models/quickdraw), then evaluate it
 	$(BIN)/quickdraw train --data $(QUICKDRAW_SAMPLE_DIR) --out models/quickdraw $(ARGS)
 	$(BIN)/quickdraw evaluate models/quickdraw --data $(QUICKDRAW_SAMPLE_DIR)
 
-test: $(STAMP) ## ruff, then the whole test suite
+test: $(STAMP) browser ## ruff, then the whole test suite (the browser test uses Debian's chromium)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

@@ -115,6 +115,31 @@ async def interleaved_latency(targets: dict[str, str], images: np.ndarray, calls
     return hists
 
 
+def more_loads(target: str) -> dict[str, dict[str, object]]:
+    """With ``quickdraw loadtest``'s engine, on the batching gateway: 64-drawing calls, and stream vs unary."""
+    from loadtest.engine import LoadConfig, run_load, summary
+    from loadtest.sources import load_pool
+
+    pool = load_pool([SAMPLE / "numpy_bitmap"], ["bitmap"], size=512)
+    seconds = DURATION_S / ROUNDS
+    out = {}
+    for name, cfg in {
+        "batched64": LoadConfig(target, concurrency=4, drawings_per_call=64, duration_s=seconds, warmup_s=WARMUP_S),
+        "unary": LoadConfig(target, concurrency=64, duration_s=seconds, warmup_s=WARMUP_S),
+        "stream": LoadConfig(target, concurrency=64, stream=True, duration_s=seconds, warmup_s=WARMUP_S),
+    }.items():
+        out[name] = summary(asyncio.run(run_load(cfg, pool)))
+    return out
+
+
+def raw_model_rate(batch: int) -> float:
+    """The shipped model in a fresh interpreter (no gateway running beside it): images/s at ``batch``."""
+    code = f"import benchmarks.bench_model as m; m.BATCHES = ({batch},); print(m.measure()[{batch}])"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def run() -> list[str]:
     """Both gateways up at once; throughput in alternating rounds, latency interleaved call by call."""
     from doodle.formats import open_bitmaps
@@ -134,6 +159,7 @@ def run() -> list[str]:
                 if errors:
                     print(f"  batching {name}: {errors} failed calls", flush=True)
         lat = asyncio.run(interleaved_latency(targets, images, LATENCY_CALLS))
+        extra = more_loads(targets["on"])
     finally:
         for proc in procs.values():
             stop(proc)
@@ -147,7 +173,19 @@ def run() -> list[str]:
               f"p99 {h1.get_value_at_percentile(99) / 1000:5.2f} ms", flush=True)
     on_t, off_t = float(np.median(tput["on"])), float(np.median(tput["off"]))
     on_p50, off_p50 = (lat[n].get_value_at_percentile(50) / 1000 for n in ("on", "off"))
+    raw64 = raw_model_rate(64)
+    big, stream, unary = extra["batched64"], extra["stream"], extra["unary"]
+    print(f"  64-drawing calls, 4 callers: {big['drawings_per_s']:.0f} drawings/s (p50 {big['p50_ms']:.1f} ms); "
+          f"raw model at batch 64: {raw64:.0f} images/s", flush=True)
+    print(f"  64 callers, ClassifyStream: {stream['throughput_calls_per_s']:.0f} calls/s "
+          f"(p99 {stream['p99_ms']:.1f} ms); unary: {unary['throughput_calls_per_s']:.0f} calls/s "
+          f"(p99 {unary['p99_ms']:.1f} ms)", flush=True)
     return [
+        f"batched calls of 64 drawings: {big['drawings_per_s']:.0f} drawings/s through the gateway = "
+        f"{big['drawings_per_s'] / raw64:.0%} of the raw model at batch 64 ({raw64:.0f}/s; target >= 70%)",
+        f"streaming: 64 callers on ClassifyStream / unary Classify = "
+        f"{stream['throughput_calls_per_s'] / unary['throughput_calls_per_s']:.2f}x throughput "
+        f"({stream['throughput_calls_per_s']:.0f} vs {unary['throughput_calls_per_s']:.0f} calls/s)",
         f"batching: 64 concurrent callers, throughput on/off = {on_t / off_t:.2f}x "
         f"({on_t:.0f} vs {off_t:.0f} calls/s, median of {ROUNDS} alternating rounds; target >= 3x)",
         f"batching: 1 caller, p50 latency on/off = {on_p50 / off_p50:.2f} "

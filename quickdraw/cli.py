@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "predict": "predict",
     "serve": "serve",
     "classify": "classify",
+    "loadtest": "loadtest",
 }
 
 DESCRIPTION = """\

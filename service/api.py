@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -38,6 +39,15 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 
 def _kind(d: object) -> Kind:
     return Kind.BITMAP if isinstance(d, BitmapIn) else Kind.IMAGE if isinstance(d, ImageIn) else Kind.STROKES
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated request, rendered: ``images`` [n, 28, 28, 1] uint8 are exactly what the backend is given."""
+
+    images: NDArray[np.uint8]
+    version: int
+    top_k: int
 
 
 class Gateway:
@@ -75,6 +85,10 @@ class Gateway:
 
     async def classify(self, request: pb.ClassifyRequest, deadline_s: float | None) -> pb.ClassifyResponse:
         """Answer one ClassifyRequest (``deadline_s`` on the monotonic clock)."""
+        return await self.predict(await self.prepare(request), deadline_s)
+
+    async def prepare(self, request: pb.ClassifyRequest) -> Prepared:
+        """Validate a request and render its drawings: the first half of :meth:`classify`."""
         req = validate(request, self.limits)
         version = self.model.default_version if req.version is None else req.version
         if version not in self.model.versions:
@@ -92,8 +106,19 @@ class Gateway:
             images = await asyncio.get_running_loop().run_in_executor(self._pool, self._images, req)
         kind_label = kinds[0].value if len(set(kinds)) == 1 else "mixed"
         self.metrics.preprocess_latency.labels(kind_label).observe(time.perf_counter() - t0)
-        probs = await self.batcher.submit(images, version, deadline_s)
-        return self._response(probs, req.top_k, version)
+        return Prepared(images, version, req.top_k)
+
+    async def predict(self, prepared: Prepared, deadline_s: float | None) -> pb.ClassifyResponse:
+        """Batch prepared images through the backend and build the answer: the second half of :meth:`classify`."""
+        probs = await self.batcher.submit(prepared.images, prepared.version, deadline_s)
+        return self._response(probs, prepared.top_k, prepared.version)
+
+    async def predict_bitmaps(
+        self, images: NDArray[np.uint8], version: int, deadline_s: float | None
+    ) -> NDArray[np.float32]:
+        """Probabilities for already-valid bitmaps [n, 28, 28, 1] (TF Serving's Predict on the gateway)."""
+        self.metrics.drawings.labels(Kind.BITMAP.value).inc(len(images))
+        return await self.batcher.submit(images, version, deadline_s)
 
     def _response(self, probs: NDArray[np.float32], k: int, version: int) -> pb.ClassifyResponse:
         top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
@@ -141,7 +166,8 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-def _error(exc: BaseException) -> ServiceError:
+def service_error(exc: BaseException) -> ServiceError:
+    """Any exception as a ServiceError: itself, CANCELLED, or INTERNAL (logged, details not leaked)."""
     if isinstance(exc, ServiceError):
         return exc
     if isinstance(exc, asyncio.CancelledError):
@@ -150,7 +176,7 @@ def _error(exc: BaseException) -> ServiceError:
     return ServiceError(f"internal error: {type(exc).__name__}")
 
 
-class _Observed:
+class Observed:
     """One call (a unary call or a stream message): counted in flight, its latency recorded by method and code."""
 
     def __init__(self, metrics: Metrics, method: str) -> None:
@@ -158,7 +184,7 @@ class _Observed:
         self._method = method
         self.code = "OK"
 
-    def __enter__(self) -> _Observed:
+    def __enter__(self) -> Observed:
         self._t0 = time.perf_counter()
         self._metrics.inflight.inc()
         return self
@@ -174,16 +200,19 @@ T = TypeVar("T")
 
 
 def _unary(method: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[..., Awaitable[T]]]:
-    """Record latency by method and code, and turn ServiceErrors into rich gRPC statuses, in one place."""
+    """Record latency by method and code, and turn ServiceErrors into rich gRPC statuses, in one place.
+
+    For the methods of any servicer with a ``metrics`` attribute (this API's and TF Serving's on the gateway).
+    """
 
     def wrap(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         @functools.wraps(fn)
-        async def handler(self: ClassifierService, request: Any, context: grpc.aio.ServicerContext) -> T:
-            with _Observed(self.metrics, method) as call:
+        async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
+            with Observed(self.metrics, method) as call:
                 try:
                     return await fn(self, request, context)
                 except Exception as exc:
-                    err = _error(exc)
+                    err = service_error(exc)
                     call.code = err.code.name
                     await context.abort_with_status(rpc_status.to_status(to_rpc_status(err)))
                     raise  # not reached: abort raises
@@ -243,12 +272,12 @@ class ClassifierService(pb_grpc.ClassifierServicer):
 
         async def one(msg: pb.ClassifyStreamRequest) -> None:
             try:
-                with _Observed(metrics, "ClassifyStream") as call:
+                with Observed(metrics, "ClassifyStream") as call:
                     try:
                         resp = await gateway.classify(msg.request, deadline)
                         await answers.put(pb.ClassifyStreamResponse(id=msg.id, response=resp))
                     except Exception as exc:
-                        err = _error(exc)
+                        err = service_error(exc)
                         call.code = err.code.name
                         await answers.put(pb.ClassifyStreamResponse(id=msg.id, error=to_rpc_status(err)))
             finally:

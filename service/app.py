@@ -1,9 +1,10 @@
 """The composition root: build every part of the gateway from ``Settings``, start them, stop them in order.
 
-Start: metrics HTTP server, then the gRPC server (health NOT_SERVING, so orchestrators can probe it while the
-model loads), then the backend loads and warms up, then the batcher starts, then health turns SERVING.
-Stop (SIGTERM/SIGINT): health NOT_SERVING, stop accepting new calls, let in-flight calls finish within
-``shutdown_grace_s``, drain the batcher, close the backend. Nothing is built at import time.
+Start: the HTTP server (/metrics, JSON API, playground), then the gRPC server (health NOT_SERVING, so
+orchestrators can probe it while the model loads), then the backend loads and warms up, then the batcher
+starts, then health turns SERVING. Stop (SIGTERM/SIGINT): health NOT_SERVING, stop accepting new calls, let
+in-flight calls finish within ``shutdown_grace_s``, drain the batcher, close the backend, then the HTTP server.
+Nothing is built at import time.
 """
 
 from __future__ import annotations
@@ -13,18 +14,18 @@ import logging
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
+from service import tfserving_api
 from service.api import SERVICE_NAME, ClassifierService, Gateway
-from service.backends import Backend
+from service.backends import Backend, ModelDescription
 from service.backends.embedded import EmbeddedBackend
 from service.batching import Batcher, BatcherConfig
+from service.http import HttpServer
 from service.metrics import Metrics
 from service.settings import Settings
 from service.validation import Limits
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 
 def build_backend(settings: Settings) -> Backend:
     """The backend the settings ask for."""
+    if settings.backend == "tfserving":
+        from service.backends.tfserving import TFServingBackend
+
+        return TFServingBackend(settings)
     return EmbeddedBackend(
         settings.model_dir,
         settings.model_name,
@@ -59,30 +64,39 @@ class App:
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.settings.max_batch_size)
         self._server: grpc.aio.Server | None = None
-        self._http: Any = None
+        self._http = HttpServer(self.metrics, self.settings.max_message_bytes, api=self.settings.http_api)
         self._health = health.aio.HealthServicer()
         self._backend: Backend | None = None
         self._batcher: Batcher | None = None
         self._gateway: Gateway | None = None
         self._stopping = False
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Bind, load the model, warm up, and report SERVING."""
         s = self.settings
-        self._http, _ = start_http_server(s.http_port, addr=s.host, registry=self.metrics.registry)
-        self.http_port = self._http.server_port
+        self.http_port = await self._http.start(s.host, s.http_port)
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ]
+        if s.max_connection_age_s > 0:  # clients reconnect, so long-lived ones rebalance over the replicas
+            options += [
+                ("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(s.max_connection_age_grace_s * 1000)),
+            ]
         self._server = grpc.aio.server(options=options)
         service = ClassifierService(self.metrics, s.max_message_bytes)
         pb_grpc.add_ClassifierServicer_to_server(service, self._server)
+        names: tuple[str, ...] = (SERVICE_NAME,)
+        tfs = None
+        if s.tfserving_api:
+            tfs = tfserving_api.add_to_server(self._server, self.metrics)
+            names += (tfserving_api.PREDICTION_SERVICE, tfserving_api.MODEL_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         if s.reflection:
-            names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                     reflection.SERVICE_NAME)
+            names += (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
             reflection.enable_server_reflection(names, self._server)
         await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -106,13 +120,38 @@ class App:
         self._gateway = Gateway(model, self._batcher, limits, self.metrics, self._backend.name,
                                 s.preprocess_threads)
         service.attach(self._gateway)
-        for v in model.versions:
-            self.metrics.model_version.labels(model.name, str(v), self._backend.name).set(1)
-        self.metrics.ready.set(1)
-        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        if tfs is not None:
+            tfs.attach(self._gateway)
+        self._http.attach(self._gateway)
+        await self._set_health(self._publish(model))
+        if hasattr(self._backend, "on_change"):
+            self._backend.on_change = self._model_changed
         self.ready.set()
         log.info("serving %s versions %s (%d classes)", model.name, list(model.versions), len(model.labels))
+
+    def _publish(self, model: ModelDescription | None) -> int:
+        """Serve ``model`` (None: no version is available): versions and gauges; returns the health status."""
+        backend = self._backend.name if self._backend is not None else ""
+        self.metrics.model_version.clear()
+        if model is not None:
+            if self._gateway is not None:
+                self._gateway.model = model
+            for v in model.versions:
+                self.metrics.model_version.labels(model.name, str(v), backend).set(1)
+        self.metrics.ready.set(0 if model is None or self._stopping else 1)
+        serving = model is not None and not self._stopping
+        return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, status)
+
+    def _model_changed(self, model: ModelDescription | None) -> None:
+        """The backend's versions changed (TF Serving loaded or unloaded one, or has none available)."""
+        if not self._stopping:
+            task = asyncio.get_running_loop().create_task(self._set_health(self._publish(model)))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def stop(self) -> None:
         """Health NOT_SERVING, stop accepting, finish in-flight calls, drain, close the backend."""
@@ -129,9 +168,7 @@ class App:
             self._gateway.close()
         if self._backend is not None:
             await self._backend.close()
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+        await self._http.stop()
         log.info("stopped")
 
     async def run(self, on_ready: Callable[[App], None] | None = None) -> None:

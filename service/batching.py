@@ -31,11 +31,12 @@ from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-#: The backend call: uint8 images [n, 28, 28, 1] and a model version -> float32 probabilities [n, classes].
 #: How close to its deadline a cancelled call counts as expired (gRPC's clock and ours differ slightly).
 DEADLINE_SLACK_S = 0.005
 
-RunBatch = Callable[[NDArray[np.uint8], int], Awaitable[NDArray[np.float32]]]
+#: The backend call: uint8 images [n, 28, 28, 1], a model version and the batch's deadline (the latest of its
+#: callers', on the monotonic clock; None when one has none) -> float32 probabilities [n, classes].
+RunBatch = Callable[[NDArray[np.uint8], int, float | None], Awaitable[NDArray[np.float32]]]
 
 
 @dataclass(eq=False)
@@ -233,8 +234,10 @@ class Batcher:
         self._metrics.batch_size.observe(len(images))
         self._metrics.inflight_batches.inc()
         t0 = self._clock()
+        deadlines = [it.deadline_s for it in batch]
+        deadline = None if None in deadlines else max(d for d in deadlines if d is not None)
         try:
-            started = asyncio.ensure_future(self._run_batch(images, batch[0].version))
+            started = asyncio.ensure_future(self._run_batch(images, batch[0].version, deadline))
         except Exception as exc:  # a backend that fails before it starts fails this batch like any other
             started = asyncio.get_running_loop().create_future()
             started.set_exception(exc)

@@ -1,8 +1,10 @@
 """One error hierarchy for the gateway, each class carrying its gRPC status code, and the one place that
-turns an error into a rich ``google.rpc.Status`` (with ``BadRequest`` field violations where there are any).
+turns an error into a rich ``google.rpc.Status`` (with ``BadRequest`` field violations where there are any)
+and into an HTTP status.
 
 Handlers raise these; ``service.api`` converts them with :func:`to_rpc_status` for unary calls and for the
-per-message errors of the stream, so both carry the same code, message and details.
+per-message errors of the stream, so both carry the same code, message and details; ``service.http`` sends the
+same status as JSON with the HTTP status from :func:`http_status`. Both mappings live in one table, ``_CODES``.
 """
 
 from __future__ import annotations
@@ -24,9 +26,13 @@ class FieldViolation:
 
 
 class ServiceError(Exception):
-    """Base class: an error with a gRPC status code and a message a developer can act on."""
+    """Base class: an error with a gRPC status code and a message a developer can act on.
+
+    ``http_status`` overrides the HTTP status the code maps to, for the one error HTTP tells apart (413).
+    """
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    http_status: int | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -43,7 +49,7 @@ class InvalidArgument(ServiceError):
         if message is None:
             first = self.violations[0]
             more = f" (and {len(self.violations) - 1} more)" if len(self.violations) > 1 else ""
-            message = f"{first.field}: {first.description}{more}"
+            message = f"{first.field}: {first.description}{more}" if first.field else f"{first.description}{more}"
         super().__init__(message)
 
 
@@ -57,6 +63,12 @@ class ResourceExhausted(ServiceError):
     """The queue is full; the call was refused at once and may be retried later."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class PayloadTooLarge(ResourceExhausted):
+    """An HTTP request body over the size limit (gRPC refuses such a message with RESOURCE_EXHAUSTED too)."""
+
+    http_status = 413
 
 
 class DeadlineExceeded(ServiceError):
@@ -85,7 +97,7 @@ class BackendError(ServiceError):
 
 def to_rpc_status(error: ServiceError) -> status_pb2.Status:
     """The ``google.rpc.Status`` for an error, with a ``BadRequest`` detail for field violations."""
-    status = status_pb2.Status(code=_CODES[error.code], message=error.message)
+    status = status_pb2.Status(code=_CODES[error.code][0], message=error.message)
     if isinstance(error, InvalidArgument):
         detail = any_pb2.Any()
         detail.Pack(
@@ -100,4 +112,31 @@ def to_rpc_status(error: ServiceError) -> status_pb2.Status:
     return status
 
 
-_CODES: dict[grpc.StatusCode, int] = {sc: getattr(code_pb2, sc.name) for sc in grpc.StatusCode}
+def http_status(error: ServiceError) -> int:
+    """The HTTP status for an error: the one its gRPC code maps to, as google.rpc.Code documents them."""
+    return error.http_status or _CODES[error.code][1]
+
+
+#: Each gRPC status code: its google.rpc.Code number and its HTTP status (the mapping in google/rpc/code.proto).
+_CODES: dict[grpc.StatusCode, tuple[int, int]] = {
+    sc: (getattr(code_pb2, sc.name), http)
+    for sc, http in {
+        grpc.StatusCode.OK: 200,
+        grpc.StatusCode.CANCELLED: 499,
+        grpc.StatusCode.UNKNOWN: 500,
+        grpc.StatusCode.INVALID_ARGUMENT: 400,
+        grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+        grpc.StatusCode.NOT_FOUND: 404,
+        grpc.StatusCode.ALREADY_EXISTS: 409,
+        grpc.StatusCode.PERMISSION_DENIED: 403,
+        grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+        grpc.StatusCode.FAILED_PRECONDITION: 400,
+        grpc.StatusCode.ABORTED: 409,
+        grpc.StatusCode.OUT_OF_RANGE: 400,
+        grpc.StatusCode.UNIMPLEMENTED: 501,
+        grpc.StatusCode.INTERNAL: 500,
+        grpc.StatusCode.UNAVAILABLE: 503,
+        grpc.StatusCode.DATA_LOSS: 500,
+        grpc.StatusCode.UNAUTHENTICATED: 401,
+    }.items()
+}

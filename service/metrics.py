@@ -33,7 +33,8 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r, ns = self.registry, NAMESPACE
         self.request_latency = Histogram(
-            "request_duration_seconds", "Time from a call's arrival to its answer, by gRPC method and status code.",
+            "request_duration_seconds",
+            "Time from a call's arrival to its answer, by method (gRPC, or http:<method> for JSON) and gRPC code.",
             ["method", "code"], namespace=ns, buckets=LATENCY_BUCKETS_S, registry=r,
         )  # fmt: skip
         self.queue_wait = Histogram(

@@ -25,12 +25,35 @@ class Settings(BaseSettings):
     # --- listening -------------------------------------------------------------------------------------------
     host: str = Field("0.0.0.0", description="address to bind the gRPC and HTTP servers to")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one)")
-    http_port: int = Field(8080, ge=0, le=65535, description="HTTP port for /metrics (0 picks a free one)")
+    http_port: int = Field(
+        8080, ge=0, le=65535, description="HTTP port for /metrics, the JSON API and the playground (0 picks a free one)"
+    )
+    http_api: bool = Field(
+        True, description="serve the JSON API (/v1/classify, /v1/model) and the playground page (/) on the HTTP port"
+    )
     reflection: bool = Field(True, description="enable gRPC server reflection (grpcurl, grpcui)")
     max_message_bytes: int = Field(4 * MiB, ge=1024, description="largest gRPC message accepted, in bytes")
+    max_connection_age_s: float = Field(
+        300.0,
+        ge=0.0,
+        description="close client connections after this long (clients reconnect, so long-lived ones rebalance "
+        "across gateway replicas behind a Kubernetes Service); 0 never closes them",
+    )
+    max_connection_age_grace_s: float = Field(
+        30.0, ge=0.0, description="how long calls on a connection closed for its age may still take"
+    )
+    tfserving_api: bool = Field(
+        True,
+        description="also serve TF Serving's own gRPC API (PredictionService Predict and GetModelMetadata, "
+        "ModelService GetModelStatus), so existing TF Serving clients can point at the gateway",
+    )
 
     # --- model and backend -----------------------------------------------------------------------------------
-    backend: Literal["embedded"] = Field("embedded", description="embedded: the SavedModel in-process")
+    backend: Literal["embedded", "tfserving"] = Field(
+        "embedded",
+        description="embedded: the SavedModel in-process; tfserving: call TensorFlow Serving over gRPC at "
+        "--tfserving-target",
+    )
     model_dir: Path = Field(
         Path("models/quickdraw"), description="model base directory holding integer version folders"
     )
@@ -42,6 +65,42 @@ class Settings(BaseSettings):
         0, ge=0, description="embedded backend: TensorFlow intra-op threads per batch (0: TensorFlow decides)"
     )
     warmup: bool = Field(True, description="run warm-up batches before reporting SERVING")
+    labels_file: Path | None = Field(
+        None,
+        description="class names, one a line, in output order (default: assets/labels.txt of the served version "
+        "under --model-dir); the tfserving backend needs one of the two",
+    )
+
+    # --- TF Serving backend -----------------------------------------------------------------------------------
+    tfserving_target: str = Field(
+        "localhost:8500",
+        description="TF Serving gRPC target; use dns:///<headless-service>:8500 to balance per request over "
+        "every replica (round_robin)",
+    )
+    tfserving_deadline_margin_ms: float = Field(
+        20.0,
+        ge=0.0,
+        description="taken off each caller's remaining deadline before it goes to TF Serving, to cover the "
+        "network hops, so that TF Serving gives up no later than the caller",
+    )
+    tfserving_signature: str = Field("serving_default", description="signature asked of TF Serving")
+    tfserving_max_attempts: int = Field(
+        3, ge=1, le=5, description="attempts per backend batch; only UNAVAILABLE is retried, with backoff"
+    )
+    tfserving_initial_backoff_ms: float = Field(50.0, gt=0.0, description="first retry backoff")
+    tfserving_max_backoff_ms: float = Field(500.0, gt=0.0, description="longest retry backoff")
+    tfserving_reconnect_backoff_ms: float = Field(
+        1000.0, gt=0.0, description="longest wait between reconnection attempts to a TF Serving replica that is down"
+    )
+    tfserving_keepalive_s: float = Field(
+        30.0, gt=0.0, description="keepalive ping interval on the TF Serving channel (finds dead peers)"
+    )
+    tfserving_status_poll_s: float = Field(
+        2.0, gt=0.0, description="how often to ask TF Serving which versions are AVAILABLE (readiness follows it)"
+    )
+    tfserving_startup_timeout_s: float = Field(
+        300.0, gt=0.0, description="how long to wait at start for TF Serving to report the model AVAILABLE"
+    )
 
     # --- dynamic batching -------------------------------------------------------------------------------------
     max_batch_size: int = Field(128, ge=1, le=4096, description="most drawings in one backend batch")

@@ -286,3 +286,39 @@ def render(index: int, drawing: BitmapIn | ImageIn | StrokesIn, limits: Limits) 
     except DoodleError as exc:
         field = f"drawings[{index}].image.data" if isinstance(drawing, ImageIn) else f"drawings[{index}].strokes"
         raise InvalidArgument([FieldViolation(field, str(getattr(exc, "reason", exc)))]) from None
+
+
+# --- TF Serving's Predict input -------------------------------------------------------------------------------
+
+
+def image_tensor(tensor: Any, key: str, limits: Limits) -> NDArray[np.uint8]:
+    """TF Serving's ``inputs[key]`` as uint8 [n, 28, 28, 1]; raises InvalidArgument naming the field and limit.
+
+    ``tensor`` is a ``tensorflow.TensorProto``; the checks are TF Serving's own for this signature (dtype and
+    shape), plus this service's drawings-per-request limit.
+    """
+    from tensorflow.core.framework import types_pb2
+
+    from service.tensors import TensorDecodeError, dtype_name, shape_of, to_numpy
+
+    field = f"inputs[{key}]"
+    if tensor.dtype != types_pb2.DT_UINT8:
+        raise InvalidArgument(
+            [FieldViolation(f"{field}.dtype", f"expected DT_UINT8, got {dtype_name(tensor.dtype)}")]
+        )
+    shape = shape_of(tensor)
+    want = (BITMAP_SIDE, BITMAP_SIDE, 1)
+    if len(shape) != 4 or shape[1:] != want:
+        raise InvalidArgument(
+            [FieldViolation(f"{field}.tensor_shape", f"expected [n, 28, 28, 1], got {list(shape)}")]
+        )
+    if not 1 <= shape[0] <= limits.max_drawings_per_request:
+        raise InvalidArgument(
+            [FieldViolation(f"{field}.tensor_shape.dim[0]",
+                            f"batch of {shape[0]}; must be 1..{limits.max_drawings_per_request} "
+                            "(max_drawings_per_request)")]
+        )  # fmt: skip
+    try:
+        return to_numpy(tensor).astype(np.uint8, copy=False)  # type: ignore[return-value]
+    except TensorDecodeError as exc:
+        raise InvalidArgument([FieldViolation(f"{field}.tensor_content", str(exc))]) from None

@@ -54,12 +54,16 @@ class FakeBackend:
     fail_with: BaseException | None = None
     drop_a_row: bool = False
     calls: list[Call] = field(default_factory=list)
+    deadlines: list[float | None] = field(default_factory=list)
     cancelled: int = 0
 
-    async def __call__(self, images: NDArray[np.uint8], version: int) -> NDArray[np.float32]:
+    async def __call__(
+        self, images: NDArray[np.uint8], version: int, deadline_s: float | None = None
+    ) -> NDArray[np.float32]:
         assert images.dtype == np.uint8 and images.shape[1:] == (28, 28, 1)
         ids = [int(v) for v in images[:, 0, 0, 0]]
         self.calls.append(Call(len(images), version, ids))
+        self.deadlines.append(deadline_s)
         try:
             if self.gate is not None and len(self.calls) <= self.gate_calls:
                 await self.gate.wait()
@@ -299,6 +303,32 @@ def test_expired_item_raises_deadline_exceeded_and_never_reaches_backend() -> No
         assert 2 not in backend.seen_ids and 3 not in backend.seen_ids
         assert sample(metrics, "dropped_drawings_total", reason="deadline") == 2
         assert sample(metrics, "dropped_drawings_total", reason="cancelled") == 0
+        await batcher.close()
+
+    run(main)
+
+
+def test_backend_gets_the_latest_deadline_of_its_batch() -> None:
+    """A batch must not outlive its last caller, nor cut short any of them: the latest deadline wins."""
+
+    async def main() -> None:
+        backend = FakeBackend(gate=asyncio.Event())
+        batcher, _ = make(backend, max_concurrent_batches=1)
+        first = spawn(batcher, [1], deadline_s=time.monotonic() + 5.0)
+        await until(lambda: len(backend.calls) == 1)
+        soon, later = time.monotonic() + 3.0, time.monotonic() + 7.0
+        b = spawn(batcher, [2], deadline_s=soon)
+        c = spawn(batcher, [3], deadline_s=later)
+        d = spawn(batcher, [4])  # a caller with no deadline
+        await asyncio.sleep(0.01)
+        backend.gate.set()
+        await asyncio.gather(first, b, c, d)
+        assert [c.ids for c in backend.calls] == [[1], [2, 3, 4]]
+        assert backend.deadlines[0] is not None and backend.deadlines[1] is None
+        e = spawn(batcher, [5], deadline_s=soon)
+        f = spawn(batcher, [6], deadline_s=later)
+        await asyncio.gather(e, f)
+        assert backend.deadlines[-1] == later
         await batcher.close()
 
     run(main)

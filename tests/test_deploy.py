@@ -15,9 +15,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import copy
-import importlib.util
 import json
 import math
 import os
@@ -25,7 +23,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -50,8 +47,6 @@ PROM = DEPLOY / "prometheus"
 #: The Kubernetes version every manifest is validated against (its API schemas ship in kubernetes-validate).
 K8S_VERSION = "1.32.0"
 TARGETS = ["base", "overlays/gpu", "overlays/cpu"]
-#: Gateway settings that the TF Serving backend (issue 5) adds; until it lands, Settings does not know them.
-PENDING_SETTINGS = {"tfserving_target", "max_connection_age_s", "max_connection_age_grace_s"}
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
@@ -209,7 +204,7 @@ def test_manifests_validate_against_kubernetes_schemas(target: str) -> None:
     assert not errors, f"{target} (Kubernetes {K8S_VERSION}):\n" + "\n".join(errors)
     kinds = {o["kind"] for o in objs}
     if target == "../loadtest":
-        assert kinds == {"Job", "ConfigMap"}, kinds
+        assert kinds == {"Job"}, kinds
         return
     assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy",
             "ConfigMap"} <= kinds, kinds  # fmt: skip
@@ -294,26 +289,29 @@ def test_tfserving_deployment() -> None:
 def test_gateway_deployment_matches_its_settings() -> None:
     """Env names are real settings, ports and probes match them, the grace period covers the drain."""
     fields = set(Settings.model_fields)
-    defaults = Settings()
     for target in TARGETS:
         objs = render(target)
         dep = find(objs, "Deployment", "quickdraw-gateway")
         spec = dep["spec"]["template"]["spec"]
         c = container(dep, "gateway")
         env = env_of(c)
-        named = {k.removeprefix(ENV_PREFIX).lower() for k in env if k.startswith(ENV_PREFIX)}
-        unknown = named - fields
-        not_settings = sorted(unknown - PENDING_SETTINGS)
+        named = {k.removeprefix(ENV_PREFIX).lower(): v for k, v in env.items() if k.startswith(ENV_PREFIX)}
+        not_settings = sorted(set(named) - fields)
         assert not not_settings, f"QUICKDRAW_* variables that are no setting: {not_settings}"
+        # the values are valid settings too ($(POD_NAMESPACE) is expanded by the kubelet)
+        settings = Settings(**{k: v.replace("$(POD_NAMESPACE)", "quickdraw") for k, v in named.items()})
+        assert settings.backend == "tfserving" and settings.max_connection_age_s > 0
         assert env["QUICKDRAW_BACKEND"] == "tfserving"
         assert env["QUICKDRAW_TFSERVING_TARGET"].startswith("dns:///tfserving-headless.")
         assert env["QUICKDRAW_TFSERVING_TARGET"].endswith(":8500")
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-        assert ports["grpc"] == int(env.get("QUICKDRAW_GRPC_PORT", defaults.grpc_port))
-        assert ports["metrics"] == int(env.get("QUICKDRAW_HTTP_PORT", defaults.http_port))
+        assert ports["grpc"] == settings.grpc_port and ports["metrics"] == settings.http_port
+        assert not settings.http_api, "the metrics port is Prometheus-only: no JSON API or playground on it"
+        mounts = {m["mountPath"] for m in c["volumeMounts"]}
+        assert any(str(settings.model_dir).startswith(m) for m in mounts) or target == "overlays/cpu", mounts
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert c[probe]["grpc"]["port"] == ports["grpc"], probe
-        grace = float(env.get("QUICKDRAW_SHUTDOWN_GRACE_S", defaults.shutdown_grace_s))
+        grace = settings.shutdown_grace_s
         assert spec["terminationGracePeriodSeconds"] >= prestop_sleep_s(c) + grace + 5
         sc, psc = c["securityContext"], spec["securityContext"]
         assert psc["runAsNonRoot"] and psc["runAsUser"] != 0
@@ -413,6 +411,14 @@ def test_every_path_a_dockerfile_copies_exists(dockerfile: Path) -> None:
             let_in = [f for f in inside if dockerignore_allows(f, patterns)]
             assert let_in or not tracked, f"{dockerfile.name}: COPY {src}: .dockerignore lets no file of it in"
     text = dockerfile.read_text()
+    if "pip install ." in text:  # the image installs the project: every package pyproject.toml names is copied
+        import tomllib
+
+        include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+        packages = {p.rstrip("*") for p in include["include"]}
+        copied = {src.strip("/") for src in sources}
+        assert packages <= copied, f"{dockerfile.name} does not copy {sorted(packages - copied)}"
+        assert {"pyproject.toml", "README.md"} <= copied
     assert re.search(r"^USER\s+(?!0\b|root\b)\S+", text, re.M), f"{dockerfile.name} must not run as root"
 
 
@@ -572,18 +578,21 @@ def gateway() -> Iterator[RunningGateway]:
         yield gw
 
 
-def test_loadgen_drives_the_gateway(gateway: RunningGateway, capsys: pytest.CaptureFixture[str]) -> None:
-    """deploy/loadtest/loadgen.py (the in-cluster load test) runs its steps and reports every call."""
-    spec = importlib.util.spec_from_file_location("quickdraw_loadgen", DEPLOY / "loadtest" / "loadgen.py")
-    loadgen = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules[spec.name] = loadgen  # type: ignore[union-attr]  # dataclasses look their module up
-    spec.loader.exec_module(loadgen)  # type: ignore[union-attr]
-    results = asyncio.run(loadgen.run(f"dns:///{gateway.target}", [1, 4], 1.0, drawings=2))
-    lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
-    assert [r["callers"] for r in lines] == [1, 4]
-    for r in results:
-        assert r.calls > 0 and not r.errors and 0 < r.p50_ms <= r.p99_ms <= r.max_ms
-        assert r.drawings_per_s == pytest.approx(2 * r.calls_per_s, rel=0.01)
+def test_loadtest_job_runs_quickdraw_commands_that_parse() -> None:
+    """The load-test Job's containers run `quickdraw download` and `quickdraw loadtest` with valid arguments."""
+    from quickdraw.cli import build_parser
+
+    [job] = [o for o in render("../loadtest") if o["kind"] == "Job"]
+    spec = job["spec"]["template"]["spec"]
+    gw_image = container(find(render("overlays/cpu"), "Deployment", "quickdraw-gateway"), "gateway")["image"]
+    commands = []
+    for c in spec["initContainers"] + spec["containers"]:
+        assert c["image"] == gw_image and "command" not in c, c["name"]  # the image's ENTRYPOINT: quickdraw
+        args = build_parser().parse_args(c["args"])
+        commands.append(args.command)
+    assert commands == ["download", "loadtest"]
+    loadtest = build_parser().parse_args(spec["containers"][0]["args"])
+    assert loadtest.target.split(".")[0] == "quickdraw-gateway" and str(loadtest.data[0]) == "/data"
 
 
 @pytest.fixture(scope="module")

@@ -36,8 +36,22 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def gateway() -> Iterator[RunningGateway]:
-    with RunningGateway(max_top_k=400, max_batch_delay_ms=2.0) as gw:
+def standin() -> Iterator[object]:
+    """The TF Serving stand-in (tests/tfserving_standin.py) serving the shipped model."""
+    from tfserving_standin import TFServingStandIn
+
+    with TFServingStandIn(SHIPPED_MODEL) as s:
+        yield s
+
+
+@pytest.fixture(scope="module", params=["embedded", "tfserving"])
+def gateway(request: pytest.FixtureRequest) -> Iterator[RunningGateway]:
+    """The gateway on each backend: every test that uses it runs against both."""
+    settings: dict[str, object] = {"max_top_k": 400, "max_batch_delay_ms": 2.0}
+    if request.param == "tfserving":
+        standin = request.getfixturevalue("standin")
+        settings |= {"backend": "tfserving", "tfserving_target": standin.target, "max_concurrent_batches": 4}
+    with RunningGateway(**settings) as gw:
         yield gw
 
 
@@ -99,9 +113,9 @@ def cat_bitmaps(sample: Path, n: int = 25) -> np.ndarray:
 # --- every input kind -----------------------------------------------------------------------------------------
 
 
-def test_model_info(client: QuickDrawClient) -> None:
+def test_model_info(gateway: RunningGateway, client: QuickDrawClient) -> None:
     info = client.model_info()
-    assert info.name == "quickdraw" and info.backend == "embedded"
+    assert info.name == "quickdraw" and info.backend == gateway.settings.backend
     assert list(info.versions) == [find_versions(SHIPPED_MODEL)[-1]] == [info.default_version]
     assert len(info.labels) == 29 and "cat" in info.labels
     assert set(info.input_kinds) == {"bitmap", "image", "strokes"}
@@ -467,8 +481,9 @@ def test_metrics_exposed(gateway: RunningGateway, client: QuickDrawClient, sampl
     assert m['quickdraw_request_duration_seconds_bucket{code="OK",le="0.0005",method="Classify"}'] >= 0
     assert 'quickdraw_request_duration_seconds_bucket{code="OK",le="5.0",method="Classify"}' in m
     assert m["quickdraw_queue_wait_seconds_count"] >= 1
-    assert m['quickdraw_backend_duration_seconds_count{backend="embedded",outcome="ok"}'] >= 1
+    backend = gateway.settings.backend
+    assert m[f'quickdraw_backend_duration_seconds_count{{backend="{backend}",outcome="ok"}}'] >= 1
     assert m["quickdraw_batch_size_drawings_count"] >= 1
     assert "quickdraw_inflight_requests" in m and "quickdraw_queue_depth_drawings" in m
     assert m['quickdraw_drawings_total{kind="bitmap"}'] >= 2
-    assert m[f'quickdraw_model_version_info{{backend="embedded",model="quickdraw",version="{version}"}}'] == 1
+    assert m[f'quickdraw_model_version_info{{backend="{backend}",model="quickdraw",version="{version}"}}'] == 1

@@ -9,7 +9,7 @@ import textwrap
 
 from conftest import ROOT
 
-PACKAGES = ["doodle", "quickdraw", "trainer", "service", "scripts", "benchmarks", "tests"]
+PACKAGES = ["doodle", "quickdraw", "trainer", "service", "loadtest", "scripts", "benchmarks", "tests"]
 
 
 def test_drawing_library_has_no_tensorflow_or_grpc() -> None:

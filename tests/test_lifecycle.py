@@ -135,3 +135,35 @@ def test_settings_come_from_the_environment_and_options_win() -> None:
                 os.environ[k] = v
     assert Settings().grpc_port == 50051 and Settings().http_port == 8080
     assert Path(Settings().model_dir) == Path("models/quickdraw")
+
+
+def test_serve_with_tfserving_backend_against_the_standin_process(tmp_path: Path) -> None:
+    """``quickdraw serve --backend tfserving --tfserving-target HOST:PORT``, with the stand-in as its own process."""
+    import socket
+
+    with socket.socket() as s:  # a free port for the stand-in
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    standin = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("tfserving_standin.py")), "--model-base-path", str(SHIPPED_MODEL),
+         "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    try:
+        proc, target, lines = start_server("--backend", "tfserving", "--tfserving-target", f"127.0.0.1:{port}")
+        try:
+            sample = Path(__file__).resolve().parents[2] / "shared" / "quickdraw" / "numpy_bitmap" / "cat.npy"
+            bitmaps = np.load(sample, mmap_mode="r")[:5] if sample.exists() else np.zeros((5, 784), np.uint8)
+            with QuickDrawClient(target, timeout_s=30) as client:
+                assert client.model_info().backend == "tfserving"
+                results = client.classify(list(bitmaps))
+            assert len(results) == 5
+            if sample.exists():
+                assert sum(r.top[0][0] == "cat" for r in results) >= 4
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0, "".join(lines[-30:])
+    finally:
+        standin.kill()
+        standin.wait()

@@ -18,6 +18,7 @@ COPY doodle/ doodle/
 COPY quickdraw/ quickdraw/
 COPY service/ service/
 COPY trainer/ trainer/
+COPY loadtest/ loadtest/
 # tensorflow==2.21.* is already in the base image, so pip keeps its CUDA build and adds the rest.
 RUN pip install . \
  && groupadd --gid 10001 quickdraw \

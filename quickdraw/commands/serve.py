@@ -30,12 +30,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "serve",
-        help="run the gRPC classification gateway (metrics on HTTP)",
+        help="run the gRPC classification gateway (playground, JSON API and metrics on HTTP)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
             "Serve quickdraw.v1.Classifier over gRPC with dynamic batching, grpc.health.v1, reflection and\n"
-            "Prometheus metrics at http://HOST:HTTP_PORT/metrics. The embedded backend loads the highest\n"
-            "version under --model-dir in-process.\n\n"
+            "Prometheus metrics at http://HOST:HTTP_PORT/metrics. The same HTTP port serves the JSON API\n"
+            "(POST /v1/classify, GET /v1/model) and the playground page at / (--no-http-api turns both off).\n"
+            "The embedded backend loads the highest version under --model-dir in-process.\n\n"
             f"Every option can also be set as an environment variable: --max-batch-size 64 is\n"
             f"{ENV_PREFIX}MAX_BATCH_SIZE=64. Options win over the environment.\n\n"
             "SIGTERM/SIGINT: health turns NOT_SERVING, new calls are refused, in-flight calls finish within\n"
@@ -76,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
         target = f"{host}:{app.grpc_port}"
         print(f"quickdraw gateway ready: gRPC on {settings.host}:{app.grpc_port}, "
               f"metrics on http://{host}:{app.http_port}/metrics\n"
-              f"  try: {EXAMPLE.format(target=target)}", flush=True)
+              + (f"  playground: http://{host}:{app.http_port}/\n" if settings.http_api else "")
+              + f"  try: {EXAMPLE.format(target=target)}", flush=True)
 
     import logging
 

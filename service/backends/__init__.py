@@ -40,9 +40,12 @@ class Backend(Protocol):
         """Load and warm up the model; return what is served. Ready to predict when it returns."""
         ...
 
-    def predict(self, images: NDArray[np.uint8], version: int) -> Awaitable[NDArray[np.float32]]:
-        """Probabilities for a batch of images. A backend should start the work when called (a future from
-        an executor, a gRPC call) rather than when the awaitable is first awaited; a coroutine works too."""
+    def predict(
+        self, images: NDArray[np.uint8], version: int, deadline_s: float | None = None
+    ) -> Awaitable[NDArray[np.float32]]:
+        """Probabilities for a batch of images, by ``deadline_s`` (monotonic clock) if given. A backend should
+        start the work when called (a future from an executor, a gRPC call) rather than when the awaitable is
+        first awaited; a coroutine works too. Failures are ServiceErrors (Unavailable, DeadlineExceeded...)."""
         ...
 
     async def close(self) -> None:

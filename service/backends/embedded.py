@@ -107,8 +107,13 @@ class EmbeddedBackend:
         out = fn(**{INPUT_KEY: self._tf.constant(images)})
         return np.asarray(out[OUTPUT_KEY].numpy(), dtype=np.float32)
 
-    def predict(self, images: NDArray[np.uint8], version: int) -> asyncio.Future[NDArray[np.float32]]:
-        """Submit one batch to the pool at once (not when a task gets round to it); await the result."""
+    def predict(
+        self, images: NDArray[np.uint8], version: int, deadline_s: float | None = None
+    ) -> asyncio.Future[NDArray[np.float32]]:
+        """Submit one batch to the pool at once (not when a task gets round to it); await the result.
+
+        ``deadline_s`` is not used: a TensorFlow run in progress cannot be interrupted, and the batcher has
+        already dropped every expired call."""
         return asyncio.get_running_loop().run_in_executor(self._pool, self._run, images, version)
 
     async def close(self) -> None:

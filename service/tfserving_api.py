@@ -1,0 +1,203 @@
+"""TF Serving's own gRPC API on the gateway: ``PredictionService`` (Predict, GetModelMetadata) and
+``ModelService`` (GetModelStatus), for the served model, with input ``image`` uint8 [n, 28, 28, 1].
+
+A backend team that already calls TF Serving points its client at the gateway and changes nothing else; its
+calls go through the same validation, batcher, backend and metrics as ``quickdraw.v1.Classifier``, and get
+the outputs of the exported signature (``probabilities``, ``top_k_scores``, ``top_k_indices``,
+``top_k_labels``; ``output_filter`` selects among them). Errors use TF Serving's codes: NOT_FOUND for an
+unknown model or version, INVALID_ARGUMENT for a wrong dtype, shape, signature or input name, with the same
+``google.rpc.BadRequest`` details as the native API.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import numpy as np
+from tensorflow.core.framework import tensor_shape_pb2, types_pb2
+from tensorflow.core.protobuf import meta_graph_pb2
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from service.api import Gateway, _deadline, _unary
+from service.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
+from service.metrics import Metrics
+from service.tensors import from_numpy
+from service.validation import image_tensor
+
+SIGNATURE = "serving_default"
+INPUT_KEY = "image"
+#: Width of the top_k_* outputs, as in the exported signature (trainer.export.TOP_K).
+TOP_K = 5
+OUTPUTS = ("probabilities", "top_k_scores", "top_k_indices", "top_k_labels")
+PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
+MODEL_SERVICE = "tensorflow.serving.ModelService"
+
+
+class _Surface:
+    """Shared by both servicers: the gateway (once ready), metrics, and model_spec checks."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._gateway: Gateway | None = None
+
+    def attach(self, gateway: Gateway) -> None:
+        """Start serving through a ready gateway."""
+        self._gateway = gateway
+
+    @property
+    def gateway(self) -> Gateway:
+        """The data plane; Unavailable until the model is loaded."""
+        if self._gateway is None:
+            raise Unavailable("the model is still loading; retry shortly")
+        return self._gateway
+
+    def version(self, spec: Any) -> int:
+        """The version a ``ModelSpec`` asks for: its number, or the default; NOT_FOUND as TF Serving says it."""
+        model = self.gateway.model
+        if spec.name != model.name:
+            raise NotFound(f"Servable not found for request: model {spec.name!r} (this gateway serves {model.name!r})")
+        if spec.WhichOneof("version_choice") == "version_label":
+            raise InvalidArgument(
+                [FieldViolation("model_spec.version_label",
+                                f"version labels are not configured on this gateway; ask for a version number "
+                                f"({', '.join(map(str, model.versions))}) or none for the latest")]
+            )  # fmt: skip
+        if not spec.HasField("version"):
+            return model.default_version
+        v = spec.version.value
+        if v not in model.versions:
+            raise NotFound(
+                f"Servable not found for request: Specific({model.name}, {v}); versions: "
+                f"{', '.join(map(str, model.versions))}"
+            )
+        return v
+
+
+class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+    """``tensorflow.serving.PredictionService``: Predict and GetModelMetadata."""
+
+    def __init__(self, surface: _Surface) -> None:
+        self._surface = surface
+        self.metrics = surface.metrics
+
+    @_unary("Predict")
+    async def Predict(
+        self, request: predict_pb2.PredictRequest, context: grpc.aio.ServicerContext
+    ) -> predict_pb2.PredictResponse:
+        """Run ``serving_default`` on the images through the batcher."""
+        surface = self._surface
+        version = surface.version(request.model_spec)
+        gateway = surface.gateway
+        if request.model_spec.signature_name not in ("", SIGNATURE):
+            raise InvalidArgument(
+                [FieldViolation("model_spec.signature_name",
+                                f"no signature {request.model_spec.signature_name!r}; this model has {SIGNATURE!r}")]
+            )  # fmt: skip
+        extra = sorted(set(request.inputs) - {INPUT_KEY})
+        if extra or INPUT_KEY not in request.inputs:
+            raise InvalidArgument(
+                [FieldViolation("inputs", f"expected exactly one input {INPUT_KEY!r}, got {sorted(request.inputs)}")]
+            )
+        unknown = [o for o in request.output_filter if o not in OUTPUTS]
+        if unknown:
+            raise InvalidArgument(
+                [FieldViolation("output_filter", f"unknown outputs {unknown}; this signature has {list(OUTPUTS)}")]
+            )
+        images = image_tensor(request.inputs[INPUT_KEY], INPUT_KEY, gateway.limits)
+        probs = await gateway.predict_bitmaps(images, version, _deadline(context))
+        wanted = list(request.output_filter) or list(OUTPUTS)
+        resp = predict_pb2.PredictResponse()
+        resp.model_spec.name = gateway.model.name
+        resp.model_spec.version.value = version
+        resp.model_spec.signature_name = SIGNATURE
+        k = min(TOP_K, probs.shape[1])
+        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        for name in wanted:
+            if name == "probabilities":
+                value: np.ndarray = probs
+            elif name == "top_k_scores":
+                value = np.take_along_axis(probs, top, axis=1)
+            elif name == "top_k_indices":
+                value = top.astype(np.int32)
+            else:
+                value = np.asarray(gateway.model.labels, dtype=object)[top]
+            resp.outputs[name].CopyFrom(from_numpy(value))
+        return resp
+
+    @_unary("GetModelMetadata")
+    async def GetModelMetadata(
+        self, request: get_model_metadata_pb2.GetModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> get_model_metadata_pb2.GetModelMetadataResponse:
+        """The ``signature_def`` metadata, as TF Serving gives it."""
+        surface = self._surface
+        version = surface.version(request.model_spec)
+        if list(request.metadata_field) != ["signature_def"]:
+            raise InvalidArgument(
+                [FieldViolation("metadata_field",
+                                f"only 'signature_def' is available, got {list(request.metadata_field)}")]
+            )
+        classes = len(surface.gateway.model.labels)
+        resp = get_model_metadata_pb2.GetModelMetadataResponse()
+        resp.model_spec.name = surface.gateway.model.name
+        resp.model_spec.version.value = version
+        resp.model_spec.signature_name = SIGNATURE
+        resp.metadata["signature_def"].Pack(signature_def_map(classes))
+        return resp
+
+
+class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+    """``tensorflow.serving.ModelService``: GetModelStatus (HandleReloadConfigRequest is not offered)."""
+
+    def __init__(self, surface: _Surface) -> None:
+        self._surface = surface
+        self.metrics = surface.metrics
+
+    @_unary("GetModelStatus")
+    async def GetModelStatus(
+        self, request: get_model_status_pb2.GetModelStatusRequest, context: grpc.aio.ServicerContext
+    ) -> get_model_status_pb2.GetModelStatusResponse:
+        """Every served version (or the one asked for) as AVAILABLE."""
+        surface = self._surface
+        model = surface.gateway.model
+        asked = surface.version(request.model_spec)
+        versions = [asked] if request.model_spec.HasField("version") else list(model.versions)
+        resp = get_model_status_pb2.GetModelStatusResponse()
+        for v in versions:
+            s = resp.model_version_status.add(version=v, state=get_model_status_pb2.ModelVersionStatus.AVAILABLE)
+            s.status.error_message = ""
+        return resp
+
+
+def _info(name: str, dtype: int, dims: list[int]) -> meta_graph_pb2.TensorInfo:
+    shape = tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in dims])
+    return meta_graph_pb2.TensorInfo(name=name, dtype=dtype, tensor_shape=shape)
+
+
+def signature_def_map(classes: int) -> get_model_metadata_pb2.SignatureDefMap:
+    """The exported model's ``serving_default`` signature (see trainer.export), as metadata."""
+    k = min(TOP_K, classes)
+    sig = meta_graph_pb2.SignatureDef(method_name="tensorflow/serving/predict")
+    sig.inputs[INPUT_KEY].CopyFrom(_info("serving_default_image:0", types_pb2.DT_UINT8, [-1, 28, 28, 1]))
+    for i, (name, dtype, width) in enumerate(
+        [("probabilities", types_pb2.DT_FLOAT, classes), ("top_k_indices", types_pb2.DT_INT32, k),
+         ("top_k_labels", types_pb2.DT_STRING, k), ("top_k_scores", types_pb2.DT_FLOAT, k)]
+    ):  # fmt: skip
+        sig.outputs[name].CopyFrom(_info(f"StatefulPartitionedCall:{i}", dtype, [-1, width]))
+    out = get_model_metadata_pb2.SignatureDefMap()
+    out.signature_def[SIGNATURE].CopyFrom(sig)
+    return out
+
+
+def add_to_server(server: grpc.aio.Server, metrics: Metrics) -> _Surface:
+    """Register both services; returns the surface to ``attach`` the gateway to once it is ready."""
+    surface = _Surface(metrics)
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(surface), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(surface), server)
+    return surface

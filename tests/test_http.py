@@ -1,0 +1,281 @@
+"""The JSON API on the HTTP port: the same answers, errors and metrics as gRPC, through the same gateway.
+
+Each check calls both transports where it can: probabilities and field violations must be identical. Also the
+HTTP status of each error kind, JSON parse errors as field violations, the 28x28 bitmaps the model saw, the
+deadline header, UNAVAILABLE while the model loads, the page and its files, and ``http_api=False``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from google.protobuf import json_format
+from grpc_status import rpc_status
+from harness import SHIPPED_MODEL, RunningGateway
+
+from doodle import Drawing, drawing_to_bitmap, strokes_from_google
+from doodle.formats import read_ndjson
+from quickdraw.v1 import classifier_pb2 as pb
+from service.backends import find_versions
+from service.backends.embedded import EmbeddedBackend
+from service.client import QuickDrawClient
+from service.settings import Settings
+
+pytestmark = pytest.mark.skipif(not find_versions(SHIPPED_MODEL), reason=f"no SavedModel under {SHIPPED_MODEL}")
+
+
+@pytest.fixture(scope="module")
+def gateway() -> Iterator[RunningGateway]:
+    with RunningGateway(warmup=False) as gw:
+        yield gw
+
+
+@pytest.fixture(scope="module")
+def client(gateway: RunningGateway) -> Iterator[QuickDrawClient]:
+    with QuickDrawClient(gateway.target, timeout_s=30) as c:
+        yield c
+
+
+def call(gw: RunningGateway, path: str, body: Any = None, headers: dict[str, str] | None = None,
+         ) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(HTTP status, JSON body, headers) of a GET (no body) or POST (a dict as JSON, or raw bytes)."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{gw.app.http_port}{path}", data=data,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read()), dict(resp.headers)
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read()), dict(err.headers)
+
+
+def violations(body: dict[str, Any]) -> list[tuple[str, str]]:
+    [detail] = body["error"]["details"]
+    assert detail["@type"] == "type.googleapis.com/google.rpc.BadRequest"
+    return [(v.get("field", ""), v["description"]) for v in detail["fieldViolations"]]  # proto3 JSON omits ""
+
+
+def grpc_violations(client: QuickDrawClient, request: pb.ClassifyRequest) -> tuple[grpc.StatusCode, list[Any]]:
+    from google.rpc import error_details_pb2
+
+    with pytest.raises(grpc.RpcError) as info:
+        client.classify_request(request)
+    status = rpc_status.from_call(info.value)
+    out = []
+    for detail in status.details if status else []:
+        bad = error_details_pb2.BadRequest()
+        detail.Unpack(bad)
+        out.extend((v.field, v.description) for v in bad.field_violations)
+    return info.value.code(), out
+
+
+def simplified(sample: Path, word: str, n: int) -> list[list[list[list[int]]]]:
+    out = []
+    for d in read_ndjson(sample / "simplified" / f"{word}.ndjson"):
+        out.append(d.google_strokes())
+        if len(out) == n:
+            break
+    return out
+
+
+def strokes_json(drawing: list[list[list[float]]], raw: bool = False) -> dict[str, Any]:
+    return {"strokes": {"coordinates": "RAW" if raw else "SIMPLIFIED",
+                        "strokes": [{"x": s[0], "y": s[1]} for s in drawing]}}
+
+
+def test_classify_answers_as_grpc_does(gateway: RunningGateway, client: QuickDrawClient, sample: Path) -> None:
+    cats = simplified(sample, "cat", 5)
+    request = {"drawings": [strokes_json(d) for d in cats], "topK": 5}
+    status, body, headers = call(gateway, "/v1/classify", request)
+    assert status == 200 and headers["Content-Type"].startswith("application/json")
+    expected = client.classify_request(json_format.ParseDict(request, pb.ClassifyRequest()))
+    assert json_format.ParseDict(body, pb.ClassifyResponse()) == expected
+    assert body["modelName"] == "quickdraw" and body["modelVersion"] == str(find_versions(SHIPPED_MODEL)[-1])
+    assert [p["top"][0]["label"] for p in body["predictions"]].count("cat") >= 4
+    assert all(set(s) == {"label", "score", "index"} for p in body["predictions"] for s in p["top"])
+    assert "bitmaps" not in body
+
+
+def test_bitmaps_are_what_the_shared_library_renders(gateway: RunningGateway, sample: Path) -> None:
+    cats = simplified(sample, "cat", 2)
+    raw = [[[x * 3.7 + 120 for x in s[0]], [y * 3.7 - 40 for y in s[1]]] for s in cats[1]]
+    request = {"drawings": [strokes_json(cats[0]), strokes_json(raw, raw=True)]}
+    status, body, _ = call(gateway, "/v1/classify?bitmaps=true", request)
+    assert status == 200 and len(body["bitmaps"]) == 2
+    for got, drawing, is_raw in zip(body["bitmaps"], (cats[0], raw), (False, True), strict=True):
+        pixels = np.frombuffer(base64.b64decode(got["pixels"]), np.uint8).reshape(28, 28)
+        as_sent = [[np.asarray(axis, np.float32).tolist() for axis in s] for s in drawing]  # proto floats
+        want = drawing_to_bitmap(Drawing(word="", strokes=strokes_from_google(as_sent), raw=is_raw))
+        np.testing.assert_array_equal(pixels, want)
+
+
+@pytest.mark.parametrize(
+    "request_json",
+    [
+        {},
+        {"drawings": [{}]},
+        {"drawings": [{"bitmap": {"pixels": base64.b64encode(b"x" * 10).decode()}}]},
+        {"drawings": [{"strokes": {"strokes": [{"x": [1, 300], "y": [1, 2]}]}}], "topK": 99},
+        {"drawings": [{"strokes": {"strokes": [{"x": [1, 2], "y": [1]}, {"x": [], "y": []}]}}]},
+        {"drawings": [{"image": {"data": ""}}]},
+    ],
+)
+def test_validation_errors_carry_the_grpc_field_violations(
+    gateway: RunningGateway, client: QuickDrawClient, request_json: dict[str, Any]
+) -> None:
+    status, body, _ = call(gateway, "/v1/classify", request_json)
+    code, expected = grpc_violations(client, json_format.ParseDict(request_json, pb.ClassifyRequest()))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert status == 400 and body["error"]["status"] == "INVALID_ARGUMENT" and body["error"]["code"] == 400
+    assert violations(body) == expected and expected
+    assert body["error"]["message"].startswith(expected[0][0])
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "reason"),
+    [
+        (b"{nope", "", "is not valid JSON"),
+        (b"[1, 2]", "", "must be a JSON object (a ClassifyRequest), got list"),
+        (b'{"drawings": [{"strokes": {"strokes": [{"x": ["a"], "y": [1]}]}}]}',
+         "drawings[0].strokes.strokes[0].x[0]", "Couldn't parse float: a"),
+        (b'{"drawing": []}', "drawing", "is not a field of quickdraw.v1.ClassifyRequest"),
+        (b'{"drawings": [{"strokes": {"coordinates": "POLAR"}}]}', "drawings[0].strokes.coordinates", "POLAR"),
+        (b'{"topK": -1}', "topK", "out of range"),
+        (b"\xff\xfe", "", "is not valid JSON"),
+    ],
+)
+def test_malformed_json_is_a_bad_request_naming_the_field(
+    gateway: RunningGateway, raw: bytes, field: str, reason: str
+) -> None:
+    status, body, _ = call(gateway, "/v1/classify", raw)
+    assert status == 400 and body["error"]["status"] == "INVALID_ARGUMENT"
+    [(got_field, description)] = violations(body)
+    assert got_field == field and reason in description
+
+
+def test_error_kinds_map_to_http_statuses(gateway: RunningGateway, sample: Path) -> None:
+    cat = strokes_json(simplified(sample, "cat", 1)[0])
+    status, body, _ = call(gateway, "/v1/classify", {"drawings": [cat], "model": {"version": "99"}})
+    assert (status, body["error"]["status"]) == (404, "NOT_FOUND") and "version 99 is not served" in body[
+        "error"]["message"]
+    status, body, _ = call(gateway, "/v1/classify", {"drawings": [cat]}, {"X-Server-Timeout": "soon"})
+    assert status == 400 and violations(body) == [("X-Server-Timeout header", "is 'soon'; expected seconds > 0")]
+    limit = gateway.app.settings.max_message_bytes * 4
+    status, body, _ = call(gateway, "/v1/classify", b" " * (limit + 1))
+    assert (status, body["error"]["status"]) == (413, "RESOURCE_EXHAUSTED") and str(limit) in body["error"]["message"]
+    status, body, headers = call(gateway, "/v1/classify")  # GET
+    assert (status, body["error"]["status"], headers.get("Allow")) == (405, "UNIMPLEMENTED", "POST")
+    status, body, _ = call(gateway, "/v1/nothing-here")
+    assert (status, body["error"]["status"]) == (404, "NOT_FOUND")
+
+
+def test_model_info_as_grpc(gateway: RunningGateway, client: QuickDrawClient) -> None:
+    status, body, _ = call(gateway, "/v1/model")
+    assert status == 200
+    assert json_format.ParseDict(body, pb.ModelInfo()) == client.model_info()
+    assert len(body["labels"]) == 29 and "cat" in body["labels"] and body["backend"] == "embedded"
+
+
+def test_metrics_count_http_calls_by_method_and_code(gateway: RunningGateway, sample: Path) -> None:
+    before = gateway.scrape()
+    call(gateway, "/v1/classify", {"drawings": [strokes_json(simplified(sample, "cat", 1)[0])]})
+    call(gateway, "/v1/classify", {"drawings": []})
+    call(gateway, "/v1/model")
+    after = gateway.scrape()
+
+    def grew(key: str) -> float:
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert grew('quickdraw_request_duration_seconds_count{code="OK",method="http:Classify"}') == 1
+    assert grew('quickdraw_request_duration_seconds_count{code="INVALID_ARGUMENT",method="http:Classify"}') == 1
+    assert grew('quickdraw_request_duration_seconds_count{code="OK",method="http:GetModelInfo"}') == 1
+    assert grew('quickdraw_drawings_total{kind="strokes"}') == 1
+    assert grew("quickdraw_batch_size_drawings_count") >= 1
+
+
+def test_page_and_files(gateway: RunningGateway) -> None:
+    base = f"http://127.0.0.1:{gateway.app.http_port}"
+    with urllib.request.urlopen(f"{base}/", timeout=10) as resp:
+        page = resp.read().decode()
+        assert resp.headers["Content-Type"].startswith("text/html")
+        assert "default-src 'self'" in resp.headers["Content-Security-Policy"]
+    assert 'src="static/playground.js"' in page and 'href="static/playground.css"' in page
+    assert "http://" not in page and "https://" not in page  # nothing from a CDN
+    for name in ("playground.js", "playground.css"):
+        with urllib.request.urlopen(f"{base}/static/{name}", timeout=10) as resp:
+            assert resp.status == 200 and "https://" not in resp.read().decode()
+    for bad in ("/static/nothing.js", "/static/..%2Fhttp.py", "/static/%2E%2E/api.py"):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(base + bad, timeout=10)
+        assert info.value.code == 404
+
+
+class _HeldBackend(EmbeddedBackend):
+    """The embedded backend, its loading and batches held until the test opens ``gate``."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings.model_dir, settings.model_name, max_batch_size=settings.max_batch_size,
+                         concurrency=1, warmup=False)
+        self.gate = threading.Event()
+
+    def _load(self):  # type: ignore[no-untyped-def]
+        self.gate.wait(60)
+        return super()._load()
+
+    def _run(self, images, version):  # type: ignore[no-untyped-def]
+        self.gate.wait(60)
+        return super()._run(images, version)
+
+
+def test_unavailable_while_loading_then_deadline_header(sample: Path) -> None:
+    made: list[_HeldBackend] = []
+
+    def factory(settings: Settings) -> _HeldBackend:
+        made.append(_HeldBackend(settings))
+        return made[-1]
+
+    cat = {"drawings": [strokes_json(simplified(sample, "cat", 1)[0])]}
+    gw = RunningGateway(factory).start_async()
+    try:
+        while not gw.app.grpc_port or not made:
+            threading.Event().wait(0.01)
+        status, body, headers = call(gw, "/v1/classify", cat)
+        assert (status, body["error"]["status"], headers.get("Retry-After")) == (503, "UNAVAILABLE", "1")
+        assert call(gw, "/v1/model")[0] == 503
+        assert "quickdraw_ready 0.0" in urllib.request.urlopen(
+            f"http://127.0.0.1:{gw.app.http_port}/metrics", timeout=10).read().decode()  # /metrics while loading
+        made[0].gate.set()
+        gw.started.result(60)  # type: ignore[union-attr]
+        made[0].gate.clear()  # hold the next batch
+        held = threading.Thread(target=call, args=(gw, "/v1/classify", cat))
+        held.start()
+        while not gw.app.metrics.inflight_batches._value.get():
+            threading.Event().wait(0.01)
+        status, body, _ = call(gw, "/v1/classify", cat, {"X-Server-Timeout": "0.2"})  # queued behind it
+        assert (status, body["error"]["status"]) == (504, "DEADLINE_EXCEEDED")
+        made[0].gate.set()
+        held.join(30)
+        assert call(gw, "/v1/classify", cat)[0] == 200
+    finally:
+        made[0].gate.set() if made else None
+        gw.stop()
+
+
+def test_api_and_page_can_be_turned_off() -> None:
+    with RunningGateway(http_api=False, warmup=False) as gw:
+        base = f"http://127.0.0.1:{gw.app.http_port}"
+        for path in ("/", "/static/playground.js", "/v1/model"):
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(base + path, timeout=10)
+            assert info.value.code == 404
+        assert "quickdraw_ready 1.0" in urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()

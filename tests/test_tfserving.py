@@ -1,0 +1,424 @@
+"""The TF Serving backend and TF Serving's API on the gateway, over real gRPC, with the stand-in behind it.
+
+The stand-in (tests/tfserving_standin.py) replaces ``tensorflow_model_server``, which no registry here has:
+it serves the real TF Serving gRPC API over the real SavedModel. Two versions of the shipped model are
+served (both the same weights; the stand-in records which version each call asked for).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from google.rpc import code_pb2, error_details_pb2
+from grpc_status import rpc_status
+from harness import SHIPPED_MODEL, RunningGateway
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+from tfserving_standin import TFServingStandIn
+
+from doodle.formats import open_bitmaps, read_ndjson
+from quickdraw.v1 import classifier_pb2 as pb
+from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
+from service.backends import find_versions
+from service.client import QuickDrawClient
+from service.tensors import from_numpy, to_numpy
+
+pytestmark = pytest.mark.skipif(
+    not find_versions(SHIPPED_MODEL), reason=f"no SavedModel under {SHIPPED_MODEL} (the shipped model is missing)"
+)
+SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "quickdraw"
+
+
+def sample_bitmaps(n: int) -> np.ndarray:
+    """``n`` real bitmaps, round-robin over the sample classes."""
+    files = sorted((SAMPLE / "numpy_bitmap").glob("*.npy"))
+    per = -(-n // len(files))
+    rows = np.concatenate([np.asarray(open_bitmaps(f)[:per]) for f in files])[:n]
+    return rows.reshape(-1, 28, 28, 1).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def model_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Versions 1 and 2, both the shipped model (symlinks)."""
+    base = tmp_path_factory.mktemp("tfs-models") / "quickdraw"
+    base.mkdir()
+    shipped = SHIPPED_MODEL / str(find_versions(SHIPPED_MODEL)[-1])
+    for v in (1, 2):
+        (base / str(v)).symlink_to(shipped.resolve(), target_is_directory=True)
+    return base
+
+
+@pytest.fixture(scope="module")
+def standin(model_base: Path) -> Iterator[TFServingStandIn]:
+    with TFServingStandIn(model_base, version_labels={"stable": 1, "canary": 2}) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def gateway(standin: TFServingStandIn, model_base: Path) -> Iterator[RunningGateway]:
+    with RunningGateway(
+        backend="tfserving", tfserving_target=standin.target, model_dir=model_base, max_batch_delay_ms=2.0,
+        max_top_k=400, max_concurrent_batches=4, tfserving_status_poll_s=0.2, tfserving_deadline_margin_ms=50.0,
+    ) as gw:  # fmt: skip
+        yield gw
+
+
+@pytest.fixture(scope="module")
+def offline() -> object:
+    import tensorflow as tf
+
+    return tf.saved_model.load(str(SHIPPED_MODEL / str(find_versions(SHIPPED_MODEL)[-1])))
+
+
+def offline_probs(loaded: object, images: np.ndarray) -> np.ndarray:
+    import tensorflow as tf
+
+    return loaded.signatures["serving_default"](image=tf.constant(images))["probabilities"].numpy()  # type: ignore[attr-defined]
+
+
+def predict_request(images: np.ndarray, **spec: object) -> predict_pb2.PredictRequest:
+    req = predict_pb2.PredictRequest()
+    req.model_spec.name = str(spec.get("name", "quickdraw"))
+    if "version" in spec:
+        req.model_spec.version.value = int(spec["version"])  # type: ignore[call-overload]
+    if "label" in spec:
+        req.model_spec.version_label = str(spec["label"])
+    req.model_spec.signature_name = str(spec.get("signature", "serving_default"))
+    req.inputs["image"].CopyFrom(from_numpy(images))
+    return req
+
+
+def code_of(exc: grpc.RpcError) -> grpc.StatusCode:
+    return exc.code()  # type: ignore[attr-defined,no-any-return]
+
+
+# --- the stand-in itself behaves as TF Serving ---------------------------------------------------------------
+
+
+def test_standin_honours_model_spec_and_answers_with_tf_serving_codes(standin: TFServingStandIn) -> None:
+    images = sample_bitmaps(3)
+    with grpc.insecure_channel(standin.target) as ch:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
+        for spec, version in (({}, 2), ({"version": 1}, 1), ({"label": "stable"}, 1), ({"label": "canary"}, 2)):
+            resp = stub.Predict(predict_request(images, **spec), timeout=30)
+            assert resp.model_spec.version.value == version, spec
+            assert to_numpy(resp.outputs["probabilities"]).shape == (3, 29)
+        cases = [
+            (predict_request(images, name="nope"), grpc.StatusCode.NOT_FOUND),
+            (predict_request(images, version=9), grpc.StatusCode.NOT_FOUND),
+            (predict_request(images, label="beta"), grpc.StatusCode.INVALID_ARGUMENT),
+            (predict_request(images, signature="nope"), grpc.StatusCode.INVALID_ARGUMENT),
+            (predict_request(images.astype(np.float32)), grpc.StatusCode.INVALID_ARGUMENT),
+            (predict_request(images.reshape(3, 28, 28)), grpc.StatusCode.INVALID_ARGUMENT),
+            (predict_request(images.reshape(3, 14, 56, 1)), grpc.StatusCode.INVALID_ARGUMENT),
+        ]
+        for req, code in cases:
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Predict(req, timeout=30)
+            assert code_of(err.value) == code, (req.model_spec, err.value)
+        only = predict_request(images)
+        only.output_filter.append("top_k_labels")
+        assert list(stub.Predict(only, timeout=30).outputs) == ["top_k_labels"]
+        status = model_service_pb2_grpc.ModelServiceStub(ch).GetModelStatus(
+            get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "quickdraw"}), timeout=10
+        )
+        assert [(s.version, s.state) for s in status.model_version_status] == [(1, 30), (2, 30)]  # 30: AVAILABLE
+
+
+# --- the gateway with --backend tfserving ----------------------------------------------------------------------
+
+
+def test_gateway_predictions_through_tfserving_equal_the_offline_model(
+    gateway: RunningGateway, standin: TFServingStandIn, offline: object
+) -> None:
+    images = sample_bitmaps(64)
+    want = offline_probs(offline, images)
+    before = len(standin.seen)
+    with QuickDrawClient(gateway.target, timeout_s=30) as client:
+        resp = client.classify_request(
+            pb.ClassifyRequest(drawings=[pb.Drawing(bitmap=pb.Bitmap(pixels=im.tobytes())) for im in images],
+                               top_k=29)
+        )  # fmt: skip
+        got = np.zeros_like(want)
+        labels = client.model_info().labels
+        for i, p in enumerate(resp.predictions):
+            for s in p.top:
+                got[i, s.index] = s.score
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        assert resp.model_version == 2
+        # strokes, rendered by the gateway, classified by TF Serving: most of the first 25 cats are cats
+        cats = [d.google_strokes() for d in read_ndjson(SAMPLE / "simplified" / "cat.ndjson", limit=25)]
+        top1 = [r.top[0][0] for r in client.classify(cats, top_k=3)]
+        assert Counter(top1)["cat"] >= 18, Counter(top1)
+    assert len(labels) == 29
+    assert len(standin.seen) > before
+
+
+def test_version_selection_reaches_the_version_asked_for(gateway: RunningGateway, standin: TFServingStandIn) -> None:
+    image = sample_bitmaps(1)[0]
+    with QuickDrawClient(gateway.target, timeout_s=30) as client:
+        assert list(client.model_info().versions) == [1, 2]
+        for version in (1, 2):
+            standin.seen.clear()
+            resp = client.classify_request(
+                pb.ClassifyRequest(drawings=[pb.Drawing(bitmap=pb.Bitmap(pixels=image.tobytes()))],
+                                   model=pb.ModelSpec(version=version))
+            )
+            assert resp.model_version == version
+            assert [s.version for s in standin.seen] == [version]
+            assert standin.seen[0].signature == "serving_default" and standin.seen[0].model == "quickdraw"
+        with pytest.raises(grpc.RpcError) as err:
+            client.classify_request(
+                pb.ClassifyRequest(drawings=[pb.Drawing(bitmap=pb.Bitmap(pixels=image.tobytes()))],
+                                   model=pb.ModelSpec(version=3))
+            )
+        assert code_of(err.value) == grpc.StatusCode.NOT_FOUND
+
+
+def test_tfserving_sees_a_deadline_no_later_than_the_callers(
+    gateway: RunningGateway, standin: TFServingStandIn
+) -> None:
+    image = sample_bitmaps(1)[0]
+    req = pb.ClassifyRequest(drawings=[pb.Drawing(bitmap=pb.Bitmap(pixels=image.tobytes()))])
+    with grpc.insecure_channel(gateway.target) as ch:
+        stub = pb_grpc.ClassifierStub(ch)
+        for timeout in (2.0, 7.5):
+            standin.seen.clear()
+            caller_deadline = time.monotonic() + timeout
+            stub.Classify(req, timeout=timeout)
+            (seen,) = standin.seen
+            assert seen.deadline_s is not None
+            assert seen.deadline_s <= caller_deadline, (seen.deadline_s - caller_deadline)
+            assert seen.deadline_s > caller_deadline - 0.5  # the caller's deadline, not a much shorter one
+        # a slow backend: the caller gets DEADLINE_EXCEEDED at its own deadline, not the backend timeout's
+        standin.delay_s = 1.0
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Classify(req, timeout=0.3)
+            assert code_of(err.value) == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert time.monotonic() - t0 < 0.6
+        finally:
+            standin.delay_s = 0.0
+        time.sleep(1.0)  # let the slow call drain from the stand-in
+
+
+def test_backend_stopped_mid_load_fails_fast_then_recovers_without_restarting_the_gateway(
+    gateway: RunningGateway, standin: TFServingStandIn
+) -> None:
+    """Load from 8 callers; the stand-in stops, calls get UNAVAILABLE quickly; it restarts, calls succeed."""
+    images = sample_bitmaps(32)
+    results: list[tuple[float, float, grpc.StatusCode]] = []  # (sent, took, code)
+    lock = threading.Lock()
+    stop_at = time.monotonic() + 6.0
+    deadline_s = 5.0
+
+    async def caller(i: int) -> None:
+        async with grpc.aio.insecure_channel(gateway.target) as ch:
+            stub = pb_grpc.ClassifierStub(ch)
+            k = i
+            while time.monotonic() < stop_at:
+                req = pb.ClassifyRequest(drawings=[pb.Drawing(bitmap=pb.Bitmap(pixels=images[k % 32].tobytes()))])
+                t0 = time.monotonic()
+                try:
+                    await stub.Classify(req, timeout=deadline_s)
+                    code = grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as exc:
+                    code = exc.code()
+                with lock:
+                    results.append((t0, time.monotonic() - t0, code))
+                k += 8
+                await asyncio.sleep(0.01)
+
+    async def load() -> None:
+        await asyncio.gather(*(caller(i) for i in range(8)))
+
+    runner = threading.Thread(target=asyncio.run, args=(load(),))
+    runner.start()
+    time.sleep(1.5)
+    down_at = time.monotonic()
+    standin.stop()
+    time.sleep(2.0)
+    up_at = time.monotonic()
+    standin.start()
+    runner.join(timeout=30)
+    assert not runner.is_alive(), "a caller hung"
+
+    codes = Counter(code for _, _, code in results)
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
+    before = [r for r in results if r[0] + r[1] < down_at]
+    while_down = [r for r in results if r[0] > down_at + 0.3 and r[0] + r[1] < up_at]
+    after = [r for r in results if r[0] > up_at + 1.5]
+    assert before and all(c == grpc.StatusCode.OK for _, _, c in before)
+    assert while_down, "no calls were made while the backend was down"
+    assert all(c == grpc.StatusCode.UNAVAILABLE for _, _, c in while_down), Counter(c for _, _, c in while_down)
+    assert max(took for _, took, _ in while_down) < 1.0, "calls did not fail fast while the backend was down"
+    assert after and all(c == grpc.StatusCode.OK for _, _, c in after), Counter(c for _, _, c in after)
+    assert max(took for _, took, _ in results) < deadline_s, "a call outlived its deadline"
+
+
+def test_readiness_follows_tfserving_model_status(gateway: RunningGateway, standin: TFServingStandIn) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    def health() -> int:
+        with grpc.insecure_channel(gateway.target) as ch:
+            return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+    def wait_for(status: int) -> None:
+        end = time.monotonic() + 5
+        while health() != status:
+            assert time.monotonic() < end, f"health did not become {status}"
+            time.sleep(0.05)
+
+    wait_for(health_pb2.HealthCheckResponse.SERVING)
+    standin.stop()
+    try:
+        wait_for(health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert gateway.scrape()["quickdraw_ready"] == 0
+    finally:
+        standin.start()
+    wait_for(health_pb2.HealthCheckResponse.SERVING)
+    assert gateway.scrape()["quickdraw_ready"] == 1
+
+
+def test_a_failing_backend_fails_its_calls_with_a_clear_status_then_recovers(
+    gateway: RunningGateway, standin: TFServingStandIn
+) -> None:
+    image = sample_bitmaps(1)[0]
+    req = pb.ClassifyRequest(drawings=[pb.Drawing(bitmap=pb.Bitmap(pixels=image.tobytes()))])
+    with grpc.insecure_channel(gateway.target) as ch:
+        stub = pb_grpc.ClassifierStub(ch)
+        standin.fail_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+        try:
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Classify(req, timeout=5)
+            assert code_of(err.value) == grpc.StatusCode.INTERNAL
+            assert "TF Serving failed" in err.value.details() and "RESOURCE_EXHAUSTED" in err.value.details()  # type: ignore[attr-defined]
+        finally:
+            standin.fail_code = None
+        assert stub.Classify(req, timeout=5).predictions
+
+
+def test_round_robin_spreads_calls_over_every_replica(model_base: Path) -> None:
+    """Per-request balancing: with two TF Serving replicas behind one target, both get calls."""
+    with TFServingStandIn(model_base) as a, TFServingStandIn(model_base) as b, RunningGateway(
+        backend="tfserving", tfserving_target=f"ipv4:{a.target},{b.target}", model_dir=model_base, warmup=False
+    ) as gw, grpc.insecure_channel(gw.target) as ch:  # fmt: skip
+        stub = pb_grpc.ClassifierStub(ch)
+        image = sample_bitmaps(1)[0]
+        for _ in range(20):  # one at a time: every call is its own batch, on one connection from the client
+            stub.Classify(pb.ClassifyRequest(drawings=[pb.Drawing(bitmap=pb.Bitmap(pixels=image.tobytes()))]),
+                          timeout=10)  # fmt: skip
+        assert len(a.seen) >= 5 and len(b.seen) >= 5, (len(a.seen), len(b.seen))
+
+
+# --- TF Serving's API on the gateway ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def embedded() -> Iterator[RunningGateway]:
+    with RunningGateway(max_batch_delay_ms=2.0) as gw:
+        yield gw
+
+
+@pytest.mark.parametrize("backend", ["embedded", "tfserving"])
+def test_tf_serving_client_pointed_at_the_gateway_gets_the_offline_probabilities(
+    backend: str, request: pytest.FixtureRequest, offline: object
+) -> None:
+    embedded: RunningGateway = request.getfixturevalue("embedded" if backend == "embedded" else "gateway")
+    images = sample_bitmaps(1000)
+    want = offline_probs(offline, images)
+    with grpc.insecure_channel(embedded.target) as ch:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
+        got = []
+        for chunk in np.array_split(images, 8):  # 8 calls of 125: several batches, concurrent-free
+            resp = stub.Predict(predict_request(chunk), timeout=60)
+            got.append(to_numpy(resp.outputs["probabilities"]))
+            assert resp.model_spec.name == "quickdraw"
+            assert resp.model_spec.version.value == embedded.app._gateway.model.default_version  # type: ignore[union-attr]
+        np.testing.assert_allclose(np.concatenate(got), want, atol=1e-5)
+        # the other outputs of the signature, and output_filter
+        req = predict_request(images[:4])
+        resp = stub.Predict(req, timeout=30)
+        assert sorted(resp.outputs) == ["probabilities", "top_k_indices", "top_k_labels", "top_k_scores"]
+        offline_all = offline.signatures["serving_default"](image=__import__("tensorflow").constant(images[:4]))  # type: ignore[attr-defined]
+        np.testing.assert_array_equal(to_numpy(resp.outputs["top_k_indices"]), offline_all["top_k_indices"].numpy())
+        assert list(resp.outputs["top_k_labels"].string_val) == list(offline_all["top_k_labels"].numpy().reshape(-1))
+        req.output_filter.append("probabilities")
+        assert list(stub.Predict(req, timeout=30).outputs) == ["probabilities"]
+    metrics = embedded.scrape()
+    assert metrics['quickdraw_request_duration_seconds_count{code="OK",method="Predict"}'] >= 10
+
+
+def test_tf_serving_api_on_the_gateway_rejects_like_tf_serving_with_field_details(embedded: RunningGateway) -> None:
+    images = sample_bitmaps(2)
+    cases = [
+        (predict_request(images, name="nope"), grpc.StatusCode.NOT_FOUND, None),
+        (predict_request(images, version=7), grpc.StatusCode.NOT_FOUND, None),
+        (predict_request(images, label="stable"), grpc.StatusCode.INVALID_ARGUMENT, "model_spec.version_label"),
+        (predict_request(images, signature="x"), grpc.StatusCode.INVALID_ARGUMENT, "model_spec.signature_name"),
+        (predict_request(images.astype(np.float32)), grpc.StatusCode.INVALID_ARGUMENT, "inputs[image].dtype"),
+        (predict_request(images.reshape(2, 28, 28)), grpc.StatusCode.INVALID_ARGUMENT, "inputs[image].tensor_shape"),
+        (predict_request(np.zeros((300, 28, 28, 1), np.uint8)), grpc.StatusCode.INVALID_ARGUMENT,
+         "inputs[image].tensor_shape.dim[0]"),
+    ]  # fmt: skip
+    bad_content = predict_request(images)
+    bad_content.inputs["image"].tensor_content = b"\x00" * 10
+    cases.append((bad_content, grpc.StatusCode.INVALID_ARGUMENT, "inputs[image].tensor_content"))
+    extra = predict_request(images)
+    extra.inputs["other"].CopyFrom(from_numpy(images))
+    cases.append((extra, grpc.StatusCode.INVALID_ARGUMENT, "inputs"))
+    with grpc.insecure_channel(embedded.target) as ch:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
+        for req, code, field in cases:
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Predict(req, timeout=30)
+            assert code_of(err.value) == code, (field, err.value)
+            if field is not None:
+                status = rpc_status.from_call(err.value)  # type: ignore[arg-type]
+                assert status is not None and status.code == code_pb2.INVALID_ARGUMENT
+                detail = error_details_pb2.BadRequest()
+                assert status.details[0].Unpack(detail)
+                assert [v.field for v in detail.field_violations] == [field]
+                assert detail.field_violations[0].description
+
+
+def test_model_status_and_metadata_on_the_gateway(embedded: RunningGateway) -> None:
+    with grpc.insecure_channel(embedded.target) as ch:
+        status = model_service_pb2_grpc.ModelServiceStub(ch).GetModelStatus(
+            get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "quickdraw"}), timeout=10
+        )
+        assert [(s.version, s.state) for s in status.model_version_status] == [
+            (1, get_model_status_pb2.ModelVersionStatus.AVAILABLE)
+        ]
+        meta = prediction_service_pb2_grpc.PredictionServiceStub(ch).GetModelMetadata(
+            get_model_metadata_pb2.GetModelMetadataRequest(model_spec={"name": "quickdraw"},
+                                                           metadata_field=["signature_def"]), timeout=10
+        )  # fmt: skip
+    sigs = get_model_metadata_pb2.SignatureDefMap()
+    meta.metadata["signature_def"].Unpack(sigs)
+    sig = sigs.signature_def["serving_default"]
+    assert [d.size for d in sig.inputs["image"].tensor_shape.dim] == [-1, 28, 28, 1]
+    assert [d.size for d in sig.outputs["probabilities"].tensor_shape.dim] == [-1, 29]
+    # the same inputs and outputs as the SavedModel's own signature (what TF Serving itself would report)
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((SHIPPED_MODEL / str(find_versions(SHIPPED_MODEL)[-1]) / "saved_model.pb").read_bytes())
+    real = proto.meta_graphs[0].signature_def["serving_default"]
+    assert sorted(real.inputs) == sorted(sig.inputs) and sorted(real.outputs) == sorted(sig.outputs)
+    for key in real.outputs:
+        assert real.outputs[key].dtype == sig.outputs[key].dtype
