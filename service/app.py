@@ -47,6 +47,8 @@ def build_backend(settings: Settings) -> Backend:
         concurrency=settings.max_concurrent_batches,
         threads=settings.inference_threads,
         warmup=settings.warmup,
+        watch_s=settings.model_watch_s,
+        retire_s=settings.model_retire_s,
     )
 
 
@@ -110,7 +112,7 @@ class App:
         self._batcher = Batcher(
             self._backend.predict,
             BatcherConfig(s.max_batch_size, s.max_batch_delay_ms, s.max_concurrent_batches, s.max_queued_drawings,
-                          s.backend_timeout_ms),
+                          s.backend_timeout_ms, s.max_queue_wait_ms),
             self.metrics,
             self._backend.name,
         )

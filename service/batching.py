@@ -2,8 +2,10 @@
 
 It owns a bounded queue, one collector task and a future per queued item, and it uses the monotonic clock.
 
-- A call is refused at once (RESOURCE_EXHAUSTED) when its drawings do not fit in the queue; callers never
-  wait for room.
+- A call is refused at once (RESOURCE_EXHAUSTED) when its drawings do not fit in the queue, or when the work
+  already queued would keep the backend busy for more than ``max_queue_wait_ms`` (estimated from the cost
+  per drawing of recent batches): under overload, excess calls fail fast and admitted calls keep their
+  latency, instead of every call waiting in a long queue. Callers never wait for room.
 - When a backend slot is free, the collector dispatches whatever is queued at once, so an idle service adds
   no wait. While every slot is busy, drawings accumulate and the next free slot takes them together: that is
   where batching comes from under load. With ``max_batch_delay_ms`` > 0 a free slot also waits up to that
@@ -63,6 +65,7 @@ class BatcherConfig:
     max_concurrent_batches: int = 2
     max_queued_drawings: int = 4096
     backend_timeout_ms: float = 10_000.0
+    max_queue_wait_ms: float = 0.0  # 0: admit while the queue has room
 
 
 class Batcher:
@@ -88,6 +91,9 @@ class Batcher:
         self._running: set[asyncio.Task[None]] = set()
         self._collector: asyncio.Task[None] | None = None
         self._closed = False
+        #: Backend seconds per drawing (EWMA over batches, near-full ones preferred): the admission estimate.
+        self._per_drawing_s: float | None = None
+        self._learned_big = False
 
     @property
     def queued_drawings(self) -> int:
@@ -119,6 +125,13 @@ class Batcher:
                 f"queue full: {self._queued} drawings waiting and this call adds {n}, over "
                 f"max_queued_drawings={self._cfg.max_queued_drawings}; retry with backoff"
             )
+        wait_s = self.estimated_wait_s()
+        if wait_s is not None and wait_s * 1000.0 > self._cfg.max_queue_wait_ms > 0:
+            self._metrics.rejected.inc()
+            raise ResourceExhausted(
+                f"overloaded: about {wait_s * 1000:.0f} ms of backend work is queued ahead of this call, over "
+                f"max_queue_wait_ms={self._cfg.max_queue_wait_ms:g}; retry with backoff"
+            )
         loop = asyncio.get_running_loop()
         now = self._clock()
         size = self._cfg.max_batch_size
@@ -148,6 +161,22 @@ class Batcher:
         finally:
             self._unqueue(items)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def estimated_wait_s(self) -> float | None:
+        """How long the drawings queued now will keep the backend busy (None until a batch has run)."""
+        if self._per_drawing_s is None:
+            return None
+        return self._queued * self._per_drawing_s / self._cfg.max_concurrent_batches
+
+    def _learn(self, drawings: int, seconds: float) -> None:
+        """Update the per-drawing cost from a finished batch; small batches count only until a big one ran."""
+        per = seconds / max(1, drawings)
+        big = drawings * 2 >= self._cfg.max_batch_size
+        if self._per_drawing_s is None:
+            self._per_drawing_s, self._learned_big = per, big
+        elif big or not self._learned_big:
+            self._per_drawing_s += 0.2 * (per - self._per_drawing_s)
+            self._learned_big = self._learned_big or big
 
     def _unqueue(self, items: list[_Item]) -> int:
         """Cancel a caller's unanswered items and free their queue room at once; returns drawings freed."""
@@ -252,6 +281,7 @@ class Batcher:
             probs = await asyncio.wait_for(started, self._cfg.backend_timeout_ms / 1000.0)
             if len(probs) != len(images):
                 raise BackendError(f"backend returned {len(probs)} results for {len(images)} drawings")
+            self._learn(len(images), self._clock() - t0)
             # Free the slot before answering: the collector wakes first and starts the next batch while this
             # batch's callers are being answered, so the backend does not sit idle in between.
             self._slots.release()

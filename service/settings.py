@@ -65,6 +65,15 @@ class Settings(BaseSettings):
         0, ge=0, description="embedded backend: TensorFlow intra-op threads per batch (0: TensorFlow decides)"
     )
     warmup: bool = Field(True, description="run warm-up batches before reporting SERVING")
+    model_watch_s: float = Field(
+        2.0,
+        ge=0.0,
+        description="embedded backend: how often to look for a new version under --model-dir and move to it "
+        "(loaded and warmed up beside the served one, as TF Serving does); 0 never looks",
+    )
+    model_retire_s: float = Field(
+        30.0, ge=0.0, description="embedded backend: how long a replaced version stays loaded for calls queued to it"
+    )
     labels_file: Path | None = Field(
         None,
         description="class names, one a line, in output order (default: assets/labels.txt of the served version "
@@ -120,6 +129,12 @@ class Settings(BaseSettings):
     )
     max_queued_drawings: int = Field(
         4096, ge=1, description="drawings waiting for the backend; beyond this calls get RESOURCE_EXHAUSTED"
+    )
+    max_queue_wait_ms: float = Field(
+        250.0,
+        ge=0.0,
+        description="refuse a call at once (RESOURCE_EXHAUSTED) when the drawings queued ahead of it would keep the "
+        "backend busy longer than this (estimated from recent batches); 0 turns this off",
     )
     backend_timeout_ms: float = Field(
         10_000.0, gt=0.0, description="deadline for one backend batch (TF Serving call or in-process run)"

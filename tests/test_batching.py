@@ -334,6 +334,37 @@ def test_backend_gets_the_latest_deadline_of_its_batch() -> None:
     run(main)
 
 
+def test_admission_refuses_at_once_when_queued_work_exceeds_max_queue_wait() -> None:
+    """Overload: once the queue holds more than max_queue_wait_ms of work, new calls fail fast, not slowly."""
+
+    async def main() -> None:
+        backend = FakeBackend(delay_s=0.04)
+        batcher, metrics = make(backend, max_batch_size=4, max_concurrent_batches=1, max_queue_wait_ms=25.0)
+        assert batcher.estimated_wait_s() is None
+        await batcher.submit(images_for([1, 2, 3, 4]), 1)  # a full batch: about 10 ms per drawing
+        per = batcher.estimated_wait_s()
+        assert per == 0.0  # nothing queued
+        backend.gate, backend.gate_calls = asyncio.Event(), len(backend.calls) + 1
+        running = spawn(batcher, [5])  # occupies the backend
+        await until(lambda: len(backend.calls) == 2)
+        queued = [spawn(batcher, [6]), spawn(batcher, [7])]  # ~20 ms of work: admitted
+        await until(lambda: batcher.queued_drawings == 2)
+        queued.append(spawn(batcher, [8]))  # ~20 ms ahead of it: admitted
+        await until(lambda: batcher.queued_drawings == 3)
+        assert 0.025 < batcher.estimated_wait_s() < 0.04  # type: ignore[operator]
+        t0 = time.monotonic()
+        with pytest.raises(ResourceExhausted, match="max_queue_wait_ms=25"):
+            await batcher.submit(images_for([9]), 1)
+        assert time.monotonic() - t0 < 0.01  # at once
+        assert sample(metrics, "rejected_requests_total") == 1
+        backend.gate.set()
+        for t in (running, *queued):
+            await t  # the admitted calls are all answered
+        await batcher.close()
+
+    run(main)
+
+
 # 7. A cancelled caller's items are dropped before dispatch.
 
 

@@ -130,6 +130,18 @@ class TFServingStandIn:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    # --- versions come and go, as TF Serving's file-system source makes them -------------------------------------
+    def add_version(self, version: int, path: Path) -> None:
+        """Load ``path`` as ``version`` and make it AVAILABLE (it becomes the default if highest)."""
+        servable = _Servable(Path(path))
+        with self._lock:
+            self.servables = {**self.servables, version: servable}
+
+    def remove_version(self, version: int) -> None:
+        """Unload ``version`` (calls for it get NOT_FOUND from then on)."""
+        with self._lock:
+            self.servables = {v: s for v, s in self.servables.items() if v != version}
+
     # --- model_spec resolution, as TF Serving does it ------------------------------------------------------------
     def resolve(self, spec: Any, context: grpc.ServicerContext) -> tuple[int, _Servable]:
         """The version a model_spec names; aborts with TF Serving's codes."""
@@ -267,9 +279,11 @@ def main() -> None:
     p.add_argument("--model-base-path", type=Path, required=True, help="directory holding <version>/saved_model.pb")
     p.add_argument("--model-name", default="quickdraw", help="model name to serve (default: quickdraw)")
     p.add_argument("--port", type=int, default=8500, help="gRPC port (default: 8500, as TF Serving)")
+    p.add_argument("--delay-ms", type=float, default=0.0, help="sleep this long in every Predict (a slow GPU)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO)
     with TFServingStandIn(args.model_base_path, args.model_name, args.port) as standin:
+        standin.delay_s = args.delay_ms / 1000.0
         print(f"tfserving stand-in: {args.model_name} versions {sorted(standin.servables)} on {standin.target}",
               flush=True)  # fmt: skip
         threading.Event().wait()

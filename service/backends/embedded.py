@@ -4,13 +4,20 @@ It loads the highest version under the model directory (or every version), reads
 ``assets/labels.txt``, and warms up with every power-of-two batch size up to ``max_batch_size`` before it
 reports ready, so the first real call does not pay for graph and kernel setup. Batches run on a thread pool
 with one thread per concurrent batch; TensorFlow releases the GIL while it computes.
+
+Hot reload, as TF Serving does it: every ``watch_s`` seconds it looks at the model directory. A new highest
+version is loaded and warmed up on a separate thread while the current one keeps serving, then becomes the
+served version in one step (``on_change``); the version it replaces stays loaded for ``retire_s`` more, so
+calls already queued for it finish. In ``all`` mode, every new version is added.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -46,6 +53,8 @@ class EmbeddedBackend:
         concurrency: int = 2,
         threads: int = 0,
         warmup: bool = True,
+        watch_s: float = 0.0,
+        retire_s: float = 30.0,
     ) -> None:
         self._model_dir = model_dir
         self._model_name = model_name
@@ -56,10 +65,61 @@ class EmbeddedBackend:
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="embedded-backend")
         self._signatures: dict[int, Any] = {}
         self._tf: Any = None
+        self._watch_s = watch_s
+        self._retire_s = retire_s
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedded-loader")
+        self._watcher: asyncio.Task[None] | None = None
+        self._description: ModelDescription | None = None
+        #: Called with the new description when the served versions change (hot reload).
+        self.on_change: Callable[[ModelDescription | None], None] | None = None
 
     async def start(self) -> ModelDescription:
-        """Load (and warm up) off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._load)
+        """Load (and warm up) off the event loop; then watch the directory for new versions."""
+        self._description = await asyncio.get_running_loop().run_in_executor(self._loader, self._load)
+        if self._watch_s > 0:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="embedded-watch")
+        return self._description
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._watch_s)
+            assert self._description is not None
+            current = self._description.versions
+            try:
+                found = find_versions(self._model_dir)
+            except OSError as exc:
+                log.warning("cannot list %s: %s", self._model_dir, exc)
+                continue
+            new = [v for v in found if v > current[-1]] if not self._all_versions else [
+                v for v in found if v not in current]
+            if not new:
+                continue
+            wanted = new[-1:] if not self._all_versions else new
+            try:
+                for v in wanted:
+                    await loop.run_in_executor(self._loader, self._load_version, v, self._description.labels)
+            except Exception:
+                log.exception("could not load version(s) %s from %s; still serving %s", wanted, self._model_dir,
+                              list(current))  # fmt: skip
+                await asyncio.sleep(self._watch_s)  # do not retry in a tight loop
+                continue
+            versions = tuple(sorted({*current, *wanted})) if self._all_versions else (wanted[-1],)
+            self._description = ModelDescription(self._model_name, versions, self._description.labels)
+            log.info("now serving %s versions %s", self._model_name, list(versions))
+            if self.on_change is not None:
+                self.on_change(self._description)
+            retired = [v for v in current if v not in versions]
+            if retired:
+                loop.call_later(self._retire_s, self._retire, retired)
+
+    def _retire(self, versions: list[int]) -> None:
+        """Drop versions no longer served (after calls queued for them have had time to finish)."""
+        assert self._description is not None
+        for v in versions:
+            if v not in self._description.versions:
+                self._signatures.pop(v, None)
+                log.info("unloaded %s version %d", self._model_name, v)
 
     def _load(self) -> ModelDescription:
         import tensorflow as tf
@@ -77,19 +137,24 @@ class EmbeddedBackend:
             versions = versions[-1:]
         labels: tuple[str, ...] | None = None
         for v in versions:
-            t0 = time.perf_counter()
-            loaded = tf.saved_model.load(str(self._model_dir / str(v)))
-            self._signatures[v] = (loaded, loaded.signatures[SIGNATURE])
-            these = read_labels(self._model_dir / str(v))
-            if labels is not None and these != labels:
-                raise ValueError(f"version {v} has different labels from version {versions[0]}; serve one at a time")
-            labels = these
-            log.info("loaded %s version %d (%d classes) in %.1fs", self._model_name, v, len(these),
-                     time.perf_counter() - t0)
-            if self._warmup:
-                self._warm(v)
+            labels = self._load_version(v, labels)
         assert labels is not None
         return ModelDescription(self._model_name, tuple(versions), labels)
+
+    def _load_version(self, v: int, labels: tuple[str, ...] | None) -> tuple[str, ...]:
+        """Load and warm up one version; its labels must match ``labels`` when given. Returns its labels."""
+        tf = self._tf
+        t0 = time.perf_counter()
+        these = read_labels(self._model_dir / str(v))
+        if labels is not None and these != labels:
+            raise ValueError(f"version {v} has different labels from the served version; serve one at a time")
+        loaded = tf.saved_model.load(str(self._model_dir / str(v)))
+        self._signatures[v] = (loaded, loaded.signatures[SIGNATURE])
+        log.info("loaded %s version %d (%d classes) in %.1fs", self._model_name, v, len(these),
+                 time.perf_counter() - t0)  # fmt: skip
+        if self._warmup:
+            self._warm(v)
+        return these
 
     def _warm(self, version: int) -> None:
         t0 = time.perf_counter()
@@ -117,6 +182,11 @@ class EmbeddedBackend:
         return asyncio.get_running_loop().run_in_executor(self._pool, self._run, images, version)
 
     async def close(self) -> None:
-        """Wait for running batches and drop the models."""
+        """Stop watching, wait for running batches and drop the models."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        self._loader.shutdown(wait=True)
         self._pool.shutdown(wait=True)
         self._signatures.clear()

@@ -3,6 +3,7 @@
 - Readiness follows ``ModelService/GetModelStatus``: start() waits until TF Serving reports a version
   AVAILABLE, and a poller keeps the set of AVAILABLE versions current afterwards (``on_change``), so the
   gateway follows versions as TF Serving loads and unloads them, and reports NOT_SERVING while none is.
+  A NOT_FOUND from Predict (a version just unloaded) makes it look again at once.
 - The signature is checked through ``GetModelMetadata``; labels come from the labels asset
   (``--labels-file`` or ``<model-dir>/<version>/assets/labels.txt``), and their count must match the
   signature's output width.
@@ -110,6 +111,7 @@ class TFServingBackend:
         self._models: model_service_pb2_grpc.ModelServiceStub | None = None
         self._poller: asyncio.Task[None] | None = None
         self._description: ModelDescription | None = None
+        self._refresh = asyncio.Event()
         #: Called with the new description when the AVAILABLE versions change, None when none is left.
         self.on_change: Callable[[ModelDescription | None], None] | None = None
 
@@ -203,7 +205,9 @@ class TFServingBackend:
         """Poll GetModelStatus and report changes in the AVAILABLE versions."""
         last: tuple[int, ...] | None = self._description.versions if self._description else None
         while True:
-            await asyncio.sleep(self._s.tfserving_status_poll_s)
+            with contextlib.suppress(TimeoutError):  # a NOT_FOUND from Predict asks for an early look
+                await asyncio.wait_for(self._refresh.wait(), self._s.tfserving_status_poll_s)
+            self._refresh.clear()
             try:
                 versions: tuple[int, ...] = await self.available_versions()
             except grpc.aio.AioRpcError as exc:
@@ -246,6 +250,8 @@ class TFServingBackend:
         try:
             resp = await call
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                self._refresh.set()  # TF Serving unloaded it: learn the new versions now, not at the next poll
             raise _mapped(exc, f"Predict of {n} drawings on version {version}") from None
         if OUTPUT_KEY not in resp.outputs:
             raise BackendError(f"TF Serving's answer has no {OUTPUT_KEY!r} output: {sorted(resp.outputs)}")
