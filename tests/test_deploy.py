@@ -1,0 +1,702 @@
+"""deploy/: Kubernetes manifests, container build files, Prometheus rules, adapter rules and the Grafana dashboard.
+
+- Every kustomization (base, overlays/gpu, overlays/cpu) is rendered by real kustomize (``kubectl kustomize``,
+  kustomize v5 built into kubectl, which this kind of machine ships; a standalone ``kustomize`` is used when on
+  PATH) and every rendered object validates, strictly (unknown fields are errors), against the Kubernetes
+  OpenAPI schemas of ``K8S_VERSION`` shipped by the ``kubernetes-validate`` package.
+- Every file a kustomization names exists; every path a Dockerfile copies exists and is let in by .dockerignore.
+- The rendered objects hang together: probes, ports, labels, grace periods, GPU scheduling, HPA metrics.
+- ``promtool check config``, ``check rules`` and ``test rules`` pass. promtool comes from Debian's ``prometheus``
+  package, installed here when missing (as root, with apt); without it these tests skip and say why.
+- A real Prometheus, started on a free port, scrapes a real gateway (``RunningGateway``) under load through
+  the scrape job and relabelling of deploy/prometheus/prometheus.yml, evaluates the recording rules, and
+  answers every recording rule's and every prometheus-adapter rule's PromQL, read from the files.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from harness import SHIPPED_MODEL, RunningGateway
+
+from service.backends import find_versions
+from service.metrics import Metrics
+from service.settings import ENV_PREFIX, Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+PROM = DEPLOY / "prometheus"
+#: The Kubernetes version every manifest is validated against (its API schemas ship in kubernetes-validate).
+K8S_VERSION = "1.32.0"
+TARGETS = ["base", "overlays/gpu", "overlays/cpu"]
+
+
+# --- helpers ---------------------------------------------------------------------------------------------------
+
+
+def load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def kustomize_command() -> list[str] | None:
+    """Standalone kustomize if present, else kubectl's built-in kustomize; None when neither is installed."""
+    if exe := shutil.which("kustomize"):
+        return [exe, "build"]
+    if exe := shutil.which("kubectl"):
+        return [exe, "kustomize"]
+    return None
+
+
+_rendered: dict[str, list[dict[str, Any]]] = {}
+
+
+def render(target: str) -> list[dict[str, Any]]:
+    """The objects ``kustomize build deploy/k8s/<target>`` produces (cached per target; "../x" is deploy/x)."""
+    if target not in _rendered:
+        cmd = kustomize_command()
+        if cmd is None:
+            pytest.skip("neither kustomize nor kubectl (which embeds kustomize) is on PATH")
+        out = subprocess.run([*cmd, str(K8S / target)], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, f"kustomize build {target} failed:\n{out.stderr}"
+        _rendered[target] = [d for d in yaml.safe_load_all(out.stdout) if d]
+    return _rendered[target]
+
+
+def find(objs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    for o in objs:
+        if o["kind"] == kind and o["metadata"]["name"] == name:
+            return o
+    raise AssertionError(f"no {kind}/{name} in the rendered manifests")
+
+
+def container(deploy: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(c for c in deploy["spec"]["template"]["spec"]["containers"] if c["name"] == name)
+
+
+def env_of(c: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in c.get("env", [])}
+
+
+def prestop_sleep_s(c: dict[str, Any]) -> float:
+    cmd = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert cmd[0] == "sleep", cmd
+    return float(cmd[1])
+
+
+def adapter_rules() -> list[tuple[str, dict[str, Any]]]:
+    """(kind, rule) for every prometheus-adapter rule: kind is "pods" (rules) or "external" (externalRules)."""
+    cfg = load_yaml(PROM / "adapter" / "config.yaml")
+    return [("pods", r) for r in cfg.get("rules", [])] + [("external", r) for r in cfg.get("externalRules", [])]
+
+
+def adapter_name(rule: dict[str, Any]) -> str:
+    series = re.match(r"\s*([a-zA-Z_:][a-zA-Z0-9_:]*)", rule["seriesQuery"]).group(1)  # type: ignore[union-attr]
+    return re.sub(rule["name"]["matches"], rule["name"].get("as", "$0").replace("$", "\\"), series)
+
+
+def expand_adapter_query(kind: str, rule: dict[str, Any], namespace: str, pods: list[str]) -> str:
+    """The PromQL prometheus-adapter sends for this rule: its metricsQuery with the templates filled."""
+    series = re.match(r"\s*([a-zA-Z_:][a-zA-Z0-9_:]*)", rule["seriesQuery"]).group(1)  # type: ignore[union-attr]
+    if kind == "pods":
+        matchers, group_by = f'namespace="{namespace}",pod=~"{"|".join(pods)}"', "pod"
+    else:
+        matchers, group_by = f'namespace="{namespace}"', "namespace"
+    return (
+        rule["metricsQuery"]
+        .replace("<<.Series>>", series)
+        .replace("<<.LabelMatchers>>", matchers)
+        .replace("<<.GroupBy>>", group_by)
+    )
+
+
+def rule_groups() -> list[tuple[Path, dict[str, Any]]]:
+    return [(p, r) for p in sorted((PROM / "rules").glob("*.yml")) for g in load_yaml(p)["groups"] for r in g["rules"]]
+
+
+def recording_rules() -> list[dict[str, Any]]:
+    return [r for _, r in rule_groups() if "record" in r]
+
+
+def gateway_series_names() -> set[str]:
+    """Every sample name the gateway's registry can expose (histogram parts, counter totals, gauges)."""
+    names: set[str] = set()
+    for family in Metrics().registry.collect():
+        if family.type == "histogram":
+            names |= {f"{family.name}{s}" for s in ("_bucket", "_sum", "_count", "_created")}
+        elif family.type == "counter":
+            names |= {f"{family.name}_total", f"{family.name}_created"}
+        else:
+            names.add(family.name)
+    return names
+
+
+def promql_names(expr: str) -> set[str]:
+    """The plain quickdraw_* metric names in a PromQL expression (not recording-rule names with colons)."""
+    return set(re.findall(r"(?<![\w:])quickdraw_\w+(?![\w:])", expr))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- kustomize: files, schemas, consistency ----------------------------------------------------------------------
+
+
+def kustomizations() -> list[Path]:
+    return sorted(DEPLOY.rglob("kustomization.yaml"))
+
+
+def test_every_path_a_kustomization_names_exists() -> None:
+    assert kustomizations(), "no kustomization.yaml under deploy/"
+    missing = []
+    for k in kustomizations():
+        doc, d = load_yaml(k), k.parent
+        for res in doc.get("resources", []) + doc.get("components", []):
+            p = d / res
+            if not (p.is_file() or (p.is_dir() and (p / "kustomization.yaml").is_file())):
+                missing.append(f"{k.relative_to(ROOT)}: resource {res}")
+        for patch in doc.get("patches", []) + [{"path": p} for p in doc.get("patchesStrategicMerge", [])]:
+            if "path" in patch and not (d / patch["path"]).is_file():
+                missing.append(f"{k.relative_to(ROOT)}: patch {patch['path']}")
+        for gen in doc.get("configMapGenerator", []) + doc.get("secretGenerator", []):
+            for f in gen.get("files", []):
+                if not (d / f.split("=", 1)[-1]).is_file():
+                    missing.append(f"{k.relative_to(ROOT)}: generator {gen['name']} file {f}")
+    assert not missing, "\n".join(missing)
+    # base and both overlays are reachable from the overlays (nothing orphaned in deploy/k8s)
+    for target in TARGETS:
+        assert (K8S / target / "kustomization.yaml").is_file(), target
+
+
+@pytest.mark.parametrize("target", [*TARGETS, "../loadtest"])
+def test_manifests_validate_against_kubernetes_schemas(target: str) -> None:
+    import kubernetes_validate
+
+    objs = render(target)
+    errors = []
+    for o in objs:
+        try:
+            kubernetes_validate.validate(o, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            errors.append(f"{o['kind']}/{o['metadata']['name']}: {e.message} at {list(e.path)}")
+        except kubernetes_validate.SchemaNotFoundError as e:
+            errors.append(f"{o['kind']}/{o['metadata']['name']}: no schema ({e})")
+    assert not errors, f"{target} (Kubernetes {K8S_VERSION}):\n" + "\n".join(errors)
+    kinds = {o["kind"] for o in objs}
+    if target == "../loadtest":
+        assert kinds == {"Job"}, kinds
+        return
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy",
+            "ConfigMap"} <= kinds, kinds  # fmt: skip
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_references_resolve(target: str) -> None:
+    """ConfigMaps, PVCs, service accounts, HPA targets and selectors point at objects that exist."""
+    objs = render(target)
+    names = {(o["kind"], o["metadata"]["name"]) for o in objs}
+    for o in objs:
+        assert o["metadata"].get("namespace", "quickdraw") == "quickdraw" or o["kind"] == "Namespace"
+    deployments = [o for o in objs if o["kind"] == "Deployment"]
+    for d in deployments:
+        spec = d["spec"]["template"]["spec"]
+        assert d["spec"]["selector"]["matchLabels"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        for v in spec.get("volumes", []):
+            if "configMap" in v:
+                assert ("ConfigMap", v["configMap"]["name"]) in names, v
+            if "persistentVolumeClaim" in v:
+                assert ("PersistentVolumeClaim", v["persistentVolumeClaim"]["claimName"]) in names, v
+        if "serviceAccountName" in spec:
+            assert ("ServiceAccount", spec["serviceAccountName"]) in names
+    pod_labels = [d["spec"]["template"]["metadata"]["labels"] for d in deployments]
+    for o in objs:
+        if o["kind"] == "HorizontalPodAutoscaler":
+            ref = o["spec"]["scaleTargetRef"]
+            assert (ref["kind"], ref["name"]) in names, ref
+        selector = None
+        if o["kind"] == "Service":
+            selector = o["spec"]["selector"]
+        elif o["kind"] in ("PodDisruptionBudget", "NetworkPolicy"):
+            selector = o["spec"].get("selector", o["spec"].get("podSelector", {})).get("matchLabels")
+        if selector is not None:
+            assert any(selector.items() <= labels.items() for labels in pod_labels), (o["kind"], selector)
+
+
+def test_tfserving_deployment() -> None:
+    """Headless Service, ConfigMap files mounted where the args read them, readiness on the model, preStop."""
+    base, gpu, cpu = (render(t) for t in TARGETS)
+    svc = find(base, "Service", "tfserving-headless")
+    assert svc["spec"]["clusterIP"] == "None"
+    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"grpc": 8500, "http": 8501}
+    for objs in (base, gpu, cpu):
+        dep = find(objs, "Deployment", "tfserving")
+        c = container(dep, "tfserving")
+        args = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in c["args"]}
+        assert args["--port"] == "8500" and args["--rest_api_port"] == "8501"
+        cm = find(objs, "ConfigMap", next(v["configMap"]["name"] for v in dep["spec"]["template"]["spec"]["volumes"]
+                                          if "configMap" in v))  # fmt: skip
+        mount = next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == "config")
+        for flag in ("--model_config_file", "--batching_parameters_file", "--monitoring_config_file"):
+            path = Path(args[flag])
+            assert str(path.parent) == mount and path.name in cm["data"], (flag, path, sorted(cm["data"]))
+            assert cm["data"][path.name] == (DEPLOY / "tfserving" / path.name).read_text()
+        assert "grpc.max_connection_age_ms" in args["--grpc_channel_arguments"]
+        probe = c["readinessProbe"]["httpGet"]
+        assert probe["path"] == "/v1/models/quickdraw/metadata" and probe["port"] == "http"
+        # TF Serving ignores SIGTERM: the preStop sleep must outlast a connection's max age plus its grace,
+        # and the grace period must outlast the preStop sleep.
+        age = dict(kv.split("=") for kv in args["--grpc_channel_arguments"].split(","))
+        age_s = (int(age["grpc.max_connection_age_ms"]) + int(age.get("grpc.max_connection_age_grace_ms", 0))) / 1e3
+        sleep = prestop_sleep_s(c)
+        assert sleep >= age_s, (sleep, age_s)
+        assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > sleep
+        models = next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == "models")
+        assert "base_path: \"" + models + "/quickdraw\"" in cm["data"]["models.config"]
+    gpu_tfs = find(gpu, "Deployment", "tfserving")
+    spec = gpu_tfs["spec"]["template"]["spec"]
+    c = container(gpu_tfs, "tfserving")
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert c["image"].startswith("tensorflow/serving:") and c["image"].endswith("-gpu")
+    assert spec["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
+    assert any("persistentVolumeClaim" in v for v in spec["volumes"])
+    cpu_tfs = find(cpu, "Deployment", "tfserving")
+    assert "nvidia.com/gpu" not in json.dumps(cpu_tfs)
+    assert not any(o["kind"] == "PersistentVolumeClaim" for o in cpu)
+    init = cpu_tfs["spec"]["template"]["spec"]["initContainers"][0]
+    assert init["image"] == container(find(cpu, "Deployment", "quickdraw-gateway"), "gateway")["image"]
+
+
+def test_gateway_deployment_matches_its_settings() -> None:
+    """Env names are real settings, ports and probes match them, the grace period covers the drain."""
+    fields = set(Settings.model_fields)
+    for target in TARGETS:
+        objs = render(target)
+        dep = find(objs, "Deployment", "quickdraw-gateway")
+        spec = dep["spec"]["template"]["spec"]
+        c = container(dep, "gateway")
+        env = env_of(c)
+        named = {k.removeprefix(ENV_PREFIX).lower(): v for k, v in env.items() if k.startswith(ENV_PREFIX)}
+        not_settings = sorted(set(named) - fields)
+        assert not not_settings, f"QUICKDRAW_* variables that are no setting: {not_settings}"
+        # the values are valid settings too ($(POD_NAMESPACE) is expanded by the kubelet)
+        settings = Settings(**{k: v.replace("$(POD_NAMESPACE)", "quickdraw") for k, v in named.items()})
+        assert settings.backend == "tfserving" and settings.max_connection_age_s > 0
+        assert env["QUICKDRAW_BACKEND"] == "tfserving"
+        assert env["QUICKDRAW_TFSERVING_TARGET"].startswith("dns:///tfserving-headless.")
+        assert env["QUICKDRAW_TFSERVING_TARGET"].endswith(":8500")
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports["grpc"] == settings.grpc_port and ports["metrics"] == settings.http_port
+        assert not settings.http_api, "the metrics port is Prometheus-only: no JSON API or playground on it"
+        mounts = {m["mountPath"] for m in c["volumeMounts"]}
+        assert any(str(settings.model_dir).startswith(m) for m in mounts) or target == "overlays/cpu", mounts
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["grpc"]["port"] == ports["grpc"], probe
+        grace = settings.shutdown_grace_s
+        assert spec["terminationGracePeriodSeconds"] >= prestop_sleep_s(c) + grace + 5
+        sc, psc = c["securityContext"], spec["securityContext"]
+        assert psc["runAsNonRoot"] and psc["runAsUser"] != 0
+        assert sc["readOnlyRootFilesystem"] and sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
+        svc = find(objs, "Service", "quickdraw-gateway")
+        assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["grpc"]
+        pdb = find(objs, "PodDisruptionBudget", "quickdraw-gateway")
+        assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+
+
+def test_network_policies() -> None:
+    """Only the gateway reaches TF Serving's gRPC port; only Prometheus reaches the metrics ports."""
+    objs = render("base")
+    gw_labels = find(objs, "Deployment", "quickdraw-gateway")["spec"]["template"]["metadata"]["labels"]
+    tfs = find(objs, "NetworkPolicy", "tfserving")
+    grpc_rule = next(r for r in tfs["spec"]["ingress"] if any(p["port"] == "grpc" for p in r["ports"]))
+    assert [f["podSelector"]["matchLabels"].items() <= gw_labels.items() for f in grpc_rule["from"]] == [True]
+    gw = find(objs, "NetworkPolicy", "quickdraw-gateway")
+    for policy, port in ((tfs, "http"), (gw, "metrics")):
+        rule = next(r for r in policy["spec"]["ingress"] if any(p["port"] == port for p in r["ports"]))
+        [peer] = rule["from"]
+        assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+        assert "namespaceSelector" in peer
+    open_rule = next(r for r in gw["spec"]["ingress"] if "from" not in r)
+    assert [p["port"] for p in open_rule["ports"]] == ["grpc"], "only the gRPC port is open to every client"
+
+
+def test_hpas_read_metrics_the_adapter_serves() -> None:
+    served = {(kind, adapter_name(r)) for kind, r in adapter_rules()}
+    for target in TARGETS:
+        for hpa in (o for o in render(target) if o["kind"] == "HorizontalPodAutoscaler"):
+            assert hpa["apiVersion"] == "autoscaling/v2"
+            for m in hpa["spec"]["metrics"]:
+                kind = m["type"].lower()
+                assert (kind, m[kind]["metric"]["name"]) in served, (hpa["metadata"]["name"], m, served)
+                assert m[kind]["target"]["type"] == "AverageValue"
+    gw = find(render("base"), "HorizontalPodAutoscaler", "quickdraw-gateway")
+    assert [m["type"] for m in gw["spec"]["metrics"]] == ["Pods"], "the gateway scales on a per-pod metric"
+
+
+# --- containers -------------------------------------------------------------------------------------------------
+
+
+def dockerignore_allows(rel: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parent directories decides."""
+    parts = rel.strip("/").split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    allowed = True
+    for raw in patterns:
+        neg = raw.startswith("!")
+        pat = raw[1:] if neg else raw
+        pat = pat.strip("/")
+        rx = re.compile(
+            "^" + re.escape(pat).replace(r"\*\*", "\0").replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
+            .replace("\0/", "(.*/)?").replace("\0", ".*") + "$"
+        )  # fmt: skip
+        if any(rx.match(c) for c in candidates):
+            allowed = neg
+    return allowed
+
+
+def dockerfile_copies(path: Path) -> list[str]:
+    """Sources of every COPY/ADD from the build context (stage copies with --from= are not from it)."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    out = []
+    for line in text.splitlines():
+        words = line.split()
+        if not words or words[0].upper() not in ("COPY", "ADD"):
+            continue
+        args = [w for w in words[1:] if not w.startswith("--")]
+        if any(w.startswith("--from=") for w in words[1:]):
+            continue
+        out += args[:-1]
+    return out
+
+
+def git_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout.split() if out.returncode == 0 else []
+
+
+@pytest.mark.parametrize("dockerfile", sorted((DEPLOY / "docker").glob("*.Dockerfile")), ids=lambda p: p.name)
+def test_every_path_a_dockerfile_copies_exists(dockerfile: Path) -> None:
+    patterns = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
+                if ln.strip() and not ln.startswith("#")]  # fmt: skip
+    tracked = git_files()
+    sources = dockerfile_copies(dockerfile)
+    assert sources, f"{dockerfile.name} copies nothing"
+    for src in sources:
+        p = ROOT / src
+        assert p.exists(), f"{dockerfile.name}: COPY {src}: no such path in the repository"
+        assert dockerignore_allows(src, patterns), f"{dockerfile.name}: COPY {src} is excluded by .dockerignore"
+        if p.is_dir():
+            inside = [f for f in tracked if f.startswith(src.rstrip("/") + "/")] if tracked else []
+            let_in = [f for f in inside if dockerignore_allows(f, patterns)]
+            assert let_in or not tracked, f"{dockerfile.name}: COPY {src}: .dockerignore lets no file of it in"
+    text = dockerfile.read_text()
+    if "pip install ." in text:  # the image installs the project: every package pyproject.toml names is copied
+        import tomllib
+
+        include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+        packages = {p.rstrip("*") for p in include["include"]}
+        copied = {src.strip("/") for src in sources}
+        assert packages <= copied, f"{dockerfile.name} does not copy {sorted(packages - copied)}"
+        assert {"pyproject.toml", "README.md"} <= copied
+    assert re.search(r"^USER\s+(?!0\b|root\b)\S+", text, re.M), f"{dockerfile.name} must not run as root"
+
+
+def test_dockerignore_keeps_local_state_out() -> None:
+    patterns = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
+                if ln.strip() and not ln.startswith("#")]  # fmt: skip
+    for path in (".venv/bin/python", ".git/HEAD", "data/x.npy", "runs/qdnet/logs/e", "tests/test_deploy.py",
+                 "service/__pycache__/app.cpython-311.pyc", "models/quickdraw/1/evaluation/confusion.png"):
+        assert not dockerignore_allows(path, patterns), path
+    for path in ("service/app.py", "pyproject.toml", "models/quickdraw/1/saved_model.pb"):
+        assert dockerignore_allows(path, patterns), path
+
+
+# --- Prometheus: promtool -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def promtool() -> Path:
+    """The directory holding promtool and prometheus; installs Debian's prometheus package when missing."""
+    if not (shutil.which("promtool") and shutil.which("prometheus")):
+        if os.geteuid() != 0 or not shutil.which("apt-get"):
+            pytest.skip("promtool/prometheus missing and cannot install Debian's prometheus (needs root and apt)")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "prometheus"]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0 or not shutil.which("promtool"):
+            pytest.skip(f"could not install Debian's prometheus package: {done.stderr.strip()[-500:]}")
+    return Path(shutil.which("promtool")).parent  # type: ignore[arg-type]
+
+
+def promtool_run(promtool: Path, *args: str, cwd: Path = ROOT) -> str:
+    out = subprocess.run([str(promtool / "promtool"), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"promtool {' '.join(args)}:\n{out.stdout}\n{out.stderr}"
+    return out.stdout + out.stderr
+
+
+#: The meta labels Kubernetes pod discovery gives a target (prometheus.io docs, kubernetes_sd_config role pod).
+def pod_meta_labels(app: str, port_name: str, pod: str, namespace: str = "quickdraw") -> dict[str, str]:
+    return {
+        "__meta_kubernetes_namespace": namespace,
+        "__meta_kubernetes_pod_name": pod,
+        "__meta_kubernetes_pod_node_name": "node-1",
+        "__meta_kubernetes_pod_label_app_kubernetes_io_name": app,
+        "__meta_kubernetes_pod_container_port_name": port_name,
+    }
+
+
+KUBERNETES_SD_KEYS = {"role", "namespaces", "selectors", "api_server", "kubeconfig_file", "attach_metadata"}
+
+
+def with_static_discovery(config: dict[str, Any], targets: dict[str, tuple[str, dict[str, str]]]) -> dict[str, Any]:
+    """The config with each job's kubernetes_sd_configs replaced by a static target carrying the same meta labels.
+
+    Debian builds Prometheus without Kubernetes discovery (its NEWS.Debian: "Kubernetes support has been
+    completely removed"), so its promtool and server refuse kubernetes_sd_configs. Everything else (relabelling,
+    rule files, paths) is checked and run as written. Jobs not in ``targets`` are dropped.
+    """
+    out = copy.deepcopy(config)
+    jobs = []
+    for job in out["scrape_configs"]:
+        sd = job.pop("kubernetes_sd_configs", None)
+        if sd is not None:
+            for s in sd:
+                assert set(s) <= KUBERNETES_SD_KEYS and s["role"] == "pod", s
+        if job["job_name"] in targets:
+            address, labels = targets[job["job_name"]]
+            job["static_configs"] = [{"targets": [address], "labels": labels}]
+            jobs.append(job)
+    out["scrape_configs"] = jobs
+    return out
+
+
+def test_promtool_check_config(promtool: Path, tmp_path: Path) -> None:
+    config = load_yaml(PROM / "prometheus.yml")
+    out = subprocess.run([str(promtool / "promtool"), "check", "config", str(PROM / "prometheus.yml")],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    if out.returncode == 0:
+        return
+    assert "kubernetes_sd_configs" in out.stdout + out.stderr, out.stdout + out.stderr
+    # A promtool without Kubernetes discovery (Debian's): check everything else, as written.
+    targets = {j["job_name"]: ("127.0.0.1:9", pod_meta_labels("x", "metrics", "p")) for j in config["scrape_configs"]}
+    checked = with_static_discovery(config, targets)
+    checked["rule_files"] = [str(PROM / f) for f in config["rule_files"]]
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(checked, sort_keys=False))
+    promtool_run(promtool, "check", "config", str(path))
+
+
+def test_promtool_check_rules(promtool: Path) -> None:
+    files = sorted(str(p) for p in (PROM / "rules").glob("*.yml"))
+    assert files
+    promtool_run(promtool, "check", "rules", *files)
+
+
+def test_promtool_test_rules_covers_every_alert(promtool: Path) -> None:
+    tests = PROM / "tests" / "alerts.test.yml"
+    out = promtool_run(promtool, "test", "rules", str(tests), cwd=tests.parent)
+    assert "SUCCESS" in out
+    alerts = {r["alert"] for _, r in rule_groups() if "alert" in r}
+    tested = {t["alertname"] for case in load_yaml(tests)["tests"] for t in case.get("alert_rule_test", [])}
+    firing = {t["alertname"] for case in load_yaml(tests)["tests"] for t in case.get("alert_rule_test", [])
+              if t.get("exp_alerts")}  # fmt: skip
+    assert alerts == tested == firing, f"alerts without a firing test: {sorted(alerts - firing)}"
+    needed = {"QuickdrawHighErrorRatio", "QuickdrawLatencySLOBreach", "QuickdrawQueueBacklog",
+              "QuickdrawNoReadyTFServing"}  # fmt: skip
+    assert needed <= alerts
+
+
+# --- PromQL names and the dashboard -----------------------------------------------------------------------------
+
+
+def test_promql_names_exist_in_the_gateway() -> None:
+    """Every quickdraw_* series named in rules, adapter rules and the dashboard is one the gateway exposes."""
+    exposed = gateway_series_names()
+    exprs = [r.get("expr", "") for _, r in rule_groups()]
+    exprs += [r["seriesQuery"] + " " + r["metricsQuery"] for _, r in adapter_rules()]
+    dash = json.loads((DEPLOY / "grafana" / "quickdraw.json").read_text())
+    exprs += [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    unknown = {n for e in exprs for n in promql_names(e)} - exposed
+    assert not unknown, f"not exposed by service/metrics.py: {sorted(unknown)}"
+
+
+def test_dashboard_uses_the_recording_rules() -> None:
+    dash = json.loads((DEPLOY / "grafana" / "quickdraw.json").read_text())
+    recorded = {r["record"] for r in recording_rules()}
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    assert exprs
+    used = {n for e in exprs for n in re.findall(r"[a-z_]+:[a-z0-9_]+:[a-z0-9_]+", e)}
+    assert used <= recorded, f"dashboard reads unrecorded series: {sorted(used - recorded)}"
+    for q in ("p50", "p90", "p99"):
+        assert f"job_method:quickdraw_request_duration_seconds:{q}_1m" in used
+    assert {"job:quickdraw_requests:rate1m", "job:quickdraw_batch_size_drawings:mean1m",
+            "job:quickdraw_request_errors:ratio_rate5m"} <= used  # fmt: skip
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+# --- a real Prometheus scraping a real gateway ------------------------------------------------------------------
+
+
+def query(base: str, expr: str) -> list[dict[str, Any]]:
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    body = json.load(urllib.request.urlopen(url, timeout=10))
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+@pytest.fixture(scope="module")
+def gateway() -> Iterator[RunningGateway]:
+    """The real gateway on free ports, serving the shipped model."""
+    if not find_versions(SHIPPED_MODEL):
+        pytest.skip(f"no SavedModel under {SHIPPED_MODEL}")
+    with RunningGateway(max_batch_delay_ms=2.0) as gw:
+        yield gw
+
+
+def test_loadtest_job_runs_quickdraw_commands_that_parse() -> None:
+    """The load-test Job's containers run `quickdraw download` and `quickdraw loadtest` with valid arguments."""
+    from quickdraw.cli import build_parser
+
+    [job] = [o for o in render("../loadtest") if o["kind"] == "Job"]
+    spec = job["spec"]["template"]["spec"]
+    gw_image = container(find(render("overlays/cpu"), "Deployment", "quickdraw-gateway"), "gateway")["image"]
+    commands = []
+    for c in spec["initContainers"] + spec["containers"]:
+        assert c["image"] == gw_image and "command" not in c, c["name"]  # the image's ENTRYPOINT: quickdraw
+        args = build_parser().parse_args(c["args"])
+        commands.append(args.command)
+    assert commands == ["download", "loadtest"]
+    loadtest = build_parser().parse_args(spec["containers"][0]["args"])
+    assert loadtest.target.split(".")[0] == "quickdraw-gateway" and str(loadtest.data[0]) == "/data"
+
+
+@pytest.fixture(scope="module")
+def prometheus_on_gateway(
+    promtool: Path, gateway: RunningGateway, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str]]:
+    """(Prometheus URL, scraped pod name): the repo's scrape job and rules on a live gateway under load."""
+    from service.client import QuickDrawClient
+
+    tmp = tmp_path_factory.mktemp("prometheus")
+    pod = "quickdraw-gateway-5d8f7c9b6-x2x7q"
+    gw = gateway
+    config = load_yaml(PROM / "prometheus.yml")
+    labels = pod_meta_labels("quickdraw-gateway", "metrics", pod)
+    live = with_static_discovery(config, {"quickdraw-gateway": (f"127.0.0.1:{gw.app.http_port}", labels)})
+    live["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    live["rule_files"] = [str(PROM / f) for f in config["rule_files"]]
+    (tmp / "prometheus.yml").write_text(yaml.safe_dump(live, sort_keys=False))
+    port = free_port()
+    log = (tmp / "prometheus.log").open("w")
+    server = subprocess.Popen(
+        [str(promtool / "prometheus"), f"--config.file={tmp / 'prometheus.yml'}",
+         f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    stop = threading.Event()
+
+    def load(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        with QuickDrawClient(gw.target, timeout_s=30) as client:
+            while not stop.is_set():
+                n = int(rng.integers(1, 9))
+                client.classify(list(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)), top_k=3)
+
+    threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(4)]
+    for t in threads:
+        t.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, (tmp / "prometheus.log").read_text()[-3000:]
+            try:
+                if query(base, 'up{job="quickdraw-gateway"} == 1'):
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "Prometheus never scraped the gateway"
+            time.sleep(0.5)
+        yield base, pod
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def wait_for(base: str, expr: str, timeout_s: float = 45) -> list[dict[str, Any]]:
+    """The result of ``expr`` once it has a finite sample (rate windows need two scrapes; an idle series is NaN)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = query(base, expr)
+        if any(math.isfinite(float(s["value"][1])) for s in result):
+            return result
+        assert time.monotonic() < deadline, f"no finite value for:\n{expr}\nlast result: {result}"
+        time.sleep(0.5)
+
+
+def test_prometheus_scrapes_the_gateway_with_kubernetes_labels(prometheus_on_gateway: tuple[str, str]) -> None:
+    base, pod = prometheus_on_gateway
+    [up] = wait_for(base, 'up{job="quickdraw-gateway"}')
+    assert up["metric"]["namespace"] == "quickdraw" and up["metric"]["pod"] == pod, up["metric"]
+    assert not any(k.startswith("__") for k in up["metric"] if k != "__name__"), up["metric"]
+
+
+@pytest.mark.parametrize("index", range(len(adapter_rules())), ids=[adapter_name(r) for _, r in adapter_rules()])
+def test_adapter_rule_promql_returns_a_value(prometheus_on_gateway: tuple[str, str], index: int) -> None:
+    """The HPAs' PromQL, expanded as prometheus-adapter expands it, answers from the live gateway's data."""
+    base, pod = prometheus_on_gateway
+    kind, rule = adapter_rules()[index]
+    series = wait_for(base, rule["seriesQuery"])
+    assert series, rule["seriesQuery"]
+    promql = expand_adapter_query(kind, rule, "quickdraw", [pod])
+    result = wait_for(base, promql)
+    if kind == "pods":
+        assert [s["metric"]["pod"] for s in result] == [pod], result
+    else:
+        assert len(result) == 1, result
+    if adapter_name(rule) == "quickdraw_inflight_requests":  # the gateway HPA's metric, under load
+        deadline = time.monotonic() + 30
+        while float(result[0]["value"][1]) <= 0:
+            assert time.monotonic() < deadline, f"{promql} stayed 0 under load"
+            time.sleep(1)
+            result = wait_for(base, promql)
+
+
+@pytest.mark.parametrize("index", range(len(recording_rules())), ids=[r["record"] for r in recording_rules()])
+def test_recording_rule_promql_returns_a_value(prometheus_on_gateway: tuple[str, str], index: int) -> None:
+    """Each recording rule's expression answers with finite values, and Prometheus records it under its name."""
+    base, _ = prometheus_on_gateway
+    rule = recording_rules()[index]
+    result = wait_for(base, rule["expr"])
+    assert all(s["metric"].get("namespace") == "quickdraw" for s in result), result
+    recorded = wait_for(base, rule["record"])
+    assert recorded, rule["record"]
