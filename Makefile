@@ -11,7 +11,7 @@ export QUICKDRAW_SAMPLE_DIR ?= $(abspath ../shared/quickdraw)
 # The browser test drives this Chromium (Debian's package) with Playwright; nothing downloads a browser.
 export QUICKDRAW_CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install browser run train test lint protos bench clean help
+.PHONY: install browser run train test lint protos bench reliability soak clean help
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -54,6 +54,13 @@ protos: $(STAMP) ## regenerate the Python code for protos/ (reproducible)
 
 bench: $(STAMP) ## benchmarks: each compares two things in one run and prints ratios
 	$(BIN)/python -m benchmarks
+
+reliability: $(STAMP) ## the fault tests (real processes, every call counted), then RELIABILITY.md from their tallies
+	$(BIN)/python -m pytest -q tests/test_reliability.py
+	$(BIN)/python scripts/reliability_report.py
+
+soak: $(STAMP) ## ten minutes of steady load on a real gateway: no errors, RSS growth under 5% (SOAK_DURATION_S)
+	$(BIN)/python scripts/soak.py
 
 clean: ## remove the virtualenv, caches and build outputs
 	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info test-artifacts .bench
