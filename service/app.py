@@ -32,6 +32,10 @@ from service.validation import Limits
 
 log = logging.getLogger(__name__)
 
+#: A grpc.health.v1 service name for liveness probes: SERVING from the moment the server listens until it
+#: stops, whatever the model or backend is doing (readiness is "" and the Classifier's own name).
+LIVENESS_SERVICE = "liveness"
+
 
 def build_backend(settings: Settings) -> Backend:
     """The backend the settings ask for."""
@@ -102,6 +106,7 @@ class App:
             reflection.enable_server_reflection(names, self._server)
         await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self.grpc_port = self._server.add_insecure_port(f"{s.host}:{s.grpc_port}")
         await self._server.start()
         log.info("gRPC on %s:%d (NOT_SERVING while the model loads), metrics on http://%s:%d/metrics",

@@ -311,6 +311,10 @@ def test_gateway_deployment_matches_its_settings() -> None:
         assert any(str(settings.model_dir).startswith(m) for m in mounts) or target == "overlays/cpu", mounts
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert c[probe]["grpc"]["port"] == ports["grpc"], probe
+        from service.app import LIVENESS_SERVICE
+
+        assert c["livenessProbe"]["grpc"]["service"] == LIVENESS_SERVICE  # not readiness: see the manifest
+        assert "service" not in c["readinessProbe"]["grpc"]
         grace = settings.shutdown_grace_s
         assert spec["terminationGracePeriodSeconds"] >= prestop_sleep_s(c) + grace + 5
         sc, psc = c["securityContext"], spec["securityContext"]

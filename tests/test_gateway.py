@@ -439,6 +439,8 @@ def test_health_is_serving_only_once_loaded_and_warmed(sample: Path) -> None:
             threading.Event().wait(0.01)
         assert health_status(gw.target) == health_pb2.HealthCheckResponse.NOT_SERVING
         assert health_status(gw.target, "quickdraw.v1.Classifier") == health_pb2.HealthCheckResponse.NOT_SERVING
+        # liveness: the process serves, so a liveness probe must not restart it while the model loads
+        assert health_status(gw.target, "liveness") == health_pb2.HealthCheckResponse.SERVING
         with QuickDrawClient(gw.target, max_attempts=1) as c, pytest.raises(grpc.RpcError) as info:
             c.classify([np.zeros((28, 28), np.uint8)])
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE

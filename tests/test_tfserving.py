@@ -288,6 +288,9 @@ def test_readiness_follows_tfserving_model_status(gateway: RunningGateway, stand
     try:
         wait_for(health_pb2.HealthCheckResponse.NOT_SERVING)
         assert gateway.scrape()["quickdraw_ready"] == 0
+        with grpc.insecure_channel(gateway.target) as ch:  # alive, only not ready: no restart wanted
+            live = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=5)
+        assert live.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         standin.start()
     wait_for(health_pb2.HealthCheckResponse.SERVING)
