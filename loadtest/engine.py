@@ -10,7 +10,7 @@ Latency is recorded in microseconds in HdrHistograms.
   during a stall and sent late still counts the whole wait: coordinated omission is corrected.
 
 Calls in the warm-up period are made but not recorded. Every call has a deadline (``timeout_s``); errors are
-counted by gRPC status code.
+counted by gRPC status code. ``security`` reaches a gateway with TLS, mTLS or a bearer token.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from loadtest.sources import Pool
 from quickdraw.v1 import classifier_pb2 as pb
 from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
+from service.security import ClientSecurity
 
 HIGHEST_US = 3_600_000_000  # an hour: nothing real is slower
 Progress = Callable[["RunStats"], None]
@@ -56,6 +57,7 @@ class LoadConfig:
     model_name: str = "quickdraw"
     top_k: int = 3
     seed: int = 0
+    security: ClientSecurity = field(default_factory=ClientSecurity)  # TLS, mTLS, token
 
     @property
     def mode(self) -> str:
@@ -121,6 +123,7 @@ class RunStats:
 # --- call makers ---------------------------------------------------------------------------------------------
 
 Caller = Callable[[], Awaitable[str]]
+Metadata = tuple[tuple[str, str], ...] | None
 
 
 def _code(exc: grpc.aio.AioRpcError) -> str:
@@ -130,8 +133,8 @@ def _code(exc: grpc.aio.AioRpcError) -> str:
 class _StreamMux:
     """One ClassifyStream per channel, shared by callers: ids match answers to calls."""
 
-    def __init__(self, stub: pb_grpc.ClassifierStub, timeout_s: float) -> None:
-        self._call = stub.ClassifyStream()
+    def __init__(self, stub: pb_grpc.ClassifierStub, timeout_s: float, metadata: Metadata = None) -> None:
+        self._call = stub.ClassifyStream(metadata=metadata)
         self._pending: dict[str, asyncio.Future[str]] = {}
         self._ids = itertools.count()
         self._lock = asyncio.Lock()
@@ -164,6 +167,8 @@ class _StreamMux:
             return "DEADLINE_EXCEEDED"
         except grpc.aio.AioRpcError as exc:
             return _code(exc)
+        except asyncio.InvalidStateError:  # the stream has already ended (refused as a whole): its status answers
+            return (await self._call.code()).name
         finally:
             self._pending.pop(i, None)
 
@@ -182,6 +187,7 @@ def build_callers(cfg: LoadConfig, pool: Pool, channels: list[grpc.aio.Channel])
     draw = pool.cycle()
     bitmaps = itertools.cycle(range(max(1, len(pool.bitmaps))))
     k = cfg.drawings_per_call
+    md = cfg.security.metadata()
     closers: list[object] = []
     callers: list[Caller] = []
     for ch in channels:
@@ -197,13 +203,13 @@ def build_callers(cfg: LoadConfig, pool: Pool, channels: list[grpc.aio.Channel])
                 req = predict_pb2.PredictRequest(output_filter=["probabilities"])
                 req.model_spec.name = cfg.model_name
                 req.inputs["image"].CopyFrom(from_numpy(pool.bitmaps[idx].reshape(-1, 28, 28, 1)))
-                return _unary(stub.Predict(req, timeout=cfg.timeout_s))
+                return _unary(stub.Predict(req, timeout=cfg.timeout_s, metadata=md))
 
             callers.append(tfs_call)
             continue
         cstub = pb_grpc.ClassifierStub(ch)
         if cfg.stream:
-            mux = _StreamMux(cstub, cfg.timeout_s)
+            mux = _StreamMux(cstub, cfg.timeout_s, md)
             closers.append(mux)
 
             def stream_call(mux: _StreamMux = mux) -> Awaitable[str]:
@@ -214,7 +220,7 @@ def build_callers(cfg: LoadConfig, pool: Pool, channels: list[grpc.aio.Channel])
 
             def unary_call(stub: pb_grpc.ClassifierStub = cstub) -> Awaitable[str]:
                 req = pb.ClassifyRequest(drawings=[next(draw) for _ in range(k)], top_k=cfg.top_k)
-                return _unary(stub.Classify(req, timeout=cfg.timeout_s))
+                return _unary(stub.Classify(req, timeout=cfg.timeout_s, metadata=md))
 
             callers.append(unary_call)
     return callers, closers
@@ -239,9 +245,9 @@ async def run_load(cfg: LoadConfig, pool: Pool, progress: Progress | None = None
         raise ValueError("give a duration or a count")
     # Distinct channels get distinct connections (no subchannel sharing between them).
     channels = [
-        grpc.aio.insecure_channel(cfg.target, options=[("grpc.use_local_subchannel_pool", 1),
-                                                       ("grpc.max_receive_message_length", 64 << 20),
-                                                       ("grpc.max_send_message_length", 64 << 20)])
+        cfg.security.aio_channel(cfg.target, options=[("grpc.use_local_subchannel_pool", 1),
+                                                      ("grpc.max_receive_message_length", 64 << 20),
+                                                      ("grpc.max_send_message_length", 64 << 20)])
         for _ in range(max(1, cfg.channels))
     ]  # fmt: skip
     stats = RunStats(cfg)

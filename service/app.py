@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
-from service import tfserving_api
+from service import security, tfserving_api
 from service.api import SERVICE_NAME, ClassifierService, Gateway
 from service.backends import Backend, ModelDescription
 from service.backends.embedded import EmbeddedBackend
@@ -70,7 +70,9 @@ class App:
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.settings.max_batch_size)
         self._server: grpc.aio.Server | None = None
-        self._http = HttpServer(self.metrics, self.settings.max_message_bytes, api=self.settings.http_api)
+        self._auth = security.TokenAuth.from_settings(self.settings)  # None: no token required
+        self._http = HttpServer(self.metrics, self.settings.max_message_bytes, api=self.settings.http_api,
+                                auth=self._auth, require_client_cert=self.settings.tls_client_ca_file is not None)
         self._health = health.aio.HealthServicer()
         self._backend: Backend | None = None
         self._batcher: Batcher | None = None
@@ -81,7 +83,7 @@ class App:
     async def start(self) -> None:
         """Bind, load the model, warm up, and report SERVING."""
         s = self.settings
-        self.http_port = await self._http.start(s.host, s.http_port)
+        self.http_port = await self._http.start(s.host, s.http_port, ssl_context=security.http_ssl_context(s))
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
@@ -92,7 +94,7 @@ class App:
                 ("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
                 ("grpc.max_connection_age_grace_ms", int(s.max_connection_age_grace_s * 1000)),
             ]
-        self._server = grpc.aio.server(options=options)
+        self._server = grpc.aio.server(options=options, interceptors=security.grpc_interceptors(s, self._auth))
         service = ClassifierService(self.metrics, s.max_message_bytes)
         pb_grpc.add_ClassifierServicer_to_server(service, self._server)
         names: tuple[str, ...] = (SERVICE_NAME,)
@@ -107,10 +109,11 @@ class App:
         await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        self.grpc_port = self._server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        self.grpc_port = security.bind_grpc(self._server, s)
         await self._server.start()
-        log.info("gRPC on %s:%d (NOT_SERVING while the model loads), metrics on http://%s:%d/metrics",
-                 s.host, self.grpc_port, s.host, self.http_port)
+        log.info("gRPC on %s:%d, %s (NOT_SERVING while the model loads), metrics on %s://%s:%d/metrics",
+                 s.host, self.grpc_port, security.transport_summary(s), "https" if s.http_tls else "http", s.host,
+                 self.http_port)  # fmt: skip
 
         self._backend = self.backend_factory(s)
         model = await self._backend.start()

@@ -9,6 +9,12 @@ A drawing may be a numpy array (28x28 or 784 uint8, as numpy_bitmap), PNG/JPEG b
 Google's layout (``[[[x...], [y...]], ...]``, optionally with a third ``[t...]`` list; ``raw=True`` for screen
 coordinates). UNAVAILABLE is retried with exponential backoff by gRPC's own retry policy (a service config),
 which is safe because classification has no side effects; every call has a deadline.
+
+A gateway with TLS, mTLS or a bearer token (see ``service.security``):
+
+    from service.security import ClientSecurity
+    security = ClientSecurity(ca_file="ca.pem", cert_file="client.pem", key_file="client.key", token=token)
+    with QuickDrawClient("quickdraw.example:50051", security=security) as client: ...
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from numpy.typing import NDArray
 from doodle import BITMAP_PIXELS
 from quickdraw.v1 import classifier_pb2 as pb
 from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
+from service.security import ClientSecurity
 
 StrokeList = Sequence[Sequence[Sequence[float]]]
 DrawingLike = NDArray[np.uint8] | bytes | StrokeList | pb.Drawing
@@ -89,8 +96,11 @@ class QuickDrawClient:
         max_attempts: int = 5,
         max_message_bytes: int = 4 * 1024 * 1024,
         channel: grpc.Channel | None = None,
+        security: ClientSecurity | None = None,
     ) -> None:
         self.timeout_s = timeout_s
+        security = security or ClientSecurity()
+        self._metadata = security.metadata()  # the bearer token, sent with every call
         options: list[tuple[str, object]] = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -99,7 +109,7 @@ class QuickDrawClient:
             options += [("grpc.service_config", retry_service_config(max_attempts)), ("grpc.enable_retries", 1)]
         else:
             options += [("grpc.enable_retries", 0)]
-        self._channel = channel or grpc.insecure_channel(target, options=options)
+        self._channel = channel or security.channel(target, options)
         self._stub = pb_grpc.ClassifierStub(self._channel)
 
     def classify(
@@ -130,18 +140,19 @@ class QuickDrawClient:
 
     def classify_request(self, request: pb.ClassifyRequest, timeout_s: float | None = None) -> pb.ClassifyResponse:
         """Send a prepared ClassifyRequest."""
-        return self._stub.Classify(request, timeout=timeout_s or self.timeout_s)
+        return self._stub.Classify(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
 
     def stream(
         self, requests: Iterable[tuple[str, pb.ClassifyRequest]], timeout_s: float | None = None
     ) -> Iterator[pb.ClassifyStreamResponse]:
         """Bidirectional stream: yields answers (each with its request's id) as they are ready."""
         msgs = (pb.ClassifyStreamRequest(id=i, request=r) for i, r in requests)
-        return self._stub.ClassifyStream(msgs, timeout=timeout_s)
+        return self._stub.ClassifyStream(msgs, timeout=timeout_s, metadata=self._metadata)
 
     def model_info(self, timeout_s: float | None = None) -> pb.ModelInfo:
         """The served model's name, versions, labels and limits."""
-        return self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout_s or self.timeout_s)
+        return self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout_s or self.timeout_s,
+                                       metadata=self._metadata)
 
     def close(self) -> None:
         """Close the channel."""

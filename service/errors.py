@@ -89,6 +89,12 @@ class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Unauthenticated(ServiceError):
+    """The call has no valid credentials (bearer token or client certificate); the message never echoes them."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class BackendError(ServiceError):
     """The backend failed on a batch; only that batch's calls see it."""
 

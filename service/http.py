@@ -11,7 +11,10 @@ Routes:
 - ``GET /v1/model``: the ``ModelInfo`` that GetModelInfo returns.
 - ``GET /`` and ``GET /static/<file>``: the playground, a page to draw on (files in ``service/playground/``).
 
-``http_api=False`` removes the API and the page; /metrics stays. An error is the gRPC call's status as JSON,
+``http_api=False`` removes the API and the page; /metrics stays. With a bearer token configured, the API
+routes need ``Authorization: Bearer <token>`` (the same tokens as gRPC; 401 otherwise); /metrics and the page's
+files do not. With ``http_tls`` the port speaks TLS, and with mTLS configured the API routes also need a
+verified client certificate. An error is the gRPC call's status as JSON,
 ``{"error": {"code": 400, "status": "INVALID_ARGUMENT", "message": ..., "details": [google.rpc.BadRequest]}}``,
 sent with the HTTP status that ``service.errors.http_status`` maps its code to.
 """
@@ -22,6 +25,7 @@ import base64
 import json
 import math
 import re
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -40,11 +44,13 @@ from service.errors import (
     InvalidArgument,
     PayloadTooLarge,
     ServiceError,
+    Unauthenticated,
     Unavailable,
     http_status,
     to_rpc_status,
 )
 from service.metrics import Metrics
+from service.security import TokenAuth
 
 PLAYGROUND_DIR = Path(__file__).with_name("playground")
 #: A JSON body may be this many times max_message_bytes: base64 and numbers as text are wordier than protobuf.
@@ -89,6 +95,8 @@ def error_response(error: ServiceError) -> web.Response:
     """An error as an HTTP response; retryable ones say when to retry."""
     headers = {"Retry-After": "1"} if error.code in (grpc.StatusCode.UNAVAILABLE,
                                                        grpc.StatusCode.RESOURCE_EXHAUSTED) else None
+    if error.code == grpc.StatusCode.UNAUTHENTICATED:
+        headers = {"WWW-Authenticate": "Bearer"}
     return web.json_response(error_body(error), status=http_status(error), headers=headers)
 
 
@@ -127,9 +135,19 @@ def _flag(value: str | None) -> bool:
 class HttpServer:
     """The HTTP server; the API answers UNAVAILABLE until :meth:`attach` hands it the ready gateway."""
 
-    def __init__(self, metrics: Metrics, max_message_bytes: int, *, api: bool = True) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        max_message_bytes: int,
+        *,
+        api: bool = True,
+        auth: TokenAuth | None = None,
+        require_client_cert: bool = False,
+    ) -> None:
         self.metrics = metrics
         self.api = api
+        self.auth = auth
+        self.require_client_cert = require_client_cert
         self.max_message_bytes = max_message_bytes
         self.max_body_bytes = JSON_BODY_FACTOR * max_message_bytes
         self.port = 0
@@ -159,12 +177,12 @@ class HttpServer:
             app.router.add_get("/static/{name}", self._static)
         return app
 
-    async def start(self, host: str, port: int) -> int:
-        """Bind and serve; returns the bound port (useful with port 0)."""
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
+        """Bind and serve (over TLS with ``ssl_context``); returns the bound port (useful with port 0)."""
         runner = web.AppRunner(self.application(), handle_signals=False, access_log=None)
         await runner.setup()
         self._runner = runner
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
         self.port = int(runner.addresses[0][1])
         return self.port
 
@@ -180,9 +198,19 @@ class HttpServer:
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         return web.Response(body=encoder(self.metrics.registry), headers={"Content-Type": content_type})
 
+    def _authorize(self, request: web.Request) -> None:
+        """The API's credentials: a verified client certificate under mTLS, and the bearer token when one is set."""
+        if self.require_client_cert:
+            transport = request.transport
+            if transport is None or not transport.get_extra_info("peercert"):
+                raise Unauthenticated("a client certificate signed by the gateway's client CA is required")
+        if self.auth is not None:
+            self.auth.check(request.headers.get("Authorization"))
+
     async def _classify(self, request: web.Request) -> web.Response:
         with Observed(self.metrics, "http:Classify") as call:
             try:
+                self._authorize(request)
                 gateway = self.gateway
                 deadline = _deadline(request)
                 message = await self._read(request, pb.ClassifyRequest())
@@ -200,6 +228,7 @@ class HttpServer:
     async def _model(self, request: web.Request) -> web.Response:
         with Observed(self.metrics, "http:GetModelInfo") as call:
             try:
+                self._authorize(request)
                 return web.json_response(to_json(self.gateway.model_info(self.max_message_bytes)))
             except Exception as exc:
                 err = service_error(exc)

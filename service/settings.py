@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "QUICKDRAW_"
@@ -154,6 +154,86 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(
         10.0, ge=0.0, description="on SIGTERM, how long in-flight calls may take to finish before exit"
     )
+
+    # --- security (service/security.py) -------------------------------------------------------------------
+    tls_cert_file: Path | None = Field(
+        None,
+        description="PEM certificate chain for the gRPC port; with --tls-key-file the port speaks only TLS "
+        "(plaintext is refused)",
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of --tls-cert-file")
+    tls_client_ca_file: Path | None = Field(
+        None,
+        description="PEM CA certificates: when set, gRPC callers must present a client certificate signed by one of "
+        "them (mTLS), and so must JSON API callers (needs --http-tls, or --no-http-api)",
+    )
+    http_tls: bool = Field(
+        False,
+        description="serve the HTTP port (metrics, JSON API, playground) over TLS with --tls-cert-file and "
+        "--tls-key-file; /metrics never needs a client certificate",
+    )
+    auth_token_file: Path | None = Field(
+        None,
+        description="file holding the bearer token callers must send ('authorization: Bearer <token>'), one per "
+        "line (several are accepted, for rotation); or give one token in the environment variable "
+        f"{ENV_PREFIX}AUTH_TOKEN. grpc.health.v1 and /metrics are exempt",
+    )
+    auth_token: SecretStr | None = Field(
+        None,
+        description="the bearer token callers must send; from the environment only, never an option",
+        json_schema_extra={"env_only": True},
+    )
+    auth_exempt_reflection: bool = Field(
+        False, description="with a token set, let server reflection answer without one (otherwise it needs it too)"
+    )
+    tfserving_tls: bool = Field(
+        False,
+        description="call TF Serving over TLS (implied by any --tfserving-tls-* setting); without "
+        "--tfserving-tls-ca-file the system's root CAs verify its certificate",
+    )
+    tfserving_tls_ca_file: Path | None = Field(None, description="PEM CA certificates that TF Serving's certificate "
+                                               "must be signed by")  # fmt: skip
+    tfserving_tls_cert_file: Path | None = Field(
+        None, description="PEM client certificate the gateway presents to TF Serving (mTLS), with its key file"
+    )
+    tfserving_tls_key_file: Path | None = Field(None, description="PEM private key of --tfserving-tls-cert-file")
+    tfserving_tls_server_name: str | None = Field(
+        None,
+        description="name to verify in TF Serving's certificate instead of the target's host (e.g. when "
+        "dialing dns:///<headless-service>:8500)",
+    )
+
+    @property
+    def tfserving_uses_tls(self) -> bool:
+        """Whether the channel to TF Serving is TLS."""
+        return bool(self.tfserving_tls or self.tfserving_tls_ca_file or self.tfserving_tls_cert_file
+                    or self.tfserving_tls_key_file or self.tfserving_tls_server_name)  # fmt: skip
+
+    @model_validator(mode="after")
+    def _check_security(self) -> Settings:
+        pairs = (("tls_cert_file", "tls_key_file"), ("tfserving_tls_cert_file", "tfserving_tls_key_file"))
+        for a, b in pairs:
+            if (getattr(self, a) is None) != (getattr(self, b) is None):
+                raise ValueError(f"{a} and {b} go together: give both or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mTLS) needs TLS: give tls_cert_file and tls_key_file too")
+        if self.http_tls and self.tls_cert_file is None:
+            raise ValueError("http_tls needs tls_cert_file and tls_key_file")
+        if self.tls_client_ca_file is not None and self.http_api and not self.http_tls:
+            raise ValueError(
+                "tls_client_ca_file requires client certificates on gRPC, but the JSON API on the plaintext HTTP "
+                "port could not ask for them: set http_tls (the API then requires them too) or turn http_api off"
+            )
+        if self.auth_token_file is not None and self.auth_token is not None:
+            raise ValueError(f"give the token in auth_token_file or in {ENV_PREFIX}AUTH_TOKEN, not both")
+        if self.auth_token is not None and not self.auth_token.get_secret_value().strip():
+            raise ValueError(f"{ENV_PREFIX}AUTH_TOKEN is set but empty")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_token_file",
+                     "tfserving_tls_ca_file", "tfserving_tls_cert_file", "tfserving_tls_key_file"):  # fmt: skip
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name}: no such file: {path}")
+        return self
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -12,7 +12,9 @@ every version directory under a model base path with TensorFlow, and answers as 
 - GetModelMetadata returns the SavedModel's own ``signature_def`` map.
 
 Tests can stop it and restart it on the same port, make it slow (``delay_s``), make it fail (``fail_code``),
-and read what it saw: every request's model spec and the deadline its caller gave it (``seen``).
+and read what it saw: every request's model spec and the deadline its caller gave it (``seen``). Given
+``credentials`` (``grpc.ssl_server_credentials``) it serves TLS, or mTLS when they require client
+certificates, as ``tensorflow_model_server --ssl_config_file`` does.
 
 Run by hand: ``python tests/tfserving_standin.py --model-base-path models/quickdraw --port 8500``.
 """
@@ -82,12 +84,14 @@ class TFServingStandIn:
         port: int = 0,
         version_labels: dict[str, int] | None = None,
         workers: int = 8,
+        credentials: grpc.ServerCredentials | None = None,
     ) -> None:
         self.base_path = Path(base_path)
         self.model_name = model_name
         self.port = port
         self.version_labels = dict(version_labels or {})
         self.workers = workers
+        self.credentials = credentials
         self.delay_s = 0.0
         self.fail_code: grpc.StatusCode | None = None
         self.seen: list[Seen] = []
@@ -111,7 +115,11 @@ class TFServingStandIn:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.workers))
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(_Prediction(self), server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(_Models(self), server)
-        bound = server.add_insecure_port(f"127.0.0.1:{self.port}")
+        address = f"127.0.0.1:{self.port}"
+        if self.credentials is not None:
+            bound = server.add_secure_port(address, self.credentials)
+        else:
+            bound = server.add_insecure_port(address)
         if bound == 0:
             raise OSError(f"stand-in could not bind 127.0.0.1:{self.port}")
         self.port = bound

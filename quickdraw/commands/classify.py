@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from quickdraw.commands.common import add_security_options, client_security
+
 CHUNK = 64  # drawings per call
 
 
@@ -28,6 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, metavar="N", help="at most N drawings per file")
     p.add_argument("--version", type=int, default=None, help="model version (default: the highest served)")
     p.add_argument("--timeout-s", type=float, default=10.0, help="deadline per call (default: %(default)s)")
+    add_security_options(p)
     p.set_defaults(func=run)
 
 
@@ -39,8 +42,14 @@ def run(args: argparse.Namespace) -> int:
     from quickdraw.commands.common import iter_file_items
     from service.client import QuickDrawClient, describe_error
 
+    try:
+        security = client_security(args)
+        client = QuickDrawClient(args.target, timeout_s=args.timeout_s, security=security)
+    except ValueError as exc:
+        print(f"quickdraw classify: {exc}", file=sys.stderr)
+        return 2
     failed = 0
-    with QuickDrawClient(args.target, timeout_s=args.timeout_s) as client:
+    with client:
         for path in args.files:
             items = [
                 (name, item.google_strokes(), item.raw) if isinstance(item, Drawing) else (name, item, False)

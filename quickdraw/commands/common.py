@@ -1,16 +1,22 @@
-"""Helpers shared by several subcommands: default paths and loading drawings from any file."""
+"""Helpers shared by several subcommands: default paths, loading drawings from any file, and the options that
+reach a gateway protected by TLS, mTLS or a bearer token."""
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from doodle import Drawing, decode_image, drawing_to_bitmap
 from doodle.errors import DoodleError
 from doodle.formats import open_bitmaps, read_binary, read_ndjson, read_stroke3
+
+if TYPE_CHECKING:
+    from service.security import ClientSecurity
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -55,3 +61,29 @@ def iter_file_bitmaps(path: Path, limit: int | None = None) -> Iterator[tuple[st
             yield name, drawing_to_bitmap(item)
         else:
             yield name, item
+
+
+def add_security_options(p: argparse.ArgumentParser) -> None:
+    """TLS, mTLS and bearer-token options for commands that call the gateway."""
+    g = p.add_argument_group(
+        "security", "a gateway with TLS, mTLS or a bearer token (any --tls-* option turns TLS on); the token comes "
+        "from --token-file or the QUICKDRAW_AUTH_TOKEN environment variable, never from the command line",
+    )
+    g.add_argument("--tls", action="store_true", help="use TLS, trusting the system's root CAs")
+    g.add_argument("--tls-ca-file", type=Path, metavar="PEM", help="CA certificates to verify the gateway with")
+    g.add_argument("--tls-cert-file", type=Path, metavar="PEM", help="client certificate (mTLS), with --tls-key-file")
+    g.add_argument("--tls-key-file", type=Path, metavar="PEM", help="private key of --tls-cert-file")
+    g.add_argument("--tls-server-name", metavar="NAME", help="name to verify in the gateway's certificate instead "
+                   "of the target's host")  # fmt: skip
+    g.add_argument("--token-file", type=Path, metavar="FILE", help="file whose first line is the bearer token")
+
+
+def client_security(args: argparse.Namespace) -> ClientSecurity:
+    """The ClientSecurity the options of :func:`add_security_options` ask for (ValueError when they are wrong)."""
+    from service.security import ClientSecurity, read_token_file
+
+    token = read_token_file(args.token_file, "--token-file")[0] if args.token_file else None
+    security = ClientSecurity.from_env(tls=args.tls, ca_file=args.tls_ca_file, cert_file=args.tls_cert_file,
+                                       key_file=args.tls_key_file, server_name=args.tls_server_name, token=token)
+    security.credentials()  # reads the PEM files now, so a wrong path is reported before any call
+    return security

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from quickdraw.commands.common import add_security_options, client_security
+
 DEFAULT_DATA = Path(os.environ.get("QUICKDRAW_SAMPLE_DIR", "../shared/quickdraw"))
 
 EPILOG = """\
@@ -62,6 +64,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, help="write the JSON report here")
     p.add_argument("--plot-dir", type=Path, help="write latency-vs-throughput.png and latency-over-time.png here")
     p.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    add_security_options(p)
     p.set_defaults(func=run)
 
 
@@ -75,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     try:
+        security = client_security(args)
         pool = load_pool(args.data, kinds)
     except (ValueError, OSError) as exc:
         print(f"quickdraw loadtest: {exc}", file=sys.stderr)
@@ -94,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
             target=args.target, api=args.api, concurrency=concurrency, rate=rate, arrival=args.arrival,
             duration_s=args.duration_s, count=args.count, warmup_s=args.warmup_s,
             drawings_per_call=args.drawings_per_call, stream=args.stream, channels=args.channels,
-            timeout_s=args.timeout_s,
+            timeout_s=args.timeout_s, security=security,
         )  # fmt: skip
         label = f"{rate:g}/s {args.arrival}" if rate is not None else f"{concurrency} callers"
         bar = tqdm(total=round(args.warmup_s + args.duration_s), unit="s", desc=label, disable=args.no_progress,

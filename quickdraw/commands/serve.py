@@ -28,6 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the subcommand, one option per setting (generated from service.settings)."""
     from service.settings import ENV_PREFIX, Settings
 
+    # Secrets are never options: a command line is visible to every user of the machine (ps, /proc).
+    env_only = [n for n, i in Settings.model_fields.items() if (i.json_schema_extra or {}).get("env_only")]  # type: ignore[union-attr]
     p = sub.add_parser(
         "serve",
         help="run the gRPC classification gateway (playground, JSON API and metrics on HTTP)",
@@ -40,10 +42,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             f"Every option can also be set as an environment variable: --max-batch-size 64 is\n"
             f"{ENV_PREFIX}MAX_BATCH_SIZE=64. Options win over the environment.\n\n"
             "SIGTERM/SIGINT: health turns NOT_SERVING, new calls are refused, in-flight calls finish within\n"
-            "--shutdown-grace-s, then the process exits 0."
+            "--shutdown-grace-s, then the process exits 0.\n\n"
+            "Secrets are environment variables only, never options (a command line is visible to every user):\n"
+            + "".join(f"  {ENV_PREFIX}{n.upper()}: {Settings.model_fields[n].description}\n" for n in env_only)
         ),
     )
     for name, info in Settings.model_fields.items():
+        if name in env_only:
+            continue
         default = info.default
         shown = default.value if hasattr(default, "value") else default
         p.add_argument(

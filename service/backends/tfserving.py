@@ -15,6 +15,8 @@
 - Keepalive pings find dead peers; message sizes are capped both ways.
 - ``dns:///name:port`` targets resolve every address of a headless Kubernetes Service, and ``round_robin``
   spreads calls over them per request, not per connection.
+- The channel is TLS, or mTLS with a client certificate, when the ``tfserving_tls*`` settings ask for it
+  (``service.security.tfserving_channel``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from tensorflow_serving.apis import (
 
 from service.backends import ModelDescription, find_versions, read_labels
 from service.errors import BackendError, DeadlineExceeded, NotFound, ServiceError, Unavailable
+from service.security import tfserving_channel
 from service.settings import Settings
 from service.tensors import TensorDecodeError, from_numpy, to_numpy
 
@@ -119,7 +122,7 @@ class TFServingBackend:
     async def start(self) -> ModelDescription:
         """Wait for an AVAILABLE version, check the signature, read the labels, start following versions."""
         s = self._s
-        self._channel = grpc.aio.insecure_channel(s.tfserving_target, options=channel_options(s))
+        self._channel = tfserving_channel(s, channel_options(s))  # TLS/mTLS when the settings ask for it
         self._predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
         self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
         versions = await self._wait_available()
