@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 
 from doodle import EmptyDrawingError, drawing_to_bitmap, rasterize, simplify_strokes
 from doodle.formats import open_bitmaps, read_ndjson
-from doodle.normalize import rdp, resample
+from doodle.normalize import EXACT_RDP_WORK, rdp, rdp_work, resample, resample_vertices
 
 PAIRS_PER_CLASS = 25
 
@@ -88,3 +89,46 @@ def test_resample_and_rdp() -> None:
     assert len(rdp(bent, 2.0)) == 3 and len(rdp(bent, 3.5)) == 2
     still = np.array([[4.0, 4.0], [4.0, 4.0], [4.0, 4.0]])
     assert len(resample(still)) == 2
+
+
+def test_resample_vertices_are_the_resampled_points_rdp_can_keep(sample: Path) -> None:
+    """resample_vertices gives exactly resample's values at its picks, and RDP over them keeps the same points
+    but where points tie to within rounding (a segment parallel to a chord), where the full scan picks by noise."""
+    same = total = 0
+    for path in sorted((sample / "raw").glob("*.ndjson")):
+        for d in read_ndjson(path, limit=40):
+            for stroke in d.strokes:
+                pts = np.asarray(stroke, dtype=np.float64)[:, :2] * 0.37
+                full = resample(pts)
+                some, picks = resample_vertices(pts)
+                assert np.array_equal(full[picks], some)
+                total += 1
+                same += np.array_equal(rdp(full), rdp(some))
+    print(f"\nRDP over resample_vertices: {same}/{total} strokes keep the same points as over every resampled point")
+    assert total > 1000 and same / total > 0.97
+
+
+@pytest.mark.parametrize("shape", ["zigzag", "retrace", "spiral"])
+def test_hostile_raw_strokes_simplify_in_time_bounded_by_their_points(shape: str) -> None:
+    """8,192 raw points that travel millions of pixels once scaled: RDP over every resampled point took ~47 s."""
+    n = 8192
+    i = np.arange(n)
+    if shape == "zigzag":  # every other point on the far edge: each RDP split peeled one point off 2M
+        pts = np.stack([np.where(i % 2 == 0, 0.0, 1e6), np.linspace(0.0, 1e6, n)], axis=1)
+    elif shape == "retrace":  # back and forth along one line, then away from it: every point ties
+        pts = np.stack([np.where(i % 2 == 0, 0.0, 1e6), np.full(n, 1e6)], axis=1)
+        pts[-1] = (0.0, 0.0)
+    else:
+        t = np.linspace(0.0, 400 * np.pi, n)
+        pts = np.stack([np.cos(t) * t, np.sin(t) * t], axis=1)
+    assert rdp_work(pts * 255 / np.ptp(pts, axis=0).max()) > 100 * EXACT_RDP_WORK
+    t0 = time.perf_counter()
+    out = simplify_strokes([pts])
+    assert time.perf_counter() - t0 < 3.0  # ~0.3 s here; the bound is for a busy 2-core machine
+    assert out[0].min() >= 0.0 and out[0].max() <= 255.0
+
+
+def test_subnormal_extent_scales_like_any_other() -> None:
+    """A drawing whose extent is a subnormal float: 255 / extent overflowed to inf and 0 * inf made NaN."""
+    [out] = simplify_strokes([np.array([[0.0, 0.0], [5e-324, 0.0]])])
+    assert out.tolist() == [[0.0, 0.0], [255.0, 0.0]]
