@@ -9,6 +9,8 @@ Limits on encoded bytes and on decoded pixels refuse decompression bombs before 
 from __future__ import annotations
 
 import io
+import re
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -29,6 +31,9 @@ INK_THRESHOLD = 32
 OVERSAMPLE = 4
 #: Google's line width at the oversampled scale: 16 units of the 304-unit canvas that maps onto 28 pixels.
 TARGET_WIDTH_MID = LINE_WIDTH * BITMAP_SIDE * OVERSAMPLE / (ORIGINAL_SIDE + 2 * PADDING + LINE_WIDTH)
+#: The pixel count in Pillow's decompression-bomb message, and object addresses in any of its messages.
+_BOMB_SIZE = re.compile(r"Image size \((\d+) pixels\)")
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,14 +48,15 @@ class ImageLimits:
 def decode_image(data: bytes, limits: ImageLimits | None = None) -> NDArray[np.uint8]:
     """Decode PNG/JPEG bytes to a 28x28 uint8 bitmap, strokes bright on dark and centred.
 
-    Raises ImageDecodeError naming the limit or the reason when the image is refused.
+    Raises ImageDecodeError naming the limit or the reason when the image is refused. Its message depends on
+    the bytes alone (no object addresses), so the same bytes always get the same message.
     """
     limits = limits or ImageLimits()
     if len(data) == 0:
         raise ImageDecodeError("image is empty", "image")
     if len(data) > limits.max_image_bytes:
         raise ImageDecodeError(
-            f"image is {len(data)} bytes, over the limit of {limits.max_image_bytes} bytes",
+            f"image is {len(data)} bytes, over the limit of max_image_bytes={limits.max_image_bytes}",
             "max_image_bytes",
         )
     try:
@@ -61,12 +67,13 @@ def decode_image(data: bytes, limits: ImageLimits | None = None) -> NDArray[np.u
             w, h = img.size
             if w <= 0 or h <= 0 or max(w, h) > limits.max_image_side_px:
                 raise ImageDecodeError(
-                    f"image is {w}x{h} pixels; each side must be 1..{limits.max_image_side_px}",
+                    f"image is {w}x{h} pixels; each side must be 1..{limits.max_image_side_px} "
+                    "(max_image_side_px)",
                     "max_image_side_px",
                 )
             if w * h > limits.max_image_pixels:
                 raise ImageDecodeError(
-                    f"image is {w}x{h} = {w * h} pixels, over the limit of {limits.max_image_pixels}",
+                    f"image is {w}x{h} = {w * h} pixels, over the limit of max_image_pixels={limits.max_image_pixels}",
                     "max_image_pixels",
                 )
             img.load()
@@ -74,14 +81,17 @@ def decode_image(data: bytes, limits: ImageLimits | None = None) -> NDArray[np.u
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Pillow's own guard fires while reading the header, before our checks above can run.
+        size = _BOMB_SIZE.search(str(exc))
         raise ImageDecodeError(
-            f"image is too large to decode (over the limit of {limits.max_image_pixels} pixels): {exc}",
+            f"image is {size.group(1) + ' pixels' if size else 'too large to decode'}, over the limit of "
+            f"max_image_pixels={limits.max_image_pixels}",
             "max_image_pixels",
         ) from exc
     except UnidentifiedImageError as exc:
-        raise ImageDecodeError(f"not a decodable PNG or JPEG image: {exc}", "image") from exc
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise ImageDecodeError(f"corrupt or truncated image: {exc}", "image") from exc
+        # Pillow's message names the BytesIO object, address and all: the same bytes would get a new message.
+        raise ImageDecodeError("not a decodable PNG or JPEG image", "image") from exc
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
+        raise ImageDecodeError(f"corrupt or truncated image: {_ADDRESS.sub('', str(exc))}", "image") from exc
     return image_to_bitmap(img)
 
 

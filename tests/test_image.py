@@ -73,7 +73,7 @@ def test_limits_refuse_bytes_pixels_and_bombs() -> None:
     big = _png(Image.new("L", (600, 600), 0))
     with pytest.raises(ImageDecodeError) as err:
         decode_image(big, ImageLimits(max_image_bytes=100))
-    assert err.value.field == "max_image_bytes" and "100 bytes" in str(err.value)
+    assert err.value.field == "max_image_bytes" and "429 bytes, over the limit of max_image_bytes=100" in str(err.value)
     with pytest.raises(ImageDecodeError) as err:
         decode_image(big, ImageLimits(max_image_pixels=1000))
     assert err.value.field == "max_image_pixels" and "360000 pixels" in str(err.value)
@@ -92,6 +92,29 @@ def test_limits_refuse_bytes_pixels_and_bombs() -> None:
 def test_garbage_is_refused(data: bytes) -> None:
     with pytest.raises(ImageDecodeError):
         decode_image(data)
+
+
+@pytest.mark.parametrize(
+    "data", [b"not an image", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, b"GIF89a...."], ids=["text", "png-zeros", "gif"]
+)
+def test_refusals_are_stable_messages(data: bytes) -> None:
+    """The same bytes get the same message: Pillow's own names a BytesIO at a new address every call."""
+    messages = set()
+    for _ in range(3):
+        with pytest.raises(ImageDecodeError) as err:
+            decode_image(bytes(data))  # a new object each time, as every request is
+        messages.add(str(err.value))
+    [message] = messages
+    assert " at 0x" not in message and "BytesIO" not in message
+
+
+@pytest.mark.parametrize(("w", "h"), [(30000, 30000), (100000, 2000)])
+def test_pillows_bomb_guard_reports_our_limit(w: int, h: int) -> None:
+    """Past twice Pillow's MAX_IMAGE_PIXELS, Pillow refuses at open: the message names our limit, not Pillow's."""
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(_bomb_png(w, h), ImageLimits(max_image_side_px=10**6))
+    assert err.value.field == "max_image_pixels"
+    assert str(err.value) == f"image is {w * h} pixels, over the limit of max_image_pixels={16 * 1024 * 1024}"
 
 
 def test_truncated_png_is_refused(cats: list) -> None:
