@@ -26,7 +26,15 @@ from quickdraw.v1 import classifier_pb2 as pb
 from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
 from service.backends import ModelDescription
 from service.batching import Batcher
-from service.errors import Cancelled, InvalidArgument, NotFound, ServiceError, Unavailable, to_rpc_status
+from service.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ServiceError,
+    Unavailable,
+    to_rpc_status,
+)
 from service.metrics import Metrics
 from service.validation import BitmapIn, ClassifyIn, ImageIn, Kind, Limits, render, validate
 
@@ -70,11 +78,17 @@ class Gateway:
         self._labels = list(model.labels)
         self._pool = ThreadPoolExecutor(max_workers=preprocess_threads, thread_name_prefix="preprocess")
 
-    def _images(self, req: ClassifyIn) -> NDArray[np.uint8]:
-        """Render every drawing; all decode errors are reported together."""
+    def _images(self, req: ClassifyIn, deadline_s: float | None = None) -> NDArray[np.uint8]:
+        """Render every drawing; all decode errors are reported together.
+
+        Stops once the caller's deadline has passed: a thread cannot be cancelled, and a request of many
+        large drawings can take seconds to render, which nobody would be waiting for.
+        """
         out = np.empty((len(req.drawings), 28, 28, 1), np.uint8)
         problems: list[Any] = []
         for i, d in enumerate(req.drawings):
+            if deadline_s is not None and time.monotonic() >= deadline_s:
+                raise DeadlineExceeded(f"deadline exceeded while rendering drawing {i} of {len(req.drawings)}")
             try:
                 out[i, :, :, 0] = render(i, d, self.limits)
             except InvalidArgument as exc:
@@ -85,9 +99,9 @@ class Gateway:
 
     async def classify(self, request: pb.ClassifyRequest, deadline_s: float | None) -> pb.ClassifyResponse:
         """Answer one ClassifyRequest (``deadline_s`` on the monotonic clock)."""
-        return await self.predict(await self.prepare(request), deadline_s)
+        return await self.predict(await self.prepare(request, deadline_s), deadline_s)
 
-    async def prepare(self, request: pb.ClassifyRequest) -> Prepared:
+    async def prepare(self, request: pb.ClassifyRequest, deadline_s: float | None = None) -> Prepared:
         """Validate a request and render its drawings: the first half of :meth:`classify`."""
         req = validate(request, self.limits)
         version = self.model.default_version if req.version is None else req.version
@@ -103,7 +117,7 @@ class Gateway:
         if all(k is Kind.BITMAP for k in kinds):
             images = self._images(req)  # 784-byte copies: cheaper inline than a thread hop
         else:
-            images = await asyncio.get_running_loop().run_in_executor(self._pool, self._images, req)
+            images = await asyncio.get_running_loop().run_in_executor(self._pool, self._images, req, deadline_s)
         kind_label = kinds[0].value if len(set(kinds)) == 1 else "mixed"
         self.metrics.preprocess_latency.labels(kind_label).observe(time.perf_counter() - t0)
         return Prepared(images, version, req.top_k)

@@ -21,6 +21,7 @@ sent with the HTTP status that ``service.errors.http_status`` maps its code to.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import math
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -51,6 +53,7 @@ from service.errors import (
 )
 from service.metrics import Metrics
 from service.security import TokenAuth
+from service.validation import Limits
 
 PLAYGROUND_DIR = Path(__file__).with_name("playground")
 #: A JSON body may be this many times max_message_bytes: base64 and numbers as text are wordier than protobuf.
@@ -64,6 +67,12 @@ PAGE_HEADERS = {
     "Cache-Control": "no-cache",
 }
 _UNKNOWN_FIELD = re.compile(r'Message type "(?P<type>[\w.]+)" has no field named "(?P<name>[^"]+)"')
+#: Bodies up to this size are parsed on the event loop, larger ones on a worker thread.
+INLINE_PARSE_BYTES = 64 * 1024
+#: The largest float32, beyond which json_format refuses a JSON number for a float field.
+_FLOAT_MAX = float(np.finfo(np.float32).max)
+#: The JSON names (and proto names) of a Stroke's number arrays.
+_STROKE_ARRAYS = ("x", "y", "tMs", "t_ms")
 _PARSE_AT = re.compile(r'\s+at "?[A-Za-z_]\w*\.?(?P<path>[^"\s]*?)"?\.*$')
 M = TypeVar("M", bound=Message)
 _HTTP_TO_GRPC = {
@@ -213,8 +222,8 @@ class HttpServer:
                 self._authorize(request)
                 gateway = self.gateway
                 deadline = _deadline(request)
-                message = await self._read(request, pb.ClassifyRequest())
-                prepared = await gateway.prepare(message)
+                message = await self._read(request, pb.ClassifyRequest(), gateway.limits)
+                prepared = await gateway.prepare(message, deadline)
                 body = to_json(await gateway.predict(prepared, deadline))
                 if _flag(request.query.get("bitmaps")):
                     body["bitmaps"] = [{"pixels": base64.b64encode(image.tobytes()).decode("ascii")}
@@ -244,8 +253,12 @@ class HttpServer:
             raise web.HTTPNotFound()
         return web.FileResponse(path, headers=PAGE_HEADERS)
 
-    async def _read(self, request: web.Request, message: M) -> M:
-        """The body, parsed into ``message``; every way it can be wrong is an InvalidArgument (or a 413)."""
+    async def _read(self, request: web.Request, message: M, limits: Limits | None = None) -> M:
+        """The body, parsed into ``message``; every way it can be wrong is an InvalidArgument (or a 413).
+
+        A body over ``INLINE_PARSE_BYTES`` is parsed on a worker thread: the event loop also runs the gRPC
+        server, and a body of a million values takes a while even on the fast path.
+        """
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
@@ -253,18 +266,117 @@ class HttpServer:
                 f"request body is over the limit of {self.max_body_bytes} bytes "
                 f"({JSON_BODY_FACTOR} x max_message_bytes={self.max_message_bytes})"
             ) from None
-        try:
-            data = json.loads(raw)
-        except (UnicodeDecodeError, ValueError) as exc:
-            reason = f"is not valid JSON: {exc}"
-            raise InvalidArgument([FieldViolation("", reason)], f"request body {reason}") from None
-        if not isinstance(data, dict):
-            reason = f"must be a JSON object (a {message.DESCRIPTOR.name}), got {type(data).__name__}"
-            raise InvalidArgument([FieldViolation("", reason)], f"request body {reason}")
-        try:
-            return json_format.ParseDict(data, message)
-        except json_format.ParseError as exc:
-            raise InvalidArgument([parse_violation(exc)]) from None
+        if len(raw) <= INLINE_PARSE_BYTES:
+            return parse_body(raw, message, self.max_message_bytes, limits)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, parse_body, raw, message, self.max_message_bytes, limits)
+
+
+def parse_body(raw: bytes, message: M, max_message_bytes: int, limits: Limits | None = None) -> M:
+    """A JSON body parsed into ``message``; every way it can be wrong is an InvalidArgument naming the field.
+
+    A body whose protobuf form would be over ``max_message_bytes`` is refused as gRPC refuses that message,
+    with RESOURCE_EXHAUSTED (a 413). ``json_format.ParseDict`` costs about a microsecond per value (a 16 MB
+    body of coordinates took 8 s, on the event loop), so for a ClassifyRequest (given its ``limits``) the
+    stroke arrays are counted first, at 4 bytes of protobuf per value; lists of more drawings or strokes
+    than a request may hold are refused with the violation validation reports for them; and stroke arrays
+    of plain JSON numbers are set directly, as the same floats ParseDict would make, after ParseDict has
+    parsed the rest.
+    """
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        reason = f"is not valid JSON: {exc}"
+        raise InvalidArgument([FieldViolation("", reason)], f"request body {reason}") from None
+    except RecursionError:  # json's C scanner recurses per nested array or object
+        reason = f"nests arrays or objects too deeply to be a {message.DESCRIPTOR.name}"
+        raise InvalidArgument([FieldViolation("", reason)], f"request body {reason}") from None
+    if not isinstance(data, dict):
+        reason = f"must be a JSON object (a {message.DESCRIPTOR.name}), got {type(data).__name__}"
+        raise InvalidArgument([FieldViolation("", reason)], f"request body {reason}")
+    arrays = []
+    if isinstance(message, pb.ClassifyRequest) and limits is not None:
+        arrays = _take_stroke_arrays(data, limits, max_message_bytes)
+    try:
+        json_format.ParseDict(data, message)
+    except json_format.ParseError as exc:
+        raise InvalidArgument([parse_violation(exc)]) from None
+    except OverflowError as exc:  # json_format lets float(<a 400-digit integer>) and int(1e400) escape
+        raise InvalidArgument([_overflow_violation(data, exc)]) from None
+    for i, j, name, values in arrays:
+        getattr(message.drawings[i].strokes.strokes[j], "t_ms" if name == "tMs" else name).extend(values)  # type: ignore[attr-defined]
+    size = message.ByteSize()
+    if size > max_message_bytes:
+        raise PayloadTooLarge(f"request is {size} bytes as a protobuf message, over the limit of "
+                              f"max_message_bytes={max_message_bytes} (gRPC refuses such a message too)")
+    return message
+
+
+def _plain_numbers(values: list[Any]) -> list[float] | None:
+    """JSON numbers as the floats ParseDict would make of them; None if any is not one it takes as it is."""
+    if not set(map(type, values)) <= {int, float}:  # strings, booleans, null, lists: ParseDict judges them
+        return None
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except OverflowError:
+        return None
+    if not np.all(np.abs(array) <= _FLOAT_MAX):  # NaN, infinities, beyond float32: ParseDict says which
+        return None
+    return array.tolist()  # type: ignore[no-any-return]
+
+
+def _take_stroke_arrays(
+    data: dict[str, Any], limits: Limits, max_message_bytes: int
+) -> list[tuple[int, int, str, list[float]]]:
+    """Take the stroke arrays of plain numbers out of a ClassifyRequest's JSON, to be set after ParseDict.
+
+    First refuses what no valid request holds, before anything walks it: more drawings or strokes than the
+    limits, or more stroke values than ``max_message_bytes`` can carry (a float is 4 bytes of protobuf).
+    """
+    out: list[tuple[int, int, str, list[float]]] = []
+    drawings = data.get("drawings")
+    if not isinstance(drawings, list):
+        return out
+    if len(drawings) > limits.max_drawings_per_request:
+        raise InvalidArgument([FieldViolation("drawings", f"has {len(drawings)} drawings, over the limit of "
+                                              f"max_drawings_per_request={limits.max_drawings_per_request}")])
+    found: list[tuple[int, int, str, list[Any]]] = []
+    for i, drawing in enumerate(drawings):
+        strokes = drawing.get("strokes") if isinstance(drawing, dict) else None
+        items = strokes.get("strokes") if isinstance(strokes, dict) else None
+        if not isinstance(items, list):
+            continue
+        if len(items) > limits.max_strokes:
+            raise InvalidArgument([FieldViolation(f"drawings[{i}].strokes.strokes", f"has {len(items)} strokes, "
+                                                  f"over the limit of max_strokes={limits.max_strokes}")])
+        for j, stroke in enumerate(items):
+            if isinstance(stroke, dict) and not ("tMs" in stroke and "t_ms" in stroke):
+                found += [(i, j, name, v) for name in _STROKE_ARRAYS if isinstance(v := stroke.get(name), list)]
+    values = sum(len(v) for *_, v in found)
+    if 4 * values > max_message_bytes:
+        raise PayloadTooLarge(f"request holds {values} stroke values, over {max_message_bytes} bytes as a protobuf "
+                              f"message (4 bytes each): over the limit of max_message_bytes={max_message_bytes} "
+                              "(gRPC refuses such a message too)")
+    for i, j, name, v in found:
+        numbers = _plain_numbers(v)
+        if numbers is not None:
+            del drawings[i]["strokes"]["strokes"][j][name]
+            out.append((i, j, name, numbers))
+    return out
+
+
+def _overflow_violation(data: Any, exc: OverflowError) -> FieldViolation:
+    """Where ParseDict overflowed: the first number, in document order, that no field can hold."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{k}]", v) for k, v in reversed(list(enumerate(value))))
+        elif (type(value) is int and abs(value) >= 2**1024) or (type(value) is float and math.isinf(value)):
+            return FieldViolation(path, f"is out of range ({exc})")
+    return FieldViolation("", f"a number is out of range ({exc})")
 
 
 @web.middleware

@@ -7,6 +7,8 @@ accepts both. Encoding always packs numbers into ``tensor_content``, as ``tf.mak
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numpy.typing import NDArray
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
@@ -18,6 +20,8 @@ _NUMERIC: dict[int, tuple[np.dtype, str]] = {
     types_pb2.DT_INT64: (np.dtype("<i8"), "int64_val"),
     types_pb2.DT_FLOAT: (np.dtype("<f4"), "float_val"),
 }
+#: Most elements :func:`to_numpy` decodes by default (2**26, 64 MiB of uint8).
+MAX_ELEMENTS = 1 << 26
 _BY_NUMPY = {np.dtype(v[0]).newbyteorder("="): k for k, v in _NUMERIC.items()}
 
 
@@ -32,18 +36,31 @@ def shape_of(tensor: tensor_pb2.TensorProto) -> tuple[int, ...]:
 
 
 class TensorDecodeError(ValueError):
-    """The tensor's content does not match its dtype and shape."""
+    """The tensor's content does not match its dtype and shape; ``field`` is the TensorProto field at fault
+    (the message names it too)."""
+
+    def __init__(self, message: str, field: str = "tensor_content") -> None:
+        super().__init__(message)
+        self.field = field
 
 
-def to_numpy(tensor: tensor_pb2.TensorProto) -> NDArray[np.generic]:
-    """Decode a numeric TensorProto; raises TensorDecodeError when its content disagrees with its shape."""
+def to_numpy(tensor: tensor_pb2.TensorProto, max_elements: int = MAX_ELEMENTS) -> NDArray[np.generic]:
+    """Decode a numeric TensorProto; raises TensorDecodeError when its content disagrees with its shape.
+
+    Also when the shape holds more than ``max_elements`` (a broadcast single value would fill it all), and
+    when an integer value does not fit the dtype (``int_val`` carries uint8 as int32; TF would wrap 300 to 44).
+    """
     if tensor.dtype not in _NUMERIC:
-        raise TensorDecodeError(f"unsupported dtype {dtype_name(tensor.dtype)}")
+        raise TensorDecodeError(f"unsupported dtype {dtype_name(tensor.dtype)}", "dtype")
     dtype, field = _NUMERIC[tensor.dtype]
     shape = shape_of(tensor)
     if any(d < 0 for d in shape):
-        raise TensorDecodeError(f"negative dimension in shape {list(shape)}")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        raise TensorDecodeError(f"negative dimension in shape {list(shape)}", "tensor_shape")
+    count = math.prod(shape)  # Python ints: numpy's int64 product wraps around for enormous shapes
+    if count > max_elements:
+        raise TensorDecodeError(
+            f"shape {list(shape)} has {count} elements, over the limit of {max_elements}", "tensor_shape"
+        )
     if tensor.tensor_content:
         if len(tensor.tensor_content) != count * dtype.itemsize:
             raise TensorDecodeError(
@@ -52,11 +69,22 @@ def to_numpy(tensor: tensor_pb2.TensorProto) -> NDArray[np.generic]:
             )
         return np.frombuffer(tensor.tensor_content, dtype=dtype).reshape(shape)
     values = getattr(tensor, field)
-    if len(values) == count:
-        return np.asarray(values, dtype=dtype).reshape(shape)
-    if len(values) == 1 and count > 0:  # TF Serving broadcasts a single value
-        return np.full(shape, values[0], dtype=dtype)
-    raise TensorDecodeError(f"{field} has {len(values)} values; shape {list(shape)} needs {count}")
+    broadcast = len(values) == 1 and count > 1  # TF Serving broadcasts a single value
+    if len(values) != count and not broadcast:
+        raise TensorDecodeError(f"{field} has {len(values)} values; shape {list(shape)} needs {count}", field)
+    array = np.asarray(values, dtype=np.float32 if dtype.kind == "f" else np.int64)
+    if dtype.kind in "iu" and array.size:
+        info = np.iinfo(dtype)
+        bad = np.flatnonzero((array < info.min) | (array > info.max))
+        if bad.size:
+            j = int(bad[0])
+            raise TensorDecodeError(
+                f"{field}[{j}] is {array[j]}, outside {info.min}..{info.max} for {dtype_name(tensor.dtype)}",
+                f"{field}[{j}]",
+            )
+    if broadcast:
+        return np.full(shape, array[0], dtype=dtype)
+    return array.astype(dtype).reshape(shape)
 
 
 def from_numpy(array: NDArray[np.generic]) -> tensor_pb2.TensorProto:

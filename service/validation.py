@@ -120,7 +120,21 @@ class StrokesIn(_Strict):
 
     kind: Literal["strokes"] = "strokes"
     strokes: list[StrokeIn]
-    raw: bool = False
+    coordinates: int = pb.Strokes.COORDINATES_UNSPECIFIED
+
+    @property
+    def raw(self) -> bool:
+        """Raw screen coordinates, to be normalised first (else simplified, 0..255)."""
+        return self.coordinates == pb.Strokes.RAW
+
+    @field_validator("coordinates")
+    @classmethod
+    def _known(cls, v: int) -> int:
+        # proto3 keeps an enum number it does not know; it must not be taken for SIMPLIFIED.
+        if v not in pb.Strokes.Coordinates.values():
+            names = ", ".join(f"{name} ({number})" for name, number in pb.Strokes.Coordinates.items())
+            raise ValueError(f"is {v}, not one of {names}")
+        return v
 
     @field_validator("strokes")
     @classmethod
@@ -210,7 +224,7 @@ def _drawing_data(d: pb.Drawing) -> dict[str, Any]:
     if which == "strokes":
         return {
             "kind": "strokes",
-            "raw": d.strokes.coordinates == pb.Strokes.RAW,
+            "coordinates": d.strokes.coordinates,
             "strokes": [{"x": list(s.x), "y": list(s.y), "t_ms": list(s.t_ms)} for s in d.strokes.strokes],
         }
     return {}
@@ -321,4 +335,4 @@ def image_tensor(tensor: Any, key: str, limits: Limits) -> NDArray[np.uint8]:
     try:
         return to_numpy(tensor).astype(np.uint8, copy=False)  # type: ignore[return-value]
     except TensorDecodeError as exc:
-        raise InvalidArgument([FieldViolation(f"{field}.tensor_content", str(exc))]) from None
+        raise InvalidArgument([FieldViolation(f"{field}.{exc.field}", str(exc))]) from None
