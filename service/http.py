@@ -66,13 +66,17 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-cache",
 }
-_UNKNOWN_FIELD = re.compile(r'Message type "(?P<type>[\w.]+)" has no field named "(?P<name>[^"]+)"')
+_UNKNOWN_FIELD = re.compile(r'Message type "(?P<type>[\w.]+)" has no field named "(?P<name>.*)"$')
 #: Bodies up to this size are parsed on the event loop, larger ones on a worker thread.
 INLINE_PARSE_BYTES = 64 * 1024
-#: The largest float32, beyond which json_format refuses a JSON number for a float field.
-_FLOAT_MAX = float(np.finfo(np.float32).max)
+#: Lists of more than this many times the drawings or strokes a request may hold are refused unparsed.
+EARLY_REFUSAL = 2
 #: The JSON names (and proto names) of a Stroke's number arrays.
 _STROKE_ARRAYS = ("x", "y", "tMs", "t_ms")
+_FAILED_TO_PARSE = re.compile(r"Failed to parse (?P<name>\w+) field: ")
+_NOT_A_LIST = re.compile(r"repeated field (?P<name>\w+) must be in \[\] which is ")
+#: The longest reason quoted from json_format in a field violation.
+MAX_REASON_CHARS = 300
 _PARSE_AT = re.compile(r'\s+at "?[A-Za-z_]\w*\.?(?P<path>[^"\s]*?)"?\.*$')
 M = TypeVar("M", bound=Message)
 _HTTP_TO_GRPC = {
@@ -110,9 +114,15 @@ def error_response(error: ServiceError) -> web.Response:
 
 
 def parse_violation(exc: json_format.ParseError) -> FieldViolation:
-    """A json_format error as a field violation: the path it names (JSON field names) and the innermost reason."""
-    text = str(exc).split("\n", 1)[0]
-    *chain, last = text.split(" field: ")
+    """A json_format error as a field violation: the path it names (JSON field names) and the innermost reason.
+
+    The reason is cut to ``MAX_REASON_CHARS``: json_format quotes the offending value, which may be huge.
+    """
+    last = str(exc).split("\n", 1)[0]
+    chain = []
+    while match := _FAILED_TO_PARSE.match(last):  # json_format wraps the reason once per enclosing field
+        chain.append(match.group("name"))
+        last = last[match.end() :]
     match = _PARSE_AT.search(last)
     if match:
         path, reason = match.group("path"), last[: match.start()].strip()
@@ -120,8 +130,16 @@ def parse_violation(exc: json_format.ParseError) -> FieldViolation:
         if unknown:
             name = unknown.group("name")
             return FieldViolation(f"{path}.{name}" if path else name, f"is not a field of {unknown.group('type')}")
-        return FieldViolation(path, reason)
-    return FieldViolation(".".join(c.removeprefix("Failed to parse ") for c in chain), last.strip().rstrip("."))
+        repeated = _NOT_A_LIST.match(reason)
+        if repeated:  # it names the field, and the path is its message's
+            name = repeated.group("name")
+            return FieldViolation(f"{path}.{name}" if path else name, "must be a JSON array (a repeated field)")
+        return FieldViolation(path, _clip(reason))
+    return FieldViolation(".".join(chain), _clip(last.strip().rstrip(".")))
+
+
+def _clip(reason: str) -> str:
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 3] + "..."
 
 
 def _deadline(request: web.Request) -> float | None:
@@ -278,10 +296,11 @@ def parse_body(raw: bytes, message: M, max_message_bytes: int, limits: Limits | 
     A body whose protobuf form would be over ``max_message_bytes`` is refused as gRPC refuses that message,
     with RESOURCE_EXHAUSTED (a 413). ``json_format.ParseDict`` costs about a microsecond per value (a 16 MB
     body of coordinates took 8 s, on the event loop), so for a ClassifyRequest (given its ``limits``) the
-    stroke arrays are counted first, at 4 bytes of protobuf per value; lists of more drawings or strokes
-    than a request may hold are refused with the violation validation reports for them; and stroke arrays
-    of plain JSON numbers are set directly, as the same floats ParseDict would make, after ParseDict has
-    parsed the rest.
+    stroke arrays are counted first, at 4 bytes of protobuf per value; lists of more than ``EARLY_REFUSAL``
+    times the drawings or strokes a request may hold are refused with the one violation validation reports
+    for their count (a request nearer the limits gets every violation, as on gRPC); and stroke arrays of
+    plain JSON numbers are set directly, as the same floats ParseDict would make, after ParseDict has parsed
+    the rest.
     """
     try:
         data = json.loads(raw)
@@ -312,17 +331,38 @@ def parse_body(raw: bytes, message: M, max_message_bytes: int, limits: Limits | 
     return message
 
 
-def _plain_numbers(values: list[Any]) -> list[float] | None:
-    """JSON numbers as the floats ParseDict would make of them; None if any is not one it takes as it is."""
-    if not set(map(type, values)) <= {int, float}:  # strings, booleans, null, lists: ParseDict judges them
+def _json_floats(values: list[Any]) -> list[float] | None:
+    """A stroke array's JSON values as the floats json_format would set, or None to leave it to json_format.
+
+    Numbers, booleans and numeric strings ("NaN", "Infinity", "1.5") are taken as ``float()`` takes them, as
+    json_format takes them, but at C speed when they are all numbers. A JSON number must round to a finite
+    float32: json_format refuses NaN, infinities and larger numbers (and also the largest float32 as its own
+    printer writes it, 3.4028235e+38, which is taken here, so that what MessageToDict writes parses back).
+    Anything else (null, lists, objects, "nan", words, numbers too large) goes to json_format, which says
+    what is wrong with it.
+    """
+    kinds = set(map(type, values))
+    if not kinds <= {int, float, bool, str}:
         return None
     try:
-        array = np.asarray(values, dtype=np.float64)
-    except OverflowError:
+        if kinds <= {int, float}:
+            array = np.asarray(values, dtype=np.float64)
+            numbers = array
+        else:
+            array = np.array([_json_float(v) for v in values], dtype=np.float64)
+            numbers = array[[type(v) is not str for v in values]]  # "NaN" and "Infinity" are allowed
+    except (ValueError, OverflowError):
         return None
-    if not np.all(np.abs(array) <= _FLOAT_MAX):  # NaN, infinities, beyond float32: ParseDict says which
-        return None
+    with np.errstate(over="ignore", invalid="ignore"):
+        if not np.isfinite(numbers.astype(np.float32)).all():
+            return None
     return array.tolist()  # type: ignore[no-any-return]
+
+
+def _json_float(value: float | bool | str) -> float:
+    if value == "nan":  # json_format's one refusal of a string float() takes
+        raise ValueError(value)
+    return float(value)
 
 
 def _take_stroke_arrays(
@@ -330,14 +370,14 @@ def _take_stroke_arrays(
 ) -> list[tuple[int, int, str, list[float]]]:
     """Take the stroke arrays of plain numbers out of a ClassifyRequest's JSON, to be set after ParseDict.
 
-    First refuses what no valid request holds, before anything walks it: more drawings or strokes than the
-    limits, or more stroke values than ``max_message_bytes`` can carry (a float is 4 bytes of protobuf).
+    First refuses what no valid request holds, before anything walks it: far more drawings or strokes than
+    the limits, or more stroke values than ``max_message_bytes`` can carry (a float is 4 bytes of protobuf).
     """
     out: list[tuple[int, int, str, list[float]]] = []
     drawings = data.get("drawings")
     if not isinstance(drawings, list):
         return out
-    if len(drawings) > limits.max_drawings_per_request:
+    if len(drawings) > EARLY_REFUSAL * limits.max_drawings_per_request:
         raise InvalidArgument([FieldViolation("drawings", f"has {len(drawings)} drawings, over the limit of "
                                               f"max_drawings_per_request={limits.max_drawings_per_request}")])
     found: list[tuple[int, int, str, list[Any]]] = []
@@ -346,7 +386,7 @@ def _take_stroke_arrays(
         items = strokes.get("strokes") if isinstance(strokes, dict) else None
         if not isinstance(items, list):
             continue
-        if len(items) > limits.max_strokes:
+        if len(items) > EARLY_REFUSAL * limits.max_strokes:
             raise InvalidArgument([FieldViolation(f"drawings[{i}].strokes.strokes", f"has {len(items)} strokes, "
                                                   f"over the limit of max_strokes={limits.max_strokes}")])
         for j, stroke in enumerate(items):
@@ -358,7 +398,7 @@ def _take_stroke_arrays(
                               f"message (4 bytes each): over the limit of max_message_bytes={max_message_bytes} "
                               "(gRPC refuses such a message too)")
     for i, j, name, v in found:
-        numbers = _plain_numbers(v)
+        numbers = _json_floats(v)
         if numbers is not None:
             del drawings[i]["strokes"]["strokes"][j][name]
             out.append((i, j, name, numbers))
