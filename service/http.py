@@ -66,7 +66,7 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-cache",
 }
-_UNKNOWN_FIELD = re.compile(r'Message type "(?P<type>[\w.]+)" has no field named "(?P<name>.*)"$')
+_UNKNOWN_FIELD = re.compile(r'Message type "(?P<type>[\w.]+)" has no field named "(?P<name>.*)"$', re.DOTALL)
 #: Bodies up to this size are parsed on the event loop, larger ones on a worker thread.
 INLINE_PARSE_BYTES = 64 * 1024
 #: Lists of more than this many times the drawings or strokes a request may hold are refused unparsed.
@@ -118,7 +118,7 @@ def parse_violation(exc: json_format.ParseError) -> FieldViolation:
 
     The reason is cut to ``MAX_REASON_CHARS``: json_format quotes the offending value, which may be huge.
     """
-    last = str(exc).split("\n", 1)[0]
+    last = str(exc).split("\n Available Fields", 1)[0]  # what follows lists the message's fields
     chain = []
     while match := _FAILED_TO_PARSE.match(last):  # json_format wraps the reason once per enclosing field
         chain.append(match.group("name"))

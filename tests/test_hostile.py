@@ -1111,9 +1111,14 @@ def test_truncated_protobuf(api: Api) -> None:
         (b'{"drawings": [{"strokes": {"strokes": [{"x": [1e39], "y": [1]}]}}]}',
          "drawings[0].strokes.strokes[0].x[0]", "Float value too large"),
         (b'{"drawings": [' + b"{}," * 600 + b"{}]}", "drawings", "601 drawings"),
+        (b'{"drawings": {"a field: b": 1}}', "drawings", "must be a JSON array"),
+        (b'{"\\n": 1}', "\n", "is not a field of quickdraw.v1.ClassifyRequest"),
+        (b'{"drawings": [{"strokes": {"strokes": [{"x": ["' + b"z" * 5000 + b'"], "y": [1]}]}}]}',
+         "drawings[0].strokes.strokes[0].x[0]", "Couldn't parse float: zzz"),
     ],
     ids=["nested-array", "nested-in-field", "400-digit-int", "enum-1e400", "NaN-literal", "quoted-numbers",
-         "float32-overflow", "601-drawings"],
+         "float32-overflow", "601-drawings",
+         "object-for-list", "newline-key", "5000-char-word"],
 )  # fmt: skip
 def test_json_that_json_format_chokes_on(api: Api, body: bytes, field: str, needle: str) -> None:
     """Each was a 500 (RecursionError, OverflowError) or parsed on the event loop; now a 400 naming the field."""
@@ -1121,3 +1126,4 @@ def test_json_that_json_format_chokes_on(api: Api, body: bytes, field: str, need
     assert status == 400 and elapsed < PROMPT_S, answer
     [(got, description)] = http_violations(answer)
     assert got == field and needle in description, (got, description)
+    assert len(description) <= 300  # json_format quotes the value, however long
