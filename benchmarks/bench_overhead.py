@@ -23,8 +23,8 @@ from benchmarks.bench_batching import start, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = Path(os.environ.get("QUICKDRAW_SAMPLE_DIR", ROOT.parent / "shared" / "quickdraw"))
-ROUNDS = 5
-ROUND_S = float(os.environ.get("BENCH_OVERHEAD_ROUND_S", "2.0"))
+CALLS = int(os.environ.get("BENCH_OVERHEAD_CALLS", "1000"))
+WARMUP_CALLS = 100
 
 
 def _free_port() -> int:
@@ -33,11 +33,39 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run() -> list[str]:
-    """Start the stand-in and a gateway on it; measure both, alternating."""
-    from loadtest.engine import LoadConfig, run_load, summary
-    from loadtest.sources import load_pool
+async def interleaved(targets: dict[str, str], calls: int) -> dict[str, np.ndarray]:
+    """Latencies (s) of ``calls`` Predict calls to each target, alternating call by call."""
+    import grpc
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
+    from doodle.formats import open_bitmaps
+    from service.tensors import from_numpy
+
+    rows = np.asarray(open_bitmaps(SAMPLE / "numpy_bitmap" / "cat.npy")[:64]).reshape(-1, 1, 28, 28, 1)
+    requests = []
+    for row in rows:
+        req = predict_pb2.PredictRequest(output_filter=["probabilities"])
+        req.model_spec.name = "quickdraw"
+        req.inputs["image"].CopyFrom(from_numpy(row))
+        requests.append(req)
+    channels = {n: grpc.aio.insecure_channel(t) for n, t in targets.items()}
+    out: dict[str, list[float]] = {n: [] for n in targets}
+    try:
+        stubs = {n: prediction_service_pb2_grpc.PredictionServiceStub(ch) for n, ch in channels.items()}
+        for i in range(calls + WARMUP_CALLS):
+            for n, stub in stubs.items():
+                t0 = time.perf_counter()
+                await stub.Predict(requests[i % len(requests)], timeout=10)
+                if i >= WARMUP_CALLS:
+                    out[n].append(time.perf_counter() - t0)
+    finally:
+        for ch in channels.values():
+            await ch.close()
+    return {n: np.array(v) for n, v in out.items()}
+
+
+def run() -> list[str]:
+    """Start the stand-in and a gateway on it; measure both, call by call."""
     port = _free_port()
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     standin = subprocess.Popen(
@@ -52,24 +80,19 @@ def run() -> list[str]:
             if "tfserving stand-in:" in line:
                 break
         gateway, target = start("--backend", "tfserving", "--tfserving-target", f"127.0.0.1:{port}")
-        pool = load_pool([SAMPLE / "numpy_bitmap"], ["bitmap"], size=256)
-        p50: dict[str, list[float]] = {"direct": [], "gateway": []}
-        targets = {"direct": f"127.0.0.1:{port}", "gateway": target}
-        for _ in range(ROUNDS):
-            for name, t in targets.items():
-                cfg = LoadConfig(t, api="tfserving", concurrency=1, duration_s=ROUND_S, warmup_s=0.3)
-                p50[name].append(float(summary(asyncio.run(run_load(cfg, pool)))["p50_ms"]))  # type: ignore[arg-type]
-                time.sleep(0.1)
+        lat = asyncio.run(interleaved({"direct": f"127.0.0.1:{port}", "gateway": target}, CALLS))
     finally:
         if gateway is not None:
             stop(gateway)
         standin.kill()
         standin.wait()
-    direct, through = float(np.median(p50["direct"])), float(np.median(p50["gateway"]))
-    for name in targets:
-        print(f"  {name:<8} p50 per round: " + ", ".join(f"{v:.2f}" for v in p50[name]) + " ms", flush=True)
+    direct, through = (float(np.median(lat[n])) * 1000 for n in ("direct", "gateway"))
+    pairs = float(np.median(lat["gateway"] - lat["direct"])) * 1000
+    for n in lat:
+        print(f"  {n:<8} p50 {np.median(lat[n]) * 1000:6.2f} ms  p90 {np.percentile(lat[n], 90) * 1000:6.2f} ms  "
+              f"p99 {np.percentile(lat[n], 99) * 1000:6.2f} ms", flush=True)
     return [
         f"gateway overhead at low load (1 caller, Predict of 1 bitmap): p50 {through:.2f} ms through the gateway "
         f"vs {direct:.2f} ms calling TF Serving (the stand-in) directly = +{through - direct:.2f} ms "
-        f"(median of {ROUNDS} alternating rounds; target <= 1 ms)"
+        f"(median per-call difference {pairs:+.2f} ms; {CALLS} calls each, interleaved; target <= 1 ms)"
     ]

@@ -173,6 +173,8 @@ class Batcher:
         if not took:
             return None
         ahead = self._queued // self._cfg.max_batch_size
+        if ahead == 0:  # the common case: skip the median on the hot path
+            return 0.0
         return ahead * float(np.median(took)) / self._cfg.max_concurrent_batches
 
     def _learn(self, drawings: int, seconds: float) -> None:
