@@ -236,13 +236,10 @@ def _unary(method: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[...,
     return wrap
 
 
-class ClassifierService(pb_grpc.ClassifierServicer):
-    """The gRPC adapter over ``Gateway``."""
+class GatewaySlot:
+    """What every adapter (gRPC, TF Serving's API, HTTP) holds: the data plane, once the model is ready."""
 
-    def __init__(self, metrics: Metrics, max_message_bytes: int, gateway: Gateway | None = None) -> None:
-        self.metrics = metrics
-        self._gateway = gateway
-        self._max_message_bytes = max_message_bytes
+    _gateway: Gateway | None = None
 
     @property
     def gateway(self) -> Gateway:
@@ -254,6 +251,15 @@ class ClassifierService(pb_grpc.ClassifierServicer):
     def attach(self, gateway: Gateway) -> None:
         """Start serving through a ready gateway."""
         self._gateway = gateway
+
+
+class ClassifierService(GatewaySlot, pb_grpc.ClassifierServicer):
+    """The gRPC adapter over ``Gateway``."""
+
+    def __init__(self, metrics: Metrics, max_message_bytes: int, gateway: Gateway | None = None) -> None:
+        self.metrics = metrics
+        self._gateway = gateway
+        self._max_message_bytes = max_message_bytes
 
     @_unary("Classify")
     async def Classify(

@@ -40,14 +40,13 @@ from google.protobuf.message import Message
 from prometheus_client.exposition import choose_encoder
 
 from quickdraw.v1 import classifier_pb2 as pb
-from service.api import Gateway, Observed, service_error
+from service.api import GatewaySlot, Observed, service_error
 from service.errors import (
     FieldViolation,
     InvalidArgument,
     PayloadTooLarge,
     ServiceError,
     Unauthenticated,
-    Unavailable,
     http_status,
     to_rpc_status,
 )
@@ -159,7 +158,7 @@ def _flag(value: str | None) -> bool:
     return value is not None and value.lower() in ("1", "true", "yes")
 
 
-class HttpServer:
+class HttpServer(GatewaySlot):
     """The HTTP server; the API answers UNAVAILABLE until :meth:`attach` hands it the ready gateway."""
 
     def __init__(
@@ -178,20 +177,8 @@ class HttpServer:
         self.max_message_bytes = max_message_bytes
         self.max_body_bytes = JSON_BODY_FACTOR * max_message_bytes
         self.port = 0
-        self._gateway: Gateway | None = None
         self._runner: web.AppRunner | None = None
         self._files = {p.name: p for p in PLAYGROUND_DIR.iterdir() if p.is_file()} if api else {}
-
-    @property
-    def gateway(self) -> Gateway:
-        """The data plane; Unavailable until the model is loaded."""
-        if self._gateway is None:
-            raise Unavailable("the model is still loading; retry shortly")
-        return self._gateway
-
-    def attach(self, gateway: Gateway) -> None:
-        """Start serving the API through a ready gateway."""
-        self._gateway = gateway
 
     def application(self) -> web.Application:
         """The aiohttp application with every route."""

@@ -25,8 +25,8 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from service.api import Gateway, _deadline, _unary
-from service.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
+from service.api import GatewaySlot, _deadline, _unary
+from service.errors import FieldViolation, InvalidArgument, NotFound
 from service.metrics import Metrics
 from service.tensors import from_numpy
 from service.validation import image_tensor
@@ -40,23 +40,11 @@ PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
 
 
-class _Surface:
+class _Surface(GatewaySlot):
     """Shared by both servicers: the gateway (once ready), metrics, and model_spec checks."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
-        self._gateway: Gateway | None = None
-
-    def attach(self, gateway: Gateway) -> None:
-        """Start serving through a ready gateway."""
-        self._gateway = gateway
-
-    @property
-    def gateway(self) -> Gateway:
-        """The data plane; Unavailable until the model is loaded."""
-        if self._gateway is None:
-            raise Unavailable("the model is still loading; retry shortly")
-        return self._gateway
 
     def version(self, spec: Any) -> int:
         """The version a ``ModelSpec`` asks for: its number, or the default; NOT_FOUND as TF Serving says it."""
