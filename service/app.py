@@ -100,7 +100,8 @@ class App:
         names: tuple[str, ...] = (SERVICE_NAME,)
         tfs = None
         if s.tfserving_api:
-            tfs = tfserving_api.add_to_server(self._server, self.metrics)
+            label = s.tfserving_version_label if s.backend == "tfserving" else None
+            tfs = tfserving_api.add_to_server(self._server, self.metrics, label)
             names += (tfserving_api.PREDICTION_SERVICE, tfserving_api.MODEL_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         if s.reflection:

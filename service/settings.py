@@ -93,6 +93,11 @@ class Settings(BaseSettings):
         "network hops, so that TF Serving gives up no later than the caller",
     )
     tfserving_signature: str = Field("serving_default", description="signature asked of TF Serving")
+    tfserving_version_label: str | None = Field(
+        None,
+        description="serve calls that name no version from the version this TF Serving label points at (e.g. "
+        "stable), resolved with GetModelMetadata at start and at every status poll; default: the highest version",
+    )
     tfserving_max_attempts: int = Field(
         3, ge=1, le=5, description="attempts per backend batch; only UNAVAILABLE is retried, with backoff"
     )

@@ -43,8 +43,9 @@ MODEL_SERVICE = "tensorflow.serving.ModelService"
 class _Surface(GatewaySlot):
     """Shared by both servicers: the gateway (once ready), metrics, and model_spec checks."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, version_label: str | None = None) -> None:
         self.metrics = metrics
+        self.version_label = version_label
 
     def version(self, spec: Any) -> int:
         """The version a ``ModelSpec`` asks for: its number, or the default; NOT_FOUND as TF Serving says it."""
@@ -52,10 +53,13 @@ class _Surface(GatewaySlot):
         if spec.name != model.name:
             raise NotFound(f"Servable not found for request: model {spec.name!r} (this gateway serves {model.name!r})")
         if spec.WhichOneof("version_choice") == "version_label":
+            if self.version_label is not None and spec.version_label == self.version_label:
+                return model.default_version  # the version TF Serving's label points at (tfserving_version_label)
+            known = f"the only label here is {self.version_label!r}" if self.version_label else "no labels here"
             raise InvalidArgument(
                 [FieldViolation("model_spec.version_label",
-                                f"version labels are not configured on this gateway; ask for a version number "
-                                f"({', '.join(map(str, model.versions))}) or none for the latest")]
+                                f"unknown version label {spec.version_label!r} ({known}); ask for a version number "
+                                f"({', '.join(map(str, model.versions))}) or none for the default")]
             )  # fmt: skip
         if not spec.HasField("version"):
             return model.default_version
@@ -183,9 +187,9 @@ def signature_def_map(classes: int) -> get_model_metadata_pb2.SignatureDefMap:
     return out
 
 
-def add_to_server(server: grpc.aio.Server, metrics: Metrics) -> _Surface:
+def add_to_server(server: grpc.aio.Server, metrics: Metrics, version_label: str | None = None) -> _Surface:
     """Register both services; returns the surface to ``attach`` the gateway to once it is ready."""
-    surface = _Surface(metrics)
+    surface = _Surface(metrics, version_label)
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(surface), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(surface), server)
     return surface

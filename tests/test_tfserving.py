@@ -188,6 +188,37 @@ def test_version_selection_reaches_the_version_asked_for(gateway: RunningGateway
         assert code_of(err.value) == grpc.StatusCode.NOT_FOUND
 
 
+def test_version_label_routes_calls_without_a_version(standin: TFServingStandIn, model_base: Path) -> None:
+    """--tfserving-version-label stable: calls naming no version go where TF Serving's label points, and follow it."""
+    image = sample_bitmaps(1)[0]
+    req = pb.ClassifyRequest(drawings=[pb.Drawing(bitmap=pb.Bitmap(pixels=image.tobytes()))])
+    try:
+        with RunningGateway(backend="tfserving", tfserving_target=standin.target, model_dir=model_base,
+                            tfserving_version_label="stable", tfserving_status_poll_s=0.2, warmup=False) as gw, \
+                QuickDrawClient(gw.target, timeout_s=10) as client:  # fmt: skip
+            assert client.model_info().default_version == 1  # stable -> 1, though 2 is the highest
+            standin.seen.clear()
+            assert client.classify_request(req).model_version == 1
+            assert [s.version for s in standin.seen] == [1]
+            with grpc.insecure_channel(gw.target) as ch:  # the label works on the gateway's TF Serving API too
+                stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
+                labelled = stub.Predict(predict_request(image[None], label="stable"), timeout=10)
+                assert labelled.model_spec.version.value == 1
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.Predict(predict_request(image[None], label="canary"), timeout=10)
+                assert code_of(err.value) == grpc.StatusCode.INVALID_ARGUMENT
+            standin.version_labels["stable"] = 2  # the label moves, as after a canary is promoted
+            end = time.monotonic() + 5
+            while client.model_info().default_version != 2:
+                assert time.monotonic() < end, "the gateway did not follow the label"
+                time.sleep(0.05)
+            standin.seen.clear()
+            assert client.classify_request(req).model_version == 2
+            assert [s.version for s in standin.seen] == [2]
+    finally:
+        standin.version_labels["stable"] = 1
+
+
 def test_tfserving_sees_a_deadline_no_later_than_the_callers(
     gateway: RunningGateway, standin: TFServingStandIn
 ) -> None:

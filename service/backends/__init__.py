@@ -24,11 +24,13 @@ class ModelDescription:
     name: str
     versions: tuple[int, ...]
     labels: tuple[str, ...]
+    #: The version a request without one gets, when not the highest (a TF Serving version label's).
+    default: int | None = None
 
     @property
     def default_version(self) -> int:
-        """The highest version: what a request without a version gets."""
-        return self.versions[-1]
+        """What a request without a version gets: ``default`` if set, else the highest version."""
+        return self.versions[-1] if self.default is None else self.default
 
 
 class Backend(Protocol):

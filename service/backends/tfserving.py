@@ -3,7 +3,9 @@
 - Readiness follows ``ModelService/GetModelStatus``: start() waits until TF Serving reports a version
   AVAILABLE, and a poller keeps the set of AVAILABLE versions current afterwards (``on_change``), so the
   gateway follows versions as TF Serving loads and unloads them, and reports NOT_SERVING while none is.
-  A NOT_FOUND from Predict (a version just unloaded) makes it look again at once.
+  A NOT_FOUND from Predict (a version just unloaded) makes it look again at once. With
+  ``tfserving_version_label``, calls that name no version go to the version that label points at (asked of
+  GetModelMetadata at start and at every poll), so promoting a canary in TF Serving's config moves them.
 - The signature is checked through ``GetModelMetadata``; labels come from the labels asset
   (``--labels-file`` or ``<model-dir>/<version>/assets/labels.txt``), and their count must match the
   signature's output width.
@@ -127,12 +129,13 @@ class TFServingBackend:
         self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
         versions = await self._wait_available()
         classes = await self._check_signature()
-        labels = self._labels(versions[-1])
+        default = await self._labelled_version(versions)
+        labels = self._labels(default or versions[-1])
         if classes is not None and classes != len(labels):
             raise ValueError(
                 f"TF Serving's {s.model_name!r} outputs {classes} classes but the labels name {len(labels)}"
             )
-        self._description = ModelDescription(s.model_name, versions, labels)
+        self._description = ModelDescription(s.model_name, versions, labels, default)
         self._poller = asyncio.get_running_loop().create_task(self._follow(), name="tfserving-status")
         log.info("TF Serving at %s serves %s versions %s", s.tfserving_target, s.model_name, list(versions))
         return self._description
@@ -167,6 +170,23 @@ class TFServingBackend:
                 )
             await asyncio.sleep(pause)
             pause = min(pause * 2, 2.0)
+
+    async def _labelled_version(self, versions: tuple[int, ...], timeout_s: float = 5.0) -> int | None:
+        """The version ``tfserving_version_label`` points at (None without a label); it must be AVAILABLE.
+
+        TF Serving has no call that lists labels; GetModelMetadata for a label answers with the version."""
+        label = self._s.tfserving_version_label
+        if label is None:
+            return None
+        assert self._predict is not None
+        req = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        req.model_spec.name = self._s.model_name
+        req.model_spec.version_label = label
+        resp = await self._predict.GetModelMetadata(req, timeout=timeout_s)
+        version = resp.model_spec.version.value
+        if version not in versions:
+            raise ValueError(f"TF Serving's label {label!r} points at version {version}, which is not AVAILABLE")
+        return version
 
     async def _check_signature(self) -> int | None:
         """The signature must take uint8 ``image`` and give ``probabilities``; returns its width if known."""
@@ -206,23 +226,29 @@ class TFServingBackend:
 
     async def _follow(self) -> None:
         """Poll GetModelStatus and report changes in the AVAILABLE versions."""
-        last: tuple[int, ...] | None = self._description.versions if self._description else None
+        d = self._description
+        last: tuple[tuple[int, ...], int | None] | None = (d.versions, d.default) if d else None
         while True:
             with contextlib.suppress(TimeoutError):  # a NOT_FOUND from Predict asks for an early look
                 await asyncio.wait_for(self._refresh.wait(), self._s.tfserving_status_poll_s)
             self._refresh.clear()
+            default: int | None = None
             try:
                 versions: tuple[int, ...] = await self.available_versions()
-            except grpc.aio.AioRpcError as exc:
+                if versions:
+                    default = await self._labelled_version(versions)
+            except (grpc.aio.AioRpcError, ValueError) as exc:
                 versions = ()
-                if last:
-                    log.warning("TF Serving status unknown: %s: %s", exc.code().name, exc.details())
-            if versions == last:
+                if last and last[0]:
+                    log.warning("TF Serving status unknown: %s", exc.details() if isinstance(exc, grpc.aio.AioRpcError)
+                                else exc)  # fmt: skip
+            if (versions, default) == last:
                 continue
-            last = versions
+            last = (versions, default)
             if versions and self._description is not None:
-                self._description = ModelDescription(self._s.model_name, versions, self._description.labels)
-                log.info("TF Serving now serves %s versions %s", self._s.model_name, list(versions))
+                self._description = ModelDescription(self._s.model_name, versions, self._description.labels, default)
+                log.info("TF Serving now serves %s versions %s (default %d)", self._s.model_name, list(versions),
+                         self._description.default_version)  # fmt: skip
                 if self.on_change is not None:
                     self.on_change(self._description)
             else:
