@@ -281,7 +281,8 @@ class Batcher:
         outcome = "ok"
         released = False
         try:
-            probs = await asyncio.wait_for(started, self._cfg.backend_timeout_ms / 1000.0)
+            async with asyncio.timeout(self._cfg.backend_timeout_ms / 1000.0):  # no extra task or wake-up
+                probs = await started
             if len(probs) != len(images):
                 raise BackendError(f"backend returned {len(probs)} results for {len(images)} drawings")
             self._learn(len(images), self._clock() - t0)
