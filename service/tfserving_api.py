@@ -109,8 +109,9 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         resp.model_spec.name = gateway.model.name
         resp.model_spec.version.value = version
         resp.model_spec.signature_name = SIGNATURE
-        k = min(TOP_K, probs.shape[1])
-        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        # rank only when a top_k output is wanted (TF Serving clients usually filter to probabilities)
+        ranked = any(name != "probabilities" for name in wanted)
+        top = np.argsort(-probs, axis=1, kind="stable")[:, :TOP_K] if ranked else np.empty((0, 0), np.intp)
         for name in wanted:
             if name == "probabilities":
                 value: np.ndarray = probs

@@ -7,11 +7,9 @@ refused, in-flight calls still get their answers, and the process exits 0 within
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +18,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from faults import Gateway, free_port, start_standin
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import SHIPPED_MODEL
 
@@ -30,26 +29,9 @@ pytestmark = pytest.mark.skipif(not find_versions(SHIPPED_MODEL), reason=f"no Sa
 
 
 def start_server(*extra: str) -> tuple[subprocess.Popen[str], str, list[str]]:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "QUICKDRAW_MODEL_DIR": str(SHIPPED_MODEL)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "quickdraw", "serve", "--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "0",
-         *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )  # fmt: skip
-    lines: list[str] = []
-    deadline = time.monotonic() + 120
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        m = re.search(r"ready: gRPC on 127\.0\.0\.1:(\d+)", line)
-        if m:
-            threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()  # type: ignore[arg-type]
-            return proc, f"127.0.0.1:{m.group(1)}", lines
-    proc.kill()
-    raise AssertionError("server did not start:\n" + "".join(lines[-40:]))
+    """``quickdraw serve`` on the shipped model (tests/faults.Gateway): its process, target and output lines."""
+    gw = Gateway("--model-dir", str(SHIPPED_MODEL), *extra)
+    return gw.proc, gw.target, gw.lines
 
 
 @pytest.fixture()
@@ -139,17 +121,8 @@ def test_settings_come_from_the_environment_and_options_win() -> None:
 
 def test_serve_with_tfserving_backend_against_the_standin_process(tmp_path: Path) -> None:
     """``quickdraw serve --backend tfserving --tfserving-target HOST:PORT``, with the stand-in as its own process."""
-    import socket
-
-    with socket.socket() as s:  # a free port for the stand-in
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    standin = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("tfserving_standin.py")), "--model-base-path", str(SHIPPED_MODEL),
-         "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )  # fmt: skip
+    port = free_port()
+    standin = start_standin(port)
     try:
         proc, target, lines = start_server("--backend", "tfserving", "--tfserving-target", f"127.0.0.1:{port}")
         try:
@@ -166,4 +139,3 @@ def test_serve_with_tfserving_backend_against_the_standin_process(tmp_path: Path
             assert proc.wait(30) == 0, "".join(lines[-30:])
     finally:
         standin.kill()
-        standin.wait()
