@@ -197,6 +197,12 @@ class Observed:
         self._metrics = metrics
         self._method = method
         self.code = "OK"
+        self.fault = ""
+
+    def fail(self, error: ServiceError) -> None:
+        """Record the call as answered with ``error`` (its code, and whose fault it was)."""
+        self.code = error.code.name
+        self.fault = error.fault
 
     def __enter__(self) -> Observed:
         self._t0 = time.perf_counter()
@@ -205,9 +211,11 @@ class Observed:
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         if exc_type is not None and issubclass(exc_type, asyncio.CancelledError):
-            self.code = "CANCELLED"
+            self.code, self.fault = "CANCELLED", "client"
         self._metrics.inflight.dec()
         self._metrics.request_latency.labels(self._method, self.code).observe(time.perf_counter() - self._t0)
+        if self.code != "OK":
+            self._metrics.errors.labels(self._method, self.code, self.fault or "server").inc()
 
 
 T = TypeVar("T")
@@ -227,7 +235,7 @@ def _unary(method: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[...,
                     return await fn(self, request, context)
                 except Exception as exc:
                     err = service_error(exc)
-                    call.code = err.code.name
+                    call.fail(err)
                     await context.abort_with_status(rpc_status.to_status(to_rpc_status(err)))
                     raise  # not reached: abort raises
 
@@ -298,7 +306,7 @@ class ClassifierService(GatewaySlot, pb_grpc.ClassifierServicer):
                         await answers.put(pb.ClassifyStreamResponse(id=msg.id, response=resp))
                     except Exception as exc:
                         err = service_error(exc)
-                        call.code = err.code.name
+                        call.fail(err)
                         await answers.put(pb.ClassifyStreamResponse(id=msg.id, error=to_rpc_status(err)))
             finally:
                 window.release()

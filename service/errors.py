@@ -33,16 +33,22 @@ class ServiceError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     http_status: int | None = None
+    #: Who caused it: "client" (a bad, oversized, unauthenticated, cancelled or too-short-deadline call) or
+    #: "server". Only server faults feed the error-ratio alert (``quickdraw_request_errors_total{fault}``).
+    fault: str = "server"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, fault: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        if fault is not None:
+            self.fault = fault
 
 
 class InvalidArgument(ServiceError):
     """The request is malformed or breaks a limit; carries field violations."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
+    fault = "client"
 
     def __init__(self, violations: Sequence[FieldViolation], message: str | None = None) -> None:
         self.violations = list(violations)
@@ -57,6 +63,7 @@ class NotFound(ServiceError):
     """The requested model version is not served."""
 
     code = grpc.StatusCode.NOT_FOUND
+    fault = "client"
 
 
 class ResourceExhausted(ServiceError):
@@ -69,18 +76,21 @@ class PayloadTooLarge(ResourceExhausted):
     """An HTTP request body over the size limit (gRPC refuses such a message with RESOURCE_EXHAUSTED too)."""
 
     http_status = 413
+    fault = "client"
 
 
 class DeadlineExceeded(ServiceError):
-    """The call's deadline passed before the backend could run it."""
+    """The call's deadline passed before the backend could run it (the caller's deadline: a client fault)."""
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+    fault = "client"
 
 
 class Cancelled(ServiceError):
     """The client cancelled the call."""
 
     code = grpc.StatusCode.CANCELLED
+    fault = "client"
 
 
 class Unavailable(ServiceError):
@@ -93,6 +103,7 @@ class Unauthenticated(ServiceError):
     """The call has no valid credentials (bearer token or client certificate); the message never echoes them."""
 
     code = grpc.StatusCode.UNAUTHENTICATED
+    fault = "client"
 
 
 class BackendError(ServiceError):
@@ -101,16 +112,46 @@ class BackendError(ServiceError):
     code = grpc.StatusCode.INTERNAL
 
 
+#: Most field violations an answer carries; the rest are counted in one last violation.
+MAX_VIOLATIONS = 100
+#: Longest field path or description echoed back, and longest status message (requests can hold huge strings,
+#: and gRPC's trailers are small: a 3 MB output_filter once became a 5 MB grpc-message).
+MAX_FIELD_CHARS = 200
+MAX_DESCRIPTION_CHARS = 300
+MAX_MESSAGE_CHARS = 1000
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, marked with how much was cut."""
+    if len(text) <= limit:
+        return text
+    note = f"... ({len(text) - limit} more characters)"
+    return text[: max(0, limit - len(note))] + note
+
+
+def capped_violations(violations: Sequence[FieldViolation]) -> list[FieldViolation]:
+    """At most ``MAX_VIOLATIONS`` violations, each clipped; the rest summed up in a last one."""
+    out = [FieldViolation(clip(v.field, MAX_FIELD_CHARS), clip(v.description, MAX_DESCRIPTION_CHARS))
+           for v in violations[:MAX_VIOLATIONS]]  # fmt: skip
+    if len(violations) > MAX_VIOLATIONS:
+        out.append(FieldViolation("", f"and {len(violations) - MAX_VIOLATIONS} more violations not listed "
+                                      f"(at most {MAX_VIOLATIONS} are)"))  # fmt: skip
+    return out
+
+
 def to_rpc_status(error: ServiceError) -> status_pb2.Status:
-    """The ``google.rpc.Status`` for an error, with a ``BadRequest`` detail for field violations."""
-    status = status_pb2.Status(code=_CODES[error.code][0], message=error.message)
+    """The ``google.rpc.Status`` for an error, with a ``BadRequest`` detail for field violations.
+
+    Bounded whatever the request held: at most ``MAX_VIOLATIONS`` violations, each text clipped.
+    """
+    status = status_pb2.Status(code=_CODES[error.code][0], message=clip(error.message, MAX_MESSAGE_CHARS))
     if isinstance(error, InvalidArgument):
         detail = any_pb2.Any()
         detail.Pack(
             error_details_pb2.BadRequest(
                 field_violations=[
                     error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                    for v in error.violations
+                    for v in capped_violations(error.violations)
                 ]
             )
         )

@@ -236,7 +236,7 @@ class HttpServer(GatewaySlot):
                 return web.json_response(body)
             except Exception as exc:
                 err = service_error(exc)
-                call.code = err.code.name
+                call.fail(err)
                 return error_response(err)
 
     async def _model(self, request: web.Request) -> web.Response:
@@ -246,7 +246,7 @@ class HttpServer(GatewaySlot):
                 return web.json_response(to_json(self.gateway.model_info(self.max_message_bytes)))
             except Exception as exc:
                 err = service_error(exc)
-                call.code = err.code.name
+                call.fail(err)
                 return error_response(err)
 
     async def _index(self, request: web.Request) -> web.FileResponse:

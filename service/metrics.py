@@ -78,4 +78,16 @@ class Metrics:
             "model_version_info", "1 for each model version being served.",
             ["model", "version", "backend"], namespace=ns, registry=r,
         )  # fmt: skip
+        self.errors = Counter(
+            "request_errors_total",
+            "Calls answered with an error, by method, gRPC code and fault: client (bad, oversized, unauthenticated "
+            "or cancelled calls, and callers' own deadlines) or server (only these feed the error-ratio alert).",
+            ["method", "code", "fault"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.auth_failures = Counter(
+            "auth_failures_total",
+            "Calls refused for their credentials, by transport (grpc, http) and reason (missing, malformed, "
+            "invalid, client_certificate).",
+            ["transport", "reason"], namespace=ns, registry=r,
+        )  # fmt: skip
         self.ready = Gauge("ready", "1 once the model is loaded and warmed up.", namespace=ns, registry=r)

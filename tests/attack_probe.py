@@ -1,0 +1,162 @@
+"""Measuring what an attack costs a real gateway process: health latency throughout, RSS growth, CPU seconds.
+
+The security tests (``tests/test_attacks_*.py``) start ``quickdraw serve`` as its own process
+(:class:`AttackedGateway`), send an attack, and assert the issue's bounds with :func:`measured`:
+
+- grpc.health.v1 Check answers within ``HEALTH_BOUND_S`` every time, asked every 10 ms from another thread;
+- the gateway's RSS grows by less than ``RSS_BOUND_MIB``;
+- the gateway spends at most ``CPU_BOUND_S`` of CPU per refused request (utime + stime from /proc).
+
+Every measurement is printed (``pytest -s`` shows it; ``-rA`` in the summary), so the figures can be quoted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import grpc
+from faults import Gateway
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+HEALTH_BOUND_S = 0.100
+RSS_BOUND_MIB = 100.0
+CPU_BOUND_S = 0.5
+#: A token long enough for the gateway's minimum length.
+TOKEN = "attack-test-token-0123456789abcdef"
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds the process has used."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory now, MiB."""
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(x.split()[1]) for x in fh if x.startswith("VmRSS:")) / 1024
+
+
+def open_fds(pid: int) -> int:
+    """File descriptors the process holds now."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class HealthProbe:
+    """grpc.health.v1 Check every ``interval_s`` on its own channel and thread; records every latency."""
+
+    def __init__(self, target: str, interval_s: float = 0.010, service: str = "") -> None:
+        self.target, self.interval_s, self.service = target, interval_s, service
+        self.latencies: list[float] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="health-probe")
+
+    def _run(self) -> None:
+        with grpc.insecure_channel(self.target) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            stub.Check(health_pb2.HealthCheckRequest(service=self.service), timeout=10)  # connected first
+            while not self._stop.is_set():
+                t0 = time.perf_counter()
+                try:
+                    stub.Check(health_pb2.HealthCheckRequest(service=self.service), timeout=5)
+                except grpc.RpcError as exc:
+                    self.failures.append(exc.code().name)  # type: ignore[attr-defined]
+                self.latencies.append(time.perf_counter() - t0)
+                self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> HealthProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    @property
+    def worst_s(self) -> float:
+        """The slowest Check."""
+        return max(self.latencies, default=0.0)
+
+
+@dataclass
+class Cost:
+    """What an attack cost the gateway process."""
+
+    name: str
+    requests: int = 1
+    cpu_s: float = 0.0
+    rss_before_mib: float = 0.0
+    rss_after_mib: float = 0.0
+    health_worst_s: float = 0.0
+    health_checks: int = 0
+    health_failures: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def rss_growth_mib(self) -> float:
+        """RSS after less RSS before."""
+        return self.rss_after_mib - self.rss_before_mib
+
+    @property
+    def cpu_per_request_s(self) -> float:
+        """CPU seconds per request sent."""
+        return self.cpu_s / max(1, self.requests)
+
+    def report(self) -> str:
+        """One line of figures."""
+        return (f"[attack] {self.name}: {self.requests} request(s) in {self.wall_s:.2f} s; gateway CPU "
+                f"{self.cpu_s:.3f} s ({self.cpu_per_request_s * 1000:.1f} ms/request, bound {CPU_BOUND_S * 1000:.0f}); "
+                f"RSS {self.rss_before_mib:.0f} -> {self.rss_after_mib:.0f} MiB ({self.rss_growth_mib:+.1f}, bound "
+                f"{RSS_BOUND_MIB:.0f}); health worst {self.health_worst_s * 1000:.1f} ms over {self.health_checks} "
+                f"checks (bound {HEALTH_BOUND_S * 1000:.0f})")  # fmt: skip
+
+    def assert_bounds(self, cpu_bound_s: float = CPU_BOUND_S) -> None:
+        """The issue's three bounds."""
+        assert not self.health_failures, f"{self.name}: health failed: {self.health_failures[:5]}"
+        assert self.health_worst_s < HEALTH_BOUND_S, self.report()
+        assert self.rss_growth_mib < RSS_BOUND_MIB, self.report()
+        assert self.cpu_per_request_s <= cpu_bound_s, self.report()
+
+
+@contextmanager
+def measured(gw: Gateway, name: str, requests: int = 1, settle_s: float = 0.3) -> Iterator[Cost]:
+    """Measure the gateway while the block runs (and ``settle_s`` after, for work left behind); prints the figures.
+
+    Set ``cost.requests`` inside the block if the count is only known there.
+    """
+    cost = Cost(name, requests)
+    cost.rss_before_mib = rss_mib(gw.pid)
+    with HealthProbe(gw.target) as probe:
+        time.sleep(0.05)
+        cpu0, t0 = cpu_s(gw.pid), time.monotonic()
+        yield cost
+        time.sleep(settle_s)
+        cost.cpu_s = cpu_s(gw.pid) - cpu0
+        cost.wall_s = time.monotonic() - t0
+    cost.rss_after_mib = rss_mib(gw.pid)
+    cost.health_worst_s = probe.worst_s
+    cost.health_checks = len(probe.latencies)
+    cost.health_failures = probe.failures
+    print(cost.report(), file=sys.stderr)
+
+
+class AttackedGateway(Gateway):
+    """``quickdraw serve`` on free ports, with extra environment (a token, say) and options."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        old = dict(os.environ)
+        os.environ.update(env or {})
+        try:
+            super().__init__(*args)
+        finally:
+            os.environ.clear()
+            os.environ.update(old)
