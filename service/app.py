@@ -10,7 +10,9 @@ Nothing is built at import time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import resource
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,13 +21,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
-from service import security, tfserving_api
+from service import api, security, tfserving_api
 from service.api import SERVICE_NAME, ClassifierService, Gateway
 from service.backends import Backend, ModelDescription
 from service.backends.embedded import EmbeddedBackend
 from service.batching import Batcher, BatcherConfig
 from service.http import HttpServer
+from service.lograte import LogRate
 from service.metrics import Metrics
 from service.settings import Settings
 from service.validation import Limits
@@ -35,6 +37,37 @@ log = logging.getLogger(__name__)
 #: A grpc.health.v1 service name for liveness probes: SERVING from the moment the server listens until it
 #: stops, whatever the model or backend is doing (readiness is "" and the Classifier's own name).
 LIVENESS_SERVICE = "liveness"
+
+
+#: File descriptors kept for everything but client connections: the model's files, TF Serving channels, the
+#: HTTP server's own sockets, threads' pipes, logs.
+FD_RESERVE = 256
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit (container runtimes often start at a soft 1024);
+    returns (soft, hard) in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = max(soft, 1 << 20) if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def connection_caps(settings: Settings, fd_limit: int) -> tuple[int, int]:
+    """(gRPC, HTTP) connection caps that fit the file-descriptor budget: the settings, or scaled down to
+    ``fd_limit - FD_RESERVE`` in proportion (logged), so a flood of connections meets the caps, never EMFILE."""
+    grpc_cap = settings.max_grpc_connections
+    http_cap = int(getattr(settings, "max_http_connections", 0))
+    budget = max(2, fd_limit - FD_RESERVE)
+    if grpc_cap + http_cap <= budget:
+        return grpc_cap, http_cap
+    scale = budget / (grpc_cap + http_cap)
+    capped = max(1, int(grpc_cap * scale)), max(1 if http_cap else 0, int(http_cap * scale))
+    log.warning("the file-descriptor limit is %d: connection caps lowered from gRPC %d, HTTP %d to %d, %d "
+                "(raise the container's nofile limit to keep them)", fd_limit, grpc_cap, http_cap, *capped)  # fmt: skip
+    return capped
 
 
 def build_backend(settings: Settings) -> Backend:
@@ -84,19 +117,31 @@ class App:
         """Bind, load the model, warm up, and report SERVING."""
         s = self.settings
         self.http_port = await self._http.start(s.host, s.http_port, ssl_context=security.http_ssl_context(s))
+        soft, _ = raise_fd_limit()
+        grpc_cap, _http_cap = connection_caps(s, soft)
+        self._install_loop_error_log()
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 0),
+            # Security: see README "Security". Compressed requests are refused by gRPC core (UNIMPLEMENTED) unless
+            # allowed; connections must finish their handshake in time, idle ones close, and they are capped.
+            ("grpc.compression_enabled_algorithms_bitset", 0b111 if s.grpc_request_compression else 0b001),
+            ("grpc.server_handshake_timeout_ms", int(s.grpc_handshake_timeout_s * 1000)),
+            ("grpc.max_allowed_incoming_connections", grpc_cap),
+            ("grpc.max_concurrent_streams", s.grpc_max_streams_per_connection),
         ]
+        if s.grpc_max_connection_idle_s > 0:
+            options.append(("grpc.max_connection_idle_ms", int(s.grpc_max_connection_idle_s * 1000)))
         if s.max_connection_age_s > 0:  # clients reconnect, so long-lived ones rebalance over the replicas
             options += [
                 ("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
                 ("grpc.max_connection_age_grace_ms", int(s.max_connection_age_grace_s * 1000)),
             ]
-        self._server = grpc.aio.server(options=options, interceptors=security.grpc_interceptors(s, self._auth))
-        service = ClassifierService(self.metrics, s.max_message_bytes)
-        pb_grpc.add_ClassifierServicer_to_server(service, self._server)
+        self._server = grpc.aio.server(options=options, interceptors=security.grpc_interceptors(s, self._auth),
+                                       maximum_concurrent_rpcs=s.max_concurrent_rpcs)  # fmt: skip
+        service = ClassifierService(self.metrics, s.max_message_bytes, max_open_streams=s.max_open_streams)
+        api.add_to_server(service, self._server)
         names: tuple[str, ...] = (SERVICE_NAME,)
         tfs = None
         if s.tfserving_api:
@@ -139,6 +184,18 @@ class App:
             self._backend.on_change = self._model_changed
         self.ready.set()
         log.info("serving %s versions %s (%d classes)", model.name, list(model.versions), len(model.labels))
+
+    def _install_loop_error_log(self) -> None:
+        """Route the event loop's error reports (accept() failing, say) through a rate-limited log."""
+        loop = asyncio.get_running_loop()
+        rate = LogRate(log, interval_s=10.0, level=logging.ERROR)
+
+        def report(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+            message = str(context.get("message", "event loop error"))
+            exc = context.get("exception")
+            rate.log(message, "event loop: %s%s", message, f": {exc!r}" if exc is not None else "")
+
+        loop.set_exception_handler(report)
 
     def _publish(self, model: ModelDescription | None) -> int:
         """Serve ``model`` (None: no version is available): versions and gauges; returns the health status."""

@@ -42,6 +42,35 @@ class Settings(BaseSettings):
     max_connection_age_grace_s: float = Field(
         30.0, ge=0.0, description="how long calls on a connection closed for its age may still take"
     )
+    grpc_request_compression: bool = Field(
+        False,
+        description="accept gzip/deflate-compressed gRPC requests; off by default, so a request costs its sender "
+        "its full size on the wire (4 KB of gzip can be 4 MiB of empty drawings); compressed calls are refused "
+        "by gRPC itself with UNIMPLEMENTED before any byte is decompressed",
+    )
+    grpc_handshake_timeout_s: float = Field(
+        10.0, gt=0.0, description="close a gRPC connection that has not finished its handshake (TLS and HTTP/2 "
+        "settings) within this time: silent TCP connections do not hold file descriptors",
+    )  # fmt: skip
+    grpc_max_connection_idle_s: float = Field(
+        120.0, ge=0.0, description="close a gRPC connection with no call in flight for this long (clients reconnect "
+        "on their next call); 0 never closes idle connections",
+    )  # fmt: skip
+    max_grpc_connections: int = Field(
+        2000, ge=1, description="most open gRPC connections; beyond it new connections are closed at once "
+        "(kept below the file-descriptor limit, see README Security)",
+    )  # fmt: skip
+    grpc_max_streams_per_connection: int = Field(
+        100, ge=1, description="most calls in flight on one gRPC connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)"
+    )
+    max_concurrent_rpcs: int = Field(
+        4000, ge=1, description="most gRPC calls in flight in the whole server, health checks included; beyond it "
+        "gRPC answers RESOURCE_EXHAUSTED at once",
+    )  # fmt: skip
+    max_open_streams: int = Field(
+        1000, ge=1, description="most ClassifyStream calls open at once; beyond it a new stream gets "
+        "RESOURCE_EXHAUSTED, leaving room under max_concurrent_rpcs for unary calls and health checks",
+    )  # fmt: skip
     tfserving_api: bool = Field(
         True,
         description="also serve TF Serving's own gRPC API (PredictionService Predict and GetModelMetadata, "
@@ -242,6 +271,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        if self.max_open_streams >= self.max_concurrent_rpcs:
+            raise ValueError(
+                f"max_open_streams ({self.max_open_streams}) must be below max_concurrent_rpcs "
+                f"({self.max_concurrent_rpcs}), or open streams could refuse every health check"
+            )
         if self.max_image_bytes > self.max_message_bytes:
             raise ValueError(
                 f"max_image_bytes ({self.max_image_bytes}) cannot exceed max_message_bytes ({self.max_message_bytes})"

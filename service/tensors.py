@@ -44,11 +44,14 @@ class TensorDecodeError(ValueError):
         self.field = field
 
 
-def to_numpy(tensor: tensor_pb2.TensorProto, max_elements: int = MAX_ELEMENTS) -> NDArray[np.generic]:
+def to_numpy(
+    tensor: tensor_pb2.TensorProto, max_elements: int = MAX_ELEMENTS, *, broadcast: bool = True
+) -> NDArray[np.generic]:
     """Decode a numeric TensorProto; raises TensorDecodeError when its content disagrees with its shape.
 
     Also when the shape holds more than ``max_elements`` (a broadcast single value would fill it all), and
     when an integer value does not fit the dtype (``int_val`` carries uint8 as int32; TF would wrap 300 to 44).
+    ``broadcast=False`` refuses a single value for a larger shape, which TF Serving would broadcast.
     """
     if tensor.dtype not in _NUMERIC:
         raise TensorDecodeError(f"unsupported dtype {dtype_name(tensor.dtype)}", "dtype")
@@ -69,8 +72,14 @@ def to_numpy(tensor: tensor_pb2.TensorProto, max_elements: int = MAX_ELEMENTS) -
             )
         return np.frombuffer(tensor.tensor_content, dtype=dtype).reshape(shape)
     values = getattr(tensor, field)
-    broadcast = len(values) == 1 and count > 1  # TF Serving broadcasts a single value
-    if len(values) != count and not broadcast:
+    single = len(values) == 1 and count > 1  # TF Serving broadcasts a single value over the shape
+    if single and not broadcast:
+        raise TensorDecodeError(
+            f"{field} has 1 value for shape {list(shape)}, which needs {count}; this server does not broadcast "
+            "a single value (63 bytes would cost the work of the whole batch): send every value",
+            field,
+        )
+    if len(values) != count and not single:
         raise TensorDecodeError(f"{field} has {len(values)} values; shape {list(shape)} needs {count}", field)
     array = np.asarray(values, dtype=np.float32 if dtype.kind == "f" else np.int64)
     if dtype.kind in "iu" and array.size:
@@ -82,7 +91,7 @@ def to_numpy(tensor: tensor_pb2.TensorProto, max_elements: int = MAX_ELEMENTS) -
                 f"{field}[{j}] is {array[j]}, outside {info.min}..{info.max} for {dtype_name(tensor.dtype)}",
                 f"{field}[{j}]",
             )
-    if broadcast:
+    if single:
         return np.full(shape, array[0], dtype=dtype)
     return array.astype(dtype).reshape(shape)
 

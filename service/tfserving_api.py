@@ -25,7 +25,8 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from service.api import GatewaySlot, _deadline, _unary
+from service import wire
+from service.api import GatewaySlot, _deadline, _unary, parse_message
 from service.errors import FieldViolation, InvalidArgument, NotFound
 from service.metrics import Metrics
 from service.tensors import from_numpy
@@ -81,9 +82,12 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     @_unary("Predict")
     async def Predict(
-        self, request: predict_pb2.PredictRequest, context: grpc.aio.ServicerContext
+        self, request: predict_pb2.PredictRequest | bytes, context: grpc.aio.ServicerContext
     ) -> predict_pb2.PredictResponse:
-        """Run ``serving_default`` on the images through the batcher."""
+        """Run ``serving_default`` on the images through the batcher (``request`` as bytes: counted first)."""
+        if isinstance(request, bytes):
+            wire.check_predict(request)
+            request = parse_message(predict_pb2.PredictRequest, request)
         surface = self._surface
         version = surface.version(request.model_spec)
         gateway = surface.gateway
@@ -191,6 +195,18 @@ def signature_def_map(classes: int) -> get_model_metadata_pb2.SignatureDefMap:
 def add_to_server(server: grpc.aio.Server, metrics: Metrics, version_label: str | None = None) -> _Surface:
     """Register both services; returns the surface to ``attach`` the gateway to once it is ready."""
     surface = _Surface(metrics, version_label)
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(surface), server)
+    prediction = PredictionService(surface)
+    handlers = {  # Predict takes bytes, so its inputs are counted on the wire before parsing (service.wire)
+        "Predict": grpc.unary_unary_rpc_method_handler(
+            prediction.Predict, request_deserializer=None,
+            response_serializer=predict_pb2.PredictResponse.SerializeToString,
+        ),
+        "GetModelMetadata": grpc.unary_unary_rpc_method_handler(
+            prediction.GetModelMetadata,
+            request_deserializer=get_model_metadata_pb2.GetModelMetadataRequest.FromString,
+            response_serializer=get_model_metadata_pb2.GetModelMetadataResponse.SerializeToString,
+        ),
+    }  # fmt: skip
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(PREDICTION_SERVICE, handlers),))
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(surface), server)
     return surface

@@ -333,6 +333,6 @@ def image_tensor(tensor: Any, key: str, limits: Limits) -> NDArray[np.uint8]:
                             "(max_drawings_per_request)")]
         )  # fmt: skip
     try:
-        return to_numpy(tensor).astype(np.uint8, copy=False)  # type: ignore[return-value]
+        return to_numpy(tensor, broadcast=False).astype(np.uint8, copy=False)  # type: ignore[return-value]
     except TensorDecodeError as exc:
         raise InvalidArgument([FieldViolation(f"{field}.{exc.field}", str(exc))]) from None

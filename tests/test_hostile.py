@@ -508,13 +508,14 @@ def mangled_bytes(draw: st.DrawFn, message: st.SearchStrategy[Any]) -> bytes:
 
 def check_raw(api: Api, method: Callable[..., Any], typed: Callable[..., Any], parse: Callable[[bytes], Any],
               data: bytes) -> None:  # fmt: skip
-    """Raw bytes: what protobuf cannot parse gets gRPC's own UNKNOWN; what it can gets the typed call's answer."""
+    """Raw bytes: what protobuf cannot parse gets INVALID_ARGUMENT naming the wire format (the gateway parses the
+    bytes itself, after counting on them); what it can gets the typed call's answer."""
     out = api.call(method, data)
     assert out.elapsed < PROMPT_S
     try:
         message = parse(data)
     except DecodeError:
-        assert out.code == grpc.StatusCode.UNKNOWN and "Error parsing message" in out.message, out
+        assert out.code == grpc.StatusCode.INVALID_ARGUMENT and "wire format" in out.message, out
         return
     same = api.call(typed, message)
     assert out.code == same.code and out.violations == same.violations
@@ -557,13 +558,11 @@ def predict_cases(draw: st.DrawFn, version: int) -> PredictCase:
     t.dtype = types_pb2.DT_UINT8
     for d in (n, 28, 28, 1):
         t.tensor_shape.dim.add(size=d)
-    encoding = draw(st.sampled_from(["content", "int_val", "broadcast"]))
+    encoding = draw(st.sampled_from(["content", "int_val"]))  # a broadcast single value is refused: see below
     if encoding == "content":
         t.tensor_content = images.tobytes()
-    elif encoding == "int_val":
-        t.int_val.extend(images.tolist())
     else:
-        t.int_val.append(int(images[0]))
+        t.int_val.extend(images.tolist())
     req.output_filter.extend(draw(st.lists(st.sampled_from(OUTPUTS), max_size=4)))
     bad = grpc.StatusCode.INVALID_ARGUMENT
     kind = draw(st.sampled_from(["none", "name", "version", "label", "signature", "inputs", "filter", "dtype", "shape",
@@ -1021,8 +1020,8 @@ def test_predict_tensor_shapes_negative_or_enormous(api: Api, dims: list[int], f
 
 def test_predict_int_val_outside_uint8(api: Api) -> None:
     """int_val carries uint8 as int32: 300 and -1 are refused, naming the value (-1 broadcast was an INTERNAL
-    OverflowError, 300 was silently wrapped to 44)."""
-    for values, name in (([300] + [0] * 783, "inputs[image].int_val[0]"), ([-1], "inputs[image].int_val[0]"),
+    OverflowError, 300 was silently wrapped to 44; a single value is now refused before its range is looked at)."""
+    for values, name in (([300] + [0] * 783, "inputs[image].int_val[0]"), ([-1], "inputs[image].int_val"),
                          ([0] * 500 + [2**31 - 1] + [0] * 283, "inputs[image].int_val[500]")):  # fmt: skip
         req = predict_pb2.PredictRequest()
         req.model_spec.name = "quickdraw"
@@ -1033,6 +1032,22 @@ def test_predict_int_val_outside_uint8(api: Api) -> None:
         t.int_val.extend(values)
         out = api.call(api.predict, req)
         assert out.code == grpc.StatusCode.INVALID_ARGUMENT and out.fields == [name], out
+
+
+def test_predict_broadcast_single_value_is_refused(api: Api) -> None:
+    """TF Serving broadcasts one int_val over the shape: 63 bytes asked for 256 drawings' work. The gateway
+    refuses it, naming the field, and says to send every value."""
+    req = predict_pb2.PredictRequest()
+    req.model_spec.name = "quickdraw"
+    t = req.inputs["image"]
+    t.dtype = types_pb2.DT_UINT8
+    for d in (256, 28, 28, 1):
+        t.tensor_shape.dim.add(size=d)
+    t.int_val.append(7)
+    assert req.ByteSize() < 64
+    out = api.call(api.predict, req)
+    assert out.code == grpc.StatusCode.INVALID_ARGUMENT and out.fields == ["inputs[image].int_val"], out
+    assert "does not broadcast" in out.message and out.elapsed < 0.5
 
 
 @pytest.mark.parametrize(
@@ -1062,12 +1077,13 @@ GARBAGE = [b"\xff", b"\xff\xff\xff\xff", b"\x0a", b"\x0a\x05\x0a", b"\x0a\xff\xf
 
 
 @pytest.mark.parametrize("data", GARBAGE, ids=[f"g{i}" for i in range(len(GARBAGE))])
-def test_undecodable_protobuf_gets_grpcs_own_unknown(api: Api, data: bytes) -> None:
+def test_undecodable_protobuf_is_invalid_argument(api: Api, data: bytes) -> None:
     """Bytes protobuf cannot parse, as the body of Classify, Predict and ClassifyStream.
 
-    grpc-python (the aio server) answers a request it cannot deserialize with UNKNOWN, "Unexpected <class
-    'google.protobuf.message.DecodeError'>: Error parsing message ...", before any handler of ours runs: that
-    code is the framework's, not our handler's, and it is not INTERNAL. The server stays up and healthy.
+    The gateway takes these methods' requests as bytes (it counts drawings and strokes on the wire before
+    parsing), so it parses them itself: bytes that are not a message get INVALID_ARGUMENT naming the wire
+    format (grpc-python's own deserializer answered UNKNOWN). A stream message gets its answer on the stream,
+    which stays open. The server stays up and healthy.
     """
     for parse in (pb.ClassifyRequest.FromString, pb.ClassifyStreamRequest.FromString,
                   predict_pb2.PredictRequest.FromString):  # fmt: skip
@@ -1075,20 +1091,19 @@ def test_undecodable_protobuf_gets_grpcs_own_unknown(api: Api, data: bytes) -> N
             parse(data)
     for method in (api.classify_raw, api.predict_raw):
         out = api.call(method, data)
-        assert out.code == grpc.StatusCode.UNKNOWN and "Error parsing message" in out.message, out
+        assert out.code == grpc.StatusCode.INVALID_ARGUMENT and "wire format" in out.message, out
         assert out.elapsed < PROMPT_S
-    with pytest.raises(grpc.RpcError) as err:
-        list(api.stream_raw(iter([data]), timeout=DEADLINE_S))
-    assert err.value.code() == grpc.StatusCode.UNKNOWN
+    answers = [pb.ClassifyStreamResponse.FromString(a) for a in api.stream_raw(iter([data]), timeout=DEADLINE_S)]
+    assert len(answers) == 1 and answers[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0], answers
     api.healthy()
 
 
 def test_truncated_protobuf(api: Api) -> None:
-    """A valid request cut mid-field does not parse (UNKNOWN, as above); cut between fields it is a shorter
-    valid message, answered as such."""
+    """A valid request cut mid-field does not parse (INVALID_ARGUMENT, as above); cut between fields it is a
+    shorter valid message, answered as such."""
     full = pb.ClassifyRequest(drawings=[BITMAP, BITMAP], top_k=5).SerializeToString()
     one = len(BITMAP.SerializeToString()) + 3  # the first drawing with its tag and length
-    assert api.call(api.classify_raw, full[:10]).code == grpc.StatusCode.UNKNOWN
+    assert api.call(api.classify_raw, full[:10]).code == grpc.StatusCode.INVALID_ARGUMENT
     out = api.call(api.classify_raw, full[:one])
     assert out.code == grpc.StatusCode.OK and len(pb.ClassifyResponse.FromString(out.response).predictions) == 1
 
