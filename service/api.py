@@ -41,13 +41,15 @@ from service.errors import (
 )
 from service.metrics import Metrics
 from service.validation import BitmapIn, ClassifyIn, ImageIn, Kind, Limits, render, validate
+from service.wire import Wire
 
 log = logging.getLogger(__name__)
 
 #: Most stream messages handled at once per stream; beyond it the stream stops reading (flow control).
 STREAM_WINDOW = 256
-#: Most bytes of stream messages held at once per stream (requests read but not yet answered on the wire).
-STREAM_WINDOW_BYTES = 16 * 1024 * 1024
+#: Most bytes of stream messages held at once per stream (requests read but not yet answered on the wire); a
+#: message larger than this is still let in alone, so one stream holds at most max(this, max_message_bytes).
+STREAM_WINDOW_BYTES = 4 * 1024 * 1024
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 #: Requests up to this size (serialized) are parsed and validated on the event loop; larger ones on a
 #: preprocessing thread (a 4 MiB request of 65,536 strokes takes ~15 ms to count and ~8 ms to parse).
@@ -55,7 +57,7 @@ INLINE_PARSE_BYTES = 64 * 1024
 M = TypeVar("M", bound=Message)
 
 
-def parse_message(cls: type[M], raw: bytes) -> M:
+def parse_message(cls: type[M], raw: Wire) -> M:
     """``raw`` parsed as a ``cls``; bytes that are not one are INVALID_ARGUMENT (a client fault), not UNKNOWN."""
     try:
         return cls.FromString(raw)
@@ -116,11 +118,11 @@ class Gateway:
             raise InvalidArgument(problems)
         return out
 
-    async def classify(self, request: pb.ClassifyRequest | bytes, deadline_s: float | None) -> pb.ClassifyResponse:
+    async def classify(self, request: pb.ClassifyRequest | Wire, deadline_s: float | None) -> pb.ClassifyResponse:
         """Answer one ClassifyRequest (``deadline_s`` on the monotonic clock)."""
         return await self.predict(await self.prepare(request, deadline_s), deadline_s)
 
-    async def prepare(self, request: pb.ClassifyRequest | bytes, deadline_s: float | None = None) -> Prepared:
+    async def prepare(self, request: pb.ClassifyRequest | Wire, deadline_s: float | None = None) -> Prepared:
         """Validate a request and render its drawings: the first half of :meth:`classify`.
 
         ``request`` may be the serialized request as gRPC received it: its drawings and strokes are counted on
@@ -129,7 +131,7 @@ class Gateway:
         """
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        if isinstance(request, bytes) and len(request) > INLINE_PARSE_BYTES:
+        if isinstance(request, bytes | memoryview) and len(request) > INLINE_PARSE_BYTES:
             prepared, kinds = await loop.run_in_executor(self._pool, self._prepare, request, deadline_s, True)
         else:
             prepared, kinds = self._prepare(request, deadline_s, False)
@@ -141,18 +143,18 @@ class Gateway:
         self.metrics.preprocess_latency.labels(kind_label).observe(time.perf_counter() - t0)
         return prepared
 
-    def parse(self, raw: bytes) -> pb.ClassifyRequest:
+    def parse(self, raw: Wire) -> pb.ClassifyRequest:
         """A serialized ClassifyRequest, counted on the wire and then parsed; InvalidArgument if it cannot be."""
         lim = self.limits
         wire.check_classify(raw, lim.max_drawings_per_request, lim.max_strokes)
         return parse_message(pb.ClassifyRequest, raw)
 
     def _prepare(
-        self, request: pb.ClassifyRequest | bytes, deadline_s: float | None, render_all: bool
+        self, request: pb.ClassifyRequest | Wire, deadline_s: float | None, render_all: bool
     ) -> tuple[Prepared | None, list[Kind]]:
         """Parse (bytes), validate, check the version and render; without ``render_all`` only bitmap-only
         requests are rendered (784-byte copies: cheaper inline than a thread hop), others give (None, kinds)."""
-        message = self.parse(request) if isinstance(request, bytes) else request
+        message = self.parse(request) if isinstance(request, bytes | memoryview) else request
         req = validate(message, self.limits)
         version = self.model.default_version if req.version is None else req.version
         if version not in self.model.versions:
@@ -413,7 +415,7 @@ class ClassifierService(GatewaySlot, pb_grpc.ClassifierServicer):
                 await reader
 
 
-def _stream_parts(raw: bytes) -> tuple[bytes, bytes]:
+def _stream_parts(raw: Wire) -> tuple[bytes, Wire]:
     try:
         return wire.stream_parts(raw)
     except wire.Malformed:

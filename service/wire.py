@@ -32,6 +32,8 @@ MAX_TENSOR_FIELDS = 64
 MAX_TENSOR_DIMS = 16
 
 _WT_VARINT, _WT_I64, _WT_LEN, _WT_I32 = 0, 1, 2, 5
+#: Serialized protobuf: as gRPC handed it over, or a view into a larger message.
+Wire = bytes | memoryview
 
 
 class Malformed(Exception):
@@ -46,7 +48,7 @@ class Spans:
     others: int
 
 
-def _varint(buf: bytes, i: int, end: int) -> tuple[int, int]:
+def _varint(buf: Wire, i: int, end: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         if i >= end or shift > 63:
@@ -59,7 +61,7 @@ def _varint(buf: bytes, i: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
-def scan(buf: bytes, start: int, end: int, field: int, limit: int, other_limit: int = MAX_OTHER_FIELDS) -> Spans:
+def scan(buf: Wire, start: int, end: int, field: int, limit: int, other_limit: int = MAX_OTHER_FIELDS) -> Spans:
     """The spans of ``field`` (a LEN field) in the message ``buf[start:end]``.
 
     Stops when ``field`` occurs more than ``limit`` times or any other field more than ``other_limit`` times in
@@ -120,7 +122,7 @@ def _hand_made(field: str, others: int, other_limit: int) -> InvalidArgument:
     return InvalidArgument([FieldViolation(field, reason)])
 
 
-def check_classify(buf: bytes, max_drawings: int, max_strokes: int, start: int = 0, end: int | None = None,
+def check_classify(buf: Wire, max_drawings: int, max_strokes: int, start: int = 0, end: int | None = None,
                    prefix: str = "") -> None:  # fmt: skip
     """Refuse a serialized ClassifyRequest (``buf[start:end]``) whose drawings or strokes are far over the limits.
 
@@ -149,7 +151,7 @@ def check_classify(buf: bytes, max_drawings: int, max_strokes: int, start: int =
         return
 
 
-def stream_parts(buf: bytes) -> tuple[bytes, bytes]:
+def stream_parts(buf: Wire) -> tuple[bytes, Wire]:
     """A serialized ClassifyStreamRequest split into its ``id`` (UTF-8 bytes) and its ``request`` (bytes).
 
     Both are found over at most ``MAX_OTHER_FIELDS`` fields; repeated ``request`` fields are concatenated,
@@ -162,9 +164,9 @@ def stream_parts(buf: bytes) -> tuple[bytes, bytes]:
     if len(ids.spans) + len(requests.spans) > MAX_OTHER_FIELDS or ids.others > MAX_OTHER_FIELDS:
         raise _hand_made("stream message", ids.others, MAX_OTHER_FIELDS)
     ident = bytes(buf[ids.spans[-1][0] : ids.spans[-1][1]]) if ids.spans else b""
-    if len(requests.spans) == 1:
+    if len(requests.spans) == 1:  # the usual case: a view, not a copy of up to max_message_bytes
         a, b = requests.spans[0]
-        return ident, bytes(buf[a:b])
+        return ident, memoryview(buf)[a:b]
     return ident, b"".join(bytes(buf[a:b]) for a, b in requests.spans)
 
 

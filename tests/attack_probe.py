@@ -12,17 +12,16 @@ Every measurement is printed (``pytest -s`` shows it; ``-rA`` in the summary), s
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import grpc
 from faults import Gateway
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 HEALTH_BOUND_S = 0.100
 RSS_BOUND_MIB = 100.0
@@ -50,36 +49,48 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+_PROBE = """
+import json, sys, time, grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+target, service, interval = sys.argv[1], sys.argv[2], float(sys.argv[3])
+lat, fail = [], []
+with grpc.insecure_channel(target) as ch:
+    stub = health_pb2_grpc.HealthStub(ch)
+    stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+    print("ready", flush=True)
+    import select
+    while not select.select([sys.stdin], [], [], interval)[0]:
+        t0 = time.perf_counter()
+        try:
+            stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        except grpc.RpcError as exc:
+            fail.append(exc.code().name)
+        lat.append(time.perf_counter() - t0)
+print(json.dumps({"latencies": lat, "failures": fail}), flush=True)
+"""
+
+
 class HealthProbe:
-    """grpc.health.v1 Check every ``interval_s`` on its own channel and thread; records every latency."""
+    """grpc.health.v1 Check every ``interval_s`` from a process of its own (so that the test's own work, the
+    attack included, cannot delay it); records every latency."""
 
     def __init__(self, target: str, interval_s: float = 0.010, service: str = "") -> None:
-        self.target, self.interval_s, self.service = target, interval_s, service
         self.latencies: list[float] = []
         self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="health-probe")
-
-    def _run(self) -> None:
-        with grpc.insecure_channel(self.target) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            stub.Check(health_pb2.HealthCheckRequest(service=self.service), timeout=10)  # connected first
-            while not self._stop.is_set():
-                t0 = time.perf_counter()
-                try:
-                    stub.Check(health_pb2.HealthCheckRequest(service=self.service), timeout=5)
-                except grpc.RpcError as exc:
-                    self.failures.append(exc.code().name)  # type: ignore[attr-defined]
-                self.latencies.append(time.perf_counter() - t0)
-                self._stop.wait(self.interval_s)
+        self._args = [sys.executable, "-c", _PROBE, target, service, str(interval_s)]
+        self._proc: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> HealthProbe:
-        self._thread.start()
+        self._proc = subprocess.Popen(self._args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self._proc.stdout is not None
+        assert self._proc.stdout.readline().strip() == "ready", "the health probe could not reach the gateway"
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
+        assert self._proc is not None
+        out, _ = self._proc.communicate("stop\n", timeout=30)
+        result = json.loads(out.strip().splitlines()[-1])
+        self.latencies, self.failures = result["latencies"], result["failures"]
 
     @property
     def worst_s(self) -> float:
@@ -136,7 +147,7 @@ def measured(gw: Gateway, name: str, requests: int = 1, settle_s: float = 0.3) -
     cost = Cost(name, requests)
     cost.rss_before_mib = rss_mib(gw.pid)
     with HealthProbe(gw.target) as probe:
-        time.sleep(0.05)
+        time.sleep(0.1)
         cpu0, t0 = cpu_s(gw.pid), time.monotonic()
         yield cost
         time.sleep(settle_s)
@@ -152,11 +163,13 @@ def measured(gw: Gateway, name: str, requests: int = 1, settle_s: float = 0.3) -
 class AttackedGateway(Gateway):
     """``quickdraw serve`` on free ports, with extra environment (a token, say) and options."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None, nofile: tuple[int, int] | None = None) -> None:
+        """``nofile``: start the process with this (soft, hard) RLIMIT_NOFILE, through util-linux's prlimit."""
         old = dict(os.environ)
         os.environ.update(env or {})
+        prefix = ("prlimit", f"--nofile={nofile[0]}:{nofile[1]}", "--") if nofile else ()
         try:
-            super().__init__(*args)
+            super().__init__(*args, prefix=prefix)
         finally:
             os.environ.clear()
             os.environ.update(old)

@@ -189,10 +189,10 @@ def start_standin(port: int, *args: str, base: Path = SHIPPED_MODEL) -> Process:
 class Gateway(Process):
     """``quickdraw serve`` on free ports."""
 
-    def __init__(self, *args: str) -> None:
-        super().__init__([sys.executable, "-m", "quickdraw", "serve", "--host", "127.0.0.1", "--grpc-port", "0",
-                          "--http-port", "0", *args], ready=r"ready: gRPC on 127\.0\.0\.1:(\d+), metrics on "
-                         r"http://[^:]+:(\d+)/metrics")  # fmt: skip
+    def __init__(self, *args: str, prefix: tuple[str, ...] = ()) -> None:
+        super().__init__([*prefix, sys.executable, "-m", "quickdraw", "serve", "--host", "127.0.0.1",
+                          "--grpc-port", "0", "--http-port", "0", *args],
+                         ready=r"ready: gRPC on 127\.0\.0\.1:(\d+), metrics on http://[^:]+:(\d+)/metrics")
         assert self.match is not None
         self.target = f"127.0.0.1:{self.match.group(1)}"
         self.http_port = int(self.match.group(2))

@@ -1,0 +1,325 @@
+"""Attacks on the gRPC port of a real gateway process, each with its measured cost (security issue findings 1, 3,
+8, 9 and 10; tests/test_attacks_http.py, _auth.py and _images.py cover the rest).
+
+Each test sends the attack a security review confirmed, then asserts with ``attack_probe.measured`` that grpc
+health answered within 100 ms throughout, RSS grew by less than 100 MiB, and the gateway spent at most 0.5 s
+of CPU per refused request; the figures are printed (``pytest -s -k attacks``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import grpc
+import pytest
+from attack_probe import TOKEN, AttackedGateway, measured, open_fds
+from faults import bitmaps
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from harness import SHIPPED_MODEL
+from tensorflow.core.framework import types_pb2
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from quickdraw.v1 import classifier_pb2 as pb
+from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
+from service.backends import find_versions
+from service.errors import MAX_MESSAGE_CHARS, MAX_VIOLATIONS
+
+pytestmark = [
+    pytest.mark.skipif(not find_versions(SHIPPED_MODEL), reason=f"no SavedModel under {SHIPPED_MODEL}"),
+    pytest.mark.slow,
+]
+
+#: Finding 1: 2,097,144 empty drawings, 4 MiB of protobuf that gzip makes ~4 KB.
+BOMB = b"\x0a\x00" * 2_097_144
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+REFUSAL_BOUND_S = 0.050
+
+
+def _identity(b: bytes) -> bytes:
+    return b
+
+
+@pytest.fixture(scope="module")
+def gw() -> AttackedGateway:
+    """An open gateway (no token, as the shipped manifests run it), started as containers often start it: with a
+    soft file-descriptor limit of 1,024 (Docker 25's default) under a higher hard limit."""
+    g = AttackedGateway("--model-dir", str(SHIPPED_MODEL), "--grpc-handshake-timeout-s", "3",
+                        "--max-open-streams", "300", nofile=(1024, 20000))  # fmt: skip
+    _warm(g.target)
+    yield g
+    g.kill()
+
+
+@pytest.fixture(scope="module")
+def token_gw() -> AttackedGateway:
+    """A gateway that requires a bearer token."""
+    g = AttackedGateway("--model-dir", str(SHIPPED_MODEL), env={"QUICKDRAW_AUTH_TOKEN": TOKEN})
+    _warm(g.target, AUTH)
+    yield g
+    g.kill()
+
+
+def _warm(target: str, metadata: tuple[tuple[str, str], ...] | None = None) -> None:
+    with grpc.insecure_channel(target) as ch:
+        stub = pb_grpc.ClassifierStub(ch)
+        for pixels in bitmaps(8):
+            stub.Classify(pb.ClassifyRequest(drawings=[pb.Drawing(bitmap=pb.Bitmap(pixels=pixels))]), timeout=30,
+                          metadata=metadata)  # fmt: skip
+
+
+def _raw_classify(ch: grpc.Channel) -> grpc.UnaryUnaryMultiCallable:
+    return ch.unary_unary("/quickdraw.v1.Classifier/Classify", request_serializer=_identity,
+                          response_deserializer=_identity)  # fmt: skip
+
+
+def _call(fn: grpc.UnaryUnaryMultiCallable, body: bytes, **kw: object) -> tuple[grpc.StatusCode, str, float]:
+    t0 = time.perf_counter()
+    try:
+        fn(body, timeout=5, **kw)
+        code, details = grpc.StatusCode.OK, ""
+    except grpc.RpcError as exc:
+        code, details = exc.code(), exc.details() or ""  # type: ignore[attr-defined]
+    return code, details, time.perf_counter() - t0
+
+
+# --- finding 1: the compressed empty-drawing bomb --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_token", [True, False], ids=["with-token", "without-token"])
+def test_compressed_bomb_is_refused_before_decompression(token_gw: AttackedGateway, with_token: bool) -> None:
+    """4,088 bytes of gzip that inflate to 2,097,144 empty drawings: request compression is off by default, so
+    gRPC core refuses the call (UNIMPLEMENTED, "Compression algorithm 'gzip' is disabled") before a byte is
+    decompressed, with or without a token, in well under 50 ms (the time measured includes the client's own
+    gzip of the 4 MiB, ~10 ms)."""
+    calls = 10
+    with grpc.insecure_channel(token_gw.target) as ch:
+        fn = _raw_classify(ch)
+        _call(fn, b"", metadata=AUTH)  # connected
+        with measured(token_gw, f"compressed bomb {'with' if with_token else 'without'} a token", calls) as cost:
+            results = [_call(fn, BOMB, compression=grpc.Compression.Gzip, metadata=AUTH if with_token else None)
+                       for _ in range(calls)]  # fmt: skip
+    for code, details, elapsed in results:
+        assert code == grpc.StatusCode.UNIMPLEMENTED and "gzip" in details, (code, details)
+        assert elapsed < REFUSAL_BOUND_S, f"refused in {elapsed * 1000:.1f} ms"
+    print(f"[attack] compressed bomb refusals: {', '.join(f'{e * 1000:.1f}' for _, _, e in results)} ms")
+    cost.assert_bounds()
+
+
+def test_uncompressed_bomb_is_refused_on_the_wire_count(gw: AttackedGateway) -> None:
+    """The same 4 MiB sent uncompressed (the sender pays its size): the drawings are counted on the wire bytes
+    and the call refused, naming the limit, before anything is parsed; as a stream message too, and nested
+    one level down (one drawing of a million empty strokes)."""
+    strokes = b"\x0a\x00" * 1_000_000  # Strokes.strokes: a million empty Stroke messages
+    drawing = b"\x1a" + _varint(len(strokes)) + strokes  # Drawing.strokes
+    nested = b"\x0a" + _varint(len(drawing)) + drawing  # ClassifyRequest.drawings
+    assert len(pb.ClassifyRequest.FromString(nested).drawings[0].strokes.strokes) == 1_000_000
+    calls = 12
+    with grpc.insecure_channel(gw.target) as ch:
+        fn = _raw_classify(ch)
+        stream = ch.stream_stream("/quickdraw.v1.Classifier/ClassifyStream", request_serializer=_identity,
+                                  response_deserializer=pb.ClassifyStreamResponse.FromString)  # fmt: skip
+        _call(fn, b"")
+        with measured(gw, "uncompressed bomb, nested bomb and 40 stream bombs", calls + 40) as cost:
+            flat = [_call(fn, BOMB) for _ in range(calls // 2)]
+            deep = [_call(fn, nested) for _ in range(calls // 2)]
+            message = b"\x0a\x03b-1\x12" + _varint(len(BOMB)) + BOMB
+            answers = list(stream(iter([message] * 40), timeout=30))
+    for code, details, elapsed in flat:
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_drawings_per_request=256" in details, details
+        assert elapsed < 0.5
+    for code, details, elapsed in deep:
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_strokes=256" in details, details
+        assert elapsed < 0.5
+    assert len(answers) == 40 and {a.id for a in answers} == {"b-1"}
+    assert all(a.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] for a in answers)
+    assert all("max_drawings_per_request" in a.error.message for a in answers)
+    cost.assert_bounds()
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+# --- finding 3: idle connections and the file-descriptor budget --------------------------------------------------
+
+
+def _limits(pid: int) -> str:
+    with open(f"/proc/{pid}/limits") as fh:
+        return next(line for line in fh if line.startswith("Max open files")).split()[3:5].__str__()
+
+
+def test_idle_connections_do_not_block_new_clients(gw: AttackedGateway) -> None:
+    """1,100 idle TCP connections to the gRPC port (and 1,100 to the HTTP port) from a gateway started with a
+    soft limit of 1,024 descriptors: the gateway raised its soft limit to the hard one at start, so a new
+    client is served at once; connections that never send the HTTP/2 preface are closed after
+    --grpc-handshake-timeout-s (3 s here), and their descriptors are given back."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), hard))
+    limits = _limits(gw.pid)
+    fds_before = open_fds(gw.pid)
+    socks: list[socket.socket] = []
+    try:
+        with measured(gw, "2,200 idle connections", 2200) as cost:
+            for port in (int(gw.target.rsplit(":", 1)[1]), gw.http_port):
+                for _ in range(1100):
+                    socks.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            time.sleep(0.5)
+            fds_during = open_fds(gw.pid)
+            t0 = time.perf_counter()
+            with grpc.insecure_channel(gw.target) as ch:
+                resp = pb_grpc.ClassifierStub(ch).Classify(
+                    pb.ClassifyRequest(drawings=[pb.Drawing(bitmap=pb.Bitmap(pixels=bitmaps(1)[0]))]), timeout=5
+                )
+            new_client_s = time.perf_counter() - t0
+        assert resp.predictions, "a new client was not served"
+        print(f"[attack] idle connections: gateway limit (soft, hard) {limits}; fds {fds_before} -> {fds_during} "
+              f"with 2,200 idle; a new client answered in {new_client_s * 1000:.0f} ms")  # fmt: skip
+        assert new_client_s < 1.0
+        assert fds_during >= fds_before + 1100  # the gateway really held them
+        cost.assert_bounds()
+        # gRPC closes the ones that never finished the handshake (the HTTP side closes its own: test_attacks_http)
+        deadline = time.monotonic() + 10
+        grpc_socks = socks[:1100]
+        closed = 0
+        while time.monotonic() < deadline and closed < 1100:
+            closed = sum(1 for s in grpc_socks if _peer_closed(s))
+            time.sleep(0.25)
+        print(f"[attack] {closed} of 1100 silent gRPC connections closed by the handshake timeout")
+        assert closed == 1100
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _peer_closed(s: socket.socket) -> bool:
+    s.setblocking(False)
+    try:
+        data = s.recv(65536)
+        while data:  # HTTP/2 settings frames the server sent; a closed socket then reads b""
+            data = s.recv(65536)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+# --- finding 8: broadcast inputs on TF Serving's API --------------------------------------------------------------
+
+
+def test_broadcast_predict_is_refused(gw: AttackedGateway) -> None:
+    """``int_val=[7]`` with shape [256, 28, 28, 1]: 63 bytes that TF Serving would broadcast to 256 drawings
+    (384 ms of CPU). Refused, naming the field, at the cost of a refusal."""
+    req = predict_pb2.PredictRequest()
+    req.model_spec.name = "quickdraw"
+    t = req.inputs["image"]
+    t.dtype = types_pb2.DT_UINT8
+    for d in (256, 28, 28, 1):
+        t.tensor_shape.dim.add(size=d)
+    t.int_val.append(7)
+    assert req.ByteSize() <= 64
+    calls = 20
+    with grpc.insecure_channel(gw.target) as ch:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
+        codes = []
+        with measured(gw, "broadcast Predict of 63 bytes", calls) as cost:
+            for _ in range(calls):
+                try:
+                    stub.Predict(req, timeout=5)
+                    codes.append("OK")
+                except grpc.RpcError as exc:
+                    codes.append(exc.code().name)  # type: ignore[attr-defined]
+                    details = exc.details()  # type: ignore[attr-defined]
+    assert codes == ["INVALID_ARGUMENT"] * calls and "does not broadcast" in details
+    cost.assert_bounds(cpu_bound_s=0.05)
+
+
+# --- finding 9: idle streams ---------------------------------------------------------------------------------
+
+
+def test_idle_streams_are_capped(gw: AttackedGateway) -> None:
+    """Idle ClassifyStream calls over 20 connections: each connection carries at most 100 streams (HTTP/2
+    SETTINGS_MAX_CONCURRENT_STREAMS) and the gateway keeps at most --max-open-streams open (300 on this
+    gateway; 1,000 by default); the rest get RESOURCE_EXHAUSTED at once, and health still answers."""
+    opened, connections, per_connection = 400, 20, 20
+
+    async def main() -> tuple[list[str], float]:
+        channels = [grpc.aio.insecure_channel(gw.target, options=[("grpc.channel_id", i)]) for i in range(connections)]
+        never: asyncio.Event = asyncio.Event()
+
+        async def nothing():  # type: ignore[no-untyped-def]
+            await never.wait()
+            yield b""
+
+        calls = []
+        for i in range(opened):
+            ch = channels[i // per_connection]
+            method = ch.stream_stream("/quickdraw.v1.Classifier/ClassifyStream", request_serializer=_identity,
+                                      response_deserializer=_identity)  # fmt: skip
+            calls.append(method(nothing(), timeout=30))
+        await asyncio.sleep(2.0)
+        rss_during = gw.rss_mib()
+        outcomes = []
+        for call in calls:
+            if call.done():
+                outcomes.append((await call.code()).name)
+            else:
+                outcomes.append("open")
+                call.cancel()
+        for ch in channels:
+            await ch.close()
+        return outcomes, rss_during
+
+    with measured(gw, f"{opened} idle streams over {connections} connections", opened) as cost:
+        outcomes, rss_during = asyncio.run(main())
+    refused = outcomes.count("RESOURCE_EXHAUSTED")
+    print(f"[attack] idle streams: {outcomes.count('open')} open, {refused} refused; RSS with them open "
+          f"{rss_during:.0f} MiB ({(rss_during - cost.rss_before_mib) * 1024 / max(1, outcomes.count('open')):.1f} "
+          "KiB per open stream)")  # fmt: skip
+    assert outcomes.count("open") == 300 and refused == opened - 300, outcomes
+    cost.assert_bounds()
+
+
+# --- finding 10: echoed input and violation counts ---------------------------------------------------------------
+
+
+def test_error_answers_are_bounded(gw: AttackedGateway) -> None:
+    """A 3 MB output_filter name is echoed at most ``MAX_MESSAGE_CHARS`` characters (it once made a 5 MB
+    grpc-message), and 250 bad drawings get ``MAX_VIOLATIONS`` field violations plus one that counts the rest
+    (two million of them once overflowed the trailer)."""
+    req = predict_pb2.PredictRequest()
+    req.model_spec.name = "quickdraw"
+    t = req.inputs["image"]
+    t.dtype = types_pb2.DT_UINT8
+    for d in (1, 28, 28, 1):
+        t.tensor_shape.dim.add(size=d)
+    t.tensor_content = bitmaps(1)[0]
+    req.output_filter.append("x" * 3_000_000)
+    bad = pb.ClassifyRequest(drawings=[pb.Drawing(bitmap=pb.Bitmap(pixels=b"\x00" * 3))] * 250)
+    with grpc.insecure_channel(gw.target, options=[("grpc.max_send_message_length", 8 << 20)]) as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            prediction_service_pb2_grpc.PredictionServiceStub(ch).Predict(req, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        assert len(err.value.details()) <= MAX_MESSAGE_CHARS  # type: ignore[attr-defined]
+        with pytest.raises(grpc.RpcError) as err2:
+            pb_grpc.ClassifierStub(ch).Classify(bad, timeout=10)
+    status = rpc_status.from_call(err2.value)  # type: ignore[arg-type]
+    detail = error_details_pb2.BadRequest()
+    status.details[0].Unpack(detail)
+    assert len(detail.field_violations) == MAX_VIOLATIONS + 1
+    assert "150 more violations" in detail.field_violations[-1].description
+    print(f"[attack] echoed 3 MB name: {len(err.value.details())} characters; 250 bad drawings: "  # type: ignore[attr-defined]
+          f"{len(detail.field_violations)} violations")
