@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import resource
 import signal
@@ -201,6 +202,11 @@ class App:
         await self._set_health(self._publish(model))
         if hasattr(self._backend, "on_change"):
             self._backend.on_change = self._model_changed
+        # Everything built so far (TensorFlow's and the model's objects: millions) lives as long as the process:
+        # move it out of the collector's sight, or every full collection walks it all and holds the event
+        # loop for ~150 ms (health checks measured waiting that long during a burst of new streams).
+        gc.collect()
+        gc.freeze()
         self.ready.set()
         log.info("serving %s versions %s (%d classes)", model.name, list(model.versions), len(model.labels))
 
