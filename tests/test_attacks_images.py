@@ -31,6 +31,7 @@ from harness import SHIPPED_MODEL
 from PIL import Image, ImageDraw
 
 from doodle import decode_image
+from doodle.image import jpeg_scans
 from quickdraw.v1 import classifier_pb2 as pb
 from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
 from service.backends import find_versions
@@ -223,3 +224,13 @@ def test_normal_images_classify_as_their_decoded_pixels(stub: pb_grpc.Classifier
         assert a.code == grpc.StatusCode.OK and a.response is not None, a
         via_image, via_bitmap = a.response.predictions
         assert via_image == via_bitmap
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_scans_are_counted_by_walking_the_markers(progressive: bool) -> None:
+    """jpeg_scans agrees with a count of SOS markers, skips entropy-coded data, and stops past its limit."""
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(doodle_png(300))).convert("RGB").save(buf, format="JPEG", progressive=progressive)
+    data = buf.getvalue()
+    assert jpeg_scans(data, 32) == data.count(b"\xff\xda") == (10 if progressive else 1)
+    assert jpeg_scans(scan_bomb(), 32) == 33
