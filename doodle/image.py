@@ -3,7 +3,8 @@
 The conventions: strokes bright (255) on a dark (0) background, the drawing centred and scaled so
 that its larger side spans about 25 of the 28 pixels, as a 256-unit drawing with a 16-unit line does
 in Google's rendering. Dark-on-light images are inverted; transparent images use their alpha as ink.
-Limits on encoded bytes and on decoded pixels refuse decompression bombs before any pixel is decoded.
+Limits on encoded bytes, on decoded pixels and on a JPEG's scans refuse decompression bombs and images that are
+slow to decode (thousands of progressive refinement scans) before any pixel is decoded.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ TARGET_WIDTH_MID = LINE_WIDTH * BITMAP_SIDE * OVERSAMPLE / (ORIGINAL_SIDE + 2 * 
 #: The pixel count in Pillow's decompression-bomb message, and object addresses in any of its messages.
 _BOMB_SIZE = re.compile(r"Image size \((\d+) pixels\)")
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+#: The next marker after a scan's entropy-coded data: 0xFF (and fill bytes) then neither a stuffed 0x00 nor RSTn.
+_NEXT_MARKER = re.compile(rb"\xff+[^\x00\xff\xd0-\xd7]")
+#: JPEG markers without a length field: TEM, RST0-7, SOI (EOI ends the walk).
+_STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})
+_SOS, _EOI = 0xDA, 0xD9
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +49,8 @@ class ImageLimits:
     max_image_bytes: int = 4 * 1024 * 1024
     max_image_pixels: int = 16 * 1024 * 1024
     max_image_side_px: int = 8192
+    #: Scans (SOS segments) in a JPEG: a normal progressive JPEG has about 10, each one a pass over every block.
+    max_jpeg_scans: int = 32
 
 
 def decode_image(data: bytes, limits: ImageLimits | None = None) -> NDArray[np.uint8]:
@@ -76,6 +84,11 @@ def decode_image(data: bytes, limits: ImageLimits | None = None) -> NDArray[np.u
                     f"image is {w}x{h} = {w * h} pixels, over the limit of max_image_pixels={limits.max_image_pixels}",
                     "max_image_pixels",
                 )
+            if img.format == "JPEG" and (scans := jpeg_scans(data, limits.max_jpeg_scans)) > limits.max_jpeg_scans:
+                raise ImageDecodeError(
+                    f"JPEG has {scans} or more scans, over the limit of max_jpeg_scans={limits.max_jpeg_scans}",
+                    "max_jpeg_scans",
+                )
             img.load()
     except ImageDecodeError:
         raise
@@ -93,6 +106,35 @@ def decode_image(data: bytes, limits: ImageLimits | None = None) -> NDArray[np.u
     except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
         raise ImageDecodeError(f"corrupt or truncated image: {_ADDRESS.sub('', str(exc))}", "image") from exc
     return image_to_bitmap(img)
+
+
+def jpeg_scans(data: bytes, stop_after: int) -> int:
+    """The scans (SOS segments) of a JPEG, counted by walking its marker segments; stops at ``stop_after + 1``.
+
+    Cheap whatever the size: 0xFF in entropy-coded data is followed by a stuffed 0x00 (or is an RSTn marker), so
+    each scan's data is skipped with one search for the next real marker. Corrupt structure ends the walk (the
+    decoder then reports it).
+    """
+    scans, pos, end = 0, 2, len(data)
+    while pos + 4 <= end and scans <= stop_after:
+        if data[pos] != 0xFF:
+            break
+        marker = data[pos + 1]
+        if marker == 0xFF:  # a fill byte
+            pos += 1
+            continue
+        if marker == _EOI:
+            break
+        if marker in _STANDALONE:
+            pos += 2
+            continue
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == _SOS:
+            scans += 1
+            if (found := _NEXT_MARKER.search(data, pos)) is None:
+                break
+            pos = found.start()
+    return scans
 
 
 def image_to_bitmap(img: Image.Image) -> NDArray[np.uint8]:

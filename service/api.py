@@ -23,11 +23,13 @@ from google.protobuf.message import DecodeError, Message
 from grpc_status import rpc_status
 from numpy.typing import NDArray
 
+from doodle import decode_image
 from quickdraw.v1 import classifier_pb2 as pb
 from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
 from service import wire
 from service.backends import ModelDescription
 from service.batching import Batcher
+from service.decode import DecodePool
 from service.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -90,6 +92,7 @@ class Gateway:
         metrics: Metrics,
         backend_name: str,
         preprocess_threads: int = 2,
+        decoder: DecodePool | None = None,
     ) -> None:
         self.model = model
         self.batcher = batcher
@@ -98,6 +101,8 @@ class Gateway:
         self.backend_name = backend_name
         self._labels = list(model.labels)
         self._pool = ThreadPoolExecutor(max_workers=preprocess_threads, thread_name_prefix="preprocess")
+        #: Decodes images in worker processes under a time budget (None: in the preprocessing thread itself).
+        self.decoder = decoder
 
     def _images(self, req: ClassifyIn, deadline_s: float | None = None) -> NDArray[np.uint8]:
         """Render every drawing; all decode errors are reported together.
@@ -107,11 +112,12 @@ class Gateway:
         """
         out = np.empty((len(req.drawings), 28, 28, 1), np.uint8)
         problems: list[Any] = []
+        decode = decode_image if self.decoder is None else functools.partial(self.decoder.decode, deadline_s=deadline_s)
         for i, d in enumerate(req.drawings):
             if deadline_s is not None and time.monotonic() >= deadline_s:
                 raise DeadlineExceeded(f"deadline exceeded while rendering drawing {i} of {len(req.drawings)}")
             try:
-                out[i, :, :, 0] = render(i, d, self.limits)
+                out[i, :, :, 0] = render(i, d, self.limits, decode)
             except InvalidArgument as exc:
                 problems.extend(exc.violations)
         if problems:
@@ -216,7 +222,9 @@ class Gateway:
         )
 
     def close(self) -> None:
-        """Stop the preprocessing threads."""
+        """Stop the decode workers, then the preprocessing threads."""
+        if self.decoder is not None:
+            self.decoder.close()
         self._pool.shutdown(wait=True)
 
 

@@ -27,6 +27,7 @@ from service.api import SERVICE_NAME, ClassifierService, Gateway
 from service.backends import Backend, ModelDescription
 from service.backends.embedded import EmbeddedBackend
 from service.batching import Batcher, BatcherConfig
+from service.decode import DecodePool
 from service.http import HttpServer
 from service.lograte import LogRate
 from service.metrics import Metrics
@@ -192,9 +193,12 @@ class App:
         )
         self._batcher.start()
         limits = Limits(s.max_drawings_per_request, s.max_top_k, s.max_strokes, s.max_points, s.max_raw_coordinate,
-                        s.max_image_bytes, s.max_image_pixels, num_classes=len(model.labels))
+                        s.max_image_bytes, s.max_image_pixels, num_classes=len(model.labels),
+                        max_jpeg_scans=s.max_jpeg_scans)
+        decoder = DecodePool(s.image_decode_workers, s.image_decode_budget_ms)
+        await asyncio.to_thread(decoder.start)
         self._gateway = Gateway(model, self._batcher, limits, self.metrics, self._backend.name,
-                                s.preprocess_threads)
+                                s.preprocess_threads, decoder)
         service.attach(self._gateway)
         if tfs is not None:
             tfs.attach(self._gateway)

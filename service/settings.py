@@ -181,7 +181,22 @@ class Settings(BaseSettings):
     max_points: int = Field(8192, ge=1, description="most points in one drawing, all strokes together")
     max_raw_coordinate: float = Field(1.0e6, gt=0.0, description="largest absolute raw stroke coordinate")
     max_image_bytes: int = Field(2 * MiB, ge=1, description="largest encoded PNG/JPEG, in bytes")
-    max_image_pixels: int = Field(16 * MiB, ge=1, description="largest decoded image, width x height in pixels")
+    max_image_pixels: int = Field(
+        4 * MiB,
+        ge=1,
+        description="largest decoded image, width x height in pixels, read from the header before decoding (the "
+        "model sees 28x28; 4 Mi is 2048 x 2048)",
+    )
+    max_jpeg_scans: int = Field(
+        32, ge=1, description="most scans in a JPEG (a progressive one has about 10), counted before decoding"
+    )
+    image_decode_budget_ms: float = Field(
+        500.0,
+        gt=0.0,
+        description="longest one image may take to decode (in a worker process, killed and replaced past it); "
+        "the caller's deadline cuts it shorter",
+    )
+    image_decode_workers: int = Field(2, ge=1, description="worker processes that decode images")
     preprocess_threads: int = Field(2, ge=1, description="threads that decode images and render strokes")
 
     # --- lifecycle --------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ the trainer uses, so a stroke drawing becomes the pixels Google's numpy_bitmap w
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -46,8 +46,9 @@ class Limits:
     max_points: int = 8192
     max_raw_coordinate: float = 1.0e6
     max_image_bytes: int = 2 * 1024 * 1024
-    max_image_pixels: int = 16 * 1024 * 1024
+    max_image_pixels: int = 4 * 1024 * 1024
     num_classes: int = 345
+    max_jpeg_scans: int = 32
 
 
 class Kind(StrEnum):
@@ -281,18 +282,27 @@ def validate(req: pb.ClassifyRequest, limits: Limits) -> ClassifyIn:
 # --- rendering ---------------------------------------------------------------------------------------------
 
 
-def render(index: int, drawing: BitmapIn | ImageIn | StrokesIn, limits: Limits) -> NDArray[np.uint8]:
-    """The 28x28 uint8 bitmap for one valid drawing; raises InvalidArgument if it cannot be decoded."""
+def render(
+    index: int,
+    drawing: BitmapIn | ImageIn | StrokesIn,
+    limits: Limits,
+    decode: Callable[[bytes, ImageLimits], NDArray[np.uint8]] = decode_image,
+) -> NDArray[np.uint8]:
+    """The 28x28 uint8 bitmap for one valid drawing; raises InvalidArgument if it cannot be decoded.
+
+    ``decode`` decodes images (the gateway's runs them in worker processes under a time budget).
+    """
     if isinstance(drawing, BitmapIn):
         return np.frombuffer(drawing.pixels, dtype=np.uint8).reshape(BITMAP_SIDE, BITMAP_SIDE)
     try:
         if isinstance(drawing, ImageIn):
-            return decode_image(
+            return decode(
                 drawing.data,
                 ImageLimits(
                     max_image_bytes=limits.max_image_bytes,
                     max_image_pixels=limits.max_image_pixels,
                     max_image_side_px=max(1, math.isqrt(limits.max_image_pixels) * 4),
+                    max_jpeg_scans=limits.max_jpeg_scans,
                 ),
             )
         strokes = strokes_from_google([[s.x, s.y, s.t_ms] if s.t_ms else [s.x, s.y] for s in drawing.strokes if s.x])
