@@ -123,7 +123,9 @@ class App:
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.settings.max_batch_size)
         self._server: grpc.aio.Server | None = None
-        self._auth = security.TokenAuth.from_settings(self.settings)  # None: no token required
+        tokens = security.configured_tokens(self.settings)
+        security.install_log_redaction(tokens)  # no log line of this process shows them, whatever logs it
+        self._auth = security.TokenAuth(tokens) if tokens else None  # None: no token required
         self._http = HttpServer(self.metrics, self.settings.max_message_bytes, api=self.settings.http_api,
                                 auth=self._auth, require_client_cert=self.settings.tls_client_ca_file is not None)
         self._health = health.aio.HealthServicer()
@@ -159,7 +161,8 @@ class App:
                 ("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
                 ("grpc.max_connection_age_grace_ms", int(s.max_connection_age_grace_s * 1000)),
             ]
-        self._server = grpc.aio.server(options=options, interceptors=security.grpc_interceptors(s, self._auth),
+        interceptors = security.grpc_interceptors(s, self._auth, self.metrics)
+        self._server = grpc.aio.server(options=options, interceptors=interceptors,
                                        maximum_concurrent_rpcs=s.max_concurrent_rpcs)  # fmt: skip
         service = ClassifierService(self.metrics, s.max_message_bytes, max_open_streams=s.max_open_streams)
         api.add_to_server(service, self._server)

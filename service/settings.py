@@ -20,7 +20,8 @@ MiB = 1024 * 1024
 class Settings(BaseSettings):
     """Everything the gateway can be told; see ``quickdraw serve --help``."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+    # hide_input_in_errors: a validation error never quotes the values given (QUICKDRAW_AUTH_TOKEN among them)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore", hide_input_in_errors=True)
 
     # --- listening -------------------------------------------------------------------------------------------
     host: str = Field("0.0.0.0", description="address to bind the gRPC and HTTP servers to")
@@ -199,6 +200,13 @@ class Settings(BaseSettings):
     image_decode_workers: int = Field(2, ge=1, description="worker processes that decode images")
     preprocess_threads: int = Field(2, ge=1, description="threads that decode images and render strokes")
 
+    # --- logging ----------------------------------------------------------------------------------------------
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = Field(
+        None,
+        description="log level of every logger (gateway, gRPC, aiohttp); default: INFO for the gateway's own lines, "
+        "WARNING for libraries (or as quickdraw -v/-vv sets it). Tokens and raw header lines are never logged",
+    )
+
     # --- lifecycle --------------------------------------------------------------------------------------------
     shutdown_grace_s: float = Field(
         10.0, ge=0.0, description="on SIGTERM, how long in-flight calls may take to finish before exit"
@@ -234,6 +242,11 @@ class Settings(BaseSettings):
     )
     auth_exempt_reflection: bool = Field(
         False, description="with a token set, let server reflection answer without one (otherwise it needs it too)"
+    )
+    allow_plaintext_http_token: bool = Field(
+        False,
+        description="with a token and TLS on gRPC, still serve the JSON API on plaintext HTTP, where the same token "
+        "travels unencrypted (refused at start unless set; prefer --http-tls or --no-http-api)",
     )
     tfserving_tls: bool = Field(
         False,
@@ -277,11 +290,22 @@ class Settings(BaseSettings):
             raise ValueError(f"give the token in auth_token_file or in {ENV_PREFIX}AUTH_TOKEN, not both")
         if self.auth_token is not None and not self.auth_token.get_secret_value().strip():
             raise ValueError(f"{ENV_PREFIX}AUTH_TOKEN is set but empty")
+        has_token = self.auth_token_file is not None or self.auth_token is not None
+        if (has_token and self.tls_cert_file is not None and self.http_api and not self.http_tls
+                and not self.allow_plaintext_http_token):  # fmt: skip
+            raise ValueError(
+                "a bearer token with TLS on gRPC, but the JSON API on the plaintext HTTP port accepts the same token "
+                "unencrypted: set http_tls (the HTTP port then uses the gRPC certificate), turn http_api off, or set "
+                "allow_plaintext_http_token to accept it"
+            )
         for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file", "auth_token_file",
                      "tfserving_tls_ca_file", "tfserving_tls_cert_file", "tfserving_tls_key_file"):  # fmt: skip
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{name}: no such file: {path}")
+        from service.security import configured_tokens
+
+        configured_tokens(self)  # readable, and each token at least MIN_TOKEN_CHARS long (never shown)
         return self
 
     @model_validator(mode="after")

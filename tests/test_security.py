@@ -45,7 +45,15 @@ from doodle.formats import open_bitmaps
 from quickdraw.v1 import classifier_pb2 as pb
 from service.backends import find_versions
 from service.client import QuickDrawClient
-from service.security import ClientSecurity, TokenAuth
+from service.metrics import Metrics
+from service.security import (
+    MIN_TOKEN_CHARS,
+    AuthFailureLog,
+    ClientSecurity,
+    TokenAuth,
+    TokenRefused,
+    install_log_redaction,
+)
 from service.settings import Settings
 from service.tensors import from_numpy
 
@@ -197,11 +205,40 @@ def test_settings_refuse_incomplete_or_unsafe_security(pki: Pki, tmp_path: Path,
         Settings()
     token_file = tmp_path / "token"
     token_file.write_text("abc\n")
-    monkeypatch.setenv("QUICKDRAW_AUTH_TOKEN", "s3cr3t-from-env")
+    monkeypatch.setenv("QUICKDRAW_AUTH_TOKEN", "s3cr3t-from-env-0123")
     with pytest.raises(ValidationError, match="not both"):
         Settings(auth_token_file=token_file)
     s = Settings()
     assert "s3cr3t" not in repr(s) and "s3cr3t" not in str(s.model_dump())  # a secret, masked
+
+
+def test_settings_refuse_short_tokens_and_a_token_on_plaintext_http_beside_tls(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token under MIN_TOKEN_CHARS is refused (the message gives lengths, never the token); so is a token with
+    TLS on gRPC while the JSON API listens on plaintext HTTP, unless allow_plaintext_http_token says so."""
+    monkeypatch.delenv("QUICKDRAW_AUTH_TOKEN", raising=False)
+    short = "x" * (MIN_TOKEN_CHARS - 1)
+    monkeypatch.setenv("QUICKDRAW_AUTH_TOKEN", short)
+    with pytest.raises(ValidationError, match=f"at least {MIN_TOKEN_CHARS} characters") as info:
+        Settings()
+    assert short not in str(info.value)
+    monkeypatch.delenv("QUICKDRAW_AUTH_TOKEN")
+    token_file = tmp_path / "tokens"
+    token_file.write_text("a-long-enough-token-0123456789\r\nZ\r\n")  # Windows line endings, a 1-char token
+    with pytest.raises(ValidationError, match=r"token 2 is too short.*at least 16 characters \(1 given\)"):
+        Settings(auth_token_file=token_file)
+    token_file.write_text("a-long-enough-token-0123456789\r\n")
+    assert Settings(auth_token_file=token_file).auth_token_file == token_file
+    with pytest.raises(ValueError, match="too short"):
+        TokenAuth(["short"])
+    tls = {"tls_cert_file": pki.server, "tls_key_file": pki.server_key, "auth_token_file": token_file}
+    with pytest.raises(ValidationError, match="plaintext HTTP port accepts the same token unencrypted"):
+        Settings(**tls)  # type: ignore[arg-type]
+    assert Settings(**tls, allow_plaintext_http_token=True).http_api  # type: ignore[arg-type]
+    assert Settings(**tls, http_tls=True).http_tls  # type: ignore[arg-type]
+    assert not Settings(**tls, http_api=False).http_api  # type: ignore[arg-type]
+    assert Settings(tls_cert_file=pki.server, tls_key_file=pki.server_key).http_api  # no token: nothing to leak
 
 
 def test_the_token_is_never_a_command_line_option() -> None:
@@ -213,11 +250,13 @@ def test_the_token_is_never_a_command_line_option() -> None:
 
 
 def test_token_auth_compares_every_token_and_never_echoes_one() -> None:
-    auth = TokenAuth(["old-token-1", "new-token-2"])
-    assert auth.matches("old-token-1") and auth.matches("new-token-2")
+    old, new = "old-token-0123456789-1", "new-token-0123456789-2"
+    auth = TokenAuth([old, new])
+    assert auth.matches(old) and auth.matches(new)
     assert not auth.matches("old-token-") and not auth.matches("")
-    auth.check("Bearer new-token-2")
-    auth.check("bearer old-token-1")
+    auth.check(f"Bearer {new}")
+    auth.check(f"bearer {old}")
+    auth.check(f"Bearer {old}".encode())
     for header, message in ((None, "missing bearer token"), ("Basic abc", "malformed"), ("Bearer", "malformed"),
                             ("Bearer guessed-wrong-secret", "invalid bearer token")):  # fmt: skip
         with pytest.raises(Exception, match=message) as info:
@@ -225,6 +264,69 @@ def test_token_auth_compares_every_token_and_never_echoes_one() -> None:
         assert "guessed-wrong-secret" not in str(info.value) and "token-1" not in str(info.value)
     with pytest.raises(ValueError, match="visible ASCII"):
         TokenAuth(["has space"])
+
+
+@pytest.mark.parametrize("header", ["Bearer \u20ac", "Bearer \u20ac" * 100, "Bearer {t}\r", "Bearer {t}\x00",
+                                    "Bearer {t}\n", "Bearer \x00", "Bearer {t}\u00e9", "\udcff", "Bearer \udcff",
+                                    b"Bearer \xe2\x82\xac", b"Bearer {t}\r", b"\xff\xfe"])  # fmt: skip
+def test_any_undecodable_or_odd_token_is_simply_invalid(header: str | bytes) -> None:
+    """Non-ASCII, control characters, lone surrogates, raw bytes: UNAUTHENTICATED (never an encoding error)."""
+    token = "the-right-token-0123456789"
+    auth = TokenAuth([token])
+    value = header.replace(b"{t}", token.encode()) if isinstance(header, bytes) else header.replace("{t}", token)
+    with pytest.raises(TokenRefused) as info:
+        auth.check(value)
+    assert info.value.code == grpc.StatusCode.UNAUTHENTICATED and info.value.reason in ("malformed", "invalid")
+    assert token not in info.value.message
+
+
+def test_log_redaction_covers_messages_arguments_and_tracebacks(caplog: pytest.LogCaptureFixture) -> None:
+    """Every record, whatever logger and level: configured tokens, authorization values, Bearer tokens and raw
+    header lines are gone from the message and from the traceback; other text stays."""
+    token = "configured-" + secrets.token_hex(12)
+    install_log_redaction([token])
+    caplog.set_level(logging.DEBUG)
+    logger = logging.getLogger("aiohttp.server")
+    logger.debug("config says %s", token)
+    logger.info("headers %s", {"authorization": "Bearer other-secret-1", "user-agent": "x"})
+    logger.warning("bearer token required; got Bearer guessed-secret-2")
+    try:
+        raise ValueError("400, message:\n  Missing expected LF after header value:\n\n    "
+                         "b'Authorization: Bearer raw-secret-3\\r'\n         ^")  # fmt: skip
+    except ValueError:
+        logger.exception("Error handling request from %s", "127.0.0.1")
+    try:
+        raise ValueError("Invalid HTTP header: b'Bearer raw-secret-4\\x00'")
+    except ValueError:
+        logger.error("parse", exc_info=True)
+    text = caplog.text
+    for secret in (token, "other-secret-1", "guessed-secret-2", "raw-secret-3", "raw-secret-4"):
+        assert secret not in text, text
+    assert "bearer token required" in text and "Error handling request from 127.0.0.1" in text
+    assert "Missing expected LF after header value" in text and "user-agent" not in text.split("authorization")[1]
+
+
+def test_failed_authentications_are_counted_and_logged_at_a_bounded_rate(caplog: pytest.LogCaptureFixture) -> None:
+    """Every failure is counted; the log has one line per interval, with the count since the last one."""
+    now = [100.0]
+    metrics = Metrics()
+    failures = AuthFailureLog(metrics, "grpc", interval_s=10.0, clock=lambda: now[0])
+    caplog.set_level(logging.WARNING, logger="service.security")
+    failures.failed("invalid", "/quickdraw.v1.Classifier/Classify")  # the first one at once
+    for i in range(999):
+        now[0] += 0.005
+        failures.failed("missing" if i % 3 else "invalid")
+    assert len(caplog.records) == 1 and "1 failed grpc authentication(s)" in caplog.text
+    now[0] = 111.0
+    failures.failed("malformed")
+    assert len(caplog.records) == 2
+    assert "1000 failed grpc authentication(s)" in caplog.records[1].getMessage()
+    assert "invalid 333" in caplog.records[1].getMessage() and "malformed 1" in caplog.records[1].getMessage()
+    failures.flush()  # nothing new: no line
+    assert len(caplog.records) == 2
+    value = {(s.labels["transport"], s.labels["reason"]): s.value
+             for m in metrics.auth_failures.collect() for s in m.samples if s.name.endswith("_total")}  # fmt: skip
+    assert value == {("grpc", "invalid"): 334, ("grpc", "missing"): 666, ("grpc", "malformed"): 1}
 
 
 # --- TLS on the gateway's gRPC port -------------------------------------------------------------------------------

@@ -86,11 +86,24 @@ def run(args: argparse.Namespace) -> int:
               + (f"  playground: http://{host}:{app.http_port}/\n" if settings.http_api else "")
               + f"  try: {EXAMPLE.format(target=target)}", flush=True)
 
-    import logging
-
-    if not logging.getLogger().handlers or logging.getLogger().level > logging.INFO:
-        logging.getLogger("service").setLevel(logging.INFO)
-        if not logging.getLogger().handlers:
-            logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     asyncio.run(App(settings).run(on_ready=ready))
     return 0
+
+
+def configure_logging(level: str | None) -> None:
+    """The gateway's logging: redaction of tokens and raw header lines first (every logger, every level; the app
+    adds its configured tokens), then ``level`` for every logger, or INFO for the gateway's own lines."""
+    import logging
+
+    from service.security import install_log_redaction
+
+    install_log_redaction()
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level is not None:
+        root.setLevel(level)
+        logging.getLogger("service").setLevel(logging.NOTSET)
+    elif root.level > logging.INFO:
+        logging.getLogger("service").setLevel(logging.INFO)
