@@ -25,7 +25,7 @@ from service.api import SERVICE_NAME, ClassifierService, Gateway
 from service.backends import Backend, ModelDescription
 from service.backends.embedded import EmbeddedBackend
 from service.batching import Batcher, BatcherConfig
-from service.http import HttpServer
+from service.http import HttpLimits, HttpServer
 from service.metrics import Metrics
 from service.settings import Settings
 from service.validation import Limits
@@ -71,8 +71,11 @@ class App:
         self.metrics = Metrics(self.settings.max_batch_size)
         self._server: grpc.aio.Server | None = None
         self._auth = security.TokenAuth.from_settings(self.settings)  # None: no token required
-        self._http = HttpServer(self.metrics, self.settings.max_message_bytes, api=self.settings.http_api,
-                                auth=self._auth, require_client_cert=self.settings.tls_client_ca_file is not None)
+        s = self.settings
+        limits = HttpLimits(s.http_keepalive_timeout_s, s.http_header_timeout_s, s.http_body_timeout_s,
+                            s.max_http_connections, s.http_request_compression, s.http_allowed_hosts)
+        self._http = HttpServer(self.metrics, s.max_message_bytes, api=s.http_api, auth=self._auth,
+                                require_client_cert=s.tls_client_ca_file is not None, limits=limits)
         self._health = health.aio.HealthServicer()
         self._backend: Backend | None = None
         self._batcher: Batcher | None = None
