@@ -41,6 +41,7 @@ import re
 import resource
 import ssl
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -363,10 +364,13 @@ class ConnectionGuard:
         self.max_connections = max_connections
         self.header_timeout_s = header_timeout_s
         self.live: set[_GuardedHandler] = set()
+        #: Handlers made but not yet connected (asyncio accepts a backlog's worth before any connection_made;
+        #: weak, so one whose TLS handshake fails is forgotten with it).
+        self.pending: weakref.WeakSet[_GuardedHandler] = weakref.WeakSet()
 
     def __call__(self) -> asyncio.Protocol:
         """A protocol for a new connection: a handler, or a refusal when over the cap and nothing is idle."""
-        if len(self.live) >= self.max_connections:
+        if len(self.live) + len(self.pending) >= self.max_connections:
             idle = [h for h in self.live if h.idle]
             if not idle:
                 self.metrics.http_connections_closed.labels("limit").inc()
@@ -374,11 +378,13 @@ class ConnectionGuard:
             victim = min(idle, key=lambda h: h.last_active)
             self.closing(victim, "evicted")
             victim.force_close()
-        loop = asyncio.get_running_loop()
-        return _GuardedHandler(self.server, guard=self, loop=loop, **self.handler_kwargs)
+        handler = _GuardedHandler(self.server, guard=self, loop=asyncio.get_running_loop(), **self.handler_kwargs)
+        self.pending.add(handler)
+        return handler
 
     def opened(self, handler: _GuardedHandler) -> None:
         """A connection was made."""
+        self.pending.discard(handler)
         self.live.add(handler)
         self.metrics.http_connections.set(len(self.live))
 
@@ -389,6 +395,7 @@ class ConnectionGuard:
 
     def lost(self, handler: _GuardedHandler) -> None:
         """A connection is gone."""
+        self.pending.discard(handler)
         self.live.discard(handler)
         self.metrics.http_connections.set(len(self.live))
 
@@ -565,6 +572,17 @@ class HttpServer(GatewaySlot):
         if length is not None and length > self.max_body_bytes:
             raise self._too_large()
 
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The body, chunk by chunk as it arrives (decompressed in aiohttp's small steps when compression is on,
+        where ``request.read()`` would inflate up to the whole limit at once on the event loop); 413 past the
+        limit."""
+        body = bytearray()
+        while chunk := await request.content.readany():
+            body += chunk
+            if len(body) > self.max_body_bytes:
+                raise self._too_large()
+        return bytes(body)
+
     def _too_large(self) -> PayloadTooLarge:
         return PayloadTooLarge(f"request body is over the limit of {self.max_body_bytes} bytes "
                                f"({JSON_BODY_FACTOR} x max_message_bytes={self.max_message_bytes})")
@@ -626,9 +644,7 @@ class HttpServer(GatewaySlot):
         timeout = self.limits.body_timeout_s
         try:
             async with asyncio.timeout(timeout) as scope:
-                raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise self._too_large() from None
+                raw = await self._read_body(request)
         except TimeoutError:
             if not scope.expired():
                 raise Cancelled("the connection timed out while the request body was sent") from None
