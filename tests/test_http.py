@@ -279,3 +279,34 @@ def test_api_and_page_can_be_turned_off() -> None:
                 urllib.request.urlopen(base + path, timeout=10)
             assert info.value.code == 404
         assert "quickdraw_ready 1.0" in urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+
+
+def test_the_shape_count_takes_the_largest_valid_request_and_refuses_more() -> None:
+    """The ``{``/``[`` count before json.loads never refuses a request within the limits."""
+    from service.errors import InvalidArgument
+    from service.http import check_shape
+    from service.validation import Limits
+
+    limits = Limits(8, 20, 16, 8192, 1e6, 1024, 1024, num_classes=345)
+    stroke = {"x": [1.0], "y": [2.0], "tMs": [3]}
+    request = {"drawings": [{"strokes": {"strokes": [stroke] * 16, "coordinates": "RAW"}}] * 8,
+               "model": {"version": 1}, "topK": 3}  # fmt: skip
+    raw = json.dumps(request).encode()
+    check_shape(raw, limits)
+    json_format.Parse(raw, pb.ClassifyRequest())  # it is a real request
+    request["drawings"] = request["drawings"] * 2
+    with pytest.raises(InvalidArgument, match="max_drawings_per_request=8 and max_strokes=16"):
+        check_shape(json.dumps(request).encode(), limits)
+
+
+def test_connection_budget_fits_under_the_descriptor_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a hard limit of 1,024 descriptors the cap is lowered below it, leaving room for the rest."""
+    import resource
+
+    from service import http
+
+    monkeypatch.setattr(http.resource, "getrlimit", lambda _: (1024, 1024))
+    monkeypatch.setattr(http.resource, "setrlimit", lambda *_: None)
+    cap, limit = http.connection_budget(1000)
+    assert limit == 1024 and cap <= 1024 - http.FD_RESERVE
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 0
