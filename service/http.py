@@ -88,7 +88,7 @@ FD_RESERVE = 256
 #: The Content-Encodings aiohttp decompresses, taken when ``http_request_compression`` is on.
 COMPRESSIONS = ("gzip", "deflate")
 #: JSON objects (``{``) a ClassifyRequest holds beyond its drawings and strokes (the request, model spec), with
-#: slack for braces inside strings; and arrays (``[``) likewise (drawings, output filter).
+#: slack for braces inside strings; and arrays (``[``) likewise (the drawings list).
 SHAPE_SLACK = 16
 #: A JSON body may be this many times max_message_bytes: base64 and numbers as text are wordier than protobuf.
 JSON_BODY_FACTOR = 4
@@ -212,7 +212,7 @@ def shape_limits(limits: Limits) -> tuple[int, int]:
     """The most ``{`` and ``[`` bytes a ClassifyRequest within ``limits`` holds in JSON (with slack).
 
     Objects: the request and its model spec, and per drawing the drawing, its stroke set or bitmap/image, and
-    one per stroke. Arrays: drawings and the output filter, and per drawing its stroke list and per stroke its
+    one per stroke. Arrays: the drawings list, and per drawing its stroke list and per stroke its
     three number arrays.
     """
     d, s = limits.max_drawings_per_request, limits.max_strokes
