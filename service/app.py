@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import resource
@@ -28,7 +29,7 @@ from service.backends import Backend, ModelDescription
 from service.backends.embedded import EmbeddedBackend
 from service.batching import Batcher, BatcherConfig
 from service.decode import DecodePool
-from service.http import HttpServer
+from service.http import HttpLimits, HttpServer
 from service.lograte import LogRate
 from service.metrics import Metrics
 from service.settings import Settings
@@ -78,8 +79,7 @@ def return_large_buffers_to_the_os(threshold_bytes: int = 1 << 20) -> bool:
 def connection_caps(settings: Settings, fd_limit: int) -> tuple[int, int]:
     """(gRPC, HTTP) connection caps that fit the file-descriptor budget: the settings, or scaled down to
     ``fd_limit - FD_RESERVE`` in proportion (logged), so a flood of connections meets the caps, never EMFILE."""
-    grpc_cap = settings.max_grpc_connections
-    http_cap = int(getattr(settings, "max_http_connections", 0))
+    grpc_cap, http_cap = settings.max_grpc_connections, settings.max_http_connections
     budget = max(2, fd_limit - FD_RESERVE)
     if grpc_cap + http_cap <= budget:
         return grpc_cap, http_cap
@@ -126,8 +126,11 @@ class App:
         tokens = security.configured_tokens(self.settings)
         security.install_log_redaction(tokens)  # no log line of this process shows them, whatever logs it
         self._auth = security.TokenAuth(tokens) if tokens else None  # None: no token required
-        self._http = HttpServer(self.metrics, self.settings.max_message_bytes, api=self.settings.http_api,
-                                auth=self._auth, require_client_cert=self.settings.tls_client_ca_file is not None)
+        s = self.settings
+        limits = HttpLimits(s.http_keepalive_timeout_s, s.http_header_timeout_s, s.http_body_timeout_s,
+                            s.max_http_connections, s.http_request_compression, s.http_allowed_hosts)
+        self._http = HttpServer(self.metrics, s.max_message_bytes, api=s.http_api, auth=self._auth,
+                                require_client_cert=s.tls_client_ca_file is not None, limits=limits)
         self._health = health.aio.HealthServicer()
         self._backend: Backend | None = None
         self._batcher: Batcher | None = None
@@ -138,11 +141,12 @@ class App:
     async def start(self) -> None:
         """Bind, load the model, warm up, and report SERVING."""
         s = self.settings
-        self.http_port = await self._http.start(s.host, s.http_port, ssl_context=security.http_ssl_context(s))
         soft, _ = raise_fd_limit()
         return_large_buffers_to_the_os()
-        grpc_cap, _http_cap = connection_caps(s, soft)
+        grpc_cap, http_cap = connection_caps(s, soft)
         self._install_loop_error_log()
+        self._http.limits = dataclasses.replace(self._http.limits, max_connections=http_cap)
+        self.http_port = await self._http.start(s.host, s.http_port, ssl_context=security.http_ssl_context(s))
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),

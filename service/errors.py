@@ -28,7 +28,8 @@ class FieldViolation:
 class ServiceError(Exception):
     """Base class: an error with a gRPC status code and a message a developer can act on.
 
-    ``http_status`` overrides the HTTP status the code maps to, for the one error HTTP tells apart (413).
+    ``http_status`` overrides the HTTP status the code maps to, for the errors only HTTP tells apart (408, 413,
+    415, 421).
     """
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
@@ -84,6 +85,34 @@ class DeadlineExceeded(ServiceError):
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
     fault = "client"
+
+
+class RequestTimeout(DeadlineExceeded):
+    """An HTTP request body that did not arrive within the body timeout (HTTP 408; the client's fault)."""
+
+    http_status = 408
+
+
+class UnsupportedMediaType(InvalidArgument):
+    """An HTTP request body of a Content-Type or Content-Encoding the API does not take (HTTP 415)."""
+
+    http_status = 415
+
+    def __init__(self, header: str, message: str) -> None:
+        super().__init__([FieldViolation(f"{header} header", message)], message)
+
+
+class PermissionDenied(ServiceError):
+    """The caller may not make this call: over HTTP, a browser request from an Origin not allowed (403)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    fault = "client"
+
+
+class MisdirectedRequest(PermissionDenied):
+    """An HTTP request for a Host the gateway does not answer to (HTTP 421; a DNS-rebinding guard)."""
+
+    http_status = 421
 
 
 class Cancelled(ServiceError):

@@ -11,7 +11,17 @@ Routes:
 - ``GET /v1/model``: the ``ModelInfo`` that GetModelInfo returns.
 - ``GET /`` and ``GET /static/<file>``: the playground, a page to draw on (files in ``service/playground/``).
 
-``http_api=False`` removes the API and the page; /metrics stays. With a bearer token configured, the API
+``http_api=False`` removes the API and the page; /metrics stays.
+
+Hardening (the settings in ``HttpLimits``, from ``service.settings``): the API takes only
+``Content-Type: application/json`` (415 otherwise: a browser sends text/plain and form posts cross-site
+without a preflight); compressed request bodies are refused before they are read unless
+``http_request_compression`` is on; a body's ``{`` and ``[`` are counted before ``json.loads`` builds anything,
+so a small body of a million empty objects is refused in milliseconds; without a bearer token, the Host and
+Origin headers must name an allowed host (DNS rebinding, cross-site requests), except on /metrics. Each
+connection has a header-read timeout (slowloris), an idle keep-alive timeout and, while a body is read, a
+body timeout (408); at most ``max_http_connections`` are open at once (the longest-idle one is closed to make
+room). The ``Server`` header names no software version. With a bearer token configured, the API
 routes need ``Authorization: Bearer <token>`` (the same tokens as gRPC; 401 otherwise); /metrics and the page's
 files do not. With ``http_tls`` the port speaks TLS, and with mTLS configured the API routes also need a
 verified client certificate. An error is the gRPC call's status as JSON,
@@ -24,29 +34,39 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import math
 import re
 import ssl
 import time
+import weakref
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from prometheus_client.exposition import choose_encoder
+from yarl import URL
 
 from quickdraw.v1 import classifier_pb2 as pb
 from service.api import GatewaySlot, Observed, service_error
 from service.errors import (
+    Cancelled,
     FieldViolation,
     InvalidArgument,
+    MisdirectedRequest,
     PayloadTooLarge,
+    PermissionDenied,
+    RequestTimeout,
     ServiceError,
     Unauthenticated,
+    UnsupportedMediaType,
     http_status,
     to_rpc_status,
 )
@@ -54,7 +74,19 @@ from service.metrics import Metrics
 from service.security import TokenAuth
 from service.validation import Limits
 
+log = logging.getLogger(__name__)
+
 PLAYGROUND_DIR = Path(__file__).with_name("playground")
+#: The ``Server`` header of every response: no software or version for a scanner to match.
+SERVER_HEADER = "quickdraw"
+#: How long a connection may keep sending a body nobody reads (after a refusal) before it is closed.
+LINGER_S = 1.0
+#: File descriptors kept free beyond the HTTP connections: gRPC connections, model files, TensorFlow, logs.
+#: The Content-Encodings aiohttp decompresses, taken when ``http_request_compression`` is on.
+COMPRESSIONS = ("gzip", "deflate")
+#: JSON objects (``{``) a ClassifyRequest holds beyond its drawings and strokes (the request, model spec), with
+#: slack for braces inside strings; and arrays (``[``) likewise (the drawings list).
+SHAPE_SLACK = 16
 #: A JSON body may be this many times max_message_bytes: base64 and numbers as text are wordier than protobuf.
 JSON_BODY_FACTOR = 4
 #: The deadline header Google's JSON APIs read: seconds, a decimal number.
@@ -154,6 +186,229 @@ def _deadline(request: web.Request) -> float | None:
     return time.monotonic() + seconds
 
 
+def _host_name(value: str) -> str:
+    """The host of a Host header or an allow-list entry, lower case, without port, brackets or final dot."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        value = value[1 : value.find("]")] if "]" in value else value[1:]
+    elif value.count(":") == 1:
+        value = value.split(":", 1)[0]
+    return value.rstrip(".")
+
+
+def _origin_host(origin: str) -> str | None:
+    """The host an Origin header names (None for ``null`` or anything that is not a URL)."""
+    try:
+        host = URL(origin).host
+    except ValueError:
+        return None
+    return _host_name(host) if host else None
+
+
+def shape_limits(limits: Limits) -> tuple[int, int]:
+    """The most ``{`` and ``[`` bytes a ClassifyRequest within ``limits`` holds in JSON (with slack).
+
+    Objects: the request and its model spec, and per drawing the drawing, its stroke set or bitmap/image, and
+    one per stroke. Arrays: the drawings list, and per drawing its stroke list and per stroke its
+    three number arrays.
+    """
+    d, s = limits.max_drawings_per_request, limits.max_strokes
+    return 2 + d * (3 + s) + SHAPE_SLACK, 2 + d * (1 + 3 * s) + SHAPE_SLACK
+
+
+def check_shape(raw: bytes, limits: Limits) -> None:
+    """Refuse a body with more JSON objects or arrays than a ClassifyRequest within ``limits`` can hold.
+
+    ``bytes.count`` scans 16 MB in milliseconds, before ``json.loads`` builds anything: a 4 MB body of 262,144
+    empty strokes (9 KB gzipped) once took 9.6 s of CPU to parse and refuse.
+    """
+    max_objects, max_arrays = shape_limits(limits)
+    objects, arrays = raw.count(b"{"), raw.count(b"[")
+    if objects > max_objects or arrays > max_arrays:
+        what, n, most = (("objects ({)", objects, max_objects) if objects > max_objects
+                         else ("arrays ([)", arrays, max_arrays))  # fmt: skip
+        reason = (f"holds {n} JSON {what}; a ClassifyRequest within the limits "
+                  f"max_drawings_per_request={limits.max_drawings_per_request} and max_strokes={limits.max_strokes} "
+                  f"holds at most {most}")
+        raise InvalidArgument([FieldViolation("", f"request body {reason}")], f"request body {reason}")
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """How the HTTP port treats connections and requests (the ``http_*`` settings)."""
+
+    keepalive_timeout_s: float = 15.0
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 1000
+    request_compression: bool = False
+    allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "[::1]")
+
+
+class _Refused(asyncio.Protocol):
+    """A connection over the cap: closed as soon as it is made."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+class _GuardedHandler(RequestHandler):
+    """aiohttp's connection handler with a header-read timer, registered with its :class:`ConnectionGuard`.
+
+    The timer runs from the connection's start, and again from the first byte of each later request, until the
+    request's headers are complete (aiohttp counts them in ``_request_count``); when it fires first, the
+    connection is closed. Between requests aiohttp's own keep-alive timeout applies.
+    """
+
+    def __init__(self, manager: web.Server, *, guard: ConnectionGuard, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._guard = guard
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._header_count = 0
+        #: When bytes last arrived (the loop's clock): the longest-idle connection is closed first.
+        self.last_active = 0.0
+
+    @property
+    def idle(self) -> bool:
+        """No request is being handled (the connection waits for, or is receiving, a request's headers)."""
+        return not self._request_in_progress and not self._messages and self.transport is not None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Start aiohttp's handling, count the connection and start the header timer."""
+        super().connection_made(transport)
+        self.last_active = self._loop.time()
+        self._guard.opened(self)
+        self._arm()
+
+    def _arm(self) -> None:
+        self._header_count = self._request_count
+        self._header_timer = self._loop.call_later(self._guard.header_timeout_s, self._header_timeout)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self._request_count == self._header_count and self.transport is not None:
+            self._guard.closing(self, "header_timeout")
+            self.force_close()
+
+    def data_received(self, data: bytes) -> None:
+        """Parse as aiohttp does; stop the header timer once headers are complete, start it on a new request."""
+        super().data_received(data)
+        if not data:
+            return
+        self.last_active = self._loop.time()
+        if self._header_timer is not None:
+            if self._request_count != self._header_count:
+                self._disarm()
+        elif self._waiter is not None and not self._messages and not self._request_in_progress:
+            self._arm()  # the first bytes of the next request on a kept-alive connection
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        """Stop the timer and uncount the connection, then aiohttp's own clean-up."""
+        self._disarm()
+        self._guard.lost(self)
+        super().connection_lost(exc)
+
+    def handle_error(
+        self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        """aiohttp's error page (a malformed request, say), without its version-revealing Server header."""
+        response = super().handle_error(request, status, exc, message)
+        response.headers["Server"] = SERVER_HEADER
+        return response
+
+
+class ConnectionGuard:
+    """The protocol factory of the HTTP port: aiohttp's handler per connection, at most ``max_connections``.
+
+    At the cap, the longest-idle connection (no request in progress) is closed to make room, so idle
+    connections cannot lock new clients out; when every connection is busy, the new one is closed at once.
+    Both are counted in ``http_connections_closed_total``.
+    """
+
+    def __init__(self, server: web.Server, handler_kwargs: dict[str, Any], metrics: Metrics, max_connections: int,
+                 header_timeout_s: float) -> None:  # fmt: skip
+        self.server = server
+        self.handler_kwargs = handler_kwargs
+        self.metrics = metrics
+        self.max_connections = max_connections
+        self.header_timeout_s = header_timeout_s
+        self.live: set[_GuardedHandler] = set()
+        #: Handlers made but not yet connected (asyncio accepts a backlog's worth before any connection_made;
+        #: weak, so one whose TLS handshake fails is forgotten with it).
+        self.pending: weakref.WeakSet[_GuardedHandler] = weakref.WeakSet()
+
+    def __call__(self) -> asyncio.Protocol:
+        """A protocol for a new connection: a handler, or a refusal when over the cap and nothing is idle."""
+        if len(self.live) + len(self.pending) >= self.max_connections:
+            idle = [h for h in self.live if h.idle]
+            if not idle:
+                self.metrics.http_connections_closed.labels("limit").inc()
+                return _Refused()
+            victim = min(idle, key=lambda h: h.last_active)
+            self.closing(victim, "evicted")
+            victim.force_close()
+        handler = _GuardedHandler(self.server, guard=self, loop=asyncio.get_running_loop(), **self.handler_kwargs)
+        self.pending.add(handler)
+        return handler
+
+    def opened(self, handler: _GuardedHandler) -> None:
+        """A connection was made."""
+        self.pending.discard(handler)
+        self.live.add(handler)
+        self.metrics.http_connections.set(len(self.live))
+
+    def closing(self, handler: _GuardedHandler, reason: str) -> None:
+        """The gateway closes a connection (``reason`` as counted)."""
+        self.metrics.http_connections_closed.labels(reason).inc()
+        self.lost(handler)
+
+    def lost(self, handler: _GuardedHandler) -> None:
+        """A connection is gone."""
+        self.pending.discard(handler)
+        self.live.discard(handler)
+        self.metrics.http_connections.set(len(self.live))
+
+
+class _GuardedSite(web.TCPSite):
+    """A TCP site that serves through a :class:`ConnectionGuard` instead of aiohttp's bare server."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, guard: ConnectionGuard,
+                 ssl_context: ssl.SSLContext | None = None) -> None:  # fmt: skip
+        super().__init__(runner, host, port, ssl_context=ssl_context)
+        self._guard = guard
+
+    async def start(self) -> None:
+        """Register with the runner and listen (a TLS handshake gets the header timeout too)."""
+        await web.BaseSite.start(self)
+        self._server = await asyncio.get_running_loop().create_server(
+            self._guard, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
+            ssl_handshake_timeout=self._guard.header_timeout_s if self._ssl_context else None,
+        )  # fmt: skip
+        self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = SERVER_HEADER
+
+
+def clip_header(value: str, limit: int = 100) -> str:
+    """A header value as echoed in an error message: at most ``limit`` characters."""
+    return value if len(value) <= limit else value[:limit] + "..."
+
+
+def _auth_reason(header: str | None) -> str:
+    """Why a bearer token was refused, for ``auth_failures_total``: missing, malformed or invalid."""
+    if header is None:
+        return "missing"
+    scheme, _, token = header.strip().partition(" ")
+    return "invalid" if scheme.lower() == "bearer" and token.strip() else "malformed"
+
+
 def _flag(value: str | None) -> bool:
     return value is not None and value.lower() in ("1", "true", "yes")
 
@@ -169,20 +424,26 @@ class HttpServer(GatewaySlot):
         api: bool = True,
         auth: TokenAuth | None = None,
         require_client_cert: bool = False,
+        limits: HttpLimits | None = None,
     ) -> None:
         self.metrics = metrics
         self.api = api
         self.auth = auth
         self.require_client_cert = require_client_cert
+        self.limits = limits or HttpLimits()
         self.max_message_bytes = max_message_bytes
         self.max_body_bytes = JSON_BODY_FACTOR * max_message_bytes
         self.port = 0
         self._runner: web.AppRunner | None = None
         self._files = {p.name: p for p in PLAYGROUND_DIR.iterdir() if p.is_file()} if api else {}
+        hosts = self.limits.allowed_hosts
+        #: None: any host (``*``, or a bearer token is required, which a browser cannot send cross-site).
+        self._hosts = None if auth is not None or "*" in hosts else frozenset(_host_name(h) for h in hosts)
 
     def application(self) -> web.Application:
         """The aiohttp application with every route."""
         app = web.Application(client_max_size=self.max_body_bytes, middlewares=[_json_errors])
+        app.on_response_prepare.append(_server_header)
         app.router.add_get("/metrics", self._metrics)
         if self.api:
             app.router.add_post("/v1/classify", self._classify)
@@ -193,10 +454,18 @@ class HttpServer(GatewaySlot):
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
         """Bind and serve (over TLS with ``ssl_context``); returns the bound port (useful with port 0)."""
-        runner = web.AppRunner(self.application(), handle_signals=False, access_log=None)
+        lim = self.limits
+        handler_kwargs: dict[str, Any] = {
+            "keepalive_timeout": lim.keepalive_timeout_s, "lingering_time": LINGER_S,
+            "auto_decompress": lim.request_compression, "access_log": None,
+        }  # fmt: skip
+        runner = web.AppRunner(self.application(), handle_signals=False, **handler_kwargs)
         await runner.setup()
         self._runner = runner
-        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
+        assert runner.server is not None  # lim.max_connections fits the fd budget (service.app.connection_caps)
+        guard = ConnectionGuard(runner.server, handler_kwargs, self.metrics, lim.max_connections,
+                                lim.header_timeout_s)  # fmt: skip
+        await _GuardedSite(runner, host, port, guard, ssl_context=ssl_context).start()
         self.port = int(runner.addresses[0][1])
         return self.port
 
@@ -212,19 +481,91 @@ class HttpServer(GatewaySlot):
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         return web.Response(body=encoder(self.metrics.registry), headers={"Content-Type": content_type})
 
+    def _check_host(self, request: web.Request) -> None:
+        """Without a bearer token: the Host (and any Origin) must be an allowed host, or the call is refused.
+
+        A page on another site can make a browser send requests here (text/plain POSTs need no preflight), and
+        a DNS-rebinding page can even read the answers: its requests carry its own Host and Origin.
+        """
+        if self._hosts is None:
+            return
+        host = _host_name(request.headers.get("Host", ""))
+        if host not in self._hosts:
+            raise MisdirectedRequest(
+                f"Host {clip_header(request.headers.get('Host', ''))!r} is not one this gateway answers to; allowed: "
+                f"{', '.join(sorted(self._hosts))} (setting http_allowed_hosts, or QUICKDRAW_HTTP_ALLOWED_HOSTS; "
+                "* allows any; not checked when a bearer token is required)"
+            )
+        origin = request.headers.get("Origin")
+        if origin is not None and _origin_host(origin) not in self._hosts:
+            raise PermissionDenied(
+                f"requests from the page at Origin {clip_header(origin)!r} are not allowed; allowed hosts: "
+                f"{', '.join(sorted(self._hosts))} (setting http_allowed_hosts)"
+            )
+
     def _authorize(self, request: web.Request) -> None:
-        """The API's credentials: a verified client certificate under mTLS, and the bearer token when one is set."""
+        """The API's credentials: a verified client certificate under mTLS, and the bearer token when one is set.
+
+        A refusal is Unauthenticated (401) and counted in ``auth_failures_total{transport="http"}``, whatever
+        went wrong while checking (a header that is not Latin-1, say): an authorization failure is never a 500.
+        """
         if self.require_client_cert:
             transport = request.transport
             if transport is None or not transport.get_extra_info("peercert"):
+                self.metrics.auth_failures.labels("http", "client_certificate").inc()
                 raise Unauthenticated("a client certificate signed by the gateway's client CA is required")
         if self.auth is not None:
-            self.auth.check(request.headers.get("Authorization"))
+            header = request.headers.get("Authorization")
+            try:
+                self.auth.check(header)
+            except Unauthenticated as err:
+                self.metrics.auth_failures.labels("http", getattr(err, "reason", None) or _auth_reason(header)).inc()
+                raise
+            except Exception:
+                self.metrics.auth_failures.labels("http", "malformed").inc()
+                raise Unauthenticated("malformed authorization header: expected 'Bearer <token>', the token in "
+                                      "visible ASCII characters") from None
+
+    def _check_body_headers(self, request: web.Request) -> None:
+        """Refuse, before reading, a body that is not JSON, is compressed when that is off, or is too long."""
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            if not self.limits.request_compression:
+                raise UnsupportedMediaType("Content-Encoding", f"request bodies with Content-Encoding "
+                                           f"{clip_header(encoding)!r} are refused: request compression is off "
+                                           "(setting http_request_compression, or QUICKDRAW_HTTP_REQUEST_COMPRESSION)")
+            if encoding not in COMPRESSIONS:
+                raise UnsupportedMediaType("Content-Encoding", f"Content-Encoding {clip_header(encoding)!r} is not "
+                                           f"supported; use one of: {', '.join(COMPRESSIONS)}, or none")
+        if request.content_type != "application/json":
+            sent = request.headers.get("Content-Type")
+            raise UnsupportedMediaType("Content-Type", "the JSON API takes 'Content-Type: application/json'; the "
+                                       "request sent " + (f"{clip_header(sent)!r}" if sent else "none"))
+        length = request.content_length
+        if length is not None and length > self.max_body_bytes:
+            raise self._too_large()
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The body, chunk by chunk as it arrives (decompressed in aiohttp's small steps when compression is on,
+        where ``request.read()`` would inflate up to the whole limit at once on the event loop); 413 past the
+        limit."""
+        body = bytearray()
+        while chunk := await request.content.readany():
+            body += chunk
+            if len(body) > self.max_body_bytes:
+                raise self._too_large()
+        return bytes(body)
+
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"request body is over the limit of {self.max_body_bytes} bytes "
+                               f"({JSON_BODY_FACTOR} x max_message_bytes={self.max_message_bytes})")
 
     async def _classify(self, request: web.Request) -> web.Response:
         with Observed(self.metrics, "http:Classify") as call:
             try:
+                self._check_host(request)
                 self._authorize(request)
+                self._check_body_headers(request)
                 gateway = self.gateway
                 deadline = _deadline(request)
                 message = await self._read(request, pb.ClassifyRequest(), gateway.limits)
@@ -242,6 +583,7 @@ class HttpServer(GatewaySlot):
     async def _model(self, request: web.Request) -> web.Response:
         with Observed(self.metrics, "http:GetModelInfo") as call:
             try:
+                self._check_host(request)
                 self._authorize(request)
                 return web.json_response(to_json(self.gateway.model_info(self.max_message_bytes)))
             except Exception as exc:
@@ -249,10 +591,18 @@ class HttpServer(GatewaySlot):
                 call.fail(err)
                 return error_response(err)
 
-    async def _index(self, request: web.Request) -> web.FileResponse:
+    async def _index(self, request: web.Request) -> web.StreamResponse:
+        try:
+            self._check_host(request)
+        except ServiceError as err:
+            return error_response(err)
         return web.FileResponse(PLAYGROUND_DIR / "index.html", headers=PAGE_HEADERS)
 
-    async def _static(self, request: web.Request) -> web.FileResponse:
+    async def _static(self, request: web.Request) -> web.StreamResponse:
+        try:
+            self._check_host(request)
+        except ServiceError as err:
+            return error_response(err)
         path = self._files.get(request.match_info["name"])
         if path is None:
             raise web.HTTPNotFound()
@@ -264,13 +614,23 @@ class HttpServer(GatewaySlot):
         A body over ``INLINE_PARSE_BYTES`` is parsed on a worker thread: the event loop also runs the gRPC
         server, and a body of a million values takes a while even on the fast path.
         """
+        timeout = self.limits.body_timeout_s
         try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise PayloadTooLarge(
-                f"request body is over the limit of {self.max_body_bytes} bytes "
-                f"({JSON_BODY_FACTOR} x max_message_bytes={self.max_message_bytes})"
-            ) from None
+            async with asyncio.timeout(timeout) as scope:
+                raw = await self._read_body(request)
+        except TimeoutError:
+            if not scope.expired():
+                raise Cancelled("the connection timed out while the request body was sent") from None
+            request.protocol.close()  # no keep-alive: the rest of this body will not be read
+            raise RequestTimeout(f"the request body did not arrive within {timeout:g} s of its headers "
+                                 "(setting http_body_timeout_s)") from None
+        except ConnectionError:  # the client went away mid-body: its doing, not ours
+            raise Cancelled("the client closed the connection before its request body was complete") from None
+        except web.RequestPayloadError as exc:  # malformed chunked encoding, a corrupt gzip stream
+            reason = f"could not be read: {exc}"
+            raise InvalidArgument([FieldViolation("", f"request body {reason}")], f"request body {reason}") from None
+        if limits is not None and isinstance(message, pb.ClassifyRequest):
+            check_shape(raw, limits)
         if len(raw) <= INLINE_PARSE_BYTES:
             return parse_body(raw, message, self.max_message_bytes, limits)
         loop = asyncio.get_running_loop()

@@ -90,4 +90,14 @@ class Metrics:
             "invalid, client_certificate).",
             ["transport", "reason"], namespace=ns, registry=r,
         )  # fmt: skip
+        self.http_connections = Gauge(
+            "http_connections", "HTTP connections open now.", namespace=ns, registry=r
+        )
+        self.http_connections_closed = Counter(
+            "http_connections_closed_total",
+            "HTTP connections the gateway closed itself, by reason: limit (over max_http_connections, none idle), "
+            "evicted (the longest-idle one, to make room under max_http_connections), header_timeout (request "
+            "headers not complete within http_header_timeout_s).",
+            ["reason"], namespace=ns, registry=r,
+        )  # fmt: skip
         self.ready = Gauge("ready", "1 once the model is loaded and warmed up.", namespace=ns, registry=r)

@@ -8,10 +8,10 @@ its ``--help`` text, so the documentation cannot drift from the code.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "QUICKDRAW_"
 MiB = 1024 * 1024
@@ -72,6 +72,38 @@ class Settings(BaseSettings):
         1000, ge=1, description="most ClassifyStream calls open at once; beyond it a new stream gets "
         "RESOURCE_EXHAUSTED, leaving room under max_concurrent_rpcs for unary calls and health checks",
     )  # fmt: skip
+    http_keepalive_timeout_s: float = Field(
+        15.0, gt=0.0, description="close an HTTP connection that has been idle this long between requests"
+    )
+    http_header_timeout_s: float = Field(
+        10.0,
+        gt=0.0,
+        description="close an HTTP connection that has not sent a request's complete headers this long after it "
+        "opened or after the request's first byte (slowloris)",
+    )
+    http_body_timeout_s: float = Field(
+        30.0,
+        gt=0.0,
+        description="answer 408 and close the connection when a JSON API request's body has not fully arrived this "
+        "long after its headers (a chunked body that never ends, a Content-Length larger than what is sent)",
+    )
+    max_http_connections: int = Field(
+        1000,
+        ge=1,
+        description="most HTTP connections open at once (kept below the process's file-descriptor limit); beyond "
+        "it the longest-idle connection is closed to make room, or the new one when none is idle",
+    )
+    http_request_compression: bool = Field(
+        False,
+        description="accept JSON API request bodies with Content-Encoding gzip or deflate (decompressed up to the "
+        "body limit); off, such bodies are refused with 415 before they are read",
+    )
+    http_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("localhost", "127.0.0.1", "[::1]"),
+        description="comma-separated host names (any port) the HTTP port answers in the Host and Origin headers "
+        "when no bearer token is set (a guard against DNS rebinding and cross-site requests from browsers); "
+        "* allows any; /metrics is exempt",
+    )
     tfserving_api: bool = Field(
         True,
         description="also serve TF Serving's own gRPC API (PredictionService Predict and GetModelMetadata, "
@@ -270,6 +302,18 @@ class Settings(BaseSettings):
         """Whether the channel to TF Serving is TLS."""
         return bool(self.tfserving_tls or self.tfserving_tls_ca_file or self.tfserving_tls_cert_file
                     or self.tfserving_tls_key_file or self.tfserving_tls_server_name)  # fmt: skip
+
+    @field_validator("http_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: Any) -> Any:
+        """A comma-separated string (environment variable or option) as a tuple of lower-case names."""
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, (list, tuple)):
+            value = tuple(str(v).strip().lower() for v in value if str(v).strip())
+            if not value:
+                raise ValueError("give at least one host name, or * for any")
+        return value
 
     @model_validator(mode="after")
     def _check_security(self) -> Settings:

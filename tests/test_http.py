@@ -279,3 +279,33 @@ def test_api_and_page_can_be_turned_off() -> None:
                 urllib.request.urlopen(base + path, timeout=10)
             assert info.value.code == 404
         assert "quickdraw_ready 1.0" in urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+
+
+def test_the_shape_count_takes_the_largest_valid_request_and_refuses_more() -> None:
+    """The ``{``/``[`` count before json.loads never refuses a request within the limits."""
+    from service.errors import InvalidArgument
+    from service.http import check_shape
+    from service.validation import Limits
+
+    limits = Limits(8, 20, 16, 8192, 1e6, 1024, 1024, num_classes=345)
+    stroke = {"x": [1.0], "y": [2.0], "tMs": [3]}
+    request = {"drawings": [{"strokes": {"strokes": [stroke] * 16, "coordinates": "RAW"}}] * 8,
+               "model": {"version": 1}, "topK": 3}  # fmt: skip
+    raw = json.dumps(request).encode()
+    check_shape(raw, limits)
+    json_format.Parse(raw, pb.ClassifyRequest())  # it is a real request
+    request["drawings"] = request["drawings"] * 2
+    with pytest.raises(InvalidArgument, match="max_drawings_per_request=8 and max_strokes=16"):
+        check_shape(json.dumps(request).encode(), limits)
+
+
+def test_connection_caps_fit_under_the_descriptor_limit() -> None:
+    """With a limit of 1,024 descriptors both caps are lowered in proportion, leaving FD_RESERVE for the rest;
+    with a generous limit they are the settings."""
+    from service import app
+    from service.settings import Settings
+
+    s = Settings(max_grpc_connections=2000, max_http_connections=1000)
+    grpc_cap, http_cap = app.connection_caps(s, 1024)
+    assert grpc_cap + http_cap <= 1024 - app.FD_RESERVE and grpc_cap > http_cap > 0
+    assert app.connection_caps(s, 1 << 20) == (2000, 1000)
