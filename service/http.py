@@ -81,7 +81,6 @@ PLAYGROUND_DIR = Path(__file__).with_name("playground")
 SERVER_HEADER = "quickdraw"
 #: How long a connection may keep sending a body nobody reads (after a refusal) before it is closed.
 LINGER_S = 1.0
-#: File descriptors kept free beyond the HTTP connections: gRPC connections, model files, TensorFlow, logs.
 #: The Content-Encodings aiohttp decompresses, taken when ``http_request_compression`` is on.
 COMPRESSIONS = ("gzip", "deflate")
 #: JSON objects (``{``) a ClassifyRequest holds beyond its drawings and strokes (the request, model spec), with
