@@ -77,6 +77,8 @@ def scan(buf: Wire, start: int, end: int, field: int, limit: int, other_limit: i
             i += 1
         else:
             tag, i = _varint(buf, i, end)
+        if tag < 8:  # field number 0: not protobuf
+            raise Malformed
         wire = tag & 7
         if wire == _WT_LEN:
             n = buf[i] if i < end else 0x80
