@@ -205,7 +205,7 @@ class App:
         decoder = DecodePool(s.image_decode_workers, s.image_decode_budget_ms)
         await asyncio.to_thread(decoder.start)
         self._gateway = Gateway(model, self._batcher, limits, self.metrics, self._backend.name,
-                                s.preprocess_threads, decoder)
+                                s.preprocess_threads, decoder, s.max_preprocessing_calls)
         service.attach(self._gateway)
         if tfs is not None:
             tfs.attach(self._gateway)

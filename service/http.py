@@ -566,7 +566,7 @@ class HttpServer(GatewaySlot):
                 self._authorize(request)
                 self._check_body_headers(request)
                 gateway = self.gateway
-                deadline = _deadline(request)
+                deadline = call.deadline_s = _deadline(request)
                 message = await self._read(request, pb.ClassifyRequest(), gateway.limits)
                 prepared = await gateway.prepare(message, deadline)
                 body = to_json(await gateway.predict(prepared, deadline))
