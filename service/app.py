@@ -30,6 +30,7 @@ from service.backends.embedded import EmbeddedBackend
 from service.batching import Batcher, BatcherConfig
 from service.decode import DecodePool
 from service.http import HttpLimits, HttpServer
+from service.jsonparse import JsonParsePool
 from service.lograte import LogRate
 from service.metrics import Metrics
 from service.settings import Settings
@@ -135,6 +136,7 @@ class App:
         self._backend: Backend | None = None
         self._batcher: Batcher | None = None
         self._gateway: Gateway | None = None
+        self._json_parser: JsonParsePool | None = None
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -204,6 +206,10 @@ class App:
                         max_jpeg_scans=s.max_jpeg_scans)
         decoder = DecodePool(s.image_decode_workers, s.image_decode_budget_ms)
         await asyncio.to_thread(decoder.start)
+        if s.http_api:  # after the decoder: its forkserver preloads the decoder for every worker it forks
+            self._json_parser = JsonParsePool(s.json_parse_workers)
+            await asyncio.to_thread(self._json_parser.start)
+            self._http.json_parser = self._json_parser
         self._gateway = Gateway(model, self._batcher, limits, self.metrics, self._backend.name,
                                 s.preprocess_threads, decoder, s.max_preprocessing_calls)
         service.attach(self._gateway)
@@ -273,6 +279,8 @@ class App:
         if self._backend is not None:
             await self._backend.close()
         await self._http.stop()
+        if self._json_parser is not None:
+            self._json_parser.close()
         log.info("stopped")
 
     async def run(self, on_ready: Callable[[App], None] | None = None) -> None:
