@@ -16,6 +16,7 @@ import gc
 import logging
 import resource
 import signal
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -37,6 +38,10 @@ from service.settings import Settings
 from service.validation import Limits
 
 log = logging.getLogger(__name__)
+
+#: The interpreter's GIL switch interval in the gateway (CPython's default is 5 ms): how long the event loop may
+#: wait for a preprocessing thread to yield the GIL each time it wakes.
+SWITCH_INTERVAL_S = 0.001
 
 #: A grpc.health.v1 service name for liveness probes: SERVING from the moment the server listens until it
 #: stops, whatever the model or backend is doing (readiness is "" and the Classifier's own name).
@@ -224,6 +229,9 @@ class App:
         # loop for ~150 ms (health checks measured waiting that long during a burst of new streams).
         gc.collect()
         gc.freeze()
+        # The event loop shares the GIL with the preprocessing threads; each time it wakes (several times per gRPC
+        # call) it waits for a busy thread to yield the GIL, up to the switch interval: 1 ms, not CPython's 5 ms.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.ready.set()
         log.info("serving %s versions %s (%d classes)", model.name, list(model.versions), len(model.labels))
 
