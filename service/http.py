@@ -17,7 +17,9 @@ Hardening (the settings in ``HttpLimits``, from ``service.settings``): the API t
 ``Content-Type: application/json`` (415 otherwise: a browser sends text/plain and form posts cross-site
 without a preflight); compressed request bodies are refused before they are read unless
 ``http_request_compression`` is on; a body's ``{`` and ``[`` are counted before ``json.loads`` builds anything,
-so a small body of a million empty objects is refused in milliseconds; without a bearer token, the Host and
+so a small body of a million empty objects is refused in milliseconds; a body over 1 MiB is parsed in a worker
+process (``service.jsonparse``: ``json.loads`` holds the GIL, ~194 ms for a 16 MiB body here), at most
+``max_preprocessing_calls`` off the loop at once; without a bearer token, the Host and
 Origin headers must name an allowed host (DNS rebinding, cross-site requests), except on /metrics. Each
 connection has a header-read timeout (slowloris), an idle keep-alive timeout and, while a body is read, a
 body timeout (408); at most ``max_http_connections`` are open at once (the longest-idle one is closed to make
