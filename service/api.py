@@ -54,8 +54,11 @@ STREAM_WINDOW = 256
 STREAM_WINDOW_BYTES = 4 * 1024 * 1024
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
 #: Requests up to this size (serialized) are parsed and validated on the event loop; larger ones on a
-#: preprocessing thread (a 4 MiB request of 65,536 strokes takes ~15 ms to count and ~8 ms to parse).
+#: preprocessing thread (a 4 MiB request of 65,536 strokes takes ~15 ms to count and ~8 ms to parse, and ~0.4 s to
+#: validate): what the loop does for one call is bounded by this size, whatever the request.
 INLINE_PARSE_BYTES = 64 * 1024
+#: How close to its deadline a cancelled call counts as having run out of time, not as cancelled by its client.
+DEADLINE_SLACK_S = 0.005
 M = TypeVar("M", bound=Message)
 
 
@@ -93,6 +96,7 @@ class Gateway:
         backend_name: str,
         preprocess_threads: int = 2,
         decoder: DecodePool | None = None,
+        max_preprocessing_calls: int = 16,
     ) -> None:
         self.model = model
         self.batcher = batcher
@@ -103,6 +107,9 @@ class Gateway:
         self._pool = ThreadPoolExecutor(max_workers=preprocess_threads, thread_name_prefix="preprocess")
         #: Decodes images in worker processes under a time budget (None: in the preprocessing thread itself).
         self.decoder = decoder
+        #: Most calls handed to the preprocessing threads at once (running or waiting for a thread).
+        self.max_preprocessing_calls = max_preprocessing_calls
+        self._preprocessing = 0
 
     def _images(self, req: ClassifyIn, deadline_s: float | None = None) -> NDArray[np.uint8]:
         """Render every drawing; all decode errors are reported together.
@@ -131,23 +138,60 @@ class Gateway:
     async def prepare(self, request: pb.ClassifyRequest | Wire, deadline_s: float | None = None) -> Prepared:
         """Validate a request and render its drawings: the first half of :meth:`classify`.
 
-        ``request`` may be the serialized request as gRPC received it: its drawings and strokes are counted on
-        the wire bytes first (``service.wire``), so nothing is built from a request far over the limits, and a
-        large one is parsed, validated and rendered on a preprocessing thread, off the event loop.
+        ``request`` may be the serialized request as gRPC received it. On the event loop, only work bounded by a
+        constant is done: its drawings are counted on the wire bytes' top level (``service.wire``), and a call
+        the batcher would refuse, or one beyond ``max_preprocessing_calls``, is refused before anything is
+        parsed. A small request (``INLINE_PARSE_BYTES``) of bitmaps is then prepared inline; any other is
+        counted in full, parsed, validated and rendered on a preprocessing thread.
         """
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        if isinstance(request, bytes | memoryview) and len(request) > INLINE_PARSE_BYTES:
-            prepared, kinds = await loop.run_in_executor(self._pool, self._prepare, request, deadline_s, True)
+        is_raw = isinstance(request, bytes | memoryview)
+        if is_raw:
+            n = wire.count_drawings(request, self.limits.max_drawings_per_request)  # type: ignore[arg-type]
+            size = len(request)  # type: ignore[arg-type]
         else:
+            n = len(request.drawings)  # type: ignore[union-attr]
+            size = request.ByteSize()  # type: ignore[union-attr]
+        self.batcher.admit(n)
+        prepared: Prepared | None = None
+        if size <= INLINE_PARSE_BYTES:
             prepared, kinds = self._prepare(request, deadline_s, False)
-            if prepared is None:  # not only bitmaps: rendering goes to a thread
-                prepared, kinds = await loop.run_in_executor(self._pool, self._prepare, request, deadline_s, True)
+        if prepared is None:  # large, or not only bitmaps: parsing, validation and rendering go to a thread
+            prepared, kinds = await self._offload(loop, request, deadline_s)
         for kind in set(kinds):
             self.metrics.drawings.labels(kind.value).inc(kinds.count(kind))
         kind_label = kinds[0].value if len(set(kinds)) == 1 else "mixed"
         self.metrics.preprocess_latency.labels(kind_label).observe(time.perf_counter() - t0)
         return prepared
+
+    async def _offload(
+        self, loop: asyncio.AbstractEventLoop, request: pb.ClassifyRequest | Wire, deadline_s: float | None
+    ) -> tuple[Prepared, list[Kind]]:
+        """:meth:`_prepare` on a preprocessing thread, if fewer than ``max_preprocessing_calls`` are there.
+
+        A call counts until its thread is done with it, even when its caller has gone (a thread cannot be
+        stopped; it stops at the next drawing once the deadline has passed).
+        """
+        if self._preprocessing >= self.max_preprocessing_calls:
+            raise ResourceExhausted(
+                f"{self._preprocessing} calls are being preprocessed, the limit of max_preprocessing_calls="
+                f"{self.max_preprocessing_calls}; retry with backoff"
+            )
+        self._preprocessing += 1
+        future = self._pool.submit(self._prepare, request, deadline_s, True)
+        future.add_done_callback(lambda _: _call_soon(loop, self._preprocessed))
+        prepared, kinds = await asyncio.wrap_future(future)
+        assert prepared is not None
+        return prepared, kinds
+
+    def _preprocessed(self) -> None:
+        self._preprocessing -= 1
+
+    @property
+    def preprocessing_calls(self) -> int:
+        """Calls on (or waiting for) the preprocessing threads now."""
+        return self._preprocessing
 
     def parse(self, raw: Wire) -> pb.ClassifyRequest:
         """A serialized ClassifyRequest, counted on the wire and then parsed; InvalidArgument if it cannot be."""
@@ -160,6 +204,8 @@ class Gateway:
     ) -> tuple[Prepared | None, list[Kind]]:
         """Parse (bytes), validate, check the version and render; without ``render_all`` only bitmap-only
         requests are rendered (784-byte copies: cheaper inline than a thread hop), others give (None, kinds)."""
+        if render_all and deadline_s is not None and time.monotonic() >= deadline_s:
+            raise DeadlineExceeded("deadline exceeded while waiting for a preprocessing thread")
         message = self.parse(request) if isinstance(request, bytes | memoryview) else request
         req = validate(message, self.limits)
         version = self.model.default_version if req.version is None else req.version
@@ -228,6 +274,12 @@ class Gateway:
         self._pool.shutdown(wait=True)
 
 
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    """``callback`` on ``loop`` from any thread (nothing once the loop is closed, at shutdown)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback)
+
+
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
@@ -244,13 +296,18 @@ def service_error(exc: BaseException) -> ServiceError:
 
 
 class Observed:
-    """One call (a unary call or a stream message): counted in flight, its latency recorded by method and code."""
+    """One call (a unary call or a stream message): counted in flight, its latency recorded by method and code.
 
-    def __init__(self, metrics: Metrics, method: str) -> None:
+    A call cancelled at or after its deadline (``deadline_s``, monotonic; gRPC cancels the handler when the
+    deadline passes) is recorded as DEADLINE_EXCEEDED; one cancelled before it, by its client, as CANCELLED.
+    """
+
+    def __init__(self, metrics: Metrics, method: str, deadline_s: float | None = None) -> None:
         self._metrics = metrics
         self._method = method
         self.code = "OK"
         self.fault = ""
+        self.deadline_s = deadline_s
 
     def fail(self, error: ServiceError) -> None:
         """Record the call as answered with ``error`` (its code, and whose fault it was)."""
@@ -264,7 +321,8 @@ class Observed:
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         if exc_type is not None and issubclass(exc_type, asyncio.CancelledError):
-            self.code, self.fault = "CANCELLED", "client"
+            expired = self.deadline_s is not None and time.monotonic() >= self.deadline_s - DEADLINE_SLACK_S
+            self.code, self.fault = ("DEADLINE_EXCEEDED" if expired else "CANCELLED"), "client"
         self._metrics.inflight.dec()
         self._metrics.request_latency.labels(self._method, self.code).observe(time.perf_counter() - self._t0)
         if self.code != "OK":
@@ -283,7 +341,7 @@ def _unary(method: str) -> Callable[[Callable[..., Awaitable[T]]], Callable[...,
     def wrap(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         @functools.wraps(fn)
         async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
-            with Observed(self.metrics, method) as call:
+            with Observed(self.metrics, method, _deadline(context)) as call:
                 try:
                     return await fn(self, request, context)
                 except Exception as exc:
@@ -382,7 +440,7 @@ class ClassifierService(GatewaySlot, pb_grpc.ClassifierServicer):
 
         async def one(msg: pb.ClassifyStreamRequest | bytes, size: int) -> None:
             ident = ""
-            with Observed(metrics, "ClassifyStream") as call:
+            with Observed(metrics, "ClassifyStream", deadline) as call:
                 try:
                     if isinstance(msg, bytes):
                         raw_id, request = _stream_parts(msg)

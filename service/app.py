@@ -16,6 +16,7 @@ import gc
 import logging
 import resource
 import signal
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,12 +31,17 @@ from service.backends.embedded import EmbeddedBackend
 from service.batching import Batcher, BatcherConfig
 from service.decode import DecodePool
 from service.http import HttpLimits, HttpServer
+from service.jsonparse import JsonParsePool
 from service.lograte import LogRate
 from service.metrics import Metrics
 from service.settings import Settings
 from service.validation import Limits
 
 log = logging.getLogger(__name__)
+
+#: The interpreter's GIL switch interval in the gateway (CPython's default is 5 ms): how long the event loop may
+#: wait for a preprocessing thread to yield the GIL each time it wakes.
+SWITCH_INTERVAL_S = 0.001
 
 #: A grpc.health.v1 service name for liveness probes: SERVING from the moment the server listens until it
 #: stops, whatever the model or backend is doing (readiness is "" and the Classifier's own name).
@@ -135,6 +141,7 @@ class App:
         self._backend: Backend | None = None
         self._batcher: Batcher | None = None
         self._gateway: Gateway | None = None
+        self._json_parser: JsonParsePool | None = None
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -204,8 +211,12 @@ class App:
                         max_jpeg_scans=s.max_jpeg_scans)
         decoder = DecodePool(s.image_decode_workers, s.image_decode_budget_ms)
         await asyncio.to_thread(decoder.start)
+        if s.http_api:  # after the decoder: its forkserver preloads the decoder for every worker it forks
+            self._json_parser = JsonParsePool(s.json_parse_workers)
+            await asyncio.to_thread(self._json_parser.start)
+            self._http.json_parser = self._json_parser
         self._gateway = Gateway(model, self._batcher, limits, self.metrics, self._backend.name,
-                                s.preprocess_threads, decoder)
+                                s.preprocess_threads, decoder, s.max_preprocessing_calls)
         service.attach(self._gateway)
         if tfs is not None:
             tfs.attach(self._gateway)
@@ -218,6 +229,9 @@ class App:
         # loop for ~150 ms (health checks measured waiting that long during a burst of new streams).
         gc.collect()
         gc.freeze()
+        # The event loop shares the GIL with the preprocessing threads; each time it wakes (several times per gRPC
+        # call) it waits for a busy thread to yield the GIL, up to the switch interval: 1 ms, not CPython's 5 ms.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.ready.set()
         log.info("serving %s versions %s (%d classes)", model.name, list(model.versions), len(model.labels))
 
@@ -273,6 +287,8 @@ class App:
         if self._backend is not None:
             await self._backend.close()
         await self._http.stop()
+        if self._json_parser is not None:
+            self._json_parser.close()
         log.info("stopped")
 
     async def run(self, on_ready: Callable[[App], None] | None = None) -> None:

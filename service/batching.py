@@ -162,6 +162,28 @@ class Batcher:
             self._unqueue(items)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    def admit(self, n: int) -> None:
+        """Raise ResourceExhausted (or Unavailable once closed) now if a call of ``n`` drawings would be refused by
+        :meth:`submit` at this moment: a cheap check for callers to make before they preprocess the call.
+
+        The same checks as :meth:`submit` makes (which still makes them: the queue may fill meanwhile).
+        """
+        if self._closed:
+            raise Unavailable("the service is shutting down; retry on another replica")
+        if self._queued + n > self._cfg.max_queued_drawings:
+            self._metrics.rejected.inc()
+            raise ResourceExhausted(
+                f"queue full: {self._queued} drawings waiting and this call adds {n}, over "
+                f"max_queued_drawings={self._cfg.max_queued_drawings}; retry with backoff"
+            )
+        wait_s = self.estimated_wait_s()
+        if wait_s is not None and wait_s * 1000.0 > self._cfg.max_queue_wait_ms > 0:
+            self._metrics.rejected.inc()
+            raise ResourceExhausted(
+                f"overloaded: about {wait_s * 1000:.0f} ms of backend work is queued ahead of this call, over "
+                f"max_queue_wait_ms={self._cfg.max_queue_wait_ms:g}; retry with backoff"
+            )
+
     def estimated_wait_s(self) -> float | None:
         """How long a new call would wait for the full batches queued ahead of it (None until a batch ran).
 

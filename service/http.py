@@ -17,7 +17,9 @@ Hardening (the settings in ``HttpLimits``, from ``service.settings``): the API t
 ``Content-Type: application/json`` (415 otherwise: a browser sends text/plain and form posts cross-site
 without a preflight); compressed request bodies are refused before they are read unless
 ``http_request_compression`` is on; a body's ``{`` and ``[`` are counted before ``json.loads`` builds anything,
-so a small body of a million empty objects is refused in milliseconds; without a bearer token, the Host and
+so a small body of a million empty objects is refused in milliseconds; a body over 1 MiB is parsed in a worker
+process (``service.jsonparse``: ``json.loads`` holds the GIL, ~194 ms for a 16 MiB body here), at most
+``max_preprocessing_calls`` off the loop at once; without a bearer token, the Host and
 Origin headers must name an allowed host (DNS rebinding, cross-site requests), except on /metrics. Each
 connection has a header-read timeout (slowloris), an idle keep-alive timeout and, while a body is read, a
 body timeout (408); at most ``max_http_connections`` are open at once (the longest-idle one is closed to make
@@ -64,12 +66,14 @@ from service.errors import (
     PayloadTooLarge,
     PermissionDenied,
     RequestTimeout,
+    ResourceExhausted,
     ServiceError,
     Unauthenticated,
     UnsupportedMediaType,
     http_status,
     to_rpc_status,
 )
+from service.jsonparse import PROCESS_PARSE_BYTES, JsonParsePool
 from service.metrics import Metrics
 from service.security import TokenAuth
 from service.validation import Limits
@@ -97,7 +101,7 @@ PAGE_HEADERS = {
     "Cache-Control": "no-cache",
 }
 _UNKNOWN_FIELD = re.compile(r'Message type "(?P<type>[\w.]+)" has no field named "(?P<name>.*)"$', re.DOTALL)
-#: Bodies up to this size are parsed on the event loop, larger ones on a worker thread.
+#: Bodies up to this size are parsed on the event loop, larger ones on a worker thread (or process).
 INLINE_PARSE_BYTES = 64 * 1024
 #: Lists of more than this many times the drawings or strokes a request may hold are refused unparsed.
 EARLY_REFUSAL = 2
@@ -434,6 +438,9 @@ class HttpServer(GatewaySlot):
         self.max_body_bytes = JSON_BODY_FACTOR * max_message_bytes
         self.port = 0
         self._runner: web.AppRunner | None = None
+        #: Parses large JSON bodies in worker processes (None: on a thread); set by the composition root.
+        self.json_parser: JsonParsePool | None = None
+        self._parsing = 0
         self._files = {p.name: p for p in PLAYGROUND_DIR.iterdir() if p.is_file()} if api else {}
         hosts = self.limits.allowed_hosts
         #: None: any host (``*``, or a bearer token is required, which a browser cannot send cross-site).
@@ -566,8 +573,8 @@ class HttpServer(GatewaySlot):
                 self._authorize(request)
                 self._check_body_headers(request)
                 gateway = self.gateway
-                deadline = _deadline(request)
-                message = await self._read(request, pb.ClassifyRequest(), gateway.limits)
+                deadline = call.deadline_s = _deadline(request)
+                message = await self._read(request, gateway.limits)
                 prepared = await gateway.prepare(message, deadline)
                 body = to_json(await gateway.predict(prepared, deadline))
                 if _flag(request.query.get("bitmaps")):
@@ -607,11 +614,14 @@ class HttpServer(GatewaySlot):
             raise web.HTTPNotFound()
         return web.FileResponse(path, headers=PAGE_HEADERS)
 
-    async def _read(self, request: web.Request, message: M, limits: Limits | None = None) -> M:
-        """The body, parsed into ``message``; every way it can be wrong is an InvalidArgument (or a 413).
+    async def _read(self, request: web.Request, limits: Limits) -> pb.ClassifyRequest | bytes:
+        """The body, parsed as a ClassifyRequest; every way it can be wrong is an InvalidArgument (or a 413).
 
-        A body over ``INLINE_PARSE_BYTES`` is parsed on a worker thread: the event loop also runs the gRPC
-        server, and a body of a million values takes a while even on the fast path.
+        What the event loop does is bounded whatever the body: a body up to ``INLINE_PARSE_BYTES`` is parsed on
+        it; a larger one on a worker thread, and one over ``PROCESS_PARSE_BYTES`` in a worker process
+        (``service.jsonparse``: ``json.loads`` holds the GIL throughout), which answers the request serialized,
+        for the gateway to count on the wire and parse as it does a gRPC request. At most
+        ``max_preprocessing_calls`` bodies are parsed off the loop at once; beyond it RESOURCE_EXHAUSTED.
         """
         timeout = self.limits.body_timeout_s
         try:
@@ -628,12 +638,22 @@ class HttpServer(GatewaySlot):
         except web.RequestPayloadError as exc:  # malformed chunked encoding, a corrupt gzip stream
             reason = f"could not be read: {exc}"
             raise InvalidArgument([FieldViolation("", f"request body {reason}")], f"request body {reason}") from None
-        if limits is not None and isinstance(message, pb.ClassifyRequest):
-            check_shape(raw, limits)
+        check_shape(raw, limits)
         if len(raw) <= INLINE_PARSE_BYTES:
-            return parse_body(raw, message, self.max_message_bytes, limits)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, parse_body, raw, message, self.max_message_bytes, limits)
+            return parse_body(raw, pb.ClassifyRequest(), self.max_message_bytes, limits)
+        bound = self.gateway.max_preprocessing_calls
+        if self._parsing >= bound:
+            raise ResourceExhausted(f"{self._parsing} request bodies are being parsed, the limit of "
+                                    f"max_preprocessing_calls={bound}; retry with backoff")
+        self._parsing += 1
+        try:
+            if self.json_parser is not None and len(raw) > PROCESS_PARSE_BYTES:
+                return await self.json_parser.parse(raw, self.max_message_bytes, limits)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(None, parse_body, raw, pb.ClassifyRequest(), self.max_message_bytes,
+                                              limits)  # fmt: skip
+        finally:
+            self._parsing -= 1
 
 
 def parse_body(raw: bytes, message: M, max_message_bytes: int, limits: Limits | None = None) -> M:

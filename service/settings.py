@@ -231,6 +231,12 @@ class Settings(BaseSettings):
     )
     image_decode_workers: int = Field(2, ge=1, description="worker processes that decode images")
     preprocess_threads: int = Field(2, ge=1, description="threads that decode images and render strokes")
+    json_parse_workers: int = Field(
+        1, ge=1, description="worker processes that parse JSON API bodies over 1 MiB (json.loads would hold the "
+        "GIL, and stall the event loop, for ~12 ms per MiB)")
+    max_preprocessing_calls: int = Field(
+        16, ge=1, description="most calls validated and rendered at once, running on or waiting for the "
+        "preprocessing threads; beyond it a call is refused at once with RESOURCE_EXHAUSTED")
 
     # --- logging ----------------------------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = Field(

@@ -9,6 +9,7 @@ the trainer uses, so a stroke drawing becomes the pixels Google's numpy_bitmap w
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,7 +18,16 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from doodle import (
     BITMAP_PIXELS,
@@ -26,7 +36,6 @@ from doodle import (
     ImageLimits,
     decode_image,
     drawing_to_bitmap,
-    strokes_from_google,
 )
 from doodle.errors import DoodleError
 from quickdraw.v1 import classifier_pb2 as pb
@@ -100,27 +109,100 @@ class ImageIn(_Strict):
         return v
 
 
-class StrokeIn(_Strict):
-    """One stroke: parallel x, y (and optional t_ms) lists of finite numbers."""
+class StrokeArrays:
+    """A drawing's strokes as flat arrays: every stroke's x (y, t_ms) values one after another, and each stroke's
+    count of them. Checks and rendering work on whole drawings with numpy instead of one object per stroke.
 
-    x: list[float]
-    y: list[float]
-    t_ms: list[float] = Field(default_factory=list)
+    A plain class, not a dataclass: pydantic takes it as it is (``arbitrary_types_allowed``), field by field.
+    """
 
-    @model_validator(mode="after")
-    def _shape(self) -> StrokeIn:
-        if len(self.x) != len(self.y):
-            raise ValueError(f"x has {len(self.x)} points but y has {len(self.y)}; they must match")
-        if self.t_ms and len(self.t_ms) != len(self.x):
-            raise ValueError(f"t_ms has {len(self.t_ms)} values for {len(self.x)} points; give one per point or none")
-        return self
+    __slots__ = ("nt", "nx", "ny", "t_ms", "x", "y")
+
+    def __init__(
+        self,
+        x: NDArray[np.float64],
+        y: NDArray[np.float64],
+        t_ms: NDArray[np.float64],
+        nx: NDArray[np.int64],
+        ny: NDArray[np.int64],
+        nt: NDArray[np.int64],
+    ) -> None:
+        self.x, self.y, self.t_ms, self.nx, self.ny, self.nt = x, y, t_ms, nx, ny, nt
+
+    @classmethod
+    def from_proto(cls, strokes: Sequence[pb.Stroke]) -> StrokeArrays:
+        """The arrays of a ``Strokes.strokes`` list (one pass per axis, in C, over the parsed floats)."""
+        n = len(strokes)
+        lengths = [np.fromiter((len(getattr(s, axis)) for s in strokes), np.int64, count=n) for axis in _AXES]
+        chain = itertools.chain.from_iterable
+        values = [
+            np.fromiter(chain(getattr(s, axis) for s in strokes), np.float64, count=int(k.sum()))
+            for axis, k in zip(_AXES, lengths, strict=True)
+        ]
+        return cls(*values, *lengths)
+
+    @classmethod
+    def from_lists(cls, strokes: Sequence[tuple[Sequence[float], ...]]) -> StrokeArrays:
+        """The arrays of ``(x, y[, t_ms])`` lists (tests and tools)."""
+        cols = [[list(s[a]) if a < len(s) else [] for s in strokes] for a in range(3)]
+        return cls(
+            *(np.asarray(list(itertools.chain.from_iterable(c)), np.float64) for c in cols),
+            *(np.asarray([len(v) for v in c], np.int64).reshape(-1) for c in cols),
+        )
+
+    def __len__(self) -> int:
+        return len(self.nx)
+
+    @property
+    def points(self) -> int:
+        """Points in all strokes."""
+        return int(self.nx.sum())
+
+    def axis(self, name: str) -> tuple[NDArray[np.float64], NDArray[np.int64]]:
+        """One axis's values and per-stroke counts."""
+        return getattr(self, name), getattr(self, "n" + name[0])
+
+    def stroke(self, j: int, name: str) -> NDArray[np.float64]:
+        """One stroke's values of one axis."""
+        values, counts = self.axis(name)
+        start = int(counts[:j].sum())
+        return values[start : start + int(counts[j])]
+
+    def for_render(self) -> list[NDArray[np.float64]]:
+        """The non-empty strokes as (n, 2) or (n, 3) arrays (x, y[, t]), as ``doodle.strokes_from_google`` makes."""
+        xs = np.split(self.x, np.cumsum(self.nx)[:-1])
+        ys = np.split(self.y, np.cumsum(self.ny)[:-1])
+        ts = np.split(self.t_ms, np.cumsum(self.nt)[:-1]) if self.nt.any() else [self.t_ms[:0]] * len(xs)
+        return [
+            np.ascontiguousarray(np.stack((x, y, t) if len(t) else (x, y), axis=1))
+            for x, y, t in zip(xs, ys, ts, strict=True)
+            if len(x)
+        ]
+
+
+_AXES = ("x", "y", "t_ms")
+
+
+def _first_bad(values: NDArray[np.float64], counts: NDArray[np.int64], low: float, high: float) -> int | None:
+    """The index of the first stroke holding a value that is not finite or outside low..high (None: none)."""
+    if values.size == 0:
+        return None
+    bad = ~np.isfinite(values) | (values < low) | (values > high)
+    if not bad.any():
+        return None
+    first = int(np.argmax(bad))
+    return int(np.searchsorted(np.cumsum(counts), first, side="right"))
 
 
 class StrokesIn(_Strict):
-    """``Drawing.strokes``: 1..max_strokes strokes, 1..max_points points, coordinates in range."""
+    """``Drawing.strokes``: 1..max_strokes strokes, 1..max_points points, coordinates in range.
+
+    Checked on the drawing's flat arrays (numpy, whatever the number of strokes); a violation's exact stroke
+    and index are worked out only once a check has failed.
+    """
 
     kind: Literal["strokes"] = "strokes"
-    strokes: list[StrokeIn]
+    strokes: StrokeArrays
     coordinates: int = pb.Strokes.COORDINATES_UNSPECIFIED
 
     @property
@@ -139,11 +221,18 @@ class StrokesIn(_Strict):
 
     @field_validator("strokes")
     @classmethod
-    def _limits(cls, v: list[StrokeIn], info: ValidationInfo) -> list[StrokeIn]:
+    def _limits(cls, v: StrokeArrays, info: ValidationInfo) -> StrokeArrays:
         lim = _limits(info)
+        shape = []
+        for j in np.flatnonzero(v.nx != v.ny).tolist():
+            shape.append((f"[{j}]", f"x has {v.nx[j]} points but y has {v.ny[j]}; they must match"))
+        for j in np.flatnonzero((v.nt != 0) & (v.nt != v.nx) & (v.nx == v.ny)).tolist():
+            shape.append((f"[{j}]", f"t_ms has {v.nt[j]} values for {v.nx[j]} points; give one per point or none"))
+        if shape:
+            raise _AtField(*sorted(shape, key=lambda p: int(p[0][1:-1])))
         if len(v) > lim.max_strokes:
             raise ValueError(f"has {len(v)} strokes, over the limit of max_strokes={lim.max_strokes}")
-        points = sum(len(s.x) for s in v)
+        points = v.points
         if points == 0:
             raise ValueError("drawing is empty: no points in any stroke")
         if points > lim.max_points:
@@ -154,40 +243,42 @@ class StrokesIn(_Strict):
     def _coordinates(self, info: ValidationInfo) -> StrokesIn:
         lim = _limits(info)
         low, high = (-lim.max_raw_coordinate, lim.max_raw_coordinate) if self.raw else (0.0, SIMPLIFIED_MAX)
+        bounds = {"x": (low, high), "y": (low, high), "t_ms": (-math.inf, math.inf)}
+        found = [(j, a) for a, axis in enumerate(_AXES)
+                 if (j := _first_bad(*self.strokes.axis(axis), *bounds[axis])) is not None]  # fmt: skip
+        if not found:
+            return self
+        i, a = min(found)
+        axis = _AXES[a]
+        values = self.strokes.stroke(i, axis)
         form = "raw" if self.raw else "simplified"
-        for i, s in enumerate(self.strokes):
-            for axis in ("x", "y", "t_ms"):
-                values = np.asarray(getattr(s, axis), dtype=np.float64)
-                if values.size == 0:
-                    continue
-                if not np.isfinite(values).all():
-                    j = int(np.flatnonzero(~np.isfinite(values))[0])
-                    raise _AtField(f"strokes[{i}].{axis}[{j}]", f"is {values[j]}; coordinates must be finite")
-                if axis == "t_ms":
-                    continue
-                bad = np.flatnonzero((values < low) | (values > high))
-                if bad.size:
-                    j = int(bad[0])
-                    raise _AtField(
-                        f"strokes[{i}].{axis}[{j}]",
-                        f"is {values[j]:g}, outside {low:g}..{high:g} for {form} coordinates"
-                        + ("" if self.raw else " (send raw screen coordinates with coordinates=RAW)"),
-                    )
-        return self
+        if not np.isfinite(values).all():
+            j = int(np.flatnonzero(~np.isfinite(values))[0])
+            raise _AtField((f"strokes[{i}].{axis}[{j}]", f"is {values[j]}; coordinates must be finite"))
+        j = int(np.flatnonzero((values < low) | (values > high))[0])
+        raise _AtField(
+            (
+                f"strokes[{i}].{axis}[{j}]",
+                f"is {values[j]:g}, outside {low:g}..{high:g} for {form} coordinates"
+                + ("" if self.raw else " (send raw screen coordinates with coordinates=RAW)"),
+            )
+        )
 
 
 class _AtField(ValueError):
-    """A validation error deeper than the validator's own field; carries the sub-path."""
+    """Validation errors deeper than the validator's own field: (sub-path, message) pairs, the sub-path relative to
+    the field (``[3]`` or ``strokes[0].x[5]``)."""
 
-    def __init__(self, path: str, message: str) -> None:
-        super().__init__(f"{path}|{message}")
+    def __init__(self, *problems: tuple[str, str]) -> None:
+        super().__init__("; ".join(message for _, message in problems))
+        self.problems = problems
 
 
 DrawingIn = Annotated[BitmapIn | ImageIn | StrokesIn, Field(discriminator="kind")]
 
 
 class ClassifyIn(_Strict):
-    """A whole ``ClassifyRequest``."""
+    """A whole ``ClassifyRequest``: its drawings are validated one by one (:func:`validate`), then this envelope."""
 
     drawings: list[DrawingIn]
     top_k: int = DEFAULT_TOP_K
@@ -213,6 +304,9 @@ class ClassifyIn(_Strict):
         return v
 
 
+_DRAWING: TypeAdapter[BitmapIn | ImageIn | StrokesIn] = TypeAdapter(DrawingIn)
+
+
 # --- proto -> plain data ------------------------------------------------------------------------------------
 
 
@@ -226,18 +320,9 @@ def _drawing_data(d: pb.Drawing) -> dict[str, Any]:
         return {
             "kind": "strokes",
             "coordinates": d.strokes.coordinates,
-            "strokes": [{"x": list(s.x), "y": list(s.y), "t_ms": list(s.t_ms)} for s in d.strokes.strokes],
+            "strokes": StrokeArrays.from_proto(d.strokes.strokes),
         }
     return {}
-
-
-def request_data(req: pb.ClassifyRequest) -> dict[str, Any]:
-    """A ClassifyRequest as plain data for ``ClassifyIn``."""
-    return {
-        "drawings": [_drawing_data(d) for d in req.drawings],
-        "top_k": req.top_k or DEFAULT_TOP_K,
-        "version": req.model.version if req.HasField("model") and req.model.version else None,
-    }
 
 
 def _field_path(loc: Sequence[int | str]) -> str:
@@ -254,29 +339,56 @@ def _field_path(loc: Sequence[int | str]) -> str:
     return out
 
 
-def violations(err: ValidationError) -> list[FieldViolation]:
-    """Field violations for every pydantic error, paths in proto terms."""
+def _join(path: str, sub: str) -> str:
+    if not path:
+        return sub
+    return f"{path}{sub}" if sub.startswith("[") else f"{path}.{sub}"
+
+
+def violations(err: ValidationError, prefix: Sequence[int | str] = ()) -> list[FieldViolation]:
+    """Field violations for every pydantic error, paths in proto terms (``prefix``: the validated part's loc)."""
     out = []
     for e in err.errors(include_url=False):
-        loc = list(e["loc"])
+        loc = [*prefix, *e["loc"]]
         msg = str(e["msg"]).removeprefix("Value error, ")
         if e["type"] in ("union_tag_not_found", "union_tag_invalid"):
             msg = "exactly one of bitmap, image or strokes must be set"
         ctx_error = e.get("ctx", {}).get("error")
         if isinstance(ctx_error, _AtField):
-            sub, msg = str(ctx_error).split("|", 1)
-            out.append(FieldViolation(f"{_field_path(loc)}.{sub}" if loc else sub, msg))
+            out.extend(FieldViolation(_join(_field_path(loc), sub), m) for sub, m in ctx_error.problems)
             continue
         out.append(FieldViolation(_field_path(loc), msg))
     return out
 
 
 def validate(req: pb.ClassifyRequest, limits: Limits) -> ClassifyIn:
-    """Validate a request; raises InvalidArgument with one violation per problem."""
+    """Validate a request; raises InvalidArgument with one violation per problem.
+
+    Each drawing is validated on its own (a strokes drawing on its flat arrays), then the envelope: no single
+    call holds the GIL for long whatever the request, so the event loop keeps running while a preprocessing
+    thread validates a large request. The violations are those one validation of the whole would report.
+    """
+    context = {"limits": limits}
+    drawings: list[BitmapIn | ImageIn | StrokesIn] = []
+    problems: list[FieldViolation] = []
+    for i, d in enumerate(req.drawings):
+        try:
+            drawings.append(_DRAWING.validate_python(_drawing_data(d), context=context))
+        except ValidationError as exc:
+            problems.extend(violations(exc, ("drawings", i)))
+    envelope = {
+        "drawings": drawings if not problems else drawings or [None],
+        "top_k": req.top_k or DEFAULT_TOP_K,
+        "version": req.model.version if req.HasField("model") and req.model.version else None,
+    }
     try:
-        return ClassifyIn.model_validate(request_data(req), context={"limits": limits})
+        valid = ClassifyIn.model_validate(envelope, context=context)
     except ValidationError as exc:
-        raise InvalidArgument(violations(exc)) from None
+        # a count is judged only once every drawing is valid, as one validation of the whole request does
+        problems.extend(v for v in violations(exc) if not (problems and v.field.startswith("drawings")))
+    if problems:
+        raise InvalidArgument(problems)
+    return valid
 
 
 # --- rendering ---------------------------------------------------------------------------------------------
@@ -305,7 +417,7 @@ def render(
                     max_jpeg_scans=limits.max_jpeg_scans,
                 ),
             )
-        strokes = strokes_from_google([[s.x, s.y, s.t_ms] if s.t_ms else [s.x, s.y] for s in drawing.strokes if s.x])
+        strokes = tuple(drawing.strokes.for_render())
         return drawing_to_bitmap(Drawing(word="", strokes=strokes, raw=drawing.raw))
     except DoodleError as exc:
         field = f"drawings[{index}].image.data" if isinstance(drawing, ImageIn) else f"drawings[{index}].strokes"
