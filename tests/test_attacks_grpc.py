@@ -9,6 +9,7 @@ of CPU per refused request; the figures are printed (``pytest -s -k attacks``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 
@@ -326,3 +327,37 @@ def test_error_answers_are_bounded(gw: AttackedGateway) -> None:
     assert "150 more violations" in detail.field_violations[-1].description
     print(f"[attack] echoed 3 MB name: {len(err.value.details())} characters; 250 bad drawings: "  # type: ignore[attr-defined]
           f"{len(detail.field_violations)} violations")
+
+
+def test_a_low_descriptor_limit_meets_the_caps_not_emfile() -> None:
+    """A gateway whose hard limit is only 400 descriptors: its connection caps are lowered to fit (logged), so
+    1,000 idle connections to each port meet the caps, not EMFILE; accept errors, if any, are logged at most
+    once per 10 s; and a new gRPC client is served once the handshake timeout (2 s) has closed the silent ones."""
+    g = AttackedGateway("--model-dir", str(SHIPPED_MODEL), "--grpc-handshake-timeout-s", "2", nofile=(400, 400))
+    socks: list[socket.socket] = []
+    try:
+        _warm(g.target)
+        assert "connection caps lowered" in g.output(), g.output()[-2000:]
+        with measured(g, "2,000 idle connections under a 400-descriptor limit", 2000) as cost:
+            for port in (int(g.target.rsplit(":", 1)[1]), g.http_port):
+                for _ in range(1000):
+                    with contextlib.suppress(OSError):  # a full listen backlog: the kernel turned it away
+                        socks.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+            peak = open_fds(g.pid)
+            time.sleep(2.5)
+            t0 = time.perf_counter()
+            with grpc.insecure_channel(g.target) as ch:
+                resp = pb_grpc.ClassifierStub(ch).Classify(
+                    pb.ClassifyRequest(drawings=[pb.Drawing(bitmap=pb.Bitmap(pixels=bitmaps(1)[0]))]), timeout=10
+                )
+            served_s = time.perf_counter() - t0
+        accept_lines = [line for line in g.output().splitlines() if "accept" in line.lower()]
+        print(f"[attack] 400-descriptor limit: peak {peak} descriptors; a new client served in "
+              f"{served_s * 1000:.0f} ms after the handshake timeout; {len(accept_lines)} accept error line(s) logged")
+        assert resp.predictions and peak < 400
+        assert len(accept_lines) <= 2, accept_lines
+        cost.assert_bounds()
+    finally:
+        for s in socks:
+            s.close()
+        g.kill()
