@@ -25,7 +25,7 @@ class _JumpingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-ty
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         """Ready events now; with none and a timer due in ``timeout``, jump the clock there and return."""
         events = super().select(0)
-        if events or timeout is not None and timeout <= 0:
+        if events or (timeout is not None and timeout <= 0):
             return events
         if timeout is None:  # nothing scheduled: only I/O (a thread's call_soon_threadsafe) can wake the loop
             return super().select(None)
