@@ -20,7 +20,7 @@ import pytest
 from fakeclock import now, run_on_fake_clock
 from numpy.typing import NDArray
 
-from service.batching import Batcher, BatcherConfig
+from service.batching import BackendHealth, Batcher, BatcherConfig
 from service.errors import BackendError, DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
 from service.metrics import Metrics
 
@@ -720,6 +720,189 @@ def test_deadline_is_answered_on_time_even_while_every_slot_is_busy() -> None:
         backend.gate.set()
         await a
         assert backend.seen_ids == [1]
+        await batcher.close()
+
+    run(main)
+
+
+# 13. A wedged backend is found out; batches whose callers all left are cancelled; a dead collector fails fast.
+
+
+@dataclass
+class ThreadBackend:
+    """Stands for the embedded backend: each batch is a plain future (what ``run_in_executor`` returns) that
+    only the test resolves, as a TensorFlow thread that returns when it returns; cancelling it cannot stop it."""
+
+    futures: list[tuple[list[int], asyncio.Future[NDArray[np.float32]]]] = field(default_factory=list)
+
+    def __call__(
+        self, images: NDArray[np.uint8], version: int, deadline_s: float | None = None
+    ) -> asyncio.Future[NDArray[np.float32]]:
+        fut: asyncio.Future[NDArray[np.float32]] = asyncio.get_running_loop().create_future()
+        self.futures.append(([int(v) for v in images[:, 0, 0, 0]], fut))
+        return fut
+
+    def finish(self, i: int, version: int = 1) -> None:
+        """Batch ``i``'s thread returns (late)."""
+        ids, fut = self.futures[i]
+        fut.set_result(expected(ids, version))
+
+
+def make_with_health(backend: Any, **cfg: Any) -> tuple[Batcher, Metrics, list[BackendHealth]]:
+    batcher, metrics = make(backend, **cfg)
+    seen: list[BackendHealth] = []
+    batcher.on_health = seen.append
+    return batcher, metrics, seen
+
+
+def test_a_timed_out_thread_keeps_its_slot_and_a_wedged_backend_is_not_ready_nor_live_until_it_returns() -> None:
+    async def main() -> None:
+        backend = ThreadBackend()
+        batcher, metrics, seen = make_with_health(backend, max_concurrent_batches=1, backend_timeout_ms=100,
+                                                  wedged_after_timeouts=3)  # fmt: skip
+        before = Snapshot(metrics)
+        t0 = now()
+        with pytest.raises(BackendError) as info:
+            await batcher.submit(images_for([1]), 1)
+        assert now() - t0 == pytest.approx(0.1)  # the caller gets its error at the timeout
+        assert_error(info.value, BackendError, grpc.StatusCode.INTERNAL,
+                     "backend batch of 1 timed out after backend_timeout_ms=100")  # fmt: skip
+        assert seen == [] and batcher.health == BackendHealth()  # one timeout is not a wedge
+        waiting = spawn(batcher, [2])  # no deadline: it waits for the slot, which the thread still holds
+        await asyncio.sleep(0.15)  # 250 ms: the first batch has run two and a half timeouts
+        assert len(backend.futures) == 1 and batcher.queued_drawings == 1
+        await asyncio.sleep(0.1)  # 350 ms: its third timeout, and it is still running
+        wedged = BackendHealth(False, False, "3 consecutive backend timeouts (backend_timeout_ms=100); 1 still running "
+                                             "a timeout later")  # fmt: skip
+        assert seen == [wedged]
+        refusal = ("the backend is wedged: every backend slot (1) holds a batch that timed out after "
+                   "backend_timeout_ms=100 and has not returned; retry on another replica")  # fmt: skip
+        with pytest.raises(Unavailable) as info:
+            await waiting  # failed at once, not left waiting for a slot that may never come back
+        assert_error(info.value, Unavailable, grpc.StatusCode.UNAVAILABLE, refusal)
+        with pytest.raises(Unavailable) as info:
+            await batcher.submit(images_for([3]), 1)
+        assert_error(info.value, Unavailable, grpc.StatusCode.UNAVAILABLE, refusal)
+        assert before.delta("dropped_drawings_total", reason="unavailable") == 1
+        assert [ids for ids, _ in backend.futures] == [[1]]
+        backend.finish(0)  # the thread returns at last: the backend is alive, its slot free
+        await until(lambda: len(seen) == 2)
+        assert seen[-1] == BackendHealth()
+        answer = spawn(batcher, [4])
+        await until(lambda: len(backend.futures) == 2)
+        backend.finish(1)
+        np.testing.assert_array_equal(await answer, expected([4], 1))
+        assert before.delta("backend_duration_seconds_count", backend="fake", outcome="error") == 1
+        await batcher.close()
+
+    run(main)
+
+
+def test_timeouts_of_cancellable_calls_make_the_backend_not_ready_until_a_batch_succeeds() -> None:
+    """A cancelled call ends at once (nothing is stuck, so liveness stays), but that is no sign of life."""
+
+    async def main() -> None:
+        backend = FakeBackend(delay_s=1.0)
+        batcher, _, seen = make_with_health(backend, max_concurrent_batches=1, backend_timeout_ms=50,
+                                            wedged_after_timeouts=2)  # fmt: skip
+        for ids in ([1], [2]):
+            with pytest.raises(BackendError):
+                await batcher.submit(images_for(ids), 1)
+        await until(lambda: backend.cancelled == 2)
+        assert seen == [BackendHealth(False, True, "2 consecutive backend timeouts (backend_timeout_ms=50)")]
+        backend.delay_s = 0.0
+        np.testing.assert_array_equal(await batcher.submit(images_for([3]), 1), expected([3], 1))
+        assert seen[-1] == BackendHealth() and len(seen) == 2
+        await batcher.close()
+
+    run(main)
+
+
+def test_a_batch_whose_callers_all_left_has_its_backend_call_cancelled() -> None:
+    async def main() -> None:
+        backend = FakeBackend(gate=asyncio.Event(), gate_calls=2)
+        batcher, metrics = make(backend, max_concurrent_batches=1)
+        before = Snapshot(metrics)
+        a = spawn(batcher, [1])
+        await until(lambda: len(backend.calls) == 1)
+        b = spawn(batcher, [2])
+        await until(lambda: batcher.queued_drawings == 1)
+        a.cancel()  # the only caller of the batch in flight
+        await until(lambda: backend.cancelled == 1)
+        await until(lambda: len(backend.calls) == 2)  # the slot came back: b's batch runs
+        assert before.delta("backend_duration_seconds_count", backend="fake", outcome="cancelled") == 1
+        c = spawn(batcher, [3])
+        await until(lambda: batcher.queued_drawings == 1)
+        b.cancel()  # b's batch in flight: cancelled too
+        await until(lambda: backend.cancelled == 2)
+        np.testing.assert_array_equal(await c, expected([3], 1))
+        assert before.delta("backend_duration_seconds_count", backend="fake", outcome="cancelled") == 2
+        # A batch keeps running while one of its callers still waits.
+        backend.gate, backend.gate_calls = asyncio.Event(), len(backend.calls) + 1
+        first = spawn(batcher, [4])
+        await until(lambda: len(backend.calls) == 4)
+        d, e = spawn(batcher, [5]), spawn(batcher, [6])
+        await until(lambda: batcher.queued_drawings == 2)
+        backend.gate_calls += 1
+        backend.gate.set()
+        await first
+        await until(lambda: len(backend.calls) == 5)  # [5, 6] in one batch, held at the gate
+        backend.gate = asyncio.Event()
+        d.cancel()
+        await asyncio.sleep(0.01)
+        assert backend.cancelled == 2
+        backend.gate.set()
+        np.testing.assert_array_equal(await e, expected([6], 1))
+        await batcher.close()
+
+    run(main)
+
+
+def test_a_dead_collector_fails_queued_and_new_calls_at_once_and_reports_not_ready_nor_live() -> None:
+    async def main() -> None:
+        backend = FakeBackend()
+        batcher, metrics, seen = make_with_health(backend)
+        before = Snapshot(metrics)
+
+        def broken_take() -> list[Any]:
+            raise RuntimeError("boom")
+
+        batcher._take = broken_take  # type: ignore[method-assign]
+        reason = "the batcher's collector died (RuntimeError: boom)"
+        message = f"{reason}; this replica cannot serve until it restarts, retry on another"
+        t0 = now()
+        with pytest.raises(Unavailable) as info:
+            await batcher.submit(images_for([1]), 1)  # no deadline: it would have waited forever
+        assert now() == t0
+        assert_error(info.value, Unavailable, grpc.StatusCode.UNAVAILABLE, message)
+        assert seen == [BackendHealth(False, False, reason)]
+        with pytest.raises(Unavailable) as info:
+            await batcher.submit(images_for([2]), 1)
+        assert_error(info.value, Unavailable, grpc.StatusCode.UNAVAILABLE, message)
+        assert before.delta("dropped_drawings_total", reason="unavailable") == 1
+        assert backend.calls == []
+        await batcher.close()  # closing a batcher whose collector died does not raise
+
+    run(main)
+
+
+def test_fail_reports_a_dead_backend_task_and_fails_queued_calls() -> None:
+    async def main() -> None:
+        backend = FakeBackend(gate=asyncio.Event())
+        batcher, _, seen = make_with_health(backend, max_concurrent_batches=1)
+        running = spawn(batcher, [1])
+        await until(lambda: len(backend.calls) == 1)
+        queued = spawn(batcher, [2])
+        await until(lambda: batcher.queued_drawings == 1)
+        batcher.fail("the embedded backend's version watcher", OSError("disk gone"))
+        reason = "the embedded backend's version watcher died (OSError: disk gone)"
+        assert seen == [BackendHealth(False, False, reason)]
+        with pytest.raises(Unavailable) as info:
+            await queued
+        assert_error(info.value, Unavailable, grpc.StatusCode.UNAVAILABLE,
+                     f"{reason}; this replica cannot serve until it restarts, retry on another")  # fmt: skip
+        backend.gate.set()
+        np.testing.assert_array_equal(await running, expected([1], 1))  # a batch in flight still gets its answer
         await batcher.close()
 
     run(main)
