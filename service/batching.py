@@ -15,7 +15,8 @@ It owns a bounded queue, one collector task and a future per queued item, and it
 - An item whose deadline has passed, or whose caller went away, is dropped before it costs a backend call.
 - A failing batch fails only its own items. Every future is resolved exactly once.
 - Admission counts every batch's cost, failed and timed-out ones too (a timed-out batch costs what it ran), and
-  the work already in flight: a brownout raises the estimate before calls pile up behind it.
+  the work already in flight (a batch running longer than recent ones raises the cost of every batch queued):
+  a brownout raises the estimate before calls pile up behind it.
 - A batch whose callers have all gone (cancelled, or answered at its timeout) has its backend call cancelled
   where that is possible: an asyncio task (TF Serving's RPC). A thread cannot be stopped.
 - A batch that outlives ``backend_timeout_ms`` answers its callers with the timeout at once but keeps its slot
@@ -213,25 +214,22 @@ class Batcher:
         """How long a new call would wait for the backend work ahead of it (None until a batch ran or started).
 
         A batch's cost is mostly per batch on a GPU and grows with its size on a CPU; either way, the queue
-        drains in full batches under load. ``cost`` is the median duration of recent near-full batches, failed
-        and timed-out ones included, or longer when a batch in flight has already run longer (a brownout shows
-        there first). The estimate is (full batches queued x cost + the work left in flight) / slots, where a
-        batch in flight has ``cost`` minus what it ran left, or, once past ``cost``, about as long again as it
-        ran. Nothing queued and a slot free: 0.
+        drains in full batches under load. With no full batch queued, a call joins the next batch: 0. Otherwise
+        the estimate is (full batches queued x ``cost`` + the work left in flight) / slots, where ``cost`` is the
+        median duration of recent near-full batches, failed and timed-out ones included, or longer when a batch
+        in flight has already run longer (a brownout shows there first), and a batch in flight has ``cost``
+        minus what it ran left.
         """
         took = self._took_big or self._took_small
         if not took and not self._inflight:
             return None
         ahead = self._queued // self._cfg.max_batch_size
-        slots = self._cfg.max_concurrent_batches
-        if ahead == 0 and len(self._inflight) < slots:  # the common case: a slot takes it at once
+        if ahead == 0:  # the common case: skip the rest on the hot path
             return 0.0
         now = self._clock()
         ran = [now - t0 for t0 in self._inflight.values()]
-        median = statistics.median(took) if took else 0.0
-        cost = max(median, *ran) if ran else median
-        left = sum(median - r if r < median else r for r in ran)
-        return (ahead * cost + left) / slots
+        cost = max(statistics.median(took) if took else 0.0, *ran)
+        return (ahead * cost + sum(cost - r for r in ran)) / self._cfg.max_concurrent_batches
 
     def fail(self, what: str, exc: BaseException | None = None) -> None:
         """Report that ``what`` (a task the service cannot work without) died: log it, report not ready and not

@@ -366,7 +366,7 @@ def test_backend_gets_the_latest_deadline_of_its_batch() -> None:
 
 
 def test_admission_counts_work_in_flight_and_refuses_at_once_over_max_queue_wait() -> None:
-    """Overload: once the work queued and in flight exceeds max_queue_wait_ms, new calls fail fast."""
+    """Overload: once full batches are queued and the work ahead exceeds max_queue_wait_ms, new calls fail fast."""
 
     async def main() -> None:
         backend = FakeBackend(delay_s=0.04)
@@ -374,41 +374,38 @@ def test_admission_counts_work_in_flight_and_refuses_at_once_over_max_queue_wait
         before = Snapshot(metrics)
         assert batcher.estimated_wait_s() is None
         await batcher.submit(images_for([1, 2, 3, 4]), 1)  # a full batch: 40 ms exactly
-        assert batcher.estimated_wait_s() == 0.0  # nothing queued, nothing in flight
+        assert batcher.estimated_wait_s() == 0.0  # nothing queued
         backend.delay_s = 0.0
         backend.gate, backend.gate_calls = asyncio.Event(), len(backend.calls) + 1
         running = spawn(batcher, [5])  # occupies the only slot
         await until(lambda: len(backend.calls) == 2)
-        assert batcher.estimated_wait_s() == pytest.approx(0.04)  # the batch in flight has all its 40 ms left
-        await asyncio.sleep(0.01)
-        assert batcher.estimated_wait_s() == pytest.approx(0.03)
-        t0 = now()
-        with pytest.raises(ResourceExhausted) as info:
-            await batcher.submit(images_for([6]), 1)
-        assert now() == t0  # at once
-        assert_error(info.value, ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                     "overloaded: about 30 ms of backend work is queued ahead of this call, over max_queue_wait_ms=25; "
-                     "retry with backoff")  # fmt: skip
-        await asyncio.sleep(0.01)  # 20 ms left in flight: admitted
         queued = [spawn(batcher, [6, 7, 8])]
         await until(lambda: batcher.queued_drawings == 3)
-        assert batcher.estimated_wait_s() == pytest.approx(0.02)  # less than a full batch queued: it can join it
-        queued.append(spawn(batcher, [9]))  # a full batch (40 ms) queued now, and 20 ms in flight
+        assert batcher.estimated_wait_s() == 0.0  # no full batch queued: a call joins the next batch
+        await asyncio.sleep(0.01)
+        queued.append(spawn(batcher, [9]))  # admitted; now a full batch is queued
         await until(lambda: batcher.queued_drawings == 4)
-        assert batcher.estimated_wait_s() == pytest.approx(0.06)
-        await asyncio.sleep(0.08)  # the batch in flight overruns (100 ms so far): a brownout
-        assert batcher.estimated_wait_s() == pytest.approx(0.1 + 0.1)  # a batch costs 100 ms now, and 100 ms more
+        assert batcher.estimated_wait_s() == pytest.approx(0.04 + 0.03)  # the queued batch, and 30 ms in flight
+        t0 = now()
         with pytest.raises(ResourceExhausted) as info:
             await batcher.submit(images_for([10]), 1)
+        assert now() == t0  # at once
         assert_error(info.value, ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                     "overloaded: about 200 ms of backend work is queued ahead of this call, over "
+                     "overloaded: about 70 ms of backend work is queued ahead of this call, over max_queue_wait_ms=25; "
+                     "retry with backoff")  # fmt: skip
+        await asyncio.sleep(0.09)  # the batch in flight overruns (100 ms so far): a brownout
+        assert batcher.estimated_wait_s() == pytest.approx(0.1)  # a batch costs at least 100 ms now
+        with pytest.raises(ResourceExhausted) as info:
+            await batcher.submit(images_for([11]), 1)
+        assert_error(info.value, ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                     "overloaded: about 100 ms of backend work is queued ahead of this call, over "
                      "max_queue_wait_ms=25; retry with backoff")  # fmt: skip
         assert before.delta("rejected_requests_total") == 2
         backend.gate.set()
         np.testing.assert_array_equal(await running, expected([5], 1))
         for ids, t in zip(([6, 7, 8], [9]), queued, strict=True):
             np.testing.assert_array_equal(await t, expected(ids, 1))  # the admitted calls are all answered
-        assert 10 not in backend.seen_ids
+        assert 10 not in backend.seen_ids and 11 not in backend.seen_ids
         await batcher.close()
 
     run(main)
@@ -436,10 +433,13 @@ def test_admission_learns_from_timed_out_and_failed_batches() -> None:
         backend.gate, backend.gate_calls = asyncio.Event(), len(backend.calls) + 1
         running = spawn(batcher, [16])
         await until(lambda: len(backend.calls) == 5)
-        # durations 10, 50, 50 and 40 ms: the median is 45 ms, all of it left for the batch just started
-        assert batcher.estimated_wait_s() == pytest.approx(0.045)
+        queued = spawn(batcher, [17, 18, 19, 20])
+        await until(lambda: batcher.queued_drawings == 4)
+        # durations 10, 50, 50 and 40 ms: a batch costs the median, 45 ms; one queued, and all of one in flight
+        assert batcher.estimated_wait_s() == pytest.approx(0.045 * 2)
         backend.gate.set()
         await running
+        np.testing.assert_array_equal(await queued, expected([17, 18, 19, 20], 1))
         await batcher.close()
 
     run(main)
