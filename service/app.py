@@ -28,7 +28,7 @@ from service import api, security, tfserving_api
 from service.api import SERVICE_NAME, ClassifierService, Gateway
 from service.backends import Backend, ModelDescription
 from service.backends.embedded import EmbeddedBackend
-from service.batching import Batcher, BatcherConfig
+from service.batching import BackendHealth, Batcher, BatcherConfig
 from service.decode import DecodePool
 from service.http import HttpLimits, HttpServer
 from service.jsonparse import JsonParsePool
@@ -144,6 +144,9 @@ class App:
         self._json_parser: JsonParsePool | None = None
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Readiness as the model's versions say (``_publish``) and as the batcher says (``_backend_health``).
+        self._model_serving = False
+        self._backend_state = BackendHealth()
 
     async def start(self) -> None:
         """Bind, load the model, warm up, and report SERVING."""
@@ -201,10 +204,13 @@ class App:
         self._batcher = Batcher(
             self._backend.predict,
             BatcherConfig(s.max_batch_size, s.max_batch_delay_ms, s.max_concurrent_batches, s.max_queued_drawings,
-                          s.backend_timeout_ms, s.max_queue_wait_ms),
+                          s.backend_timeout_ms, s.max_queue_wait_ms, s.backend_wedged_after_timeouts),
             self.metrics,
             self._backend.name,
         )
+        self._batcher.on_health = self._backend_health
+        if hasattr(self._backend, "on_failure"):  # its background tasks (version watcher, status poller) died
+            self._backend.on_failure = self._batcher.fail
         self._batcher.start()
         limits = Limits(s.max_drawings_per_request, s.max_top_k, s.max_strokes, s.max_points, s.max_raw_coordinate,
                         s.max_image_bytes, s.max_image_pixels, num_classes=len(model.labels),
@@ -258,11 +264,31 @@ class App:
                 self.metrics.model_version.labels(model.name, str(v), backend).set(1)
         self.metrics.ready.set(0 if model is None or self._stopping else 1)
         serving = model is not None and not self._stopping
+        self._model_serving = serving
         return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
 
     async def _set_health(self, status: int) -> None:
+        """Readiness: ``status`` (the model's), NOT_SERVING while the batcher reports the backend not ready."""
+        if not self._backend_state.ready:
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
             await self._health.set(name, status)
+
+    def _backend_health(self, state: BackendHealth) -> None:
+        """The batcher's view of the backend changed (wedged, recovered, a background task died): readiness and
+        liveness follow it, so an orchestrator stops routing to this replica, or restarts it."""
+        self._backend_state = state
+        if self._stopping:
+            return
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+        async def apply() -> None:
+            await self._set_health(serving if self._model_serving else not_serving)
+            await self._health.set(LIVENESS_SERVICE, serving if self._backend_state.live else not_serving)
+
+        task = asyncio.get_running_loop().create_task(apply())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _model_changed(self, model: ModelDescription | None) -> None:
         """The backend's versions changed (TF Serving loaded or unloaded one, or has none available)."""

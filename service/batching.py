@@ -14,12 +14,28 @@ It owns a bounded queue, one collector task and a future per queued item, and it
   A call larger than ``max_batch_size`` is split into chunks that may travel in different batches.
 - An item whose deadline has passed, or whose caller went away, is dropped before it costs a backend call.
 - A failing batch fails only its own items. Every future is resolved exactly once.
+- Admission counts every batch's cost, failed and timed-out ones too (a timed-out batch costs what it ran), and
+  the work already in flight (a batch running longer than recent ones raises the cost of every batch queued):
+  a brownout raises the estimate before calls pile up behind it.
+- A batch whose callers have all gone (cancelled, or answered at its timeout) has its backend call cancelled
+  where that is possible: an asyncio task (TF Serving's RPC). A thread cannot be stopped.
+- A batch that outlives ``backend_timeout_ms`` answers its callers with the timeout at once but keeps its slot
+  until the backend's work has really ended (a TensorFlow thread returned): the backend never runs more batches
+  than ``max_concurrent_batches``. After ``wedged_after_timeouts`` consecutive timeouts (a batch still running
+  counts one more for each further ``backend_timeout_ms``), the backend is *wedged*: ``on_health`` reports it
+  not ready, and not live either while such work still runs (the process must be restarted). A successful batch,
+  or timed-out work that ends by itself, clears it. While every slot is held by such work, calls are refused
+  with UNAVAILABLE instead of waiting.
+- The collector is supervised, and ``fail`` lets the backend report the death of its own background tasks:
+  either way the batcher reports not ready and not live, fails what is queued and refuses new calls with
+  UNAVAILABLE naming what died.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -66,6 +82,17 @@ class BatcherConfig:
     max_queued_drawings: int = 4096
     backend_timeout_ms: float = 10_000.0
     max_queue_wait_ms: float = 0.0  # 0: admit while the queue has room
+    wedged_after_timeouts: int = 3
+
+
+@dataclass(frozen=True)
+class BackendHealth:
+    """What the batcher knows about its backend, for the health service: ``ready`` (take traffic) and ``live``
+    (no need to restart the process), and why not."""
+
+    ready: bool = True
+    live: bool = True
+    reason: str = ""
 
 
 class Batcher:
@@ -91,19 +118,36 @@ class Batcher:
         self._running: set[asyncio.Task[None]] = set()
         self._collector: asyncio.Task[None] | None = None
         self._closed = False
-        #: Durations (s) of recent batches, near-full ones apart: the admission estimate.
+        #: Durations (s) of recent batches, whatever their outcome, near-full ones apart: the admission estimate.
         self._took_big: deque[float] = deque(maxlen=9)
         self._took_small: deque[float] = deque(maxlen=9)
+        #: When each backend call in flight started (its slot is busy), by its future.
+        self._inflight: dict[asyncio.Future[NDArray[np.float32]], float] = {}
+        #: Consecutive backend timeouts (a batch still running counts again every backend_timeout_ms).
+        self._timeouts = 0
+        #: Timed-out batches whose backend work has not ended a timeout later (each holds its slot).
+        self._stuck = 0
+        #: What died (the collector, a backend's background task), once one has: the batcher then refuses calls.
+        self._failed: str | None = None
+        self._health = BackendHealth()
+        #: Called with the new BackendHealth whenever it changes (the composition root sets health from it).
+        self.on_health: Callable[[BackendHealth], None] | None = None
 
     @property
     def queued_drawings(self) -> int:
         """Drawings waiting now."""
         return self._queued
 
+    @property
+    def health(self) -> BackendHealth:
+        """The backend's health as this batcher sees it now."""
+        return self._health
+
     def start(self) -> None:
-        """Start the collector task (inside the running event loop)."""
+        """Start the collector task (inside the running event loop); it is supervised: see ``fail``."""
         if self._collector is None:
             self._collector = asyncio.get_running_loop().create_task(self._collect(), name="batcher-collector")
+            self._collector.add_done_callback(self._collector_done)
 
     async def submit(
         self, images: NDArray[np.uint8], version: int, deadline_s: float | None = None
@@ -111,11 +155,15 @@ class Batcher:
         """Queue a call's images and wait for their probabilities, in order.
 
         ``deadline_s`` is on this batcher's clock (``time.monotonic``). Raises ResourceExhausted when the
-        queue is full, DeadlineExceeded when the deadline passes before dispatch, Unavailable once closed,
-        and BackendError when the batch fails. Cancelling the caller drops its queued items.
+        queue is full or the estimated wait too long, DeadlineExceeded when the deadline passes before dispatch,
+        Unavailable once closed, failed or wedged, and BackendError when the batch fails. Cancelling the caller
+        drops its queued items.
         """
         if self._closed:
             raise Unavailable("the service is shutting down; retry on another replica")
+        refusal = self._refusal()
+        if refusal is not None:
+            raise refusal
         n = len(images)
         if n == 0:
             return np.zeros((0, 0), np.float32)
@@ -185,19 +233,94 @@ class Batcher:
             )
 
     def estimated_wait_s(self) -> float | None:
-        """How long a new call would wait for the full batches queued ahead of it (None until a batch ran).
+        """How long a new call would wait for the backend work ahead of it (None until a batch ran or started).
 
         A batch's cost is mostly per batch on a GPU and grows with its size on a CPU; either way, the queue
-        drains in full batches under load, so the estimate is (full batches queued) x (recent duration of a
-        near-full batch) / (concurrent batches). Medians ignore one-off stalls.
+        drains in full batches under load. With no full batch queued, a call joins the next batch: 0. Otherwise
+        the estimate is (full batches queued x ``cost`` + the work left in flight) / slots, where ``cost`` is the
+        median duration of recent near-full batches, failed and timed-out ones included, or longer when a batch
+        in flight has already run longer (a brownout shows there first), and a batch in flight has ``cost``
+        minus what it ran left.
         """
         took = self._took_big or self._took_small
-        if not took:
+        if not took and not self._inflight:
             return None
         ahead = self._queued // self._cfg.max_batch_size
-        if ahead == 0:  # the common case: skip the median on the hot path
+        if ahead == 0:  # the common case: skip the rest on the hot path
             return 0.0
-        return ahead * float(np.median(took)) / self._cfg.max_concurrent_batches
+        now = self._clock()
+        ran = [now - t0 for t0 in self._inflight.values()]
+        cost = max(statistics.median(took) if took else 0.0, *ran)
+        return (ahead * cost + sum(cost - r for r in ran)) / self._cfg.max_concurrent_batches
+
+    def fail(self, what: str, exc: BaseException | None = None) -> None:
+        """Report that ``what`` (a task the service cannot work without) died: log it, report not ready and not
+        live, fail every queued call and refuse new ones with UNAVAILABLE naming it. Only the first one counts."""
+        if self._failed is not None:
+            return
+        self._failed = f"{what} died" + (f" ({type(exc).__name__}: {exc})" if exc is not None else "")
+        log.error("%s: failing queued calls and refusing new ones until the process restarts", self._failed,
+                  exc_info=exc)  # fmt: skip
+        self._report()
+
+    def _refusal(self) -> Unavailable | None:
+        """Why calls are refused now (a dead task, a wedged backend holding every slot), or None."""
+        if self._failed is not None:
+            return Unavailable(f"{self._failed}; this replica cannot serve until it restarts, retry on another")
+        if self._stuck >= self._cfg.max_concurrent_batches and self._timeouts >= self._cfg.wedged_after_timeouts:
+            return Unavailable(
+                f"the backend is wedged: every backend slot ({self._stuck}) holds a batch that timed out after "
+                f"backend_timeout_ms={self._cfg.backend_timeout_ms:g} and has not returned; retry on another replica"
+            )
+        return None
+
+    def _report(self) -> None:
+        """Recompute the backend's health; tell ``on_health`` when it changed; fail queued calls when refusing."""
+        wedged = self._timeouts >= self._cfg.wedged_after_timeouts
+        if self._failed is not None:
+            health = BackendHealth(False, False, self._failed)
+        elif wedged:
+            still = f"; {self._stuck} still running a timeout later" if self._stuck else ""
+            health = BackendHealth(False, self._stuck == 0, f"{self._timeouts} consecutive backend timeouts "
+                                   f"(backend_timeout_ms={self._cfg.backend_timeout_ms:g}){still}")  # fmt: skip
+        else:
+            health = BackendHealth()
+        if health != self._health:
+            self._health = health
+            if health.ready:
+                log.warning("the backend is healthy again")
+            else:
+                log.warning("the backend is not %s: %s", "ready" if health.live else "ready nor live", health.reason)
+            if self.on_health is not None:
+                self.on_health(health)
+        refusal = self._refusal()
+        if refusal is not None:
+            self._fail_queued(refusal)
+
+    def _fail_queued(self, err: ServiceError) -> None:
+        """Answer every queued item with ``err`` (counted as dropped, reason ``unavailable``)."""
+        dropped = 0
+        while self._queue:
+            it = self._queue.popleft()
+            if it.queued:
+                it.queued = False
+                self._queued -= it.n
+                dropped += it.n
+            if not it.future.done():
+                it.future.set_exception(err)
+        if dropped:
+            self._metrics.dropped.labels("unavailable").inc(dropped)
+        self._metrics.queue_depth.set(self._queued)
+
+    def _collector_done(self, task: asyncio.Task[None]) -> None:
+        """The collector ended: expected once closed; otherwise it died, and the batcher fails."""
+        if task.cancelled():
+            if not self._closed:
+                self.fail("the batcher's collector")
+            return
+        exc = task.exception()
+        if exc is not None or not self._closed:
+            self.fail("the batcher's collector", exc)
 
     def _learn(self, drawings: int, seconds: float) -> None:
         """Record a finished batch's duration, near-full batches (those that matter under load) apart."""
@@ -300,14 +423,23 @@ class Batcher:
     async def _dispatch(
         self, batch: list[_Item], images: NDArray[np.uint8], started: asyncio.Future[NDArray[np.float32]], t0: float
     ) -> None:
+        n = len(images)
+        timeout_s = self._cfg.backend_timeout_ms / 1000.0
+        self._inflight[started] = t0
+        self._cancel_when_callers_gone(batch, started)
         outcome = "ok"
         released = False
+        timer = asyncio.timeout(timeout_s)  # no extra task or wake-up
         try:
-            async with asyncio.timeout(self._cfg.backend_timeout_ms / 1000.0):  # no extra task or wake-up
-                probs = await started
-            if len(probs) != len(images):
-                raise BackendError(f"backend returned {len(probs)} results for {len(images)} drawings")
-            self._learn(len(images), self._clock() - t0)
+            async with timer:
+                # shielded: at the timeout, a thread's future must stay pending until the thread really returns
+                probs = await asyncio.shield(started)
+            if len(probs) != n:
+                raise BackendError(f"backend returned {len(probs)} results for {n} drawings")
+            self._learn(n, self._clock() - t0)
+            if self._timeouts:
+                self._timeouts = 0
+                self._report()
             # Free the slot before answering: the collector wakes first and starts the next batch while this
             # batch's callers are being answered, so the backend does not sit idle in between.
             self._slots.release()
@@ -318,35 +450,85 @@ class Batcher:
                     it.future.set_result(probs[start : start + it.n])
                 start += it.n
         except (Exception, asyncio.CancelledError) as exc:  # the batch failed: fail its own items, nothing else
+            task = asyncio.current_task()
+            own_cancel = task is not None and task.cancelling() > 0
             outcome = "error"
-            if isinstance(exc, asyncio.CancelledError):
-                err: ServiceError = BackendError(f"backend call for a batch of {len(images)} was cancelled")
-            elif isinstance(exc, TimeoutError):
-                err = BackendError(
-                    f"backend batch of {len(images)} timed out after backend_timeout_ms={self._cfg.backend_timeout_ms}"
+            if timer.expired():
+                err: ServiceError = BackendError(
+                    f"backend batch of {n} timed out after backend_timeout_ms={self._cfg.backend_timeout_ms:g}"
                 )
+            elif isinstance(exc, asyncio.CancelledError):
+                if not own_cancel and all(it.future.cancelled() for it in batch):
+                    outcome = "cancelled"  # every caller went away, and the backend call was cancelled for it
+                err = BackendError(f"backend call for a batch of {n} was cancelled")
             elif isinstance(exc, ServiceError):
                 err = exc
             else:
-                log.exception("backend batch of %d drawings failed", len(images))
-                err = BackendError(f"backend failed on a batch of {len(images)} drawings: {exc}")
+                log.exception("backend batch of %d drawings failed", n)
+                err = BackendError(f"backend failed on a batch of {n} drawings: {exc}")
             for it in batch:
                 if not it.future.done():
                     it.future.set_exception(err)
-            task = asyncio.current_task()
-            if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
+            self._learn(n, self._clock() - t0)  # failures cost time too: a brownout must show in the estimate
+            if timer.expired():
+                await self._outlive(started, timeout_s)
+            if own_cancel:
                 raise  # this task itself is being cancelled: its callers are answered, let it end
         finally:
+            self._inflight.pop(started, None)
             self._metrics.backend_latency.labels(self._backend, outcome).observe(self._clock() - t0)
             self._metrics.inflight_batches.dec()
             if not released:
                 self._slots.release()
+
+    def _cancel_when_callers_gone(self, batch: list[_Item], started: asyncio.Future[NDArray[np.float32]]) -> None:
+        """Cancel the backend call once every caller of the batch is gone (or answered at the timeout), when it
+        is an asyncio task (a gRPC call: cancelling it cancels the RPC); a thread's work cannot be stopped."""
+        if not isinstance(started, asyncio.Task):
+            return
+        left = len(batch)
+
+        def one_done(_: asyncio.Future[NDArray[np.float32]]) -> None:
+            nonlocal left
+            left -= 1
+            if left == 0 and not started.done():
+                started.cancel()
+
+        for it in batch:
+            it.future.add_done_callback(one_done)
+
+    async def _outlive(self, started: asyncio.Future[NDArray[np.float32]], timeout_s: float) -> None:
+        """After a timeout (callers answered already): hold the slot until the backend's work has really ended.
+
+        Counts one timeout now and one more for each further ``timeout_s`` the work runs (then it is stuck).
+        Work that ends by itself, not by our cancelling it, shows that the backend is alive: the count resets."""
+        self._timeouts += 1
+        self._report()
+        if isinstance(started, asyncio.Task):
+            started.cancel()
+        stuck = False
+        try:
+            while not (await asyncio.wait({started}, timeout=timeout_s))[0]:
+                self._timeouts += 1
+                if not stuck:
+                    stuck = True
+                    self._stuck += 1
+                self._report()
+        finally:
+            if stuck:
+                self._stuck -= 1
+        if not started.cancelled():
+            started.exception()  # retrieved: nobody waits for it any more
+            log.warning("a timed-out backend batch ended after all, %.1f s after it started",
+                        self._clock() - self._inflight.get(started, self._clock()))  # fmt: skip
+            self._timeouts = 0
+        self._report()
 
     async def close(self) -> None:
         """Stop accepting, dispatch what is queued, and wait for running batches to finish."""
         self._closed = True
         self._arrived.set()
         if self._collector is not None:
-            await self._collector
+            await asyncio.gather(self._collector, return_exceptions=True)  # it may have died already
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)

@@ -42,7 +42,9 @@ class Metrics:
             namespace=ns, buckets=LATENCY_BUCKETS_S, registry=r,
         )  # fmt: skip
         self.backend_latency = Histogram(
-            "backend_duration_seconds", "Time the backend took for one batch, by backend and outcome.",
+            "backend_duration_seconds",
+            "Time the backend took for one batch, by backend and outcome: ok, error (failed or timed out), cancelled "
+            "(every caller had gone).",
             ["backend", "outcome"], namespace=ns, buckets=LATENCY_BUCKETS_S, registry=r,
         )  # fmt: skip
         self.preprocess_latency = Histogram(
@@ -68,7 +70,9 @@ class Metrics:
             ["kind"], namespace=ns, registry=r,
         )  # fmt: skip
         self.dropped = Counter(
-            "dropped_drawings_total", "Drawings never sent to the backend, by reason (deadline, cancelled).",
+            "dropped_drawings_total",
+            "Drawings never sent to the backend, by reason: deadline, cancelled (the caller went away), unavailable "
+            "(refused once queued: a background task died, or the backend is wedged).",
             ["reason"], namespace=ns, registry=r,
         )  # fmt: skip
         self.rejected = Counter(

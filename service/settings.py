@@ -206,6 +206,12 @@ class Settings(BaseSettings):
     backend_timeout_ms: float = Field(
         10_000.0, gt=0.0, description="deadline for one backend batch (TF Serving call or in-process run)"
     )
+    backend_wedged_after_timeouts: int = Field(
+        3,
+        ge=1,
+        description="consecutive backend timeouts (a batch still running counts again every backend_timeout_ms) "
+        "after which health reports NOT_SERVING, and liveness too while a timed-out batch has not returned",
+    )
 
     # --- request limits ---------------------------------------------------------------------------------------
     max_drawings_per_request: int = Field(256, ge=1, description="most drawings in one Classify call")
@@ -360,6 +366,11 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        if self.max_queued_drawings < self.max_drawings_per_request:
+            raise ValueError(
+                f"max_queued_drawings ({self.max_queued_drawings}) must be at least max_drawings_per_request "
+                f"({self.max_drawings_per_request}), or a full-size call could never be queued"
+            )
         if self.max_open_streams >= self.max_concurrent_rpcs:
             raise ValueError(
                 f"max_open_streams ({self.max_open_streams}) must be below max_concurrent_rpcs "

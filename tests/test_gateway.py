@@ -380,7 +380,8 @@ def gated(hold_loading: bool = False) -> tuple[list[_GatedBackend], object]:
 def test_full_queue_is_refused_at_once(sample: Path) -> None:
     made, factory = gated()
     images = cat_bitmaps(sample, 8)
-    with RunningGateway(factory, max_queued_drawings=4, max_concurrent_batches=1) as gw, \
+    with RunningGateway(factory, max_queued_drawings=4, max_drawings_per_request=4,
+                        max_queue_wait_ms=0, max_concurrent_batches=1) as gw, \
             QuickDrawClient(gw.target) as c, ThreadPoolExecutor(4) as pool:
         first = pool.submit(c.classify, [images[0]])  # dispatched, held at the gate
         while not gw.app.metrics.inflight_batches._value.get():

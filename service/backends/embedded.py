@@ -8,7 +8,13 @@ with one thread per concurrent batch; TensorFlow releases the GIL while it compu
 Hot reload, as TF Serving does it: every ``watch_s`` seconds it looks at the model directory. A new highest
 version is loaded and warmed up on a separate thread while the current one keeps serving, then becomes the
 served version in one step (``on_change``); the version it replaces stays loaded for ``retire_s`` more, so
-calls already queued for it finish. In ``all`` mode, every new version is added.
+calls already queued for it finish. In ``all`` mode, every new version is added. Removals are followed too: when
+the served version's directory is deleted (a rollback), the highest remaining version is loaded (unless still
+loaded) and served; in ``all`` mode a deleted version stops being served. A batch for a version no longer loaded
+gets NOT_FOUND. When no version is left, the loaded ones keep serving.
+
+The watcher is supervised: if it dies, ``on_failure`` is told (the gateway then reports NOT_SERVING and
+refuses calls).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.backends import ModelDescription, find_versions, read_labels
+from service.errors import NotFound
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +79,30 @@ class EmbeddedBackend:
         self._description: ModelDescription | None = None
         #: Called with the new description when the served versions change (hot reload).
         self.on_change: Callable[[ModelDescription | None], None] | None = None
+        #: Called with what died and why when the version watcher dies.
+        self.on_failure: Callable[[str, BaseException | None], None] | None = None
 
     async def start(self) -> ModelDescription:
         """Load (and warm up) off the event loop; then watch the directory for new versions."""
         self._description = await asyncio.get_running_loop().run_in_executor(self._loader, self._load)
         if self._watch_s > 0:
             self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="embedded-watch")
+            self._watcher.add_done_callback(self._watcher_done)
         return self._description
+
+    def _watcher_done(self, task: asyncio.Task[None]) -> None:
+        """The watcher ended: expected when cancelled by close(); anything else is a death, reported."""
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if self.on_failure is not None:
+            self.on_failure("the embedded backend's version watcher", exc)
+        else:
+            log.error("the embedded backend's version watcher died; versions are no longer followed", exc_info=exc)
 
     async def _watch(self) -> None:
         loop = asyncio.get_running_loop()
+        said = ""
         while True:
             await asyncio.sleep(self._watch_s)
             assert self._description is not None
@@ -91,11 +112,16 @@ class EmbeddedBackend:
             except OSError as exc:
                 log.warning("cannot list %s: %s", self._model_dir, exc)
                 continue
-            new = [v for v in found if v > current[-1]] if not self._all_versions else [
-                v for v in found if v not in current]
-            if not new:
+            if not found:
+                if said != "none":
+                    log.warning("no version left under %s; still serving %s", self._model_dir, list(current))
+                    said = "none"
                 continue
-            wanted = new[-1:] if not self._all_versions else new
+            said = ""
+            versions = tuple(found) if self._all_versions else (found[-1],)
+            if versions == current:
+                continue
+            wanted = [v for v in versions if v not in self._signatures]
             try:
                 for v in wanted:
                     await loop.run_in_executor(self._loader, self._load_version, v, self._description.labels)
@@ -104,12 +130,13 @@ class EmbeddedBackend:
                               list(current))  # fmt: skip
                 await asyncio.sleep(self._watch_s)  # do not retry in a tight loop
                 continue
-            versions = tuple(sorted({*current, *wanted})) if self._all_versions else (wanted[-1],)
             self._description = ModelDescription(self._model_name, versions, self._description.labels)
-            log.info("now serving %s versions %s", self._model_name, list(versions))
+            retired = [v for v in current if v not in versions]
+            removed = [v for v in retired if v not in found]
+            log.info("now serving %s versions %s%s", self._model_name, list(versions),
+                     f" (version(s) {removed} were removed)" if removed else "")  # fmt: skip
             if self.on_change is not None:
                 self.on_change(self._description)
-            retired = [v for v in current if v not in versions]
             if retired:
                 loop.call_later(self._retire_s, self._retire, retired)
 
@@ -168,7 +195,12 @@ class EmbeddedBackend:
         log.info("warmed up version %d with batch sizes %s in %.1fs", version, sizes, time.perf_counter() - t0)
 
     def _run(self, images: NDArray[np.uint8], version: int) -> NDArray[np.float32]:
-        _, fn = self._signatures[version]
+        entry = self._signatures.get(version)
+        if entry is None:
+            served = self._description.versions if self._description is not None else ()
+            raise NotFound(f"model {self._model_name!r} version {version} is no longer served (retired); versions: "
+                           f"{', '.join(map(str, served))}")  # fmt: skip
+        _, fn = entry
         out = fn(**{INPUT_KEY: self._tf.constant(images)})
         return np.asarray(out[OUTPUT_KEY].numpy(), dtype=np.float32)
 

@@ -15,6 +15,8 @@
 - Only UNAVAILABLE is retried, boundedly and with backoff, by gRPC's own retry policy (service config); the
   channel reconnects with a short capped backoff, so a restarted TF Serving is found again within a second.
 - Keepalive pings find dead peers; message sizes are capped both ways.
+- The status poller is supervised: if it dies, ``on_failure`` is told (the gateway then reports NOT_SERVING and
+  refuses calls). A batch whose callers have all gone is cancelled by the batcher, which cancels its RPC.
 - ``dns:///name:port`` targets resolve every address of a headless Kubernetes Service, and ``round_robin``
   spreads calls over them per request, not per connection.
 - The channel is TLS, or mTLS with a client certificate, when the ``tfserving_tls*`` settings ask for it
@@ -119,6 +121,8 @@ class TFServingBackend:
         self._refresh = asyncio.Event()
         #: Called with the new description when the AVAILABLE versions change, None when none is left.
         self.on_change: Callable[[ModelDescription | None], None] | None = None
+        #: Called with what died and why when the status poller dies.
+        self.on_failure: Callable[[str, BaseException | None], None] | None = None
 
     # --- start -------------------------------------------------------------------------------------------------
     async def start(self) -> ModelDescription:
@@ -137,8 +141,19 @@ class TFServingBackend:
             )
         self._description = ModelDescription(s.model_name, versions, labels, default)
         self._poller = asyncio.get_running_loop().create_task(self._follow(), name="tfserving-status")
+        self._poller.add_done_callback(self._poller_done)
         log.info("TF Serving at %s serves %s versions %s", s.tfserving_target, s.model_name, list(versions))
         return self._description
+
+    def _poller_done(self, task: asyncio.Task[None]) -> None:
+        """The poller ended: expected when cancelled by close(); anything else is a death, reported."""
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if self.on_failure is not None:
+            self.on_failure("the TF Serving status poller", exc)
+        else:
+            log.error("the TF Serving status poller died; versions are no longer followed", exc_info=exc)
 
     async def available_versions(self, timeout_s: float = 5.0) -> tuple[int, ...]:
         """The versions TF Serving reports AVAILABLE now (raises AioRpcError when it cannot be asked)."""
