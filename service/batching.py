@@ -159,27 +159,10 @@ class Batcher:
         Unavailable once closed, failed or wedged, and BackendError when the batch fails. Cancelling the caller
         drops its queued items.
         """
-        if self._closed:
-            raise Unavailable("the service is shutting down; retry on another replica")
-        refusal = self._refusal()
-        if refusal is not None:
-            raise refusal
         n = len(images)
+        self.admit(n)
         if n == 0:
             return np.zeros((0, 0), np.float32)
-        if self._queued + n > self._cfg.max_queued_drawings:
-            self._metrics.rejected.inc()
-            raise ResourceExhausted(
-                f"queue full: {self._queued} drawings waiting and this call adds {n}, over "
-                f"max_queued_drawings={self._cfg.max_queued_drawings}; retry with backoff"
-            )
-        wait_s = self.estimated_wait_s()
-        if wait_s is not None and wait_s * 1000.0 > self._cfg.max_queue_wait_ms > 0:
-            self._metrics.rejected.inc()
-            raise ResourceExhausted(
-                f"overloaded: about {wait_s * 1000:.0f} ms of backend work is queued ahead of this call, over "
-                f"max_queue_wait_ms={self._cfg.max_queue_wait_ms:g}; retry with backoff"
-            )
         loop = asyncio.get_running_loop()
         now = self._clock()
         size = self._cfg.max_batch_size
@@ -214,10 +197,13 @@ class Batcher:
         """Raise ResourceExhausted (or Unavailable once closed) now if a call of ``n`` drawings would be refused by
         :meth:`submit` at this moment: a cheap check for callers to make before they preprocess the call.
 
-        The same checks as :meth:`submit` makes (which still makes them: the queue may fill meanwhile).
+        :meth:`submit` makes the same checks, through this (the queue may have filled meanwhile).
         """
         if self._closed:
             raise Unavailable("the service is shutting down; retry on another replica")
+        refusal = self._refusal()
+        if refusal is not None:
+            raise refusal
         if self._queued + n > self._cfg.max_queued_drawings:
             self._metrics.rejected.inc()
             raise ResourceExhausted(
