@@ -307,10 +307,10 @@ def test_overload_of_stroke_requests_at_5x_sheds_fast() -> None:
 
 
 def test_largest_legal_requests_under_load() -> None:
-    """Three requests of 256 drawings x 256 raw strokes x 2 points (the default limits' largest, ~1.4 MiB) amid
-    open-loop load of one-bitmap calls: all of them are answered, every call counted."""
+    """Two requests of 256 drawings x 256 raw strokes x 2 points (the default limits' largest, ~1.4 MiB; each takes
+    seconds of rendering) amid open-loop load of one-bitmap calls: all of them are answered, every call counted."""
     big = largest_request()
-    big_deadline_s = 20.0
+    big_deadline_s = 30.0
     outcomes: list[tuple[float, str]] = []
     with gateway("--model-dir", str(SHIPPED_MODEL)) as gw:
         t0 = time.monotonic()
@@ -332,7 +332,7 @@ def test_largest_legal_requests_under_load() -> None:
             threads[-1].start()
 
         tally = open_load(gw.target, rate=20, duration_s=8, deadline_s=3.0, name="largest-requests",
-                          events={1.0: later, 2.5: later, 4.0: later})  # fmt: skip
+                          events={1.0: later, 3.0: later})  # fmt: skip
         for th in threads:
             th.join(big_deadline_s + 5)
         elapsed = time.monotonic() - t0
@@ -348,10 +348,10 @@ def test_largest_legal_requests_under_load() -> None:
     p99_during = float(np.percentile(normal.latencies(since=1.0), 99))
     print("\n" + report(tally) + f"; largest requests took {[round(x, 2) for x in big_lat]} s; one-bitmap p99 "
           f"{p99_before * 1000:.0f} ms before, {p99_during * 1000:.0f} ms while they ran ({elapsed:.0f} s)")
-    assert len(outcomes) == 3 and [c for _, c in outcomes] == ["OK"] * 3, outcomes
+    assert len(outcomes) == 2 and [c for _, c in outcomes] == ["OK"] * 2, outcomes
     assert tally.lost == 0, report(tally)
     assert set(tally.codes) <= {"OK", "RESOURCE_EXHAUSTED"}, report(tally)
-    tally.save("3 largest legal requests (256 drawings x 256 raw strokes x 2 points) amid 20/s one-bitmap calls",
+    tally.save("2 largest legal requests (256 drawings x 256 raw strokes x 2 points) amid 20/s one-bitmap calls",
                CMD.format(k="largest"), largest_s=[round(x, 2) for x in big_lat],
                p99_bitmap_before_ms=round(p99_before * 1000), p99_bitmap_during_ms=round(p99_during * 1000))
 
@@ -417,11 +417,21 @@ class UnreadStream:
         self._thread.join(30)
 
 
+def _read_stream(target: str, n: int) -> None:
+    """A ClassifyStream client that reads: ``n`` one-bitmap messages, every answer read."""
+    drawing = pb.Drawing(bitmap=pb.Bitmap(pixels=bitmaps(1)[0]))
+    msgs = (pb.ClassifyStreamRequest(id=str(i), request=pb.ClassifyRequest(drawings=[drawing])) for i in range(n))
+    with grpc.insecure_channel(target) as ch:
+        answers = list(pb_grpc.ClassifierStub(ch).ClassifyStream(msgs, timeout=60))
+    assert len(answers) == n and not any(a.HasField("error") for a in answers)
+
+
 def test_unread_stream_is_bounded_and_does_not_slow_other_callers() -> None:
     """One client writes 150,000 stream messages and never reads an answer: the gateway stops reading it (its
     window, then HTTP/2 flow control), its RSS grows by less than 48 MiB, health answers throughout, and a second
     client's unary calls keep their latency once it is stuck."""
     with gateway("--model-dir", str(SHIPPED_MODEL)) as gw:
+        _read_stream(gw.target, 2000)  # the same path once, read: TensorFlow's and malloc's high-water marks first
         baseline = open_load(gw.target, rate=20, duration_s=3, deadline_s=3.0, name="unread-stream-baseline")
         with measured(gw, "unread stream", UNREAD_MESSAGES) as cost, UnreadStream(gw.target) as stream:
             stuck_after = stream.wait_stuck(lambda: gw.scrape()["quickdraw_inflight_requests"] > 0)
