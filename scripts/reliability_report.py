@@ -10,7 +10,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ART = ROOT / "test-artifacts"
-ORDER = ["backend-killed", "slow-backend", "overload-5x", "sigterm", "hot-reload-embedded", "hot-reload-tfserving"]
+ORDER = ["backend-killed", "slow-backend", "wedged-backend", "overload-5x", "overload-5x-strokes", "largest-requests",
+         "unread-stream", "sigterm", "sigterm-slow-backend", "hot-reload-embedded", "hot-reload-tfserving"]
 
 HEAD = """# Reliability
 

@@ -267,11 +267,12 @@ class Gateway:
             backend=self.backend_name,
         )
 
-    def close(self) -> None:
-        """Stop the decode workers, then the preprocessing threads."""
+    async def close(self) -> None:
+        """Stop the decode workers, then the preprocessing threads (a render in progress finishes first), in
+        threads: never on the event loop."""
         if self.decoder is not None:
-            self.decoder.close()
-        self._pool.shutdown(wait=True)
+            await asyncio.to_thread(self.decoder.close)
+        await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:

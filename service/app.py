@@ -2,8 +2,9 @@
 
 Start: the HTTP server (/metrics, JSON API, playground), then the gRPC server (health NOT_SERVING, so
 orchestrators can probe it while the model loads), then the backend loads and warms up, then the batcher
-starts, then health turns SERVING. Stop (SIGTERM/SIGINT): health NOT_SERVING, stop accepting new calls, let
-in-flight calls finish within ``shutdown_grace_s``, drain the batcher, close the backend, then the HTTP server.
+starts, then health turns SERVING. Stop (SIGTERM/SIGINT, even during start): health NOT_SERVING, both the gRPC
+and the HTTP server stop accepting new calls and let in-flight ones finish, then the batcher drains, the pools
+and the backend close; all of it within ``shutdown_grace_s`` (+ ``CLEANUP_S``), off the event loop.
 Nothing is built at import time.
 """
 
@@ -17,7 +18,7 @@ import logging
 import resource
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -51,6 +52,9 @@ LIVENESS_SERVICE = "liveness"
 #: File descriptors kept for everything but client connections: the model's files, TF Serving channels, the
 #: HTTP server's own sockets, threads' pipes, logs.
 FD_RESERVE = 256
+#: On stop, the stages after the servers (batcher, pools, backend) get at least this long together, even when
+#: in-flight calls took the whole grace period: the process exits within shutdown_grace_s + CLEANUP_S.
+CLEANUP_S = 0.5
 
 
 def raise_fd_limit() -> tuple[int, int]:
@@ -142,7 +146,10 @@ class App:
         self._batcher: Batcher | None = None
         self._gateway: Gateway | None = None
         self._json_parser: JsonParsePool | None = None
+        self._decoder: DecodePool | None = None
         self._stopping = False
+        #: Stop stages that had not finished when the grace period ran out ("start": a start abandoned on a signal).
+        self.left_behind: list[str] = []
         self._tasks: set[asyncio.Task[None]] = set()
         #: Readiness as the model's versions say (``_publish``) and as the batcher says (``_backend_health``).
         self._model_serving = False
@@ -215,7 +222,7 @@ class App:
         limits = Limits(s.max_drawings_per_request, s.max_top_k, s.max_strokes, s.max_points, s.max_raw_coordinate,
                         s.max_image_bytes, s.max_image_pixels, num_classes=len(model.labels),
                         max_jpeg_scans=s.max_jpeg_scans)
-        decoder = DecodePool(s.image_decode_workers, s.image_decode_budget_ms)
+        decoder = self._decoder = DecodePool(s.image_decode_workers, s.image_decode_budget_ms)
         await asyncio.to_thread(decoder.start)
         if s.http_api:  # after the decoder: its forkserver preloads the decoder for every worker it forks
             self._json_parser = JsonParsePool(s.json_parse_workers)
@@ -298,38 +305,79 @@ class App:
             task.add_done_callback(self._tasks.discard)
 
     async def stop(self) -> None:
-        """Health NOT_SERVING, stop accepting, finish in-flight calls, drain, close the backend."""
+        """Health NOT_SERVING, stop accepting on both ports, finish in-flight calls, drain, close the backend.
+
+        The whole stop is bounded by ``shutdown_grace_s`` (plus ``CLEANUP_S`` for the stages after the servers):
+        each stage gets what is left, and one that overruns it is cancelled (the batcher's running batches, whose
+        callers are gone by then, included). Threads are joined off the event loop, so stop never blocks it.
+        What could not finish is named in ``left_behind``.
+        """
         if self._stopping:
             return
         self._stopping = True
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.settings.shutdown_grace_s
         self.metrics.ready.set(0)
         await self._health.enter_graceful_shutdown()
-        if self._server is not None:
-            await self._server.stop(self.settings.shutdown_grace_s)
+        # Both ports stop accepting at once; their in-flight calls finish while the batcher still serves them.
+        await asyncio.gather(self._stop_grpc(end), self._bounded("HTTP server", self._http.stop(), end))
+        end = max(end, loop.time() + CLEANUP_S)
         if self._batcher is not None:
-            await self._batcher.close()
+            await self._bounded("batcher", self._batcher.close(), end)
         if self._gateway is not None:
-            self._gateway.close()
+            await self._bounded("preprocessing and decode pools", self._gateway.close(), end)
+        elif self._decoder is not None:
+            await self._bounded("decode pool", asyncio.to_thread(self._decoder.close), end)
         if self._backend is not None:
-            await self._backend.close()
-        await self._http.stop()
+            await self._bounded("backend", self._backend.close(), end)
         if self._json_parser is not None:
-            self._json_parser.close()
-        log.info("stopped")
+            await self._bounded("JSON parse pool", asyncio.to_thread(self._json_parser.close), end)
+        log.info("stopped%s", f" (left behind: {', '.join(self.left_behind)})" if self.left_behind else "")
+
+    async def _stop_grpc(self, end: float) -> None:
+        """Stop the gRPC server: refuse new calls, give in-flight ones until ``end`` (loop time), cancel the rest."""
+        if self._server is not None:
+            await self._server.stop(max(0.0, end - asyncio.get_running_loop().time()))
+
+    async def _bounded(self, stage: str, step: Awaitable[object], end: float) -> None:
+        """Run one stop stage until ``end`` (loop time) at most; past it, cancel it and record it as left behind."""
+        try:
+            async with asyncio.timeout_at(end):
+                await step
+        except TimeoutError:
+            log.warning("stop: %s did not finish within the shutdown grace period; left behind", stage)
+            self.left_behind.append(stage)
 
     async def run(self, on_ready: Callable[[App], None] | None = None) -> None:
-        """Start, serve until SIGTERM or SIGINT, then stop in order."""
+        """Start, serve until SIGTERM or SIGINT, then stop in order.
+
+        The signal handlers are installed before start: a signal while the model loads (or TF Serving is awaited)
+        abandons the start at once and stops; ``left_behind`` then names what was still running (a model load
+        in a thread cannot be interrupted: the caller exits without waiting for it, see ``quickdraw serve``).
+        """
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        starting = loop.create_task(self.start(), name="gateway-start")
+        signalled = loop.create_task(stop.wait(), name="gateway-signal")
         try:
-            await self.start()
+            await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                log.info("signal received while starting: stopping (grace %.1fs)", self.settings.shutdown_grace_s)
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
+                self.left_behind.append("start")
+                return
+            starting.result()  # a start that failed raises here (after stop, below)
             if on_ready is not None:
                 on_ready(self)
-            await stop.wait()
+            await signalled
             log.info("signal received: draining (grace %.1fs)", self.settings.shutdown_grace_s)
         finally:
+            starting.cancel()
+            signalled.cancel()
             await self.stop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)

@@ -20,7 +20,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +72,29 @@ def bitmaps(n: int = 64) -> list[bytes]:
     return [square.tobytes()]
 
 
+def stroke_requests(n: int = 64) -> list[pb.ClassifyRequest]:
+    """One-drawing requests of real simplified cat strokes if the sample is there, else of a drawn square."""
+    path = Path(os.environ.get("QUICKDRAW_SAMPLE_DIR", ROOT.parent / "shared" / "quickdraw")) / "simplified"
+    drawings: list[list[list[list[float]]]] = []
+    if (path / "cat.ndjson").exists():
+        with open(path / "cat.ndjson") as fh:
+            drawings = [json.loads(line)["drawing"] for _, line in zip(range(n), fh, strict=False)]
+    if not drawings:
+        drawings = [[[[20, 235, 235, 20, 20], [20, 20, 235, 235, 20]]]]
+    return [pb.ClassifyRequest(drawings=[pb.Drawing(strokes=pb.Strokes(
+        coordinates=pb.Strokes.SIMPLIFIED, strokes=[pb.Stroke(x=s[0], y=s[1]) for s in d]))]) for d in drawings]
+
+
+def largest_request(seed: int = 0) -> pb.ClassifyRequest:
+    """The largest legal request of the default limits: 256 drawings x 256 raw strokes x 2 points (~1.4 MiB)."""
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(0, 1000, size=(256, 256, 2, 2)).astype(np.float32)
+    return pb.ClassifyRequest(drawings=[
+        pb.Drawing(strokes=pb.Strokes(coordinates=pb.Strokes.RAW,
+                                      strokes=[pb.Stroke(x=s[0].tolist(), y=s[1].tolist()) for s in d]))
+        for d in xy])  # fmt: skip
+
+
 def open_load(
     target: str,
     rate: float,
@@ -80,8 +103,11 @@ def open_load(
     name: str,
     events: dict[float, Callable[[], None]] | None = None,
     version: int | None = None,
+    requests: Sequence[pb.ClassifyRequest] | None = None,
 ) -> Tally:
-    """Calls due at ``rate``/s for ``duration_s`` whatever happens; ``events`` run at their times (in a thread)."""
+    """Calls due at ``rate``/s for ``duration_s`` whatever happens; ``events`` run at their times (in a thread).
+
+    The calls classify one bitmap each, or cycle through ``requests``."""
     tally = Tally(name)
     payloads = bitmaps()
 
@@ -92,8 +118,9 @@ def open_load(
             tasks = []
 
             async def one(i: int, due: float) -> None:
-                req = pb.ClassifyRequest(drawings=[pb.Drawing(bitmap=pb.Bitmap(pixels=payloads[i % len(payloads)]))],
-                                         model=pb.ModelSpec(version=version) if version else None)  # fmt: skip
+                req = requests[i % len(requests)] if requests else pb.ClassifyRequest(
+                    drawings=[pb.Drawing(bitmap=pb.Bitmap(pixels=payloads[i % len(payloads)]))],
+                    model=pb.ModelSpec(version=version) if version else None)  # fmt: skip
                 sent = time.monotonic()
                 try:
                     resp = await asyncio.wait_for(stub.Classify(req, timeout=deadline_s), deadline_s + LATE_S)

@@ -1,16 +1,24 @@
 """``quickdraw serve`` as a process: it prints where it listens, and on SIGTERM it drains and exits 0.
 
 Order checked: health turns NOT_SERVING (seen on a Watch stream opened before the signal), new calls are
-refused, in-flight calls still get their answers, and the process exits 0 within the grace period.
+refused, in-flight calls still get their answers, and the process exits 0 within the grace period. A signal
+during start (the model loading, TF Serving awaited) stops the process at once, and the HTTP API stops
+accepting before the batcher closes.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,12 +26,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from faults import Gateway, free_port, start_standin
+from faults import Gateway, Process, free_port, start_standin
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import SHIPPED_MODEL
+from harness import SHIPPED_MODEL, RunningGateway
 
 from service.backends import find_versions
+from service.backends.embedded import EmbeddedBackend
 from service.client import QuickDrawClient
+from service.settings import Settings
 
 pytestmark = pytest.mark.skipif(not find_versions(SHIPPED_MODEL), reason=f"no SavedModel under {SHIPPED_MODEL}")
 
@@ -139,3 +149,84 @@ def test_serve_with_tfserving_backend_against_the_standin_process(tmp_path: Path
             assert proc.wait(30) == 0, "".join(lines[-30:])
     finally:
         standin.kill()
+
+
+def _sigterm_during_start(*args: str, when: str) -> tuple[float, int, str]:
+    """Start ``quickdraw serve`` with ``args``, SIGTERM it once it prints ``when`` (start not finished): returns
+    (seconds from the signal to its exit, exit code, its output)."""
+    proc = Process([sys.executable, "-m", "quickdraw", "serve", "--host", "127.0.0.1", "--grpc-port", "0",
+                    "--http-port", "0", *args], ready=when)  # fmt: skip
+    try:
+        assert "ready: gRPC on" not in proc.output(), "start finished before the signal: the test proves nothing"
+        t0 = time.monotonic()
+        proc.proc.send_signal(signal.SIGTERM)
+        code = proc.proc.wait(30)
+        return time.monotonic() - t0, code, proc.output()
+    finally:
+        proc.kill()
+
+
+def test_sigterm_while_the_model_loads_exits_zero_at_once() -> None:
+    """The model loads in a thread that cannot be interrupted: the process leaves without waiting for it."""
+    took, code, out = _sigterm_during_start("--model-dir", str(SHIPPED_MODEL), when=r"NOT_SERVING while the model")
+    print(f"\nSIGTERM while the model loads: exit {code} after {took:.2f} s")
+    assert code == 0, out[-2000:]
+    assert took < 2.0, out[-2000:]
+    assert "signal received while starting" in out
+
+
+def test_sigterm_while_waiting_for_tfserving_exits_zero_at_once() -> None:
+    took, code, out = _sigterm_during_start("--backend", "tfserving", "--tfserving-target",
+                                            f"127.0.0.1:{free_port()}", when=r"waiting for TF Serving")  # fmt: skip
+    print(f"\nSIGTERM while TF Serving is awaited: exit {code} after {took:.2f} s")
+    assert code == 0, out[-2000:]
+    assert took < 2.0, out[-2000:]
+
+
+class _GatedBackend(EmbeddedBackend):
+    """The embedded backend with its batches held until the test opens ``gate``; ``batches`` counts them."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings.model_dir, settings.model_name, max_batch_size=settings.max_batch_size,
+                         concurrency=1, warmup=False)  # fmt: skip
+        self.gate = threading.Event()
+        self.batches: list[int] = []
+
+    def _run(self, images, version):  # type: ignore[no-untyped-def]
+        self.gate.wait(60)
+        self.batches.append(len(images))
+        return super()._run(images, version)
+
+
+def _post_bitmap(port: int) -> int:
+    body = json.dumps({"drawings": [{"bitmap": {"pixels": base64.b64encode(bytes(784)).decode()}}]}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/classify", data=body,
+                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return int(resp.status)
+
+
+def test_http_stops_accepting_before_the_batcher_closes_and_its_calls_finish() -> None:
+    made: list[_GatedBackend] = []
+
+    def factory(settings: Settings) -> _GatedBackend:
+        made.append(_GatedBackend(settings))
+        return made[-1]
+
+    gw = RunningGateway(factory, shutdown_grace_s=10, warmup=False)
+    with gw, ThreadPoolExecutor(1) as pool:
+        port = gw.app.http_port
+        held = pool.submit(_post_bitmap, port)  # reaches the backend and is held there
+        while not gw.app.metrics.inflight_batches._value.get():
+            time.sleep(0.01)
+        stopping = asyncio.run_coroutine_threadsafe(gw.app.stop(), gw.loop)
+        time.sleep(0.3)
+        with pytest.raises(urllib.error.URLError) as info:  # not a 503 from a closed batcher: nobody listens
+            _post_bitmap(port)
+        assert isinstance(info.value.reason, ConnectionRefusedError), info.value
+        assert not stopping.done(), "stop must wait for the HTTP call in flight"
+        made[0].gate.set()
+        assert held.result(30) == 200  # the call in flight was answered by the batcher, still open for it
+        stopping.result(30)
+    assert made[0].batches == [1]
+    assert gw.app.left_behind == []

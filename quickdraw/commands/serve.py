@@ -87,8 +87,23 @@ def run(args: argparse.Namespace) -> int:
               + f"  try: {EXAMPLE.format(target=target)}", flush=True)
 
     configure_logging(settings.log_level)
-    asyncio.run(App(settings).run(on_ready=ready))
+    app = App(settings)
+    with asyncio.Runner() as runner:
+        runner.run(app.run(on_ready=ready))
+        if app.left_behind:  # a model load (or a render) still running in a thread: do not wait for it
+            _exit_now(0)
     return 0
+
+
+def _exit_now(code: int) -> None:
+    """Flush and leave at once: threads that cannot be interrupted (TensorFlow loading a model) are not joined."""
+    import logging
+    import os
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def configure_logging(level: str | None) -> None:

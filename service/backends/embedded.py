@@ -219,6 +219,6 @@ class EmbeddedBackend:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
-        self._loader.shutdown(wait=True)
-        self._pool.shutdown(wait=True)
+        await asyncio.to_thread(self._loader.shutdown, wait=True)  # joined off the event loop
+        await asyncio.to_thread(self._pool.shutdown, wait=True)
         self._signatures.clear()
