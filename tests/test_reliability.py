@@ -418,12 +418,14 @@ class UnreadStream:
 
 
 def _read_stream(target: str, n: int) -> None:
-    """A ClassifyStream client that reads: ``n`` one-bitmap messages, every answer read."""
+    """A ClassifyStream client that reads: ``n`` one-bitmap messages, every answer read (admission may refuse some
+    of a burst this fast: RESOURCE_EXHAUSTED is the only error allowed)."""
     drawing = pb.Drawing(bitmap=pb.Bitmap(pixels=bitmaps(1)[0]))
     msgs = (pb.ClassifyStreamRequest(id=str(i), request=pb.ClassifyRequest(drawings=[drawing])) for i in range(n))
     with grpc.insecure_channel(target) as ch:
         answers = list(pb_grpc.ClassifierStub(ch).ClassifyStream(msgs, timeout=60))
-    assert len(answers) == n and not any(a.HasField("error") for a in answers)
+    codes = {a.error.code for a in answers if a.HasField("error")}
+    assert len(answers) == n and codes <= {grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]}, codes
 
 
 def test_unread_stream_is_bounded_and_does_not_slow_other_callers() -> None:
