@@ -147,10 +147,13 @@ def test_validation_errors_carry_the_grpc_field_violations(
         (b"{nope", "", "is not valid JSON"),
         (b"[1, 2]", "", "must be a JSON object (a ClassifyRequest), got list"),
         (b'{"drawings": [{"strokes": {"strokes": [{"x": ["a"], "y": [1]}]}}]}',
-         "drawings[0].strokes.strokes[0].x[0]", "Couldn't parse float: a"),
+         "drawings[0].strokes.strokes[0].x[0]", 'expected a float (a JSON number, or a string such as "1.5", "NaN" '
+         'or "Infinity"), got the string "a"'),
         (b'{"drawing": []}', "drawing", "is not a field of quickdraw.v1.ClassifyRequest"),
-        (b'{"drawings": [{"strokes": {"coordinates": "POLAR"}}]}', "drawings[0].strokes.coordinates", "POLAR"),
-        (b'{"topK": -1}', "topK", "out of range"),
+        (b'{"drawings": [{"strokes": {"coordinates": "POLAR"}}]}', "drawings[0].strokes.coordinates",
+         'of the enum quickdraw.v1.Strokes.Coordinates (COORDINATES_UNSPECIFIED, SIMPLIFIED, RAW, or its number), '
+         'got the string "POLAR"'),
+        (b'{"topK": -1}', "topK", "is out of range for uint32 (0..4294967295), got -1"),
         (b"\xff\xfe", "", "is not valid JSON"),
     ],
 )
