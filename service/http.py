@@ -638,6 +638,10 @@ def parse_body(raw: bytes, message: M, max_message_bytes: int, limits: Limits | 
     for their count (a request nearer the limits gets every violation, as on gRPC); and stroke arrays of
     plain JSON numbers are set directly, as the same floats ParseDict would make, after ParseDict has parsed
     the rest.
+
+    What is left is walked against the message's descriptors first (``service.jsonwalk``): every value
+    ParseDict would refuse or overflow on is a field violation with its path in the JSON's field names. ParseDict
+    stays the parser; should it still refuse the body, the violation is a generic one quoting it.
     """
     try:
         data = json.loads(raw)

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import json
 import math
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -82,7 +84,7 @@ def found(value: Any) -> str:
     if isinstance(value, list):
         return f"an array of {len(value)} item{'' if len(value) == 1 else 's'}"
     if isinstance(value, dict):
-        keys = ", ".join(json.dumps(k, ensure_ascii=False) for k in list(value)[:8])
+        keys = ", ".join(json.dumps(k, ensure_ascii=False) for k in itertools.islice(value, 8))
         return f"an object with keys {_clip(keys)}" if value else "an empty object"
     return type(value).__name__
 
@@ -182,12 +184,13 @@ class _Walk:
             if not isinstance(value, list):
                 self.add(path, f"must be a JSON array (a repeated field), got {found(value)}")
                 return
-            if field.cpp_type in _FLOAT_NAMES and _plain_floats(value, field):
-                return
-            for index, item in enumerate(value):
+            indices: Iterable[int] = range(len(value))
+            if field.cpp_type in _FLOAT_NAMES:
+                indices = _float_suspects(value, field)
+            for index in indices:
                 if self.full:
                     return
-                where = f"{path}[{index}]"
+                item, where = value[index], f"{path}[{index}]"
                 if item is None and (field.cpp_type != _CPP.CPPTYPE_MESSAGE
                                      or field.message_type.full_name != "google.protobuf.Value"):
                     self.add(where, "must not be null (an element of a repeated field)")
@@ -229,18 +232,21 @@ class _Walk:
             self.add(path, problem)
 
 
-def _plain_floats(values: list[Any], field: FieldDescriptor) -> bool:
-    """Whether an array holds only JSON numbers a float (double) field takes: checked at C speed, so that a
-    long valid array is not walked value by value."""
-    if not set(map(type, values)) <= {int, float}:
-        return False
+def _float_suspects(values: list[Any], field: FieldDescriptor) -> list[int]:
+    """The indices of an array for a float (double) field that are not plain JSON numbers the field takes,
+    found at C speed where they are numbers, so that a long array is not walked value by value."""
+    numbers = [i for i, v in enumerate(values) if type(v) is int or type(v) is float]
+    others = [] if len(numbers) == len(values) else sorted(set(range(len(values))).difference(numbers))
     try:
-        array = np.asarray(values, dtype=np.float64)
-    except OverflowError:
-        return False
+        array = np.asarray([values[i] for i in numbers] if others else values, dtype=np.float64)
+    except OverflowError:  # an integer beyond a double: walk them all
+        return list(range(len(values)))
+    bound = FLOAT32_MAX if field.cpp_type == _CPP.CPPTYPE_FLOAT else math.inf
     with np.errstate(invalid="ignore"):
-        bound = FLOAT32_MAX if field.cpp_type == _CPP.CPPTYPE_FLOAT else math.inf
-        return bool((np.abs(array) <= bound).all() and np.isfinite(array).all())
+        bad = np.flatnonzero(~(np.abs(array) <= bound) | ~np.isfinite(array))
+    if not bad.size:
+        return others
+    return sorted(others + [numbers[i] for i in bad.tolist()])
 
 
 def scalar_problem(value: Any, field: FieldDescriptor) -> str | None:
