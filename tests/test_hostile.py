@@ -1141,4 +1141,4 @@ def test_json_that_json_format_chokes_on(api: Api, body: bytes, field: str, need
     assert status == 400 and elapsed < PROMPT_S, answer
     [(got, description)] = http_violations(answer)
     assert got == field and needle in description, (got, description)
-    assert len(description) <= 300  # json_format quotes the value, however long
+    assert len(description) <= 300  # the value is quoted clipped, however long
