@@ -38,7 +38,6 @@ import base64
 import json
 import logging
 import math
-import re
 import ssl
 import time
 import weakref
@@ -74,6 +73,7 @@ from service.errors import (
     to_rpc_status,
 )
 from service.jsonparse import PROCESS_PARSE_BYTES, JsonParsePool
+from service.jsonwalk import json_violations
 from service.metrics import Metrics
 from service.security import TokenAuth
 from service.validation import Limits
@@ -100,18 +100,14 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-cache",
 }
-_UNKNOWN_FIELD = re.compile(r'Message type "(?P<type>[\w.]+)" has no field named "(?P<name>.*)"$', re.DOTALL)
 #: Bodies up to this size are parsed on the event loop, larger ones on a worker thread (or process).
 INLINE_PARSE_BYTES = 64 * 1024
 #: Lists of more than this many times the drawings or strokes a request may hold are refused unparsed.
 EARLY_REFUSAL = 2
 #: The JSON names (and proto names) of a Stroke's number arrays.
 _STROKE_ARRAYS = ("x", "y", "tMs", "t_ms")
-_FAILED_TO_PARSE = re.compile(r"Failed to parse (?P<name>\w+) field: ")
-_NOT_A_LIST = re.compile(r"repeated field (?P<name>\w+) must be in \[\] which is ")
-#: The longest reason quoted from json_format in a field violation.
+#: The longest reason quoted from json_format when it refuses what the JSON walk (``service.jsonwalk``) took.
 MAX_REASON_CHARS = 300
-_PARSE_AT = re.compile(r'\s+at "?[A-Za-z_]\w*\.?(?P<path>[^"\s]*?)"?\.*$')
 M = TypeVar("M", bound=Message)
 _HTTP_TO_GRPC = {
     404: grpc.StatusCode.NOT_FOUND,
@@ -145,31 +141,6 @@ def error_response(error: ServiceError) -> web.Response:
     if error.code == grpc.StatusCode.UNAUTHENTICATED:
         headers = {"WWW-Authenticate": "Bearer"}
     return web.json_response(error_body(error), status=http_status(error), headers=headers)
-
-
-def parse_violation(exc: json_format.ParseError) -> FieldViolation:
-    """A json_format error as a field violation: the path it names (JSON field names) and the innermost reason.
-
-    The reason is cut to ``MAX_REASON_CHARS``: json_format quotes the offending value, which may be huge.
-    """
-    last = str(exc).split("\n Available Fields", 1)[0]  # what follows lists the message's fields
-    chain = []
-    while match := _FAILED_TO_PARSE.match(last):  # json_format wraps the reason once per enclosing field
-        chain.append(match.group("name"))
-        last = last[match.end() :]
-    match = _PARSE_AT.search(last)
-    if match:
-        path, reason = match.group("path"), last[: match.start()].strip()
-        unknown = _UNKNOWN_FIELD.search(reason)
-        if unknown:
-            name = unknown.group("name")
-            return FieldViolation(f"{path}.{name}" if path else name, f"is not a field of {unknown.group('type')}")
-        repeated = _NOT_A_LIST.match(reason)
-        if repeated:  # it names the field, and the path is its message's
-            name = repeated.group("name")
-            return FieldViolation(f"{path}.{name}" if path else name, "must be a JSON array (a repeated field)")
-        return FieldViolation(path, _clip(reason))
-    return FieldViolation(".".join(chain), _clip(last.strip().rstrip(".")))
 
 
 def _clip(reason: str) -> str:
@@ -667,6 +638,10 @@ def parse_body(raw: bytes, message: M, max_message_bytes: int, limits: Limits | 
     for their count (a request nearer the limits gets every violation, as on gRPC); and stroke arrays of
     plain JSON numbers are set directly, as the same floats ParseDict would make, after ParseDict has parsed
     the rest.
+
+    What is left is walked against the message's descriptors first (``service.jsonwalk``): every value
+    ParseDict would refuse or overflow on is a field violation with its path in the JSON's field names. ParseDict
+    stays the parser; should it still refuse the body, the violation is a generic one quoting it.
     """
     try:
         data = json.loads(raw)
@@ -682,12 +657,15 @@ def parse_body(raw: bytes, message: M, max_message_bytes: int, limits: Limits | 
     arrays = []
     if isinstance(message, pb.ClassifyRequest) and limits is not None:
         arrays = _take_stroke_arrays(data, limits, max_message_bytes)
+    violations = json_violations(data, message.DESCRIPTOR)
+    if violations:
+        raise InvalidArgument(violations)
     try:
         json_format.ParseDict(data, message)
-    except json_format.ParseError as exc:
-        raise InvalidArgument([parse_violation(exc)]) from None
-    except OverflowError as exc:  # json_format lets float(<a 400-digit integer>) and int(1e400) escape
-        raise InvalidArgument([_overflow_violation(data, exc)]) from None
+    except (json_format.ParseError, OverflowError, ValueError, TypeError) as exc:  # what the walk missed
+        log.info("json_format refused a body the JSON walk took: %s", _clip(str(exc)))
+        reason = f"could not be parsed as a {message.DESCRIPTOR.name}: {_clip(str(exc))}"
+        raise InvalidArgument([FieldViolation("", f"request body {reason}")], f"request body {reason}") from None
     for i, j, name, values in arrays:
         getattr(message.drawings[i].strokes.strokes[j], "t_ms" if name == "tMs" else name).extend(values)  # type: ignore[attr-defined]
     size = message.ByteSize()
@@ -769,20 +747,6 @@ def _take_stroke_arrays(
             del drawings[i]["strokes"]["strokes"][j][name]
             out.append((i, j, name, numbers))
     return out
-
-
-def _overflow_violation(data: Any, exc: OverflowError) -> FieldViolation:
-    """Where ParseDict overflowed: the first number, in document order, that no field can hold."""
-    stack: list[tuple[str, Any]] = [("", data)]
-    while stack:
-        path, value = stack.pop()
-        if isinstance(value, dict):
-            stack.extend((f"{path}.{k}" if path else str(k), v) for k, v in reversed(value.items()))
-        elif isinstance(value, list):
-            stack.extend((f"{path}[{k}]", v) for k, v in reversed(list(enumerate(value))))
-        elif (type(value) is int and abs(value) >= 2**1024) or (type(value) is float and math.isinf(value)):
-            return FieldViolation(path, f"is out of range ({exc})")
-    return FieldViolation("", f"a number is out of range ({exc})")
 
 
 @web.middleware

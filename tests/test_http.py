@@ -147,10 +147,13 @@ def test_validation_errors_carry_the_grpc_field_violations(
         (b"{nope", "", "is not valid JSON"),
         (b"[1, 2]", "", "must be a JSON object (a ClassifyRequest), got list"),
         (b'{"drawings": [{"strokes": {"strokes": [{"x": ["a"], "y": [1]}]}}]}',
-         "drawings[0].strokes.strokes[0].x[0]", "Couldn't parse float: a"),
+         "drawings[0].strokes.strokes[0].x[0]", 'expected a float (a JSON number, or a string such as "1.5", "NaN" '
+         'or "Infinity"), got the string "a"'),
         (b'{"drawing": []}', "drawing", "is not a field of quickdraw.v1.ClassifyRequest"),
-        (b'{"drawings": [{"strokes": {"coordinates": "POLAR"}}]}', "drawings[0].strokes.coordinates", "POLAR"),
-        (b'{"topK": -1}', "topK", "out of range"),
+        (b'{"drawings": [{"strokes": {"coordinates": "POLAR"}}]}', "drawings[0].strokes.coordinates",
+         'of the enum quickdraw.v1.Strokes.Coordinates (COORDINATES_UNSPECIFIED, SIMPLIFIED, RAW, or its number), '
+         'got the string "POLAR"'),
+        (b'{"topK": -1}', "topK", "is out of range for uint32 (0..4294967295), got -1"),
         (b"\xff\xfe", "", "is not valid JSON"),
     ],
 )
@@ -309,3 +312,198 @@ def test_connection_caps_fit_under_the_descriptor_limit() -> None:
     grpc_cap, http_cap = app.connection_caps(s, 1024)
     assert grpc_cap + http_cap <= 1024 - app.FD_RESERVE and grpc_cap > http_cap > 0
     assert app.connection_caps(s, 1 << 20) == (2000, 1000)
+
+
+# --- the JSON walk: field violations from the JSON and the descriptors, before ParseDict ------------------------
+
+WALK_LIMITS_ARGS = (8, 20, 16, 8192, 1e6, 1024, 1024)
+
+
+def _walk_refusal(raw: bytes) -> list[tuple[str, str]]:
+    """The field violations parse_body gives a body (it must refuse it, and ParseDict must agree)."""
+    from service.errors import InvalidArgument
+    from service.http import parse_body
+    from service.validation import Limits
+
+    with pytest.raises(InvalidArgument) as info:
+        parse_body(raw, pb.ClassifyRequest(), 1 << 22, Limits(*WALK_LIMITS_ARGS, num_classes=345))
+    with pytest.raises((json_format.ParseError, OverflowError)):
+        json_format.Parse(raw, pb.ClassifyRequest())  # the walk refuses only what ParseDict refuses
+    return [(v.field, v.description) for v in info.value.violations]
+
+
+def _stroke(x: Any, y: Any = None) -> dict[str, Any]:
+    return {"x": x, "y": [1] * len(x) if y is None and isinstance(x, list) else y}
+
+
+def _drawings(*strokes: dict[str, Any]) -> dict[str, Any]:
+    ok = {"strokes": {"strokes": [_stroke([1, 2])]}}
+    return {"drawings": [ok, ok, {"strokes": {"strokes": list(strokes), "coordinates": "RAW"}}]}
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "description"),
+    [
+        # unknown fields, at the top and deep down, by the name the JSON gives
+        (b'{"drawing": []}', "drawing",
+         "is not a field of quickdraw.v1.ClassifyRequest (its fields: drawings, topK, model)"),
+        (json.dumps({"drawings": [{"strokes": {"strokes": [{"x": [1], "y": [1], "z": [1]}]}}]}).encode(),
+         "drawings[0].strokes.strokes[0].z", "is not a field of quickdraw.v1.Stroke (its fields: x, y, tMs)"),
+        # wrong types at depth
+        (json.dumps(_drawings(_stroke([1, 2, 3, 4, 5, "six"]))).encode(), "drawings[2].strokes.strokes[0].x[5]",
+         'expected a float (a JSON number, or a string such as "1.5", "NaN" or "Infinity"), got the string "six"'),
+        (json.dumps(_drawings(_stroke([1, 2], [True, {}]))).encode(), "drawings[2].strokes.strokes[0].y[1]",
+         'expected a float (a JSON number, or a string such as "1.5", "NaN" or "Infinity"), got an empty object'),
+        (b'{"drawings": [{"strokes": [1]}]}', "drawings[0].strokes",
+         "must be a JSON object (a quickdraw.v1.Strokes), got an array of 1 item"),
+        (b'{"drawings": [{"image": {"data": 5}}]}', "drawings[0].image.data",
+         "expected base64 bytes (a JSON string), got 5"),
+        (b'{"top_k": "three"}', "top_k",
+         'expected an integer (uint32: a JSON number or a string of digits), got the string "three"'),
+        (b'{"topK": 2.5}', "topK", "expected an integer (uint32: a JSON number or a string of digits), got 2.5"),
+        # a JSON array for each repeated field, and nothing else
+        (b'{"drawings": {"a": 1}}', "drawings",
+         'must be a JSON array (a repeated field), got an object with keys "a"'),
+        (b'{"drawings": [{"strokes": {"strokes": {"x": [1]}}}]}', "drawings[0].strokes.strokes",
+         'must be a JSON array (a repeated field), got an object with keys "x"'),
+        (b'{"drawings": [{"strokes": {"strokes": [{"x": 1, "y": [1]}]}}]}', "drawings[0].strokes.strokes[0].x",
+         "must be a JSON array (a repeated field), got 1"),
+        # base64: either alphabet, padding optional; not a length that no base64 has
+        (b'{"drawings": [{"bitmap": {"pixels": "AAAAA"}}]}', "drawings[0].bitmap.pixels",
+         'expected base64 bytes (standard or URL-safe, padding optional), got the string "AAAAA": Invalid '
+         "base64-encoded string: number of data characters (5) cannot be 1 more than a multiple of 4"),
+        # enums by name or number
+        (b'{"drawings": [{"strokes": {"coordinates": "POLAR"}}]}', "drawings[0].strokes.coordinates",
+         "expected a value of the enum quickdraw.v1.Strokes.Coordinates (COORDINATES_UNSPECIFIED, SIMPLIFIED, RAW,"
+         ' or its number), got the string "POLAR"'),
+        (b'{"drawings": [{"strokes": {"coordinates": 2147483648}}]}', "drawings[0].strokes.coordinates",
+         "is out of range for the enum quickdraw.v1.Strokes.Coordinates (an int32), got 2147483648"),
+        # numbers that overflow: ParseDict's OverflowErrors, and its range checks
+        (b'{"drawings": [{"strokes": {"strokes": [{"x": [1, 1' + b"0" * 400 + b'], "y": [1, 2]}]}}]}',
+         "drawings[0].strokes.strokes[0].x[1]", "is out of range for a float, got a 401-digit integer"),
+        (b'{"drawings": [{"strokes": {"strokes": [{"x": [1e400], "y": [1]}]}}]}',
+         "drawings[0].strokes.strokes[0].x[0]", "is out of range for a float (at most 3.40282347e+38 in magnitude), "
+         'got a number too large for a double; the strings "Infinity" and "-Infinity" are the infinities'),
+        (b'{"drawings": [{"strokes": {"coordinates": 1e400}}]}', "drawings[0].strokes.coordinates",
+         "is out of range for the enum quickdraw.v1.Strokes.Coordinates (an int32), got a number too large for a "
+         "double"),
+        (b'{"topK": 1' + b"0" * 400 + b"}", "topK", "is out of range for uint32 (0..4294967295), got a 401-digit "
+         "integer"),
+        (b'{"model": {"version": 1e400}}', "model.version",
+         "is out of range for int64 (-9223372036854775808..9223372036854775807), got a number too large for a double"),
+        # null: a field's default, but not an element of a repeated field
+        (b'{"drawings": [null]}', "drawings[0]", "must not be null (an element of a repeated field)"),
+        (b'{"drawings": [{"strokes": {"strokes": [{"x": [1, null], "y": [1, 2]}]}}]}',
+         "drawings[0].strokes.strokes[0].x[1]", "must not be null (an element of a repeated field)"),
+        # int64 as a string, of digits (or what int() or float() take)
+        (b'{"model": {"version": "12a"}}', "model.version",
+         'expected an integer (int64: a JSON number or a string of digits), got the string "12a"'),
+        (b'{"model": {"version": "9223372036854775808"}}', "model.version",
+         "is out of range for int64 (-9223372036854775808..9223372036854775807), got the string "
+         '"9223372036854775808"'),
+        (b'{"model": {"version": "1 2"}}', "model.version",
+         'expected an integer (int64: a JSON number or a string of digits), got the string "1 2"'),
+        # a oneof holds one member (null is none)
+        (b'{"drawings": [{"bitmap": {}, "strokes": {}}]}', "drawings[0].strokes",
+         "is a second field of the oneof input of quickdraw.v1.Drawing (bitmap is set too); set only one"),
+    ],
+    ids=["unknown-top", "unknown-deep", "string-in-floats", "object-in-floats", "list-for-message", "number-for-bytes",
+         "word-for-uint32", "fraction-for-uint32", "object-for-drawings", "object-for-strokes", "number-for-x",
+         "base64-length", "enum-name", "enum-int32", "400-digit-float", "1e400-float", "1e400-enum", "400-digit-uint32",
+         "1e400-int64", "null-drawing", "null-coordinate", "int64-word", "int64-too-big", "int64-space", "oneof"],
+)  # fmt: skip
+def test_the_json_walk_names_each_field_exactly(body: bytes, field: str, description: str) -> None:
+    assert _walk_refusal(body) == [(field, description)]
+
+
+def test_the_json_walk_reports_every_violation_bounded() -> None:
+    from service.jsonwalk import MAX_VIOLATIONS
+
+    body = {"drawings": [{"strokes": {"strokes": [{"x": ["a", 1, "b"], "y": [1, 2, 3]}], "coordinates": "P"}},
+                         {"bitmap": {"pixels": "A"}}], "topK": -1, "nope": 1}  # fmt: skip
+    assert [f for f, _ in _walk_refusal(json.dumps(body).encode())] == [
+        "drawings[0].strokes.strokes[0].x[0]", "drawings[0].strokes.strokes[0].x[2]",
+        "drawings[0].strokes.coordinates", "drawings[1].bitmap.pixels", "topK", "nope"]
+    many = {"drawings": [{"strokes": {"strokes": [{"x": ["a"] * 1000, "y": [1] * 1000}]}}]}
+    got = _walk_refusal(json.dumps(many).encode())
+    assert [f for f, _ in got] == [f"drawings[0].strokes.strokes[0].x[{i}]" for i in range(MAX_VIOLATIONS)]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"drawings": [{"bitmap": {"pixels": base64.b64encode(bytes(range(250, 256)) * 2).decode()}}]},
+        {"drawings": [{"bitmap": {"pixels": base64.urlsafe_b64encode(bytes(range(250, 256)) * 2).decode()}}]},
+        {"drawings": [{"bitmap": {"pixels": "-_8"}}, {"image": {"data": "+/8="}}, {"image": {"data": ""}}]},
+        {"drawings": [{"strokes": {"coordinates": c}} for c in ("RAW", 2, "2", 7, None)]},
+        {"drawings": [{"bitmap": None, "strokes": {"strokes": [{"x": ["NaN", "Infinity", "-Infinity", "1.5", 2],
+                                                                "y": [1, 2, 3, 4, 5], "tMs": None}]}}]},
+        {"drawings": None, "topK": None, "model": None},
+        {"model": {"version": "12"}, "topK": "5"},
+        {"model": {"version": "1e3"}, "top_k": 4.0},
+        {"model": {"version": -(2**63)}, "topK": 2**32 - 1},
+        {"drawings": [{"strokes": {"strokes": [{"x": [10**39], "y": ["1e39"]}]}}]},  # json_format takes these
+        {"model": []},  # and an empty array as an empty message
+    ],
+)  # fmt: skip
+def test_the_json_walk_takes_what_json_format_takes(body: dict[str, Any]) -> None:
+    from service.jsonwalk import json_violations
+
+    assert json_violations(json.loads(json.dumps(body)), pb.ClassifyRequest.DESCRIPTOR) == []
+    json_format.ParseDict(json.loads(json.dumps(body)), pb.ClassifyRequest())
+
+
+def test_the_json_walk_is_generic_over_descriptors() -> None:
+    """Maps (keys as their type), the wrappers (bare values), Struct and Value, by their own paths."""
+    from google.protobuf import message_factory, struct_pb2, wrappers_pb2
+    from google.rpc import error_details_pb2
+
+    from service.jsonwalk import json_violations
+
+    def walk(data: Any, descriptor: Any) -> list[tuple[str, str]]:
+        out = [(v.field, v.description) for v in json_violations(data, descriptor)]
+        message = message_factory.GetMessageClass(descriptor)()
+        try:
+            json_format.ParseDict(data, message)
+        except (json_format.ParseError, OverflowError, ValueError):
+            assert out
+        else:
+            assert not out
+        return out
+
+    info = error_details_pb2.ErrorInfo.DESCRIPTOR
+    assert walk({"metadata": {"a": "b"}, "reason": "r"}, info) == []
+    assert walk({"metadata": {"a": 1}}, info) == [("metadata[a]", "expected a JSON string, got 1")]
+    assert walk({"metadata": [1]}, info) == [("metadata", "must be a JSON object (a map), got an array of 1 item")]
+    assert walk("-5", wrappers_pb2.Int64Value.DESCRIPTOR) == []
+    assert walk("x", wrappers_pb2.Int64Value.DESCRIPTOR) == [
+        ("", 'expected an integer (int64: a JSON number or a string of digits), got the string "x"')]
+    assert walk({"a": [1, "b", {"c": None}]}, struct_pb2.Struct.DESCRIPTOR) == []
+    quota = error_details_pb2.QuotaFailure.DESCRIPTOR
+    assert walk({"violations": [{"subject": "s"}, {"subject": 5}]}, quota) == [
+        ("violations[1].subject", "expected a JSON string, got 5")]
+
+
+def test_the_json_walk_checks_number_arrays_at_c_speed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long array of plain numbers is checked with numpy, not value by value (the stroke arrays of a valid
+    body are taken out before the walk; one that was not is still checked fast): only what is not a number the
+    field takes is walked."""
+    from service import jsonwalk
+
+    walked: list[str] = []
+    scalar = jsonwalk._Walk.scalar
+
+    def counted(self: Any, value: Any, field: Any, path: str) -> None:
+        walked.append(path)
+        scalar(self, value, field, path)
+
+    monkeypatch.setattr(jsonwalk._Walk, "scalar", counted)
+    n = 200_000
+    data = {"drawings": [{"strokes": {"strokes": [{"x": list(range(n)), "y": [0.5] * n, "tMs": [1e38] * n}]}}]}
+    assert jsonwalk.json_violations(data, pb.ClassifyRequest.DESCRIPTOR) == [] and walked == []
+    x = data["drawings"][0]["strokes"]["strokes"][0]["x"]  # type: ignore[index]
+    x[7], x[n // 2], x[-1] = "NaN", 1e39, "z"
+    got = jsonwalk.json_violations(data, pb.ClassifyRequest.DESCRIPTOR)
+    path = "drawings[0].strokes.strokes[0].x"
+    assert walked == [f"{path}[7]", f"{path}[{n // 2}]", f"{path}[{n - 1}]"]
+    assert [v.field for v in got] == [f"{path}[{n // 2}]", f"{path}[{n - 1}]"]
