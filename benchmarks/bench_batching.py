@@ -14,6 +14,7 @@ what matter.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import re
 import signal
@@ -32,6 +33,8 @@ DURATION_S = float(os.environ.get("BENCH_DURATION_S", "12"))  # per configuratio
 ROUNDS = 3
 LATENCY_CALLS = 600
 WARMUP_S = 1.0
+#: Failed calls of every load, by code and message (printed with the count).
+FAILURES: collections.Counter[str] = collections.Counter()
 
 
 def start(*args: str) -> tuple[subprocess.Popen[str], str]:
@@ -82,8 +85,9 @@ async def load(target: str, callers: int, images: np.ndarray, seconds: float) ->
             while (now := time.perf_counter()) < t_end:
                 try:
                     await stub.Classify(requests[k % len(requests)], timeout=30)
-                except grpc.aio.AioRpcError:
+                except grpc.aio.AioRpcError as exc:
                     errors += 1
+                    FAILURES[f"{exc.code().name}: {exc.details()}"[:160]] += 1
                     continue
                 finally:
                     k += callers
@@ -162,7 +166,8 @@ def run() -> list[str]:
                 rate, hist64[name], errors = asyncio.run(load(targets[name], 64, images, DURATION_S / ROUNDS))
                 tput[name].append(rate)
                 if errors:
-                    print(f"  batching {name}: {errors} failed calls", flush=True)
+                    print(f"  batching {name}: {errors} failed calls: {dict(FAILURES.most_common(3))}", flush=True)
+                    FAILURES.clear()
         lat = asyncio.run(interleaved_latency(targets, images, LATENCY_CALLS))
         extra = more_loads(targets["on"])
     finally:

@@ -236,7 +236,7 @@ class Batcher:
             return 0.0
         now = self._clock()
         ran = [now - t0 for t0 in self._inflight.values()]
-        cost = max(statistics.median(took) if took else 0.0, *ran)
+        cost = max([statistics.median(took) if took else 0.0, *ran])  # ran may be empty
         return (ahead * cost + sum(cost - r for r in ran)) / self._cfg.max_concurrent_batches
 
     def fail(self, what: str, exc: BaseException | None = None) -> None:

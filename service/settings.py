@@ -62,7 +62,8 @@ class Settings(BaseSettings):
         "(kept below the file-descriptor limit, see README Security)",
     )  # fmt: skip
     grpc_max_streams_per_connection: int = Field(
-        100, ge=1, description="most calls in flight on one gRPC connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)"
+        1000, ge=1, description="most calls in flight on one gRPC connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS); "
+        "clients queue calls beyond it"
     )
     max_concurrent_rpcs: int = Field(
         4000, ge=1, description="most gRPC calls in flight in the whole server, health checks included; beyond it "

@@ -255,7 +255,7 @@ def test_broadcast_predict_is_refused(gw: AttackedGateway) -> None:
 
 
 def test_idle_streams_are_capped(gw: AttackedGateway) -> None:
-    """Idle ClassifyStream calls over 20 connections: each connection carries at most 100 streams (HTTP/2
+    """Idle ClassifyStream calls over 20 connections: each connection carries at most 1,000 streams (HTTP/2
     SETTINGS_MAX_CONCURRENT_STREAMS) and the gateway keeps at most --max-open-streams open (300 on this
     gateway; 1,000 by default); the rest get RESOURCE_EXHAUSTED at once, and health still answers."""
     opened, connections, per_connection = 400, 20, 20

@@ -411,6 +411,23 @@ def test_admission_counts_work_in_flight_and_refuses_at_once_over_max_queue_wait
     run(main)
 
 
+def test_estimate_with_full_batches_queued_and_none_in_flight() -> None:
+    """Between the arrival of calls and their dispatch, full batches can be queued with nothing in flight (every
+    call is one with max_batch_size=1): the estimate is the queued batches at the learned cost. (It raised a
+    TypeError there once, an INTERNAL for every caller: ``make bench`` found it.)"""
+
+    async def main() -> None:
+        backend = FakeBackend(delay_s=0.02)
+        batcher, _ = make(backend, max_batch_size=1, max_concurrent_batches=1, max_queue_wait_ms=0.0)
+        await batcher.submit(images_for([1]), 1)  # learns 20 ms a batch
+        batcher._queued = 3  # three one-drawing calls have arrived and the collector has not run yet
+        assert batcher.estimated_wait_s() == pytest.approx(3 * 0.02)
+        batcher._queued = 0
+        await batcher.close()
+
+    run(main)
+
+
 def test_admission_learns_from_timed_out_and_failed_batches() -> None:
     """Only successes used to count: a brownout of timeouts and failures left the estimate at its old, fast value."""
 
