@@ -27,7 +27,7 @@ from doodle import decode_image
 from quickdraw.v1 import classifier_pb2 as pb
 from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
 from service import wire
-from service.backends import ModelDescription
+from service.backends import ModelDescription, Scores, TopK
 from service.batching import Batcher
 from service.decode import DecodePool
 from service.errors import (
@@ -159,10 +159,12 @@ class Gateway:
             prepared, kinds = self._prepare(request, deadline_s, False)
         if prepared is None:  # large, or not only bitmaps: parsing, validation and rendering go to a thread
             prepared, kinds = await self._offload(loop, request, deadline_s)
-        for kind in set(kinds):
-            self.metrics.drawings.labels(kind.value).inc(kinds.count(kind))
-        kind_label = kinds[0].value if len(set(kinds)) == 1 else "mixed"
-        self.metrics.preprocess_latency.labels(kind_label).observe(time.perf_counter() - t0)
+        m = self.metrics
+        distinct = set(kinds)
+        for kind in distinct:
+            m.child(m.drawings, kind.value).inc(len(kinds) if len(distinct) == 1 else kinds.count(kind))
+        kind_label = kinds[0].value if len(distinct) == 1 else "mixed"
+        m.child(m.preprocess_latency, kind_label).observe(time.perf_counter() - t0)
         return prepared
 
     async def _offload(
@@ -221,25 +223,27 @@ class Gateway:
 
     async def predict(self, prepared: Prepared, deadline_s: float | None) -> pb.ClassifyResponse:
         """Batch prepared images through the backend and build the answer: the second half of :meth:`classify`."""
-        probs = await self.batcher.submit(prepared.images, prepared.version, deadline_s)
-        return self._response(probs, prepared.top_k, prepared.version)
+        scores = await self.batcher.submit(prepared.images, prepared.version, deadline_s, prepared.top_k)
+        return self._response(scores, prepared.top_k, prepared.version)
 
     async def predict_bitmaps(
-        self, images: NDArray[np.uint8], version: int, deadline_s: float | None
-    ) -> NDArray[np.float32]:
-        """Probabilities for already-valid bitmaps [n, 28, 28, 1] (TF Serving's Predict on the gateway)."""
-        self.metrics.drawings.labels(Kind.BITMAP.value).inc(len(images))
-        return await self.batcher.submit(images, version, deadline_s)
+        self, images: NDArray[np.uint8], version: int, deadline_s: float | None, top_k: int | None = None
+    ) -> Scores:
+        """Probabilities for already-valid bitmaps [n, 28, 28, 1] (TF Serving's Predict on the gateway); with
+        ``top_k``, possibly only the best ``top_k`` or more classes (a ``TopK``: see ``Batcher.submit``)."""
+        m = self.metrics
+        m.child(m.drawings, Kind.BITMAP.value).inc(len(images))
+        return await self.batcher.submit(images, version, deadline_s, top_k)
 
-    def _response(self, probs: NDArray[np.float32], k: int, version: int) -> pb.ClassifyResponse:
-        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    def _response(self, scores: Scores, k: int, version: int) -> pb.ClassifyResponse:
+        top = scores if isinstance(scores, TopK) else TopK.of(scores, k)
         labels = self._labels
         return pb.ClassifyResponse(
             predictions=[
                 pb.Prediction(
-                    top=[pb.ScoredLabel(label=labels[j], score=float(row[j]), index=int(j)) for j in idx]
+                    top=[pb.ScoredLabel(label=labels[j], score=v, index=j) for j, v in zip(idx, val, strict=True)]
                 )
-                for row, idx in zip(probs, top, strict=True)
+                for idx, val in zip(top.indices[:, :k].tolist(), top.scores[:, :k].tolist(), strict=True)
             ],
             model_name=self.model.name,
             model_version=version,
@@ -324,10 +328,11 @@ class Observed:
         if exc_type is not None and issubclass(exc_type, asyncio.CancelledError):
             expired = self.deadline_s is not None and time.monotonic() >= self.deadline_s - DEADLINE_SLACK_S
             self.code, self.fault = ("DEADLINE_EXCEEDED" if expired else "CANCELLED"), "client"
-        self._metrics.inflight.dec()
-        self._metrics.request_latency.labels(self._method, self.code).observe(time.perf_counter() - self._t0)
+        m = self._metrics
+        m.inflight.dec()
+        m.child(m.request_latency, self._method, self.code).observe(time.perf_counter() - self._t0)
         if self.code != "OK":
-            self._metrics.errors.labels(self._method, self.code, self.fault or "server").inc()
+            m.child(m.errors, self._method, self.code, self.fault or "server").inc()
 
 
 T = TypeVar("T")

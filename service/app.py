@@ -214,6 +214,8 @@ class App:
                           s.backend_timeout_ms, s.max_queue_wait_ms, s.backend_wedged_after_timeouts),
             self.metrics,
             self._backend.name,
+            run_top_k=getattr(self._backend, "predict_top_k", None),  # backends that can give top-k outputs alone
+            top_k_width=getattr(self._backend, "top_k_width", 0),
         )
         self._batcher.on_health = self._backend_health
         if hasattr(self._backend, "on_failure"):  # its background tasks (version watcher, status poller) died

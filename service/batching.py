@@ -10,6 +10,9 @@ It owns a bounded queue, one collector task and a future per queued item, and it
   no wait. While every slot is busy, drawings accumulate and the next free slot takes them together: that is
   where batching comes from under load. With ``max_batch_delay_ms`` > 0 a free slot also waits up to that
   long (from the oldest drawing's arrival) for a fuller batch.
+- A batch whose callers all want no more than the backend's exported top-k outputs (``run_top_k``) asks the
+  backend for those alone (TF Serving's ``output_filter``: less to send, decode and rank); one caller that
+  needs probabilities makes it a probabilities batch for all, and the gateway ranks them.
 - A batch holds one model version, at most ``max_batch_size`` drawings, and never splits a call's chunk.
   A call larger than ``max_batch_size`` is split into chunks that may travel in different batches.
 - An item whose deadline has passed, or whose caller went away, is dropped before it costs a backend call.
@@ -43,7 +46,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
+from prometheus_client import Counter
 
+from service.backends import Scores, TopK
 from service.errors import BackendError, DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
 from service.metrics import Metrics
 
@@ -55,15 +60,19 @@ DEADLINE_SLACK_S = 0.005
 #: The backend call: uint8 images [n, 28, 28, 1], a model version and the batch's deadline (the latest of its
 #: callers', on the monotonic clock; None when one has none) -> float32 probabilities [n, classes].
 RunBatch = Callable[[NDArray[np.uint8], int, float | None], Awaitable[NDArray[np.float32]]]
+#: The same call for the backend's top-k outputs only: -> ``TopK`` of its exported width.
+RunTopK = Callable[[NDArray[np.uint8], int, float | None], Awaitable[TopK]]
 
 
 @dataclass(eq=False)
 class _Item:
     images: NDArray[np.uint8]
     version: int
-    future: asyncio.Future[NDArray[np.float32]]
+    future: asyncio.Future[Scores]
     enqueued_s: float
     deadline_s: float | None
+    #: The caller wants only its best ``top_k`` classes (None: it needs the probabilities).
+    top_k: int | None = None
     #: Still counted in the queue (False once taken for a batch or dropped).
     queued: bool = True
 
@@ -105,8 +114,13 @@ class Batcher:
         metrics: Metrics,
         backend_name: str = "backend",
         clock: Callable[[], float] = time.monotonic,
+        run_top_k: RunTopK | None = None,
+        top_k_width: int = 0,
     ) -> None:
         self._run_batch = run_batch
+        #: The backend's top-k call and the width of what it gives (0: no such call).
+        self._run_top_k = run_top_k
+        self._top_k_width = top_k_width if run_top_k is not None else 0
         self._cfg = config
         self._metrics = metrics
         self._backend = backend_name
@@ -122,7 +136,7 @@ class Batcher:
         self._took_big: deque[float] = deque(maxlen=9)
         self._took_small: deque[float] = deque(maxlen=9)
         #: When each backend call in flight started (its slot is busy), by its future.
-        self._inflight: dict[asyncio.Future[NDArray[np.float32]], float] = {}
+        self._inflight: dict[asyncio.Future[Scores], float] = {}
         #: Consecutive backend timeouts (a batch still running counts again every backend_timeout_ms).
         self._timeouts = 0
         #: Timed-out batches whose backend work has not ended a timeout later (each holds its slot).
@@ -150,14 +164,18 @@ class Batcher:
             self._collector.add_done_callback(self._collector_done)
 
     async def submit(
-        self, images: NDArray[np.uint8], version: int, deadline_s: float | None = None
-    ) -> NDArray[np.float32]:
+        self, images: NDArray[np.uint8], version: int, deadline_s: float | None = None, top_k: int | None = None
+    ) -> Scores:
         """Queue a call's images and wait for their probabilities, in order.
 
-        ``deadline_s`` is on this batcher's clock (``time.monotonic``). Raises ResourceExhausted when the
-        queue is full or the estimated wait too long, DeadlineExceeded when the deadline passes before dispatch,
-        Unavailable once closed, failed or wedged, and BackendError when the batch fails. Cancelling the caller
-        drops its queued items.
+        With ``top_k``, the caller wants only its best ``top_k`` classes: the answer may then be a ``TopK`` (at
+        least ``top_k`` wide) instead of probabilities, when its batch can ask the backend for top-k alone (a call
+        split over several batches always gets probabilities).
+
+        ``deadline_s`` is on this batcher's clock (``time.monotonic``). Raises ResourceExhausted when the queue is
+        full or the estimated wait too long, DeadlineExceeded when the deadline passes before dispatch, Unavailable
+        once closed, failed or wedged, and BackendError when the batch fails. Cancelling the caller drops its
+        queued items.
         """
         n = len(images)
         self.admit(n)
@@ -166,9 +184,13 @@ class Batcher:
         loop = asyncio.get_running_loop()
         now = self._clock()
         size = self._cfg.max_batch_size
-        items = [
-            _Item(images[i : i + size], version, loop.create_future(), now, deadline_s) for i in range(0, n, size)
-        ]
+        if n <= size:
+            wants = top_k if top_k is not None and top_k <= self._top_k_width else None
+            items = [_Item(images, version, loop.create_future(), now, deadline_s, wants)]
+        else:
+            items = [
+                _Item(images[i : i + size], version, loop.create_future(), now, deadline_s) for i in range(0, n, size)
+            ]
         self._queue.extend(items)
         self._queued += n
         self._metrics.queue_depth.set(self._queued)
@@ -182,16 +204,19 @@ class Batcher:
                 else:
                     parts = await asyncio.gather(*(it.future for it in items))
         except TimeoutError:
-            self._metrics.dropped.labels("deadline").inc(self._unqueue(items))
+            self._dropped("deadline").inc(self._unqueue(items))
             raise DeadlineExceeded("deadline exceeded while queued for the backend") from None
         except asyncio.CancelledError:
             # gRPC cancels the handler when the client's deadline passes; count that as a deadline drop.
             expired = deadline_s is not None and self._clock() >= deadline_s - DEADLINE_SLACK_S
-            self._metrics.dropped.labels("deadline" if expired else "cancelled").inc(self._unqueue(items))
+            self._dropped("deadline" if expired else "cancelled").inc(self._unqueue(items))
             raise
         finally:
             self._unqueue(items)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)  # type: ignore[arg-type]  # chunks: never TopK
+
+    def _dropped(self, reason: str) -> Counter:
+        return self._metrics.child(self._metrics.dropped, reason)
 
     def admit(self, n: int) -> None:
         """Raise ResourceExhausted (or Unavailable once closed) now if a call of ``n`` drawings would be refused by
@@ -295,7 +320,7 @@ class Batcher:
             if not it.future.done():
                 it.future.set_exception(err)
         if dropped:
-            self._metrics.dropped.labels("unavailable").inc(dropped)
+            self._dropped("unavailable").inc(dropped)
         self._metrics.queue_depth.set(self._queued)
 
     def _collector_done(self, task: asyncio.Task[None]) -> None:
@@ -369,7 +394,7 @@ class Batcher:
             if it.deadline_s is not None and now >= it.deadline_s:
                 it.queued = False
                 self._queued -= it.n
-                self._metrics.dropped.labels("deadline").inc(it.n)
+                self._dropped("deadline").inc(it.n)
                 it.future.set_exception(DeadlineExceeded("deadline exceeded while queued for the backend"))
                 continue
             if version is None:
@@ -386,11 +411,11 @@ class Batcher:
         keep.extend(self._queue)
         self._queue = keep
         self._metrics.queue_depth.set(self._queued)
-        for it in batch:
-            self._metrics.queue_wait.observe(now - it.enqueued_s)
+        if batch:  # once per batch, not per drawing: its oldest drawing's wait
+            self._metrics.queue_wait.observe(now - min(it.enqueued_s for it in batch))
         return batch
 
-    def _start(self, batch: list[_Item]) -> tuple[NDArray[np.uint8], asyncio.Future[NDArray[np.float32]], float]:
+    def _start(self, batch: list[_Item]) -> tuple[NDArray[np.uint8], asyncio.Future[Scores], float]:
         """Start the backend call now, from the collector, not from a task that runs after everything else
         already scheduled (after a batch, that is every one of its callers' responses)."""
         images = batch[0].images if len(batch) == 1 else np.concatenate([it.images for it in batch])
@@ -400,14 +425,16 @@ class Batcher:
         deadlines = [it.deadline_s for it in batch]
         deadline = None if None in deadlines else max(d for d in deadlines if d is not None)
         try:
-            started = asyncio.ensure_future(self._run_batch(images, batch[0].version, deadline))
+            top_k_only = self._run_top_k is not None and all(it.top_k is not None for it in batch)
+            run = self._run_top_k if top_k_only else self._run_batch
+            started = asyncio.ensure_future(run(images, batch[0].version, deadline))  # type: ignore[misc]
         except Exception as exc:  # a backend that fails before it starts fails this batch like any other
             started = asyncio.get_running_loop().create_future()
             started.set_exception(exc)
         return images, started, t0
 
     async def _dispatch(
-        self, batch: list[_Item], images: NDArray[np.uint8], started: asyncio.Future[NDArray[np.float32]], t0: float
+        self, batch: list[_Item], images: NDArray[np.uint8], started: asyncio.Future[Scores], t0: float
     ) -> None:
         n = len(images)
         timeout_s = self._cfg.backend_timeout_ms / 1000.0
@@ -462,19 +489,20 @@ class Batcher:
                 raise  # this task itself is being cancelled: its callers are answered, let it end
         finally:
             self._inflight.pop(started, None)
-            self._metrics.backend_latency.labels(self._backend, outcome).observe(self._clock() - t0)
+            m = self._metrics
+            m.child(m.backend_latency, self._backend, outcome).observe(self._clock() - t0)
             self._metrics.inflight_batches.dec()
             if not released:
                 self._slots.release()
 
-    def _cancel_when_callers_gone(self, batch: list[_Item], started: asyncio.Future[NDArray[np.float32]]) -> None:
+    def _cancel_when_callers_gone(self, batch: list[_Item], started: asyncio.Future[Scores]) -> None:
         """Cancel the backend call once every caller of the batch is gone (or answered at the timeout), when it
         is an asyncio task (a gRPC call: cancelling it cancels the RPC); a thread's work cannot be stopped."""
         if not isinstance(started, asyncio.Task):
             return
         left = len(batch)
 
-        def one_done(_: asyncio.Future[NDArray[np.float32]]) -> None:
+        def one_done(_: asyncio.Future[Scores]) -> None:
             nonlocal left
             left -= 1
             if left == 0 and not started.done():
@@ -483,7 +511,7 @@ class Batcher:
         for it in batch:
             it.future.add_done_callback(one_done)
 
-    async def _outlive(self, started: asyncio.Future[NDArray[np.float32]], timeout_s: float) -> None:
+    async def _outlive(self, started: asyncio.Future[Scores], timeout_s: float) -> None:
         """After a timeout (callers answered already): hold the slot until the backend's work has really ended.
 
         Counts one timeout now and one more for each further ``timeout_s`` the work runs (then it is stuck).

@@ -7,6 +7,8 @@ buckets span 0.5 ms to 5 s.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 NAMESPACE = "quickdraw"
@@ -14,6 +16,10 @@ LATENCY_BUCKETS_S = (
     0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
     0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 3.0, 5.0,
 )  # fmt: skip
+
+
+#: A labelled metric (its children are of the same class).
+M = TypeVar("M", Counter, Gauge, Histogram)
 
 
 def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
@@ -31,6 +37,7 @@ class Metrics:
 
     def __init__(self, max_batch_size: int = 128, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._children: dict[tuple[int, tuple[str, ...]], Counter | Gauge | Histogram] = {}
         r, ns = self.registry, NAMESPACE
         self.request_latency = Histogram(
             "request_duration_seconds",
@@ -38,7 +45,9 @@ class Metrics:
             ["method", "code"], namespace=ns, buckets=LATENCY_BUCKETS_S, registry=r,
         )  # fmt: skip
         self.queue_wait = Histogram(
-            "queue_wait_seconds", "Time a drawing waited in the batcher's queue before its batch was dispatched.",
+            "queue_wait_seconds",
+            "Time the oldest drawing of each backend batch waited in the batcher's queue before the batch was "
+            "dispatched (one observation per batch: the longest wait in it).",
             namespace=ns, buckets=LATENCY_BUCKETS_S, registry=r,
         )  # fmt: skip
         self.backend_latency = Histogram(
@@ -105,3 +114,15 @@ class Metrics:
             ["reason"], namespace=ns, registry=r,
         )  # fmt: skip
         self.ready = Gauge("ready", "1 once the model is loaded and warmed up.", namespace=ns, registry=r)
+
+    def child(self, metric: M, *labels: str) -> M:
+        """``metric.labels(*labels)``, bound once and kept: what the hot path uses.
+
+        prometheus_client's ``labels()`` checks, converts and locks on every call (microseconds a call, several
+        times per request); label sets are few (bounded, see the module docstring), so each child is bound once.
+        """
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found  # type: ignore[return-value]

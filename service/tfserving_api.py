@@ -27,6 +27,7 @@ from tensorflow_serving.apis import (
 
 from service import wire
 from service.api import GatewaySlot, _deadline, _unary, parse_message
+from service.backends import TopK
 from service.errors import FieldViolation, InvalidArgument, NotFound
 from service.metrics import Metrics
 from service.tensors import from_numpy
@@ -107,24 +108,30 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                 [FieldViolation("output_filter", f"unknown outputs {unknown}; this signature has {list(OUTPUTS)}")]
             )
         images = image_tensor(request.inputs[INPUT_KEY], INPUT_KEY, gateway.limits)
-        probs = await gateway.predict_bitmaps(images, version, _deadline(context))
         wanted = list(request.output_filter) or list(OUTPUTS)
+        needs_probs = "probabilities" in wanted  # else the backend may give its top-k outputs alone
+        scores = await gateway.predict_bitmaps(images, version, _deadline(context), None if needs_probs else TOP_K)
         resp = predict_pb2.PredictResponse()
         resp.model_spec.name = gateway.model.name
         resp.model_spec.version.value = version
         resp.model_spec.signature_name = SIGNATURE
         # rank only when a top_k output is wanted (TF Serving clients usually filter to probabilities)
-        ranked = any(name != "probabilities" for name in wanted)
-        top = np.argsort(-probs, axis=1, kind="stable")[:, :TOP_K] if ranked else np.empty((0, 0), np.intp)
+        top: TopK | None = None
+        if isinstance(scores, TopK):
+            top = scores
+        elif any(name != "probabilities" for name in wanted):
+            top = TopK.of(scores, TOP_K)
         for name in wanted:
             if name == "probabilities":
-                value: np.ndarray = probs
-            elif name == "top_k_scores":
-                value = np.take_along_axis(probs, top, axis=1)
-            elif name == "top_k_indices":
-                value = top.astype(np.int32)
+                value: np.ndarray = scores  # type: ignore[assignment]  # asked for: never a TopK
             else:
-                value = np.asarray(gateway.model.labels, dtype=object)[top]
+                assert top is not None
+                if name == "top_k_scores":
+                    value = top.scores[:, :TOP_K]
+                elif name == "top_k_indices":
+                    value = top.indices[:, :TOP_K].astype(np.int32, copy=False)
+                else:
+                    value = np.asarray(gateway.model.labels, dtype=object)[top.indices[:, :TOP_K]]
             resp.outputs[name].CopyFrom(from_numpy(value))
         return resp
 

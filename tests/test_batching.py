@@ -20,6 +20,7 @@ import pytest
 from fakeclock import now, run_on_fake_clock
 from numpy.typing import NDArray
 
+from service.backends import TopK
 from service.batching import BackendHealth, Batcher, BatcherConfig
 from service.errors import BackendError, DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
 from service.metrics import Metrics
@@ -271,6 +272,69 @@ def test_large_call_is_split_into_chunks_and_reassembled_in_order() -> None:
         assert sorted(c.size for c in backend.calls) == [2, 4, 4]
         assert all(c.size <= 4 for c in backend.calls)
         assert sorted(backend.seen_ids) == ids
+        await batcher.close()
+
+    run(main)
+
+
+def test_top_k_is_exactly_a_stable_descending_sort_cut_at_k() -> None:
+    """TopK.of (a partition, then a sort of k) agrees with a full stable sort, ties at the k-th score included."""
+    rng = np.random.default_rng(7)
+    ties = np.array([[0.5, 0.2, 0.2, 0.2, 0.1], [0.1, 0.2, 0.2, 0.5, 0.2]], np.float32)
+    cases = [rng.random((50, 29), dtype=np.float32), np.round(rng.random((50, 29)), 1).astype(np.float32),
+             np.zeros((3, 29), np.float32), ties]  # fmt: skip
+    for probs in cases:
+        for k in range(0, probs.shape[1] + 2):
+            top = TopK.of(probs, k)
+            want = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+            np.testing.assert_array_equal(top.indices, want)
+            np.testing.assert_array_equal(top.scores, np.take_along_axis(probs, want, axis=1))
+    assert TopK.of(cases[-1], 2).indices.tolist() == [[0, 1], [3, 1]]
+
+
+def test_top_k_callers_get_the_backends_top_k_alone_unless_one_in_the_batch_needs_probabilities() -> None:
+    """A batch of callers who all want no more than the backend's top-k width goes to ``run_top_k``; one caller
+    wanting more (or probabilities), or a call split into chunks, makes it a probabilities batch."""
+
+    async def main() -> None:
+        backend = FakeBackend(gate=asyncio.Event())
+        top_k_batches: list[int] = []
+
+        async def run_top_k(images: NDArray[np.uint8], version: int, deadline_s: float | None = None) -> TopK:
+            top_k_batches.append(len(images))
+            return TopK.of(await backend(images, version, deadline_s), 3)
+
+        config = BatcherConfig(max_batch_size=4, max_concurrent_batches=1)
+        batcher = Batcher(backend, config, Metrics(4), "fake", clock=asyncio.get_running_loop().time,
+                          run_top_k=run_top_k, top_k_width=3)  # fmt: skip
+        batcher.start()
+        first = asyncio.create_task(batcher.submit(images_for([1]), 1, top_k=3))  # held by the gate
+        await until(lambda: len(backend.calls) == 1)
+        # queued behind it: two top-k callers, one batch; then a caller wanting 4 with one wanting 2: probabilities
+        both = [asyncio.create_task(batcher.submit(images_for([i]), 1, top_k=2)) for i in (2, 3)]
+        await until(lambda: batcher.queued_drawings == 2)
+        assert backend.gate is not None
+        backend.gate.set()
+        got = await first
+        # the fake's rows: 1.0 at the drawing's id and at the last column (the version), 0 elsewhere
+        assert isinstance(got, TopK) and got.indices.tolist() == [[1, NUM_COLUMNS - 1, 0]] and got.scores[0, 0] == 1.0
+        for i, task in zip((2, 3), both, strict=True):
+            top = await task
+            assert isinstance(top, TopK) and top.indices[0, 0] == i
+        assert top_k_batches == [1, 2]
+        backend.gate = asyncio.Event()
+        backend.gate_calls = len(backend.calls) + 1
+        held = asyncio.create_task(batcher.submit(images_for([4]), 1))
+        await until(lambda: len(backend.calls) == 3)
+        mixed = [asyncio.create_task(batcher.submit(images_for([i]), 1, top_k=k)) for i, k in ((5, 4), (6, 2))]
+        await until(lambda: batcher.queued_drawings == 2)
+        backend.gate.set()
+        np.testing.assert_array_equal(await held, expected([4], 1))
+        for i, task in zip((5, 6), mixed, strict=True):
+            np.testing.assert_array_equal(await task, expected([i], 1))
+        split = await batcher.submit(images_for(range(10, 16)), 1, top_k=2)  # 6 drawings: chunks of 4 and 2
+        np.testing.assert_array_equal(split, expected(range(10, 16), 1))
+        assert top_k_batches == [1, 2] and [c.size for c in backend.calls] == [1, 2, 1, 2, 4, 2]
         await batcher.close()
 
     run(main)

@@ -159,6 +159,19 @@ def test_gateway_predictions_through_tfserving_equal_the_offline_model(
                 got[i, s.index] = s.score
         np.testing.assert_allclose(got, want, atol=1e-5)
         assert resp.model_version == 2
+        assert standin.seen[-1].outputs == ("probabilities",)  # 29 classes wanted: TF Serving's top-k has 5
+        # top_k 3: the batch asks TF Serving for its top-k outputs alone; the answers are the model's best 3
+        seen = len(standin.seen)
+        top3 = client.classify_request(
+            pb.ClassifyRequest(drawings=[pb.Drawing(bitmap=pb.Bitmap(pixels=im.tobytes())) for im in images],
+                               top_k=3)
+        )  # fmt: skip
+        assert {s.outputs for s in standin.seen[seen:]} == {("top_k_scores", "top_k_indices")}
+        want_top = np.argsort(-want, axis=1, kind="stable")[:, :3]
+        for i, p in enumerate(top3.predictions):
+            assert [s.index for s in p.top] == want_top[i].tolist()
+            assert [s.label for s in p.top] == [labels[j] for j in want_top[i]]
+            np.testing.assert_allclose([s.score for s in p.top], want[i, want_top[i]], atol=1e-5)
         # strokes, rendered by the gateway, classified by TF Serving: most of the first 25 cats are cats
         cats = [d.google_strokes() for d in read_ndjson(SAMPLE / "simplified" / "cat.ndjson", limit=25)]
         top1 = [r.top[0][0] for r in client.classify(cats, top_k=3)]

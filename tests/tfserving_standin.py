@@ -55,6 +55,8 @@ class Seen:
     #: The caller's deadline on this process's monotonic clock (None when it gave none).
     deadline_s: float | None
     arrived_s: float
+    #: The request's output_filter (empty: every output).
+    outputs: tuple[str, ...] = ()
 
 
 class _Servable:
@@ -201,7 +203,8 @@ class _Prediction(prediction_service_pb2_grpc.PredictionServiceServicer):
         with s._lock:
             s.seen.append(
                 Seen(spec.name, spec.version.value if spec.HasField("version") else None,
-                     spec.version_label or None, spec.signature_name, batch, deadline, arrived)
+                     spec.version_label or None, spec.signature_name, batch, deadline, arrived,
+                     tuple(request.output_filter))
             )  # fmt: skip
         if s.delay_s:
             time.sleep(s.delay_s)

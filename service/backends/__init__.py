@@ -18,6 +18,52 @@ LABELS_PATH = Path("assets") / "labels.txt"
 
 
 @dataclass(frozen=True)
+class TopK:
+    """The best ``k`` classes of each drawing, best first (ties: the lower index first, as ``tf.math.top_k``).
+
+    What a backend gives instead of probabilities when every caller of a batch wants no more than its exported
+    ``top_k_*`` outputs hold: ``scores`` float32 [n, k] and ``indices`` int [n, k]. Sliced and measured like the
+    probabilities array it stands for (``len``, ``[a:b]``), so the batcher hands out either alike.
+    """
+
+    scores: NDArray[np.float32]
+    indices: NDArray[np.integer]
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def __getitem__(self, rows: slice) -> TopK:
+        return TopK(self.scores[rows], self.indices[rows])
+
+    @staticmethod
+    def of(probs: NDArray[np.float32], k: int) -> TopK:
+        """Rank probabilities [n, classes]: a partition, then a sort of the ``k`` best only.
+
+        Exactly what a stable descending sort would give: where the ``k``-th score ties with one left out, the
+        partition may have picked a higher index than the sort would, and such rows are sorted in full."""
+        n, classes = probs.shape
+        k = min(k, classes)
+        if k == 0 or n == 0:
+            return TopK(np.zeros((n, 0), np.float32), np.zeros((n, 0), np.intp))
+        if k == classes:
+            idx = np.argsort(-probs, axis=1, kind="stable")
+        else:
+            idx = np.argpartition(-probs, k - 1, axis=1)[:, :k]
+            vals = np.take_along_axis(probs, idx, axis=1)
+            order = np.lexsort((idx, -vals), axis=1)  # by score descending, then by index
+            idx = np.take_along_axis(idx, order, axis=1)
+            kth = np.take_along_axis(probs, idx[:, -1:], axis=1)
+            ties = np.flatnonzero((probs == kth).sum(axis=1) != (np.take_along_axis(probs, idx, 1) == kth).sum(axis=1))
+            for row in ties:  # the k-th score ties with one outside the partition: rare, sorted in full
+                idx[row] = np.argsort(-probs[row], kind="stable")[:k]
+        return TopK(np.take_along_axis(probs, idx, axis=1), idx)
+
+
+#: What a backend batch gives: probabilities [n, classes], or the best classes only (``TopK``).
+Scores = NDArray[np.float32] | TopK
+
+
+@dataclass(frozen=True)
 class ModelDescription:
     """What a backend serves: the model name, its versions (ascending) and the labels in output order."""
 

@@ -13,6 +13,10 @@ the served version's directory is deleted (a rollback), the highest remaining ve
 loaded) and served; in ``all`` mode a deleted version stops being served. A batch for a version no longer loaded
 gets NOT_FOUND. When no version is left, the loaded ones keep serving.
 
+Each version's signature is wrapped in a TensorFlow function that returns ``probabilities`` alone, so TensorFlow
+prunes what only the other outputs need (the top-k, the ``top_k_labels`` strings): the gateway ranks
+probabilities itself.
+
 The watcher is supervised: if it dies, ``on_failure`` is told (the gateway then reports NOT_SERVING and
 refuses calls).
 """
@@ -70,7 +74,8 @@ class EmbeddedBackend:
         self._threads = threads
         self._warmup = warmup
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="embedded-backend")
-        self._signatures: dict[int, Any] = {}
+        #: Per loaded version: (the loaded object, its signature as a function giving only the probabilities).
+        self._signatures: dict[int, tuple[Any, Any]] = {}
         self._tf: Any = None
         self._watch_s = watch_s
         self._retire_s = retire_s
@@ -176,12 +181,22 @@ class EmbeddedBackend:
         if labels is not None and these != labels:
             raise ValueError(f"version {v} has different labels from the served version; serve one at a time")
         loaded = tf.saved_model.load(str(self._model_dir / str(v)))
-        self._signatures[v] = (loaded, loaded.signatures[SIGNATURE])
+        self._signatures[v] = (loaded, self._probabilities(loaded.signatures[SIGNATURE]))
         log.info("loaded %s version %d (%d classes) in %.1fs", self._model_name, v, len(these),
                  time.perf_counter() - t0)  # fmt: skip
         if self._warmup:
             self._warm(v)
         return these
+
+    def _probabilities(self, sig: Any) -> Any:
+        """``sig`` as a function of the images giving its ``probabilities`` alone: TensorFlow prunes the rest."""
+        tf = self._tf
+
+        @tf.function(input_signature=[sig.structured_input_signature[1][INPUT_KEY]])
+        def probabilities(image: Any) -> Any:
+            return sig(**{INPUT_KEY: image})[OUTPUT_KEY]
+
+        return probabilities
 
     def _warm(self, version: int) -> None:
         t0 = time.perf_counter()
@@ -201,8 +216,7 @@ class EmbeddedBackend:
             raise NotFound(f"model {self._model_name!r} version {version} is no longer served (retired); versions: "
                            f"{', '.join(map(str, served))}")  # fmt: skip
         _, fn = entry
-        out = fn(**{INPUT_KEY: self._tf.constant(images)})
-        return np.asarray(out[OUTPUT_KEY].numpy(), dtype=np.float32)
+        return np.asarray(fn(self._tf.constant(images)).numpy(), dtype=np.float32)
 
     def predict(
         self, images: NDArray[np.uint8], version: int, deadline_s: float | None = None

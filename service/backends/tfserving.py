@@ -9,6 +9,9 @@
 - The signature is checked through ``GetModelMetadata``; labels come from the labels asset
   (``--labels-file`` or ``<model-dir>/<version>/assets/labels.txt``), and their count must match the
   signature's output width.
+- A batch whose callers want only their best few classes asks for the signature's ``top_k_scores`` and
+  ``top_k_indices`` alone (``output_filter``; ``predict_top_k``, when the signature has them): TF Serving sends
+  40 bytes a drawing instead of every probability, and nobody ranks them again.
 - Each batch's deadline is the latest remaining deadline among its callers, less a small margin for the
   network hops (``tfserving_deadline_margin_ms``), capped by ``backend_timeout_ms``: TF Serving never works
   for a caller that has gone.
@@ -44,7 +47,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from service.backends import ModelDescription, find_versions, read_labels
+from service.backends import ModelDescription, TopK, find_versions, read_labels
 from service.errors import BackendError, DeadlineExceeded, NotFound, ServiceError, Unavailable
 from service.security import tfserving_channel
 from service.settings import Settings
@@ -54,6 +57,7 @@ log = logging.getLogger(__name__)
 
 INPUT_KEY = "image"
 OUTPUT_KEY = "probabilities"
+TOP_K_SCORES, TOP_K_INDICES = "top_k_scores", "top_k_indices"
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
 
 
@@ -118,6 +122,8 @@ class TFServingBackend:
         self._models: model_service_pb2_grpc.ModelServiceStub | None = None
         self._poller: asyncio.Task[None] | None = None
         self._description: ModelDescription | None = None
+        #: Width of the signature's top_k_* outputs (0 without them): what ``predict_top_k`` gives.
+        self.top_k_width = 0
         self._refresh = asyncio.Event()
         #: Called with the new description when the AVAILABLE versions change, None when none is left.
         self.on_change: Callable[[ModelDescription | None], None] | None = None
@@ -223,6 +229,9 @@ class TFServingBackend:
                 f"signature {s.tfserving_signature!r} must take {INPUT_KEY!r} and give {OUTPUT_KEY!r}; it takes "
                 f"{sorted(sig.inputs)} and gives {sorted(sig.outputs)}"
             )
+        if TOP_K_SCORES in sig.outputs and TOP_K_INDICES in sig.outputs:
+            top = [d.size for d in sig.outputs[TOP_K_SCORES].tensor_shape.dim]
+            self.top_k_width = top[1] if len(top) == 2 and top[1] > 0 else 0
         dims = [d.size for d in sig.outputs[OUTPUT_KEY].tensor_shape.dim]
         return dims[1] if len(dims) == 2 and dims[1] > 0 else None
 
@@ -276,27 +285,63 @@ class TFServingBackend:
         self, images: NDArray[np.uint8], version: int, deadline_s: float | None = None
     ) -> Awaitable[NDArray[np.float32]]:
         """Send one batch now; the awaitable gives its probabilities or raises a ServiceError."""
+        return self._answer(self._call(images, version, deadline_s, [OUTPUT_KEY]), len(images), version)
+
+    def predict_top_k(
+        self, images: NDArray[np.uint8], version: int, deadline_s: float | None = None
+    ) -> Awaitable[TopK]:
+        """Send one batch now for its ``top_k_*`` outputs alone (``top_k_width`` classes a drawing, best first)."""
+        return self._answer_top_k(self._call(images, version, deadline_s, [TOP_K_SCORES, TOP_K_INDICES]),
+                                  len(images), version)  # fmt: skip
+
+    def _call(
+        self, images: NDArray[np.uint8], version: int, deadline_s: float | None, outputs: list[str]
+    ) -> Awaitable[predict_pb2.PredictResponse]:
+        """Start the Predict call of one batch for ``outputs``."""
         assert self._predict is not None
         timeout = self._s.backend_timeout_ms / 1000.0
         if deadline_s is not None:
             timeout = min(timeout, deadline_s - self._clock() - self._s.tfserving_deadline_margin_ms / 1000.0)
         if timeout <= 0:
             raise DeadlineExceeded("deadline exceeded before the batch reached TF Serving")
-        req = predict_pb2.PredictRequest(output_filter=[OUTPUT_KEY])
+        req = predict_pb2.PredictRequest(output_filter=outputs)
         req.model_spec.name = self._s.model_name
         req.model_spec.version.value = version
         req.model_spec.signature_name = self._s.tfserving_signature
         req.inputs[INPUT_KEY].CopyFrom(from_numpy(images))
-        call = self._predict.Predict(req, timeout=timeout)  # starts now
-        return self._answer(call, len(images), version)
+        return self._predict.Predict(req, timeout=timeout)  # starts now
 
-    async def _answer(self, call: Awaitable[predict_pb2.PredictResponse], n: int, version: int) -> NDArray[np.float32]:
+    async def _response(
+        self, call: Awaitable[predict_pb2.PredictResponse], n: int, version: int
+    ) -> predict_pb2.PredictResponse:
         try:
-            resp = await call
+            return await call
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 self._refresh.set()  # TF Serving unloaded it: learn the new versions now, not at the next poll
             raise _mapped(exc, f"Predict of {n} drawings on version {version}") from None
+
+    async def _answer_top_k(self, call: Awaitable[predict_pb2.PredictResponse], n: int, version: int) -> TopK:
+        resp = await self._response(call, n, version)
+        got = []
+        for key in (TOP_K_SCORES, TOP_K_INDICES):
+            if key not in resp.outputs:
+                raise BackendError(f"TF Serving's answer has no {key!r} output: {sorted(resp.outputs)}")
+            try:
+                got.append(to_numpy(resp.outputs[key]))
+            except TensorDecodeError as exc:
+                raise BackendError(f"TF Serving's {key!r} could not be decoded: {exc}") from None
+        scores, indices = got
+        classes = len(self._description.labels) if self._description is not None else 0
+        if scores.shape != (n, self.top_k_width) or indices.shape != scores.shape or indices.dtype.kind not in "iu":
+            raise BackendError(f"TF Serving returned top-k outputs of shapes {list(scores.shape)} and "
+                               f"{list(indices.shape)} for {n} drawings of {self.top_k_width}")  # fmt: skip
+        if indices.size and (indices.min() < 0 or indices.max() >= classes):
+            raise BackendError(f"TF Serving returned class indices outside 0..{classes - 1}")
+        return TopK(scores.astype(np.float32, copy=False), indices)
+
+    async def _answer(self, call: Awaitable[predict_pb2.PredictResponse], n: int, version: int) -> NDArray[np.float32]:
+        resp = await self._response(call, n, version)
         if OUTPUT_KEY not in resp.outputs:
             raise BackendError(f"TF Serving's answer has no {OUTPUT_KEY!r} output: {sorted(resp.outputs)}")
         try:
