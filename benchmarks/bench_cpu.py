@@ -1,12 +1,14 @@
 """The gateway's CPU per call against a bare grpc.aio server's, open loop at 400 and 1,500 calls/s; RSS; start time.
 
-Three processes besides this one: the TF Serving stand-in (tests/tfserving_standin.py), a gateway
-``quickdraw serve --backend tfserving`` in front of it, and a bare grpc.aio unary server
-(``benchmarks/bare_server.py``: one generic handler, 100 bytes back for anything). A load generator in this
+Four processes besides this one: the TF Serving stand-in (tests/tfserving_standin.py), a gateway
+``quickdraw serve --backend tfserving`` in front of it, a bare grpc.aio unary server (``benchmarks/bare_server.py``:
+one generic handler, 100 bytes back for anything), and the same bare server as a bare proxy (``--forward``: one
+grpc.aio Predict to the stand-in per call before it answers, the floor for a gateway that makes one backend call
+per call). A load generator in this
 process (grpc.aio, several channels, requests pre-serialized so it spends nothing on protobuf) sends
-single-bitmap ``Classify`` calls (784 pixels, top_k 3) to the gateway and 784-byte calls to the bare server, open
-loop: a call is started at its scheduled time whether or not earlier ones have been answered. The two servers
-take turns (gateway, bare, gateway, bare, ...; the idle one costs nothing), ``ROUNDS`` rounds per rate.
+single-bitmap ``Classify`` calls (784 pixels, top_k 3) to the gateway and 784-byte calls to the bare servers, open
+loop: a call is started at its scheduled time whether or not earlier ones have been answered. The servers take
+turns (gateway, bare, proxy, gateway, ...; the idle ones cost nothing), ``ROUNDS`` rounds per rate.
 
 The stand-in serves a tiny model exported here with the shipped model's signature and labels (``serving_default``:
 uint8 ``image`` in; ``probabilities`` [n, 29] and the ``top_k_*`` outputs out): the shipped model runs about 400
@@ -44,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = Path(os.environ.get("QUICKDRAW_SAMPLE_DIR", ROOT.parent / "shared" / "quickdraw"))
 RATES = (400, 1500)
 #: Seconds of measured load per server, rate and round (after WARMUP_S of the same load, not measured).
-SECONDS = float(os.environ.get("BENCH_CPU_SECONDS", "6"))
+SECONDS = float(os.environ.get("BENCH_CPU_SECONDS", "4"))
 ROUNDS = int(os.environ.get("BENCH_CPU_ROUNDS", "2"))
 WARMUP_S = 1.0
 RSS_AFTER_CALLS = 2000
@@ -244,7 +246,7 @@ def tiny_model(base: Path, env: dict[str, str]) -> None:
 def run() -> list[str]:
     """Start the three servers, measure, stop them; print the table and return the summary lines."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    tfs_port, gw_port, http_port, bare_port = _free_port(), _free_port(), _free_port(), _free_port()
+    tfs_port, gw_port, http_port, bare_port, proxy_port = (_free_port() for _ in range(5))
     logs = tempfile.TemporaryDirectory(prefix="bench_cpu-")
     procs: list[subprocess.Popen[str]] = []
 
@@ -260,6 +262,8 @@ def run() -> list[str]:
         spawn(str(ROOT / "tests" / "tfserving_standin.py"), "--model-base-path", str(Path(logs.name) / "tiny"),
               "--port", str(tfs_port))  # fmt: skip
         bare = spawn(str(ROOT / "benchmarks" / "bare_server.py"), str(bare_port))
+        proxy = spawn(str(ROOT / "benchmarks" / "bare_server.py"), str(proxy_port), "--forward",
+                      f"127.0.0.1:{tfs_port}")  # fmt: skip
         _wait_line(Path(logs.name) / "0.log", "tfserving stand-in:")
         t0 = time.monotonic()
         gateway = spawn("-m", "quickdraw", "serve", "--host", "127.0.0.1", "--grpc-port", str(gw_port), "--http-port",
@@ -270,6 +274,7 @@ def run() -> list[str]:
         targets = {
             "gateway": (f"127.0.0.1:{gw_port}", gateway.pid, CLASSIFY, gw_payloads),
             "bare": (f"127.0.0.1:{bare_port}", bare.pid, BARE, bare_payloads),
+            "proxy": (f"127.0.0.1:{proxy_port}", proxy.pid, BARE, bare_payloads),
         }
         m, rss = asyncio.run(measure(targets, gateway.pid, f"http://127.0.0.1:{http_port}/metrics"))
     except Exception:
@@ -299,7 +304,9 @@ def run() -> list[str]:
         summary.append(
             f"CPU per single-bitmap call at {rate}/s open loop: gateway (tfserving backend) / bare grpc.aio server = "
             f"{per['gateway'] / per['bare']:.2f} ({per['gateway']:.0f} vs {per['bare']:.0f} us, median of {ROUNDS} "
-            f"alternating rounds of {SECONDS:g} s; target <= {target})"
+            f"alternating rounds of {SECONDS:g} s; target <= {target}); a bare proxy making one grpc.aio backend "
+            f"call per call: {per['proxy']:.0f} us = {per['proxy'] / per['bare']:.2f} x bare, and the gateway "
+            f"{per['gateway'] / per['proxy']:.2f} x it ({np.median(m.batch[rate]):.2f} drawings per backend call)"
         )
     print(f"  gateway RSS after {RSS_AFTER_CALLS} calls: {rss:.0f} MiB; time to SERVING: {to_serving:.2f} s",
           flush=True)  # fmt: skip
