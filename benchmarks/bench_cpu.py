@@ -90,6 +90,8 @@ class Load:
     #: How late the generator started its calls: the worst, in seconds.
     max_lag_s: float = 0.0
     failures: collections.Counter[str] = field(default_factory=collections.Counter)
+    #: The first failure's details, by code.
+    details: dict[str, str] = field(default_factory=dict)
 
     @property
     def started_rate(self) -> float:
@@ -116,6 +118,7 @@ async def open_loop(calls: list[grpc.aio.UnaryUnaryMultiCallable], payloads: lis
             out.ok += 1
         except grpc.aio.AioRpcError as exc:
             out.failures[exc.code().name] += 1
+            out.details.setdefault(exc.code().name, (exc.details() or "")[:150])
 
     t0 = loop.time()
     while out.started < total:
@@ -291,15 +294,17 @@ def run() -> list[str]:
         for name in targets:
             loads = m.loads[name, rate]
             fails = collections.Counter[str]()
+            details: dict[str, str] = {}
             for load in loads:
                 fails.update(load.failures)
+                details.update(load.details)
             print(f"  {rate:5d}/s {name:<8} CPU/call {per[name]:6.0f} us (rounds: "
                   f"{', '.join(f'{c * 1e6:.0f}' for c in m.cpu[name, rate])})  started "
                   f"{np.median([ld.started_rate for ld in loads]):6.0f}/s  answered OK "
                   f"{np.median([ld.answered_rate for ld in loads]):6.0f}/s  worst start lag "
                   f"{max(ld.max_lag_s for ld in loads) * 1000:5.1f} ms"
                   + (f"  drawings per backend call {np.median(m.batch[rate]):.2f}" if name == "gateway" else "")
-                  + (f"  failed: {dict(fails)}" if fails else ""), flush=True)  # fmt: skip
+                  + (f"  failed: {dict(fails)} (first: {details})" if fails else ""), flush=True)  # fmt: skip
         target = 1.25 if rate == 400 else 1.3
         summary.append(
             f"CPU per single-bitmap call at {rate}/s open loop: gateway (tfserving backend) / bare grpc.aio server = "
