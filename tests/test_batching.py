@@ -282,14 +282,17 @@ def test_top_k_is_exactly_a_stable_descending_sort_cut_at_k() -> None:
     rng = np.random.default_rng(7)
     ties = np.array([[0.5, 0.2, 0.2, 0.2, 0.1], [0.1, 0.2, 0.2, 0.5, 0.2]], np.float32)
     cases = [rng.random((50, 29), dtype=np.float32), np.round(rng.random((50, 29)), 1).astype(np.float32),
-             np.zeros((3, 29), np.float32), ties]  # fmt: skip
+             np.zeros((3, 29), np.float32), ties,
+             # large enough to be partitioned first (PARTITION_FROM), with and without ties at the k-th score
+             rng.random((64, 345), dtype=np.float32),
+             np.round(rng.random((64, 345)), 2).astype(np.float32)]  # fmt: skip
     for probs in cases:
-        for k in range(0, probs.shape[1] + 2):
+        for k in [*range(0, 7), probs.shape[1] - 1, probs.shape[1], probs.shape[1] + 1]:
             top = TopK.of(probs, k)
             want = np.argsort(-probs, axis=1, kind="stable")[:, :k]
             np.testing.assert_array_equal(top.indices, want)
             np.testing.assert_array_equal(top.scores, np.take_along_axis(probs, want, axis=1))
-    assert TopK.of(cases[-1], 2).indices.tolist() == [[0, 1], [3, 1]]
+    assert TopK.of(ties, 2).indices.tolist() == [[0, 1], [3, 1]]
 
 
 def test_top_k_callers_get_the_backends_top_k_alone_unless_one_in_the_batch_needs_probabilities() -> None:

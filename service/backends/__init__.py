@@ -17,6 +17,10 @@ from numpy.typing import NDArray
 LABELS_PATH = Path("assets") / "labels.txt"
 
 
+#: From this many probabilities (rows x classes) ``TopK.of`` partitions before it sorts (see there).
+PARTITION_FROM = 16384
+
+
 @dataclass(frozen=True)
 class TopK:
     """The best ``k`` classes of each drawing, best first (ties: the lower index first, as ``tf.math.top_k``).
@@ -37,16 +41,18 @@ class TopK:
 
     @staticmethod
     def of(probs: NDArray[np.float32], k: int) -> TopK:
-        """Rank probabilities [n, classes]: a partition, then a sort of the ``k`` best only.
+        """Rank probabilities [n, classes]: exactly what a stable descending sort cut at ``k`` gives.
 
-        Exactly what a stable descending sort would give: where the ``k``-th score ties with one left out, the
-        partition may have picked a higher index than the sort would, and such rows are sorted in full."""
+        A full sort for small arrays; from ``PARTITION_FROM`` elements a partition, then a sort of the ``k`` best
+        only (where the ``k``-th score ties with one left out, the partition may have picked a higher index than
+        the sort would, and such rows are sorted in full). Measured (numpy 2.4, k=3): at 29 classes the sort takes
+        2 us for one row and 20 us for 128, the partition 30 and 65; at 345 classes x 128 rows 1.6 ms against 0.4."""
         n, classes = probs.shape
         k = min(k, classes)
         if k == 0 or n == 0:
             return TopK(np.zeros((n, 0), np.float32), np.zeros((n, 0), np.intp))
-        if k == classes:
-            idx = np.argsort(-probs, axis=1, kind="stable")
+        if k == classes or probs.size < PARTITION_FROM:
+            idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         else:
             idx = np.argpartition(-probs, k - 1, axis=1)[:, :k]
             vals = np.take_along_axis(probs, idx, axis=1)
