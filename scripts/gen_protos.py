@@ -22,11 +22,10 @@ THIRD_PARTY = "third_party"
 #: The vendored TF Serving API (and what it imports), and the descriptor set it compiles to.
 TFSERVING_PROTOS = ROOT / "protos" / THIRD_PARTY / "tfserving"
 TFSERVING_SET = Path("service") / "tfs" / "tfserving.binpb"
-#: The TF Serving API files the gateway uses; ``--include_imports`` adds everything they import.
+#: The (trimmed) TF Serving service files; ``--include_imports`` adds everything they import.
 TFSERVING_ROOTS = (
-    "tensorflow_serving/apis/get_model_metadata.proto",
-    "tensorflow_serving/apis/get_model_status.proto",
-    "tensorflow_serving/apis/predict.proto",
+    "tensorflow_serving/apis/model_service.proto",
+    "tensorflow_serving/apis/prediction_service.proto",
 )
 
 

@@ -3,13 +3,15 @@
 - Serving with ``--backend tfserving`` imports no TensorFlow: the gateway's modules load in a fresh interpreter
   without a single ``tensorflow*`` module.
 - The vendored protos are TF Serving 2.21.0's and TensorFlow 2.21.0's: compiled, every file equals the
-  descriptor that the ``tensorflow`` and ``tensorflow-serving-api`` wheels embed.
+  descriptor that the ``tensorflow`` and ``tensorflow-serving-api`` wheels embed (the two service files are
+  trimmed: the methods they keep are equal).
 - The private classes and TensorFlow's live in one process and read each other's bytes.
 - ``service.tensors`` decodes the typed ``*_val`` fields TF Serving may answer with.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -45,6 +47,21 @@ def test_the_gateway_loads_no_tensorflow() -> None:
     print(f"gateway modules imported in {out['took_s']:.2f} s without TensorFlow")
 
 
+def test_no_gateway_module_imports_tensorflow_even_lazily() -> None:
+    files = [*(ROOT / "service").rglob("*.py"), *(ROOT / "loadtest").rglob("*.py"),
+             ROOT / "quickdraw" / "commands" / "serve.py"]
+    allowed = {ROOT / "service" / "backends" / "embedded.py"}  # the embedded backend runs the SavedModel
+    bad = []
+    for path in sorted(set(files) - allowed):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            bad += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names
+                    if n.split(".")[0] in {"tensorflow", "tensorflow_serving"}]  # fmt: skip
+    assert bad == []
+
+
 def _camel(name: str) -> str:
     """protoc's default json_name for a field name."""
     head, *rest = name.split("_")
@@ -64,17 +81,25 @@ def test_vendored_protos_are_the_2_21_wheels() -> None:
     versions = {d: metadata.version(d) for d in ("tensorflow", "tensorflow-serving-api")}
     if not all(v.startswith("2.21.") for v in versions.values()):
         pytest.skip(f"the vendored protos are 2.21's; installed: {versions}")
-    from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, predict_pb2  # noqa: F401
+    from tensorflow_serving.apis import model_service_pb2, prediction_service_pb2  # noqa: F401
 
     data = (ROOT / "service" / "tfs" / tfs.DESCRIPTOR_SET).read_bytes()
     files = descriptor_pb2.FileDescriptorSet.FromString(data).file
     ours = [f for f in files if not f.name.startswith("google/protobuf/")]
-    assert len(ours) == 25, [f.name for f in ours]
+    trimmed = {"tensorflow_serving/apis/prediction_service.proto", "tensorflow_serving/apis/model_service.proto"}
+    assert len(ours) == 27 and trimmed <= {f.name for f in ours}, [f.name for f in ours]
     for fd in ours:
         _strip_default_json_names(list(fd.message_type))
         theirs = descriptor_pb2.FileDescriptorProto.FromString(
             descriptor_pool.Default().FindFileByName(fd.name).serialized_pb
         )
+        if fd.name in trimmed:  # fewer methods (and imports), each exactly as in the wheel
+            [service], [full] = fd.service, theirs.service
+            assert service.name == full.name and fd.package == theirs.package
+            assert set(fd.dependency) <= set(theirs.dependency)
+            upstream = {m.name: m for m in full.method}
+            assert service.method and all(m == upstream[m.name] for m in service.method), fd.name
+            continue
         assert fd == theirs, f"{fd.name} differs from the one in the wheels: see protos/third_party/tfserving/README.md"
 
 

@@ -8,8 +8,10 @@ the embedded backend, the trainer and the tests can import both. The classes her
 never mix the two in one message (``CopyFrom`` across them raises TypeError); the bytes are the same, so pass
 ``SerializeToString()`` / ``FromString()`` between them.
 
-The services are reached by method path (``PREDICT`` ...), with the stubs below or a generic handler;
-``prediction_service.proto`` and ``model_service.proto`` are not vendored (their other methods import much).
+The services are reached by method path (``PREDICT`` ...), with the stubs below or a generic handler. The
+vendored ``prediction_service.proto`` and ``model_service.proto`` are trimmed to the methods the gateway uses
+(Predict, GetModelMetadata; GetModelStatus): the others import much more. :func:`reflection_pool` lets gRPC
+reflection describe these services beside the ones in the default pool.
 """
 
 from __future__ import annotations
@@ -85,10 +87,17 @@ AVAILABLE: int = ModelVersionStatus.State.Value("AVAILABLE")
 # --- services --------------------------------------------------------------------------------------------------
 PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
 MODEL_SERVICE = "tensorflow.serving.ModelService"
+
+
+def _path(service: str, method: str) -> str:
+    """The gRPC path of a method the vendored service protos define (KeyError when they do not)."""
+    return f"/{service}/{POOL.FindServiceByName(service).methods_by_name[method].name}"
+
+
 #: gRPC method paths, as ``prediction_service.proto`` and ``model_service.proto`` name them.
-PREDICT = f"/{PREDICTION_SERVICE}/Predict"
-GET_MODEL_METADATA = f"/{PREDICTION_SERVICE}/GetModelMetadata"
-GET_MODEL_STATUS = f"/{MODEL_SERVICE}/GetModelStatus"
+PREDICT = _path(PREDICTION_SERVICE, "Predict")
+GET_MODEL_METADATA = _path(PREDICTION_SERVICE, "GetModelMetadata")
+GET_MODEL_STATUS = _path(MODEL_SERVICE, "GetModelStatus")
 
 
 def _method(channel: Any, path: str, request: Any, response: Any) -> Callable[..., Any]:
@@ -111,3 +120,47 @@ class ModelServiceStub:
 
     def __init__(self, channel: Any) -> None:
         self.GetModelStatus = _method(channel, GET_MODEL_STATUS, GetModelStatusRequest, GetModelStatusResponse)
+
+
+class _ReflectionPool:
+    """What gRPC reflection asks of a pool, answered from the default pool first, then from :data:`POOL`.
+
+    The gateway's own services live in the default pool, TF Serving's in the private one; reflection takes one.
+    """
+
+    def __init__(self, *pools: descriptor_pool.DescriptorPool) -> None:
+        self._pools = pools
+
+    def _first(self, find: str, *args: Any) -> Any:
+        """The first pool's answer to ``find(*args)``; the last pool's KeyError when none has it."""
+        for pool in self._pools[:-1]:
+            try:
+                return getattr(pool, find)(*args)
+            except KeyError:
+                continue
+        return getattr(self._pools[-1], find)(*args)
+
+    def FindFileByName(self, name: str) -> Any:  # DescriptorPool's method names
+        """The file descriptor by file name."""
+        return self._first("FindFileByName", name)
+
+    def FindFileContainingSymbol(self, symbol: str) -> Any:
+        """The file descriptor defining a full name."""
+        return self._first("FindFileContainingSymbol", symbol)
+
+    def FindMessageTypeByName(self, name: str) -> Any:
+        """The message descriptor by full name."""
+        return self._first("FindMessageTypeByName", name)
+
+    def FindExtensionByNumber(self, message: Any, number: int) -> Any:
+        """An extension of ``message`` (from the pool that defines it)."""
+        return message.file.pool.FindExtensionByNumber(message, number)
+
+    def FindAllExtensions(self, message: Any) -> Any:
+        """Every extension of ``message`` (from the pool that defines it)."""
+        return message.file.pool.FindAllExtensions(message)
+
+
+def reflection_pool() -> Any:
+    """A pool for ``grpc_reflection``'s ``enable_server_reflection(..., pool=...)``: the default pool, then ours."""
+    return _ReflectionPool(descriptor_pool.Default(), POOL)
