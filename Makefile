@@ -49,7 +49,7 @@ test: $(STAMP) browser ## ruff, then the whole test suite (the browser test uses
 lint: $(STAMP) ## ruff only
 	$(BIN)/ruff check .
 
-protos: $(STAMP) ## regenerate the Python code for protos/ (reproducible)
+protos: $(STAMP) ## regenerate the Python code for protos/ and the TF Serving descriptor set (reproducible)
 	$(BIN)/python scripts/gen_protos.py
 
 bench: $(STAMP) ## benchmarks: each compares two things in one run and prints ratios

@@ -21,6 +21,8 @@
   spreads calls over them per request, not per connection.
 - The channel is TLS, or mTLS with a client certificate, when the ``tfserving_tls*`` settings ask for it
   (``service.security.tfserving_channel``).
+- The messages are ``service.tfs``'s (vendored TF Serving 2.21 protos in a private descriptor pool) and the
+  stubs call methods by path: this backend loads no TensorFlow.
 """
 
 from __future__ import annotations
@@ -32,18 +34,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 from numpy.typing import NDArray
-from tensorflow_serving.apis import (
-    get_model_metadata_pb2,
-    get_model_status_pb2,
-    model_service_pb2_grpc,
-    predict_pb2,
-    prediction_service_pb2_grpc,
-)
 
+from service import tfs
 from service.backends import ModelDescription, find_versions, read_labels
 from service.errors import BackendError, DeadlineExceeded, NotFound, ServiceError, Unavailable
 from service.security import tfserving_channel
@@ -54,7 +51,7 @@ log = logging.getLogger(__name__)
 
 INPUT_KEY = "image"
 OUTPUT_KEY = "probabilities"
-AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+AVAILABLE = tfs.AVAILABLE
 
 
 def channel_options(settings: Settings) -> list[tuple[str, object]]:
@@ -63,8 +60,7 @@ def channel_options(settings: Settings) -> list[tuple[str, object]]:
         "loadBalancingConfig": [{"round_robin": {}}],
         "methodConfig": [
             {
-                "name": [{"service": "tensorflow.serving.PredictionService"},
-                         {"service": "tensorflow.serving.ModelService"}],
+                "name": [{"service": tfs.PREDICTION_SERVICE}, {"service": tfs.MODEL_SERVICE}],
                 "retryPolicy": {
                     "maxAttempts": settings.tfserving_max_attempts,
                     "initialBackoff": f"{settings.tfserving_initial_backoff_ms / 1000:.3f}s",
@@ -114,8 +110,8 @@ class TFServingBackend:
         self._s = settings
         self._clock = clock
         self._channel: grpc.aio.Channel | None = None
-        self._predict: prediction_service_pb2_grpc.PredictionServiceStub | None = None
-        self._models: model_service_pb2_grpc.ModelServiceStub | None = None
+        self._predict: tfs.PredictionServiceStub | None = None
+        self._models: tfs.ModelServiceStub | None = None
         self._poller: asyncio.Task[None] | None = None
         self._description: ModelDescription | None = None
         self._refresh = asyncio.Event()
@@ -129,8 +125,8 @@ class TFServingBackend:
         """Wait for an AVAILABLE version, check the signature, read the labels, start following versions."""
         s = self._s
         self._channel = tfserving_channel(s, channel_options(s))  # TLS/mTLS when the settings ask for it
-        self._predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
-        self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
+        self._predict = tfs.PredictionServiceStub(self._channel)
+        self._models = tfs.ModelServiceStub(self._channel)
         versions = await self._wait_available()
         classes = await self._check_signature()
         default = await self._labelled_version(versions)
@@ -158,7 +154,7 @@ class TFServingBackend:
     async def available_versions(self, timeout_s: float = 5.0) -> tuple[int, ...]:
         """The versions TF Serving reports AVAILABLE now (raises AioRpcError when it cannot be asked)."""
         assert self._models is not None
-        req = get_model_status_pb2.GetModelStatusRequest()
+        req = tfs.GetModelStatusRequest()
         req.model_spec.name = self._s.model_name
         resp = await self._models.GetModelStatus(req, timeout=timeout_s)
         return tuple(sorted(v.version for v in resp.model_version_status if v.state == AVAILABLE))
@@ -194,7 +190,7 @@ class TFServingBackend:
         if label is None:
             return None
         assert self._predict is not None
-        req = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        req = tfs.GetModelMetadataRequest(metadata_field=["signature_def"])
         req.model_spec.name = self._s.model_name
         req.model_spec.version_label = label
         resp = await self._predict.GetModelMetadata(req, timeout=timeout_s)
@@ -207,11 +203,15 @@ class TFServingBackend:
         """The signature must take uint8 ``image`` and give ``probabilities``; returns its width if known."""
         assert self._predict is not None
         s = self._s
-        req = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        req = tfs.GetModelMetadataRequest(metadata_field=["signature_def"])
         req.model_spec.name = s.model_name
         resp = await self._predict.GetModelMetadata(req, timeout=10)
-        sigs = get_model_metadata_pb2.SignatureDefMap()
-        resp.metadata["signature_def"].Unpack(sigs)
+        sigs = tfs.SignatureDefMap()
+        if not resp.metadata["signature_def"].Unpack(sigs):
+            raise ValueError(
+                f"TF Serving's signature_def metadata is a {resp.metadata['signature_def'].type_url!r}, "
+                f"not a {tfs.SIGNATURE_DEF_MAP_URL!r}"
+            )
         if s.tfserving_signature not in sigs.signature_def:
             raise ValueError(
                 f"TF Serving's {s.model_name!r} has no signature {s.tfserving_signature!r}; it has "
@@ -282,7 +282,7 @@ class TFServingBackend:
             timeout = min(timeout, deadline_s - self._clock() - self._s.tfserving_deadline_margin_ms / 1000.0)
         if timeout <= 0:
             raise DeadlineExceeded("deadline exceeded before the batch reached TF Serving")
-        req = predict_pb2.PredictRequest(output_filter=[OUTPUT_KEY])
+        req = tfs.PredictRequest(output_filter=[OUTPUT_KEY])
         req.model_spec.name = self._s.model_name
         req.model_spec.version.value = version
         req.model_spec.signature_name = self._s.tfserving_signature
@@ -290,7 +290,7 @@ class TFServingBackend:
         call = self._predict.Predict(req, timeout=timeout)  # starts now
         return self._answer(call, len(images), version)
 
-    async def _answer(self, call: Awaitable[predict_pb2.PredictResponse], n: int, version: int) -> NDArray[np.float32]:
+    async def _answer(self, call: Awaitable[Any], n: int, version: int) -> NDArray[np.float32]:
         try:
             resp = await call
         except grpc.aio.AioRpcError as exc:
