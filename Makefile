@@ -21,7 +21,7 @@ install: $(STAMP) ## create .venv and install the project (only when pyproject.t
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[tf,dev]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
