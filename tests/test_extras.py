@@ -69,7 +69,7 @@ def test_an_extra_module_imported_deeper_down_names_its_extra(
         raise ModuleNotFoundError("No module named 'tensorflow'", name="tensorflow.core.framework")
 
     monkeypatch.setattr(render, "run", deep)
-    assert main(["render", "x.ndjson"]) == 2
+    assert main(["render", "x.ndjson", "--out", "x.npy"]) == 2
     err = capsys.readouterr().err
     assert err == f"quickdraw render: error: this command needs TensorFlow, which is not installed: {TF_HINT}\n"
 
@@ -83,7 +83,7 @@ def test_other_missing_modules_are_not_blamed_on_an_extra(monkeypatch: pytest.Mo
 
     monkeypatch.setattr(render, "run", deep)
     with pytest.raises(ModuleNotFoundError, match="aiohttp"):
-        main(["render", "x.ndjson"])
+        main(["render", "x.ndjson", "--out", "x.npy"])
 
 
 def test_the_data_commands_and_help_need_no_tensorflow() -> None:
