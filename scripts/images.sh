@@ -35,14 +35,18 @@ fi
 
 conf=/etc/containers/containers.conf
 hard=$(ulimit -Hn)
+# podman 4.3 runs itself with at most 32768 processes and a container cannot be given more than it has.
+hard_nproc=$(ulimit -Hu)
+if [ "$hard_nproc" = unlimited ] || [ "$hard_nproc" -gt 32768 ]; then hard_nproc=32768; fi
 if [ ! -e "$conf" ] || grep -qF "$MARK" "$conf"; then
   mkdir -p /etc/containers
   cat >"$conf" <<EOF
 $MARK
-# This host: cgroups v1, no systemd as PID 1, and a hard limit of $hard open files; podman's defaults (crun,
-# the systemd cgroup manager, journald, nofile 1048576) do not run here.
+# This host: cgroups v1, no systemd as PID 1, a hard limit of $hard open files, no CAP_SYS_RESOURCE; podman's
+# defaults (crun, the systemd cgroup manager, journald, nofile 1048576, nproc 4194304) do not run here, and
+# nproc cannot exceed podman's own (32768).
 [containers]
-default_ulimits = ["nofile=$hard:$hard"]
+default_ulimits = ["nofile=$hard:$hard", "nproc=$hard_nproc:$hard_nproc"]
 
 [engine]
 runtime = "runc"
@@ -50,7 +54,8 @@ cgroup_manager = "cgroupfs"
 events_logger = "file"
 EOF
 else
-  echo "images: keeping $conf (not written by this script); it needs runtime = \"runc\" and nofile <= $hard here"
+  echo "images: keeping $conf (not written by this script); it needs runtime = \"runc\", nofile <= $hard and" \
+    "nproc <= $hard_nproc here"
 fi
 
 base_image() {
@@ -68,7 +73,7 @@ base_image() {
   [ -f /etc/pip.conf ] && cp /etc/pip.conf "$root/etc/pip.conf"
   rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/* "$root"/var/log/* "$root"/tmp/*
   tar -C "$root" --numeric-owner -c . \
-    | podman import --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    | podman import --quiet --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
         --change 'CMD ["python3"]' - "$BASE" >/dev/null
   rm -rf "$root"
 }
