@@ -9,7 +9,7 @@
 #     train --data /data --arch qdnet --out /models/quickdraw
 # Multi-worker training: the same image on every worker with its own TF_CONFIG (README: Distributed training).
 #
-# About 2.4 GB on top of PYTHON_IMAGE, nearly all of it TensorFlow (deploy/README.md: Images); the gateway that
+# About 2.2 GB on top of PYTHON_IMAGE, 1.84 GB of it TensorFlow (deploy/README.md: Images); the gateway that
 # Kubernetes runs in front of TF Serving is the slim gateway.Dockerfile. Same layout as that image: a
 # virtualenv built in one stage and copied alone, non-root uid/gid 10001, the shipped model at /models/quickdraw.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm

@@ -5,7 +5,7 @@
 #   docker build -f deploy/docker/gateway.Dockerfile -t quickdraw-gateway:0.1.0 .
 #
 # Slim: the base install of pyproject.toml, no extras, so no TensorFlow (the embedded backend and the trainer
-# are in deploy/docker/full.Dockerfile). It adds about 130 MB to python:3.11-slim (deploy/README.md: Images;
+# are in deploy/docker/full.Dockerfile). It adds about 127 MB to its base (deploy/README.md: Images;
 # `make image-test` asserts < 200 MB). The project goes into a virtualenv in a build stage and only that
 # virtualenv is copied into the runtime stage (no pip, no pip cache, no build tools, no sources).
 # Non-root: uid/gid 10001, no shell. The root filesystem can be mounted read-only (deploy/k8s mounts an
