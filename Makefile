@@ -14,7 +14,7 @@ export QUICKDRAW_CHROMIUM ?= /usr/bin/chromium
 .PHONY: install browser run train test lint protos bench reliability soak images image-test clean help
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
 install: $(STAMP) ## create .venv and install the project (only when pyproject.toml changed)
 
