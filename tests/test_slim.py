@@ -83,7 +83,7 @@ def slim_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
         [str(venv / "bin" / "python"), "-c",
          "import importlib.metadata as m, json, sysconfig; print(json.dumps({'site': sysconfig.get_paths()['purelib'],"
          " 'dists': sorted(d.metadata['Name'].lower() for d in m.distributions())}))"],
-        capture_output=True, text=True, check=True, timeout=60,
+        capture_output=True, text=True, check=True, timeout=60, cwd=tmp,  # not the checkout: only what pip installed
     )  # fmt: skip
     found = json.loads(info.stdout)
     site = Path(found["site"])
