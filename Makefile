@@ -11,17 +11,17 @@ export QUICKDRAW_SAMPLE_DIR ?= $(abspath ../shared/quickdraw)
 # The browser test drives this Chromium (Debian's package) with Playwright; nothing downloads a browser.
 export QUICKDRAW_CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install browser run train test lint protos bench reliability soak clean help
+.PHONY: install browser run train test lint protos bench reliability soak images image-test clean help
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
 install: $(STAMP) ## create .venv and install the project (only when pyproject.toml changed)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[tf,dev]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -49,7 +49,7 @@ test: $(STAMP) browser ## ruff, then the whole test suite (the browser test uses
 lint: $(STAMP) ## ruff only
 	$(BIN)/ruff check .
 
-protos: $(STAMP) ## regenerate the Python code for protos/ (reproducible)
+protos: $(STAMP) ## regenerate the Python code for protos/ and the TF Serving descriptor set (reproducible)
 	$(BIN)/python scripts/gen_protos.py
 
 bench: $(STAMP) ## benchmarks: each compares two things in one run and prints ratios
@@ -61,6 +61,12 @@ reliability: $(STAMP) ## the fault tests (real processes, every call counted), t
 
 soak: $(STAMP) ## ten minutes of steady load on a real gateway: no errors, RSS growth under 5% (SOAK_DURATION_S)
 	$(BIN)/python scripts/soak.py
+
+images: ## build the container images with podman (as root: apt-get installs podman, debootstrap, runc if missing)
+	scripts/images.sh
+
+image-test: $(STAMP) ## run the slim gateway image against the TF Serving stand-in: serve, classify, health, drain, sizes
+	$(BIN)/python scripts/image_test.py
 
 clean: ## remove the virtualenv, caches and build outputs
 	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info test-artifacts .bench

@@ -36,22 +36,22 @@ def _free_port() -> int:
 async def interleaved(targets: dict[str, str], calls: int) -> dict[str, np.ndarray]:
     """Latencies (s) of ``calls`` Predict calls to each target, alternating call by call."""
     import grpc
-    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
     from doodle.formats import open_bitmaps
+    from service import tfs
     from service.tensors import from_numpy
 
     rows = np.asarray(open_bitmaps(SAMPLE / "numpy_bitmap" / "cat.npy")[:64]).reshape(-1, 1, 28, 28, 1)
     requests = []
     for row in rows:
-        req = predict_pb2.PredictRequest(output_filter=["probabilities"])
+        req = tfs.PredictRequest(output_filter=["probabilities"])
         req.model_spec.name = "quickdraw"
         req.inputs["image"].CopyFrom(from_numpy(row))
         requests.append(req)
     channels = {n: grpc.aio.insecure_channel(t) for n, t in targets.items()}
     out: dict[str, list[float]] = {n: [] for n in targets}
     try:
-        stubs = {n: prediction_service_pb2_grpc.PredictionServiceStub(ch) for n, ch in channels.items()}
+        stubs = {n: tfs.PredictionServiceStub(ch) for n, ch in channels.items()}
         for i in range(calls + WARMUP_CALLS):
             for n, stub in stubs.items():
                 t0 = time.perf_counter()

@@ -10,7 +10,8 @@ Latency is recorded in microseconds in HdrHistograms.
   during a stall and sent late still counts the whole wait: coordinated omission is corrected.
 
 Calls in the warm-up period are made but not recorded. Every call has a deadline (``timeout_s``); errors are
-counted by gRPC status code. ``security`` reaches a gateway with TLS, mTLS or a bearer token.
+counted by gRPC status code. ``security`` reaches a gateway with TLS, mTLS or a bearer token. The TF Serving
+API is called with ``service.tfs``'s messages and stub (no TensorFlow is loaded).
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ from typing import Literal
 
 import grpc
 from hdrh.histogram import HdrHistogram
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from loadtest.sources import Pool
 from quickdraw.v1 import classifier_pb2 as pb
 from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
+from service import tfs
 from service.security import ClientSecurity
 
 HIGHEST_US = 3_600_000_000  # an hour: nothing real is slower
@@ -196,11 +197,11 @@ def build_callers(cfg: LoadConfig, pool: Pool, channels: list[grpc.aio.Channel])
                 raise ValueError("the tfserving API takes bitmaps: give .npy files")
             from service.tensors import from_numpy
 
-            stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
+            stub = tfs.PredictionServiceStub(ch)
 
-            def tfs_call(stub: prediction_service_pb2_grpc.PredictionServiceStub = stub) -> Awaitable[str]:
+            def tfs_call(stub: tfs.PredictionServiceStub = stub) -> Awaitable[str]:
                 idx = [next(bitmaps) for _ in range(k)]
-                req = predict_pb2.PredictRequest(output_filter=["probabilities"])
+                req = tfs.PredictRequest(output_filter=["probabilities"])
                 req.model_spec.name = cfg.model_name
                 req.inputs["image"].CopyFrom(from_numpy(pool.bitmaps[idx].reshape(-1, 28, 28, 1)))
                 return _unary(stub.Predict(req, timeout=cfg.timeout_s, metadata=md))

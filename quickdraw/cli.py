@@ -1,7 +1,9 @@
 """The ``quickdraw`` console script: one entry point, a subcommand per job.
 
 Subcommands live in ``quickdraw.commands``; each module registers its own arguments and imports
-heavy dependencies (TensorFlow, gRPC) only when it runs, so ``quickdraw --help`` stays fast.
+heavy dependencies (TensorFlow, gRPC) only when it runs, so ``quickdraw --help`` stays fast. A command that
+needs an extra this install lacks (TensorFlow: ``pip install 'quickdraw-service[tf]'``) says so in one line
+and exits 2 (``quickdraw.extras``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from doodle.errors import DoodleError
+from quickdraw.extras import MissingExtra, from_import_error
 
 #: Subcommand name -> module under quickdraw.commands, in the order ``--help`` lists them.
 COMMANDS: dict[str, str] = {
@@ -60,8 +63,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except DoodleError as exc:
+    except (DoodleError, MissingExtra) as exc:
         print(f"quickdraw {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # an optional dependency imported deeper down: name its extra
+        missing = from_import_error(exc)
+        if missing is None:
+            raise
+        print(f"quickdraw {args.command}: error: {missing}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -3,6 +3,10 @@
 ``protos/quickdraw/v1/x.proto`` becomes ``quickdraw/v1/x_pb2.py`` (plus ``_pb2_grpc.py`` and ``.pyi``),
 a path that mirrors the proto package. The output depends only on the .proto files and the pinned
 grpcio-tools version, so a test can regenerate into a temporary directory and compare for drift.
+
+The vendored TF Serving protos under ``protos/third_party/tfserving/`` get no Python code: they compile to one
+serialized ``FileDescriptorSet`` with their imports, ``service/tfs/tfserving.binpb``, which ``service.tfs`` loads
+into a private descriptor pool (TensorFlow's own copies of the same names may share the process).
 """
 
 from __future__ import annotations
@@ -13,11 +17,45 @@ from importlib import resources
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+#: Vendored protos, under protos/: compiled to descriptor sets, not to Python modules.
+THIRD_PARTY = "third_party"
+#: The vendored TF Serving API (and what it imports), and the descriptor set it compiles to.
+TFSERVING_PROTOS = ROOT / "protos" / THIRD_PARTY / "tfserving"
+TFSERVING_SET = Path("service") / "tfs" / "tfserving.binpb"
+#: The (trimmed) TF Serving service files; ``--include_imports`` adds everything they import.
+TFSERVING_ROOTS = (
+    "tensorflow_serving/apis/model_service.proto",
+    "tensorflow_serving/apis/prediction_service.proto",
+)
 
 
 def proto_files(proto_root: Path) -> list[Path]:
-    """Every .proto under ``proto_root``, sorted for a stable order."""
-    return sorted(proto_root.rglob("*.proto"))
+    """Every .proto under ``proto_root`` but the vendored ``third_party/``, sorted for a stable order."""
+    return sorted(p for p in proto_root.rglob("*.proto") if THIRD_PARTY not in p.relative_to(proto_root).parts)
+
+
+def generate_descriptor_set(out_dir: Path, proto_root: Path = TFSERVING_PROTOS) -> Path:
+    """Compile the vendored TF Serving protos into ``out_dir/service/tfs/tfserving.binpb``; returns its path.
+
+    A ``FileDescriptorSet`` of the root files and all their imports (google/protobuf ones included), in
+    dependency order, without source info: the bytes depend only on the .proto files and protoc's version.
+    """
+    from grpc_tools import protoc
+
+    out = out_dir / TFSERVING_SET
+    out.parent.mkdir(parents=True, exist_ok=True)
+    include = str(resources.files("grpc_tools") / "_proto")
+    args = [
+        "protoc",
+        f"--proto_path={proto_root}",
+        f"--proto_path={include}",
+        "--include_imports",
+        f"--descriptor_set_out={out}",
+        *TFSERVING_ROOTS,
+    ]
+    if protoc.main(args) != 0:
+        raise RuntimeError(f"protoc failed: {' '.join(args)}")
+    return out
 
 
 def generate(out_dir: Path, proto_root: Path = ROOT / "protos") -> list[Path]:
@@ -67,8 +105,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT, help="output root (default: the repository)")
     args = parser.parse_args()
     written = generate(args.out)
-    if not written:
-        print("no .proto files under protos/: nothing to generate")
+    written.append(generate_descriptor_set(args.out))
     for p in written:
         print(f"generated {p.relative_to(args.out)}")
     return 0

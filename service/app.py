@@ -26,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service import api, security, tfserving_api
+from service import tfs as tfs_protos
 from service.api import SERVICE_NAME, ClassifierService, Gateway
 from service.backends import Backend, ModelDescription
 from service.backends.embedded import EmbeddedBackend
@@ -196,7 +197,8 @@ class App:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         if s.reflection:
             names += (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
-            reflection.enable_server_reflection(names, self._server)
+            # TF Serving's services are in service.tfs's private pool, the others in the default one
+            reflection.enable_server_reflection(names, self._server, pool=tfs_protos.reflection_pool())
         await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)

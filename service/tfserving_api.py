@@ -7,6 +7,9 @@ the outputs of the exported signature (``probabilities``, ``top_k_scores``, ``to
 ``top_k_labels``; ``output_filter`` selects among them). Errors use TF Serving's codes: NOT_FOUND for an
 unknown model or version, INVALID_ARGUMENT for a wrong dtype, shape, signature or input name, with the same
 ``google.rpc.BadRequest`` details as the native API.
+
+The messages are ``service.tfs``'s (the vendored TF Serving 2.21 protos in a private descriptor pool), and the
+methods are registered by path with generic handlers: serving this API loads no TensorFlow.
 """
 
 from __future__ import annotations
@@ -15,17 +18,8 @@ from typing import Any
 
 import grpc
 import numpy as np
-from tensorflow.core.framework import tensor_shape_pb2, types_pb2
-from tensorflow.core.protobuf import meta_graph_pb2
-from tensorflow_serving.apis import (
-    get_model_metadata_pb2,
-    get_model_status_pb2,
-    model_service_pb2_grpc,
-    predict_pb2,
-    prediction_service_pb2_grpc,
-)
 
-from service import wire
+from service import tfs, wire
 from service.api import GatewaySlot, _deadline, _unary, parse_message
 from service.backends import TopK
 from service.errors import FieldViolation, InvalidArgument, NotFound
@@ -38,8 +32,8 @@ INPUT_KEY = "image"
 #: Width of the top_k_* outputs, as in the exported signature (trainer.export.TOP_K).
 TOP_K = 5
 OUTPUTS = ("probabilities", "top_k_scores", "top_k_indices", "top_k_labels")
-PREDICTION_SERVICE = "tensorflow.serving.PredictionService"
-MODEL_SERVICE = "tensorflow.serving.ModelService"
+PREDICTION_SERVICE = tfs.PREDICTION_SERVICE
+MODEL_SERVICE = tfs.MODEL_SERVICE
 
 
 class _Surface(GatewaySlot):
@@ -74,7 +68,7 @@ class _Surface(GatewaySlot):
         return v
 
 
-class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+class PredictionService:
     """``tensorflow.serving.PredictionService``: Predict and GetModelMetadata."""
 
     def __init__(self, surface: _Surface) -> None:
@@ -82,13 +76,11 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         self.metrics = surface.metrics
 
     @_unary("Predict")
-    async def Predict(
-        self, request: predict_pb2.PredictRequest | bytes, context: grpc.aio.ServicerContext
-    ) -> predict_pb2.PredictResponse:
+    async def Predict(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Run ``serving_default`` on the images through the batcher (``request`` as bytes: counted first)."""
         if isinstance(request, bytes):
             wire.check_predict(request)
-            request = parse_message(predict_pb2.PredictRequest, request)
+            request = parse_message(tfs.PredictRequest, request)
         surface = self._surface
         version = surface.version(request.model_spec)
         gateway = surface.gateway
@@ -111,7 +103,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         wanted = list(request.output_filter) or list(OUTPUTS)
         needs_probs = "probabilities" in wanted  # else the backend may give its top-k outputs alone
         scores = await gateway.predict_bitmaps(images, version, _deadline(context), None if needs_probs else TOP_K)
-        resp = predict_pb2.PredictResponse()
+        resp = tfs.PredictResponse()
         resp.model_spec.name = gateway.model.name
         resp.model_spec.version.value = version
         resp.model_spec.signature_name = SIGNATURE
@@ -136,9 +128,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         return resp
 
     @_unary("GetModelMetadata")
-    async def GetModelMetadata(
-        self, request: get_model_metadata_pb2.GetModelMetadataRequest, context: grpc.aio.ServicerContext
-    ) -> get_model_metadata_pb2.GetModelMetadataResponse:
+    async def GetModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """The ``signature_def`` metadata, as TF Serving gives it."""
         surface = self._surface
         version = surface.version(request.model_spec)
@@ -148,15 +138,15 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                                 f"only 'signature_def' is available, got {list(request.metadata_field)}")]
             )
         classes = len(surface.gateway.model.labels)
-        resp = get_model_metadata_pb2.GetModelMetadataResponse()
+        resp = tfs.GetModelMetadataResponse()
         resp.model_spec.name = surface.gateway.model.name
         resp.model_spec.version.value = version
         resp.model_spec.signature_name = SIGNATURE
-        resp.metadata["signature_def"].Pack(signature_def_map(classes))
+        resp.metadata["signature_def"].Pack(signature_def_map(classes))  # type_url tfs.SIGNATURE_DEF_MAP_URL
         return resp
 
 
-class ModelService(model_service_pb2_grpc.ModelServiceServicer):
+class ModelService:
     """``tensorflow.serving.ModelService``: GetModelStatus (HandleReloadConfigRequest is not offered)."""
 
     def __init__(self, surface: _Surface) -> None:
@@ -164,56 +154,64 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         self.metrics = surface.metrics
 
     @_unary("GetModelStatus")
-    async def GetModelStatus(
-        self, request: get_model_status_pb2.GetModelStatusRequest, context: grpc.aio.ServicerContext
-    ) -> get_model_status_pb2.GetModelStatusResponse:
+    async def GetModelStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Every served version (or the one asked for) as AVAILABLE."""
         surface = self._surface
         model = surface.gateway.model
         asked = surface.version(request.model_spec)
         versions = [asked] if request.model_spec.HasField("version") else list(model.versions)
-        resp = get_model_status_pb2.GetModelStatusResponse()
+        resp = tfs.GetModelStatusResponse()
         for v in versions:
-            s = resp.model_version_status.add(version=v, state=get_model_status_pb2.ModelVersionStatus.AVAILABLE)
+            s = resp.model_version_status.add(version=v, state=tfs.AVAILABLE)
             s.status.error_message = ""
         return resp
 
 
-def _info(name: str, dtype: int, dims: list[int]) -> meta_graph_pb2.TensorInfo:
-    shape = tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in dims])
-    return meta_graph_pb2.TensorInfo(name=name, dtype=dtype, tensor_shape=shape)
+def _info(name: str, dtype: int, dims: list[int]) -> Any:
+    """A ``TensorInfo`` for the signature: tensor name, dtype and shape (-1 for any size)."""
+    shape = tfs.TensorShapeProto(dim=[tfs.TensorShapeProto.Dim(size=d) for d in dims])
+    return tfs.TensorInfo(name=name, dtype=dtype, tensor_shape=shape)
 
 
-def signature_def_map(classes: int) -> get_model_metadata_pb2.SignatureDefMap:
+def signature_def_map(classes: int) -> Any:
     """The exported model's ``serving_default`` signature (see trainer.export), as metadata."""
     k = min(TOP_K, classes)
-    sig = meta_graph_pb2.SignatureDef(method_name="tensorflow/serving/predict")
-    sig.inputs[INPUT_KEY].CopyFrom(_info("serving_default_image:0", types_pb2.DT_UINT8, [-1, 28, 28, 1]))
+    sig = tfs.SignatureDef(method_name="tensorflow/serving/predict")
+    sig.inputs[INPUT_KEY].CopyFrom(_info("serving_default_image:0", tfs.DT_UINT8, [-1, 28, 28, 1]))
     for i, (name, dtype, width) in enumerate(
-        [("probabilities", types_pb2.DT_FLOAT, classes), ("top_k_indices", types_pb2.DT_INT32, k),
-         ("top_k_labels", types_pb2.DT_STRING, k), ("top_k_scores", types_pb2.DT_FLOAT, k)]
+        [("probabilities", tfs.DT_FLOAT, classes), ("top_k_indices", tfs.DT_INT32, k),
+         ("top_k_labels", tfs.DT_STRING, k), ("top_k_scores", tfs.DT_FLOAT, k)]
     ):  # fmt: skip
         sig.outputs[name].CopyFrom(_info(f"StatefulPartitionedCall:{i}", dtype, [-1, width]))
-    out = get_model_metadata_pb2.SignatureDefMap()
+    out = tfs.SignatureDefMap()
     out.signature_def[SIGNATURE].CopyFrom(sig)
     return out
 
 
 def add_to_server(server: grpc.aio.Server, metrics: Metrics, version_label: str | None = None) -> _Surface:
-    """Register both services; returns the surface to ``attach`` the gateway to once it is ready."""
+    """Register both services by method path; returns the surface to ``attach`` the gateway to once it is ready."""
     surface = _Surface(metrics, version_label)
     prediction = PredictionService(surface)
     handlers = {  # Predict takes bytes, so its inputs are counted on the wire before parsing (service.wire)
         "Predict": grpc.unary_unary_rpc_method_handler(
             prediction.Predict, request_deserializer=None,
-            response_serializer=predict_pb2.PredictResponse.SerializeToString,
+            response_serializer=tfs.PredictResponse.SerializeToString,
         ),
         "GetModelMetadata": grpc.unary_unary_rpc_method_handler(
             prediction.GetModelMetadata,
-            request_deserializer=get_model_metadata_pb2.GetModelMetadataRequest.FromString,
-            response_serializer=get_model_metadata_pb2.GetModelMetadataResponse.SerializeToString,
+            request_deserializer=tfs.GetModelMetadataRequest.FromString,
+            response_serializer=tfs.GetModelMetadataResponse.SerializeToString,
         ),
     }  # fmt: skip
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(PREDICTION_SERVICE, handlers),))
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(surface), server)
+    model = {  # HandleReloadConfigRequest is not offered: gRPC answers UNIMPLEMENTED
+        "GetModelStatus": grpc.unary_unary_rpc_method_handler(
+            ModelService(surface).GetModelStatus,
+            request_deserializer=tfs.GetModelStatusRequest.FromString,
+            response_serializer=tfs.GetModelStatusResponse.SerializeToString,
+        ),
+    }  # fmt: skip
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(PREDICTION_SERVICE, handlers),
+         grpc.method_handlers_generic_handler(MODEL_SERVICE, model))
+    )  # fmt: skip
     return surface

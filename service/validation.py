@@ -430,15 +430,14 @@ def render(
 def image_tensor(tensor: Any, key: str, limits: Limits) -> NDArray[np.uint8]:
     """TF Serving's ``inputs[key]`` as uint8 [n, 28, 28, 1]; raises InvalidArgument naming the field and limit.
 
-    ``tensor`` is a ``tensorflow.TensorProto``; the checks are TF Serving's own for this signature (dtype and
-    shape), plus this service's drawings-per-request limit.
+    ``tensor`` is a ``tensorflow.TensorProto`` (``service.tfs.TensorProto``); the checks are TF Serving's own for
+    this signature (dtype and shape), plus this service's drawings-per-request limit.
     """
-    from tensorflow.core.framework import types_pb2
-
+    from service import tfs
     from service.tensors import TensorDecodeError, dtype_name, shape_of, to_numpy
 
     field = f"inputs[{key}]"
-    if tensor.dtype != types_pb2.DT_UINT8:
+    if tensor.dtype != tfs.DT_UINT8:
         raise InvalidArgument(
             [FieldViolation(f"{field}.dtype", f"expected DT_UINT8, got {dtype_name(tensor.dtype)}")]
         )

@@ -130,10 +130,10 @@ class Cost:
                 f"{RSS_BOUND_MIB:.0f}); health worst {self.health_worst_s * 1000:.1f} ms over {self.health_checks} "
                 f"checks (bound {HEALTH_BOUND_S * 1000:.0f})")  # fmt: skip
 
-    def assert_bounds(self, cpu_bound_s: float = CPU_BOUND_S) -> None:
-        """The issue's three bounds."""
+    def assert_bounds(self, cpu_bound_s: float = CPU_BOUND_S, health_bound_s: float = HEALTH_BOUND_S) -> None:
+        """The issue's three bounds (a looser health bound only where a test says why)."""
         assert not self.health_failures, f"{self.name}: health failed: {self.health_failures[:5]}"
-        assert self.health_worst_s < HEALTH_BOUND_S, self.report()
+        assert self.health_worst_s < health_bound_s, self.report()
         assert self.rss_growth_mib < RSS_BOUND_MIB, self.report()
         assert self.cpu_per_request_s <= cpu_bound_s, self.report()
 

@@ -394,6 +394,10 @@ def dockerfile_copies(path: Path) -> list[str]:
     return out
 
 
+#: ``pip install .`` or ``pip install ".[EXTRAS]"``: the group is the extras (None: the base install).
+PIP_INSTALL_PROJECT = re.compile(r"""pip install ["']?\.(?:\[([^\]]*)\])?["']?(?:\s|$)""")
+
+
 def git_files() -> list[str]:
     out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
     return out.stdout.split() if out.returncode == 0 else []
@@ -415,7 +419,7 @@ def test_every_path_a_dockerfile_copies_exists(dockerfile: Path) -> None:
             let_in = [f for f in inside if dockerignore_allows(f, patterns)]
             assert let_in or not tracked, f"{dockerfile.name}: COPY {src}: .dockerignore lets no file of it in"
     text = dockerfile.read_text()
-    if "pip install ." in text:  # the image installs the project: every package pyproject.toml names is copied
+    if PIP_INSTALL_PROJECT.search(text):  # the image installs the project: every package pyproject.toml names is copied
         import tomllib
 
         include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
@@ -424,6 +428,21 @@ def test_every_path_a_dockerfile_copies_exists(dockerfile: Path) -> None:
         assert packages <= copied, f"{dockerfile.name} does not copy {sorted(packages - copied)}"
         assert {"pyproject.toml", "README.md"} <= copied
     assert re.search(r"^USER\s+(?!0\b|root\b)\S+", text, re.M), f"{dockerfile.name} must not run as root"
+
+
+def test_the_gateway_image_is_the_slim_install_and_the_full_image_has_tensorflow() -> None:
+    """gateway.Dockerfile installs no extra (no TensorFlow) and runs the tfserving backend, as the Kubernetes
+    Deployment does; full.Dockerfile installs the tf extra for the embedded backend and the trainer."""
+    gateway = (DEPLOY / "docker" / "gateway.Dockerfile").read_text()
+    full = (DEPLOY / "docker" / "full.Dockerfile").read_text()
+    assert [m.group(1) for m in PIP_INSTALL_PROJECT.finditer(gateway)] == [None], "the gateway image: no extras"
+    assert "QUICKDRAW_BACKEND=tfserving" in gateway
+    assert [m.group(1) for m in PIP_INSTALL_PROJECT.finditer(full)] == ["${EXTRAS}"]
+    assert re.search(r"^ARG EXTRAS=tf$", full, re.M) and "QUICKDRAW_BACKEND=embedded" in full
+    deployment = load_yaml(K8S / "base" / "gateway-deployment.yaml")
+    [c] = deployment["spec"]["template"]["spec"]["containers"]
+    assert c["image"].startswith("quickdraw-gateway:")
+    assert {"name": "QUICKDRAW_BACKEND", "value": "tfserving"} in c["env"]
 
 
 def test_dockerignore_keeps_local_state_out() -> None:

@@ -465,6 +465,26 @@ def test_reflection_lists_the_services(gateway: RunningGateway) -> None:
     assert {"quickdraw.v1.Classifier", "grpc.health.v1.Health"} <= names
 
 
+def test_reflection_describes_tf_servings_services(gateway: RunningGateway) -> None:
+    """They live in service.tfs's private pool; reflection finds them there (grpcurl describe works)."""
+    from google.protobuf import descriptor_pb2
+
+    asks = [reflection_pb2.ServerReflectionRequest(file_containing_symbol=s)
+            for s in ("tensorflow.serving.PredictionService", "tensorflow.serving.ModelService",
+                      "quickdraw.v1.Classifier")]  # fmt: skip
+    with grpc.insecure_channel(gateway.target) as ch:
+        answers = list(reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(iter(asks)))
+    methods = {}
+    for resp in answers:
+        assert resp.WhichOneof("message_response") == "file_descriptor_response", resp
+        for raw in resp.file_descriptor_response.file_descriptor_proto:
+            fd = descriptor_pb2.FileDescriptorProto.FromString(raw)
+            methods |= {f"{fd.package}.{s.name}": {m.name for m in s.method} for s in fd.service}
+    assert {"Predict", "GetModelMetadata"} <= methods["tensorflow.serving.PredictionService"]
+    assert "GetModelStatus" in methods["tensorflow.serving.ModelService"]
+    assert "Classify" in methods["quickdraw.v1.Classifier"]
+
+
 def test_reflection_can_be_turned_off() -> None:
     with RunningGateway(reflection=False, warmup=False) as gw, grpc.insecure_channel(gw.target) as ch:
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)

@@ -410,7 +410,7 @@ def test_bearer_token_on_every_grpc_api_but_health(mtls: RunningGateway, pki: Pk
         # TF Serving's API on the gateway too
         req = predict_pb2.PredictRequest()
         req.model_spec.name = "quickdraw"
-        req.inputs["image"].CopyFrom(from_numpy(sample_cats(1).reshape(1, 28, 28, 1)))
+        req.inputs["image"].ParseFromString(from_numpy(sample_cats(1).reshape(1, 28, 28, 1)).SerializeToString())
         predict = prediction_service_pb2_grpc.PredictionServiceStub(ch).Predict
         with pytest.raises(grpc.RpcError) as info:
             predict(req, timeout=10)

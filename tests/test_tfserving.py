@@ -97,7 +97,8 @@ def predict_request(images: np.ndarray, **spec: object) -> predict_pb2.PredictRe
     if "label" in spec:
         req.model_spec.version_label = str(spec["label"])
     req.model_spec.signature_name = str(spec.get("signature", "serving_default"))
-    req.inputs["image"].CopyFrom(from_numpy(images))
+    # from_numpy gives service.tfs's TensorProto, not TensorFlow's: the two meet as bytes
+    req.inputs["image"].ParseFromString(from_numpy(images).SerializeToString())
     return req
 
 
@@ -426,7 +427,7 @@ def test_tf_serving_api_on_the_gateway_rejects_like_tf_serving_with_field_detail
     bad_content.inputs["image"].tensor_content = b"\x00" * 10
     cases.append((bad_content, grpc.StatusCode.INVALID_ARGUMENT, "inputs[image].tensor_content"))
     extra = predict_request(images)
-    extra.inputs["other"].CopyFrom(from_numpy(images))
+    extra.inputs["other"].ParseFromString(from_numpy(images).SerializeToString())
     cases.append((extra, grpc.StatusCode.INVALID_ARGUMENT, "inputs"))
     with grpc.insecure_channel(embedded.target) as ch:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from quickdraw.commands.common import sample_dir
+from quickdraw.extras import require
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,6 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print the headline figures."""
+    require("tensorflow", "quickdraw evaluate")
+    require("matplotlib", "quickdraw evaluate")
     from trainer.data import Split
     from trainer.evaluate import evaluate
 

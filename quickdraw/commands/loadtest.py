@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from quickdraw.commands.common import add_security_options, client_security
+from quickdraw.extras import require
 
 DEFAULT_DATA = Path(os.environ.get("QUICKDRAW_SAMPLE_DIR", "../shared/quickdraw"))
 
@@ -70,6 +71,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the drawing pool, run each load, print and save the report."""
+    if args.plot_dir:  # before the load runs, not after it
+        require("matplotlib", "quickdraw loadtest --plot-dir")
     from tqdm import tqdm
 
     from loadtest.engine import LoadConfig, RunStats, run_load, summary

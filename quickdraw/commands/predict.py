@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from quickdraw.commands.common import iter_file_bitmaps
+from quickdraw.extras import require
 
 BATCH = 256
 
@@ -39,6 +40,7 @@ def format_top(labels: list[str], probs: np.ndarray, k: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model once, then classify file by file in batches."""
+    require("tensorflow", "quickdraw predict")
     from trainer.evaluate import LoadedModel
 
     model = LoadedModel(args.model)

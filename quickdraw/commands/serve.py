@@ -10,6 +10,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from quickdraw.extras import require
+
 EXAMPLE = "quickdraw classify --target {target} ../shared/quickdraw/simplified/cat.ndjson"
 
 
@@ -66,7 +68,6 @@ def run(args: argparse.Namespace) -> int:
     """Build the settings, run the app until a signal, exit 0."""
     from pydantic import ValidationError
 
-    from service.app import App
     from service.settings import Settings
 
     given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
@@ -77,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
             field = ".".join(str(x) for x in e["loc"]) or "settings"
             print(f"quickdraw serve: --{field.replace('_', '-')}: {e['msg']}", file=sys.stderr)
         return 2
+    if settings.backend == "embedded":  # the tfserving backend needs no TensorFlow in this process
+        require("tensorflow", "quickdraw serve --backend embedded")
+    from service.app import App
 
     def ready(app: App) -> None:
         host = "localhost" if settings.host in ("0.0.0.0", "::", "[::]") else settings.host

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from quickdraw.commands.common import sample_dir
+from quickdraw.extras import require
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -55,6 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train and print where the export went."""
+    require("tensorflow", "quickdraw train")
     import tensorflow as tf
 
     if args.threads:

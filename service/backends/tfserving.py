@@ -24,6 +24,8 @@
   spreads calls over them per request, not per connection.
 - The channel is TLS, or mTLS with a client certificate, when the ``tfserving_tls*`` settings ask for it
   (``service.security.tfserving_channel``).
+- The messages are ``service.tfs``'s (vendored TF Serving 2.21 protos in a private descriptor pool) and the
+  stubs call methods by path: this backend loads no TensorFlow.
 """
 
 from __future__ import annotations
@@ -35,18 +37,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 from numpy.typing import NDArray
-from tensorflow_serving.apis import (
-    get_model_metadata_pb2,
-    get_model_status_pb2,
-    model_service_pb2_grpc,
-    predict_pb2,
-    prediction_service_pb2_grpc,
-)
 
+from service import tfs
 from service.backends import ModelDescription, TopK, find_versions, read_labels
 from service.errors import BackendError, DeadlineExceeded, NotFound, ServiceError, Unavailable
 from service.security import tfserving_channel
@@ -58,7 +55,7 @@ log = logging.getLogger(__name__)
 INPUT_KEY = "image"
 OUTPUT_KEY = "probabilities"
 TOP_K_SCORES, TOP_K_INDICES = "top_k_scores", "top_k_indices"
-AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+AVAILABLE = tfs.AVAILABLE
 
 
 def channel_options(settings: Settings) -> list[tuple[str, object]]:
@@ -67,8 +64,7 @@ def channel_options(settings: Settings) -> list[tuple[str, object]]:
         "loadBalancingConfig": [{"round_robin": {}}],
         "methodConfig": [
             {
-                "name": [{"service": "tensorflow.serving.PredictionService"},
-                         {"service": "tensorflow.serving.ModelService"}],
+                "name": [{"service": tfs.PREDICTION_SERVICE}, {"service": tfs.MODEL_SERVICE}],
                 "retryPolicy": {
                     "maxAttempts": settings.tfserving_max_attempts,
                     "initialBackoff": f"{settings.tfserving_initial_backoff_ms / 1000:.3f}s",
@@ -118,8 +114,8 @@ class TFServingBackend:
         self._s = settings
         self._clock = clock
         self._channel: grpc.aio.Channel | None = None
-        self._predict: prediction_service_pb2_grpc.PredictionServiceStub | None = None
-        self._models: model_service_pb2_grpc.ModelServiceStub | None = None
+        self._predict: tfs.PredictionServiceStub | None = None
+        self._models: tfs.ModelServiceStub | None = None
         self._poller: asyncio.Task[None] | None = None
         self._description: ModelDescription | None = None
         #: Width of the signature's top_k_* outputs (0 without them): what ``predict_top_k`` gives.
@@ -135,8 +131,8 @@ class TFServingBackend:
         """Wait for an AVAILABLE version, check the signature, read the labels, start following versions."""
         s = self._s
         self._channel = tfserving_channel(s, channel_options(s))  # TLS/mTLS when the settings ask for it
-        self._predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
-        self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
+        self._predict = tfs.PredictionServiceStub(self._channel)
+        self._models = tfs.ModelServiceStub(self._channel)
         versions = await self._wait_available()
         classes = await self._check_signature()
         default = await self._labelled_version(versions)
@@ -164,7 +160,7 @@ class TFServingBackend:
     async def available_versions(self, timeout_s: float = 5.0) -> tuple[int, ...]:
         """The versions TF Serving reports AVAILABLE now (raises AioRpcError when it cannot be asked)."""
         assert self._models is not None
-        req = get_model_status_pb2.GetModelStatusRequest()
+        req = tfs.GetModelStatusRequest()
         req.model_spec.name = self._s.model_name
         resp = await self._models.GetModelStatus(req, timeout=timeout_s)
         return tuple(sorted(v.version for v in resp.model_version_status if v.state == AVAILABLE))
@@ -200,7 +196,7 @@ class TFServingBackend:
         if label is None:
             return None
         assert self._predict is not None
-        req = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        req = tfs.GetModelMetadataRequest(metadata_field=["signature_def"])
         req.model_spec.name = self._s.model_name
         req.model_spec.version_label = label
         resp = await self._predict.GetModelMetadata(req, timeout=timeout_s)
@@ -213,11 +209,15 @@ class TFServingBackend:
         """The signature must take uint8 ``image`` and give ``probabilities``; returns its width if known."""
         assert self._predict is not None
         s = self._s
-        req = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        req = tfs.GetModelMetadataRequest(metadata_field=["signature_def"])
         req.model_spec.name = s.model_name
         resp = await self._predict.GetModelMetadata(req, timeout=10)
-        sigs = get_model_metadata_pb2.SignatureDefMap()
-        resp.metadata["signature_def"].Unpack(sigs)
+        sigs = tfs.SignatureDefMap()
+        if not resp.metadata["signature_def"].Unpack(sigs):
+            raise ValueError(
+                f"TF Serving's signature_def metadata is a {resp.metadata['signature_def'].type_url!r}, "
+                f"not a {tfs.SIGNATURE_DEF_MAP_URL!r}"
+            )
         if s.tfserving_signature not in sigs.signature_def:
             raise ValueError(
                 f"TF Serving's {s.model_name!r} has no signature {s.tfserving_signature!r}; it has "
@@ -296,7 +296,7 @@ class TFServingBackend:
 
     def _call(
         self, images: NDArray[np.uint8], version: int, deadline_s: float | None, outputs: list[str]
-    ) -> Awaitable[predict_pb2.PredictResponse]:
+    ) -> Awaitable[Any]:
         """Start the Predict call of one batch for ``outputs``."""
         assert self._predict is not None
         timeout = self._s.backend_timeout_ms / 1000.0
@@ -304,16 +304,14 @@ class TFServingBackend:
             timeout = min(timeout, deadline_s - self._clock() - self._s.tfserving_deadline_margin_ms / 1000.0)
         if timeout <= 0:
             raise DeadlineExceeded("deadline exceeded before the batch reached TF Serving")
-        req = predict_pb2.PredictRequest(output_filter=outputs)
+        req = tfs.PredictRequest(output_filter=outputs)
         req.model_spec.name = self._s.model_name
         req.model_spec.version.value = version
         req.model_spec.signature_name = self._s.tfserving_signature
         req.inputs[INPUT_KEY].CopyFrom(from_numpy(images))
         return self._predict.Predict(req, timeout=timeout)  # starts now
 
-    async def _response(
-        self, call: Awaitable[predict_pb2.PredictResponse], n: int, version: int
-    ) -> predict_pb2.PredictResponse:
+    async def _response(self, call: Awaitable[Any], n: int, version: int) -> Any:
         try:
             return await call
         except grpc.aio.AioRpcError as exc:
@@ -321,7 +319,7 @@ class TFServingBackend:
                 self._refresh.set()  # TF Serving unloaded it: learn the new versions now, not at the next poll
             raise _mapped(exc, f"Predict of {n} drawings on version {version}") from None
 
-    async def _answer_top_k(self, call: Awaitable[predict_pb2.PredictResponse], n: int, version: int) -> TopK:
+    async def _answer_top_k(self, call: Awaitable[Any], n: int, version: int) -> TopK:
         resp = await self._response(call, n, version)
         got = []
         for key in (TOP_K_SCORES, TOP_K_INDICES):
@@ -340,7 +338,7 @@ class TFServingBackend:
             raise BackendError(f"TF Serving returned class indices outside 0..{classes - 1}")
         return TopK(scores.astype(np.float32, copy=False), indices)
 
-    async def _answer(self, call: Awaitable[predict_pb2.PredictResponse], n: int, version: int) -> NDArray[np.float32]:
+    async def _answer(self, call: Awaitable[Any], n: int, version: int) -> NDArray[np.float32]:
         resp = await self._response(call, n, version)
         if OUTPUT_KEY not in resp.outputs:
             raise BackendError(f"TF Serving's answer has no {OUTPUT_KEY!r} output: {sorted(resp.outputs)}")
