@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import importlib
 import logging
 import resource
 import signal
@@ -159,6 +160,11 @@ class App:
     async def start(self) -> None:
         """Bind, load the model, warm up, and report SERVING."""
         s = self.settings
+        if s.backend == "embedded":
+            # Importing TensorFlow loads a library of about 1 GB with the GIL held for seconds: do it before the
+            # ports open, so that no health check, and no SIGTERM during the model load, waits on it. (The
+            # tfserving backend never imports it.)
+            await asyncio.to_thread(importlib.import_module, "tensorflow")
         soft, _ = raise_fd_limit()
         return_large_buffers_to_the_os()
         grpc_cap, http_cap = connection_caps(s, soft)
