@@ -423,9 +423,10 @@ class ClassifierService(GatewaySlot, pb_grpc.ClassifierServicer):
                 f"{self._max_open_streams}; close idle streams, or retry later"
             )
         if refusal is not None or gateway is None:
+            refusal = refusal or Unavailable("the model is still loading; retry shortly")
             with Observed(self.metrics, "ClassifyStream") as call:
-                call.fail(refusal or Unavailable("not ready"))
-            await context.abort_with_status(rpc_status.to_status(to_rpc_status(refusal or Unavailable("not ready"))))
+                call.fail(refusal)
+            await context.abort_with_status(rpc_status.to_status(to_rpc_status(refusal)))
             return
         self._open_streams += 1
         try:

@@ -118,7 +118,7 @@ def _too_many(field: str, what: str, limit: int, setting: str = "") -> InvalidAr
     return InvalidArgument([FieldViolation(field, reason)])
 
 
-def _hand_made(field: str, others: int, other_limit: int) -> InvalidArgument:
+def _hand_made(field: str, other_limit: int) -> InvalidArgument:
     reason = (f"holds more than {other_limit} fields besides its repeated ones; protobuf serializers write "
               "each field once (refused before parsing)")
     return InvalidArgument([FieldViolation(field, reason)])
@@ -136,11 +136,11 @@ def check_classify(buf: Wire, max_drawings: int, max_strokes: int, start: int = 
         if len(top.spans) > SCAN_FACTOR * max_drawings:
             raise _too_many(f"{prefix}drawings", "drawings", max_drawings, "max_drawings_per_request")
         if top.others > MAX_OTHER_FIELDS:
-            raise _hand_made(prefix or "request", top.others, MAX_OTHER_FIELDS)
+            raise _hand_made(prefix or "request", MAX_OTHER_FIELDS)
         for d, (a, b) in enumerate(top.spans):
             drawing = scan(buf, a, b, 3, MAX_OTHER_FIELDS)  # Drawing.strokes (a oneof member: merged if repeated)
             if len(drawing.spans) > MAX_OTHER_FIELDS or drawing.others > MAX_OTHER_FIELDS:
-                raise _hand_made(f"{prefix}drawings[{d}]", drawing.others, MAX_OTHER_FIELDS)
+                raise _hand_made(f"{prefix}drawings[{d}]", MAX_OTHER_FIELDS)
             strokes = 0
             for a2, b2 in drawing.spans:
                 inner = scan(buf, a2, b2, 1, SCAN_FACTOR * max_strokes - strokes)
@@ -148,7 +148,7 @@ def check_classify(buf: Wire, max_drawings: int, max_strokes: int, start: int = 
                 if strokes > SCAN_FACTOR * max_strokes:
                     raise _too_many(f"{prefix}drawings[{d}].strokes.strokes", "strokes", max_strokes, "max_strokes")
                 if inner.others > MAX_OTHER_FIELDS:
-                    raise _hand_made(f"{prefix}drawings[{d}].strokes", inner.others, MAX_OTHER_FIELDS)
+                    raise _hand_made(f"{prefix}drawings[{d}].strokes", MAX_OTHER_FIELDS)
     except Malformed:
         return
 
@@ -168,7 +168,7 @@ def count_drawings(buf: Wire, max_drawings: int) -> int:
     if len(top.spans) > SCAN_FACTOR * max_drawings:
         raise _too_many("drawings", "drawings", max_drawings, "max_drawings_per_request")
     if top.others > MAX_OTHER_FIELDS:
-        raise _hand_made("request", top.others, MAX_OTHER_FIELDS)
+        raise _hand_made("request", MAX_OTHER_FIELDS)
     return len(top.spans)
 
 
@@ -183,7 +183,7 @@ def stream_parts(buf: Wire) -> tuple[bytes, Wire]:
     ids = scan(buf, 0, len(buf), 1, MAX_OTHER_FIELDS)
     requests = scan(buf, 0, len(buf), 2, MAX_OTHER_FIELDS)
     if len(ids.spans) + len(requests.spans) > MAX_OTHER_FIELDS or ids.others > MAX_OTHER_FIELDS:
-        raise _hand_made("stream message", ids.others, MAX_OTHER_FIELDS)
+        raise _hand_made("stream message", MAX_OTHER_FIELDS)
     ident = bytes(buf[ids.spans[-1][0] : ids.spans[-1][1]]) if ids.spans else b""
     if len(requests.spans) == 1:  # the usual case: a view, not a copy of up to max_message_bytes
         a, b = requests.spans[0]
@@ -201,11 +201,11 @@ def check_predict(buf: bytes) -> None:
         if len(filters.spans) > MAX_OUTPUT_FILTER:
             raise _too_many("output_filter", "names", MAX_OUTPUT_FILTER)
         if top.others > MAX_OTHER_FIELDS + MAX_OUTPUT_FILTER:
-            raise _hand_made("request", top.others, MAX_OTHER_FIELDS + MAX_OUTPUT_FILTER)
+            raise _hand_made("request", MAX_OTHER_FIELDS + MAX_OUTPUT_FILTER)
         for a, b in top.spans:
             entry = scan(buf, a, b, 2, 4)  # map entry: key = 1, value = 2 (a TensorProto)
             if len(entry.spans) > 4 or entry.others > 4:
-                raise _hand_made("inputs", entry.others, 4)
+                raise _hand_made("inputs", 4)
             for a2, b2 in entry.spans:
                 tensor = scan(buf, a2, b2, 2, 4, MAX_TENSOR_FIELDS)  # TensorProto.tensor_shape
                 if tensor.others > MAX_TENSOR_FIELDS or len(tensor.spans) > 4:
