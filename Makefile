@@ -11,7 +11,7 @@ export QUICKDRAW_SAMPLE_DIR ?= $(abspath ../shared/quickdraw)
 # The browser test drives this Chromium (Debian's package) with Playwright; nothing downloads a browser.
 export QUICKDRAW_CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install browser run train test lint protos bench reliability soak images image-test clean help
+.PHONY: install browser run train test lint protos bench reliability rehearsal soak images image-test clean help
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ bench: $(STAMP) ## benchmarks: each compares two things in one run and prints ra
 reliability: $(STAMP) ## the fault tests (real processes, every call counted), then RELIABILITY.md from their tallies
 	$(BIN)/python -m pytest -q tests/test_reliability.py
 	$(BIN)/python scripts/reliability_report.py
+
+rehearsal: $(STAMP) ## 3 TF Serving stand-ins, 2 gateways, Prometheus under load: roll-out, label moves, rollback, kills (< 10 min)
+	$(BIN)/python scripts/rehearsal.py $(ARGS)
 
 soak: $(STAMP) ## ten minutes of steady load on a real gateway: no errors, RSS growth under 5% (SOAK_DURATION_S)
 	$(BIN)/python scripts/soak.py

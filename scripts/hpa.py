@@ -29,7 +29,10 @@ TOLERANCE = 0.1
 DEFAULT_SCALE_UP: dict[str, Any] = {
     "stabilizationWindowSeconds": 0,
     "selectPolicy": "Max",
-    "policies": [{"type": "Percent", "value": 100, "periodSeconds": 15}, {"type": "Pods", "value": 4, "periodSeconds": 15}],
+    "policies": [
+        {"type": "Percent", "value": 100, "periodSeconds": 15},
+        {"type": "Pods", "value": 4, "periodSeconds": 15},
+    ],
 }
 DEFAULT_SCALE_DOWN: dict[str, Any] = {
     "stabilizationWindowSeconds": 300,
@@ -67,7 +70,11 @@ class MetricTarget:
         name = body["metric"]["name"] if "metric" in body else body["name"]
         t = body["target"]
         kind = t["type"]
-        value = t["averageUtilization"] if kind == "Utilization" else t["averageValue" if kind == "AverageValue" else "value"]
+        value = (
+            t["averageUtilization"]
+            if kind == "Utilization"
+            else t["averageValue" if kind == "AverageValue" else "value"]
+        )
         return MetricTarget(source, name, kind, quantity(value))
 
 
@@ -118,7 +125,8 @@ class HPA:
 
         return HPA(name=obj["metadata"]["name"], min_replicas=int(spec.get("minReplicas", 1)),
                    max_replicas=int(spec["maxReplicas"]), metrics=[MetricTarget.from_spec(m) for m in spec["metrics"]],
-                   scale_up=rules("scaleUp", DEFAULT_SCALE_UP), scale_down=rules("scaleDown", DEFAULT_SCALE_DOWN))  # fmt: skip
+                   scale_up=rules("scaleUp", DEFAULT_SCALE_UP),
+                   scale_down=rules("scaleDown", DEFAULT_SCALE_DOWN))  # fmt: skip
 
     def evaluate(self, now: float, current: int, values: dict[str, float]) -> int:
         """One reconcile: the new replica count for metric ``values`` (by metric name); records the scale event.

@@ -82,9 +82,46 @@ REQUEST_COUNT = ":tensorflow:serving:request_count"
 SECTION = "## Production-topology rehearsal"
 
 
+_BAR: Any = None  # the live tqdm bar while the load runs on a terminal
+
+
 def say(msg: str) -> None:
-    """One progress line, with the time."""
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    """One progress line, with the time (above the live bar when there is one)."""
+    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    if _BAR is not None:
+        _BAR.write(line)
+    else:
+        print(line, flush=True)
+
+
+@contextlib.contextmanager
+def live_progress(load: Load, phases: list[Phase]) -> Iterator[None]:
+    """A tqdm line (calls sent, failed, lost, the current phase) while the load runs; only on a terminal."""
+    global _BAR
+    if not sys.stdout.isatty():
+        yield
+        return
+    from tqdm import tqdm
+
+    stop = threading.Event()
+    _BAR = tqdm(unit=" calls", desc="rehearsal", dynamic_ncols=True)
+
+    def tick() -> None:
+        while not stop.wait(0.5):
+            calls = list(load.calls)
+            _BAR.n = load.sent
+            _BAR.set_postfix(phase=phases[-1].name if phases else "-", failed=sum(c.code != "OK" for c in calls),
+                             lost=sum(c.code == "LOST" for c in calls), refresh=True)  # fmt: skip
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        ticker.join(2)
+        _BAR.close()
+        _BAR = None
 
 
 # --- the model directory and the stand-in replicas ----------------------------------------------------------
@@ -105,7 +142,8 @@ class Replica:
     """One TF Serving stand-in process with its own model config file; SIGKILL and restart keep its ports."""
 
     def __init__(self, name: str, workdir: Path, base_path: Path, poll_offset_s: float, config_poll_s: float,
-                 fs_poll_s: float, extra: tuple[str, ...] = ()) -> None:  # fmt: skip
+                 fs_poll_s: float, extra: tuple[str, ...] = (),
+                 standin: Path = ROOT / "tests" / "tfserving_standin.py") -> None:  # fmt: skip
         self.name = name
         self.port = free_port()
         self.rest_port = free_port()
@@ -113,7 +151,7 @@ class Replica:
         self.base_path = base_path
         self.stable = 1
         self.args = [
-            sys.executable, str(ROOT / "tests" / "tfserving_standin.py"),
+            sys.executable, str(standin),
             f"--port={self.port}", f"--rest_api_port={self.rest_port}",
             f"--model_config_file={self.config}",
             f"--model_config_file_poll_wait_seconds={config_poll_s:g}",
@@ -167,7 +205,9 @@ class Replica:
             text = urllib.request.urlopen(self.metrics_url, timeout=2).read().decode()
         except OSError:
             return None
-        values = [v for k, v in parse_metrics(text).items() if k.split("{")[0] in (REQUEST_COUNT, REQUEST_COUNT + "_total")]
+        values = [
+            v for k, v in parse_metrics(text).items() if k.split("{")[0] in (REQUEST_COUNT, REQUEST_COUNT + "_total")
+        ]
         return sum(values) if values else None
 
     def status(self, timeout_s: float = 2.0) -> tuple[set[int], int | None]:
@@ -181,7 +221,9 @@ class Replica:
             meta.model_spec.name = MODEL_NAME
             meta.model_spec.version_label = "stable"
             try:
-                stable = tfs.PredictionServiceStub(ch).GetModelMetadata(meta, timeout=timeout_s).model_spec.version.value
+                stable = (
+                    tfs.PredictionServiceStub(ch).GetModelMetadata(meta, timeout=timeout_s).model_spec.version.value
+                )
             except grpc.RpcError:
                 stable = None
         return available, stable
@@ -428,15 +470,17 @@ class Prometheus:
     def __init__(self, workdir: Path, scrape_s: float = 1.0) -> None:
         binary = shutil.which("prometheus")
         if binary is None:
-            raise FileNotFoundError("no prometheus on PATH (Debian: apt-get install prometheus), or use --no-prometheus")
+            raise FileNotFoundError(
+                "no prometheus on PATH (Debian: apt-get install prometheus), or use --no-prometheus"
+            )
         self.dir = workdir / "prometheus"
         self.dir.mkdir()
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         jobs = []
         for job, path in (("quickdraw-gateway", "/metrics"), ("tfserving", "/monitoring/prometheus/metrics")):
-            jobs.append({"job_name": job, "metrics_path": path,
-                         "file_sd_configs": [{"files": [str(self.dir / f"{job}.json")], "refresh_interval": "1s"}]})  # fmt: skip
+            sd = [{"files": [str(self.dir / f"{job}.json")], "refresh_interval": "1s"}]
+            jobs.append({"job_name": job, "metrics_path": path, "file_sd_configs": sd})
             (self.dir / f"{job}.json").write_text("[]")
         rules = sorted(str(p) for p in (DEPLOY / "prometheus" / "rules").glob("*.yml"))
         config = {"global": {"scrape_interval": f"{scrape_s:g}s", "scrape_timeout": f"{scrape_s:g}s",
@@ -506,6 +550,7 @@ class Options:
     prestop_s: float = 2.0
     gateway_extra: tuple[str, ...] = ()
     replica_extra: tuple[str, ...] = ()
+    standin: Path = ROOT / "tests" / "tfserving_standin.py"
 
 
 class Topology:
@@ -548,7 +593,7 @@ class Topology:
             self.prometheus = Prometheus(self.workdir)
         self.replicas = [Replica(f"tfserving-{i}", self.workdir, self.model_dir,
                                  poll_offset_s=o.fs_poll_s * i / self.n_replicas, config_poll_s=o.config_poll_s,
-                                 fs_poll_s=o.fs_poll_s, extra=o.replica_extra)
+                                 fs_poll_s=o.fs_poll_s, extra=o.replica_extra, standin=o.standin)
                          for i in range(self.n_replicas)]  # fmt: skip
         t0 = time.monotonic()
         self._parallel([r.start for r in self.replicas])
@@ -738,6 +783,10 @@ def write_reliability(rows: list[Row], command: str, opts: Options, elapsed_s: f
     text = path.read_text() if path.exists() else "# Reliability\n"
     before = text.split(SECTION)[0].rstrip() + "\n\n"
     cores = len(os.sched_getaffinity(0))
+    label = f", --tfserving-version-label {opts.version_label}" if opts.version_label else ""
+    prom = (
+        "Prometheus scraping all of them every second with deploy/prometheus/rules loaded; " if opts.prometheus else ""
+    )
     section = f"""{SECTION}
 
 Generated by `{command}` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC ({platform.machine()}, {cores} cores shared with
@@ -745,13 +794,13 @@ other work; {elapsed_s:.0f} s in all). The production topology on one machine, r
 (scripts/rehearsal.py): 3 TF Serving stand-ins (tests/tfserving_standin.py) on one shared model directory, each
 with its own model config file (label `stable`) polled every {opts.config_poll_s:g} s and file-system polls
 {opts.fs_poll_s:g} s apart in phase, batching with deploy/tfserving/batching.config; 2 gateways
-(`quickdraw serve --backend tfserving --tfserving-target ipv4:A,B,C`{", --tfserving-version-label " + opts.version_label if opts.version_label else ""})
+(`quickdraw serve --backend tfserving --tfserving-target ipv4:A,B,C{label}`)
 behind a Service stand-in (8 client connections; a terminating gateway leaves the endpoints, then gets SIGTERM
-{opts.prestop_s:g} s later, as after a preStop sleep); {"Prometheus scraping all of them every second with deploy/prometheus/rules loaded; " if opts.prometheus else ""}open-loop load of
-{opts.rate_per_s:g} Classify calls/s (one bitmap each, deadline {opts.deadline_s:g} s), every {opts.pinned_every}th pinned to
-version 2. Each call counts under the event during which it was sent; **lost** = no answer by the deadline +
-100 ms. "Backend attempts / call" = the stand-ins' `{REQUEST_COUNT}` increase (summed over replicas) over the
-client calls sent in that phase; above 1 means retries (or batches that were split), below 1 means calls were
+{opts.prestop_s:g} s later, as after a preStop sleep); {prom}open-loop load of {opts.rate_per_s:g} Classify
+calls/s (one bitmap each, deadline {opts.deadline_s:g} s), every {opts.pinned_every}th pinned to version 2.
+Each call counts under the event during which it was sent; **lost** = no answer by the deadline + 100 ms.
+"Backend attempts / call" = the stand-ins' `{REQUEST_COUNT}` increase (summed over replicas) over the client
+calls sent in that phase; above 1 means retries (or batches that were split), below 1 means calls were
 merged into batches.
 
 {markdown_table(rows)}
@@ -799,6 +848,10 @@ class Rehearsal:
         short = o.short
         self.counter.start()
         self.load.start()
+        with live_progress(self.load, self.phases):
+            return self._events(o, topo, short)
+
+    def _events(self, o: Options, topo: Topology, short: bool) -> list[Row]:
         try:
             p = self.phase("1 steady")
             self.hold(p, o.phase_s if not short else o.phase_s / 2)
@@ -868,10 +921,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-prometheus", action="store_true", help="do not start Prometheus")
     p.add_argument("--no-write", action="store_true", help="print the table only; leave RELIABILITY.md alone")
     p.add_argument("--out", type=Path, help="also write the rows as JSON here")
+    p.add_argument(
+        "--standin",
+        type=Path,
+        default=ROOT / "tests" / "tfserving_standin.py",
+        help="the TF Serving stand-in to run (it takes tensorflow_model_server's flags)",
+    )
     args = p.parse_args(argv)
     opts = Options(rate_per_s=args.rate_per_s, deadline_s=args.deadline_ms / 1000, pinned_every=args.pinned_every,
                    phase_s=args.phase_s, short=args.short, prometheus=not args.no_prometheus,
-                   version_label=args.version_label or None)  # fmt: skip
+                   version_label=args.version_label or None, standin=args.standin)  # fmt: skip
     t0 = time.monotonic()
     with Topology(opts) as topo:
         rows = Rehearsal(topo, opts).run()
@@ -880,7 +939,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.write_text(json.dumps([r.as_json() for r in rows], indent=1) + "\n")
     if not args.no_write:
-        command = "make rehearsal" if not argv and os.environ.get("MAKELEVEL") else "python scripts/rehearsal.py " + " ".join(argv or sys.argv[1:])
+        command = (
+            "make rehearsal"
+            if not argv and os.environ.get("MAKELEVEL")
+            else "python scripts/rehearsal.py " + " ".join(argv or sys.argv[1:])
+        )
         say(f"wrote {write_reliability(rows, command.strip(), opts, elapsed)}")
     lost = sum(r.lost for r in rows)
     say(f"done in {elapsed:.0f} s: {sum(r.calls for r in rows)} calls, {lost} lost")

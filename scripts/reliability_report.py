@@ -13,6 +13,8 @@ ART = ROOT / "test-artifacts"
 ORDER = ["backend-killed", "slow-backend", "wedged-backend", "overload-5x", "overload-5x-strokes", "largest-requests",
          "unread-stream", "sigterm", "sigterm-slow-backend", "hot-reload-embedded", "hot-reload-tfserving"]
 
+REHEARSAL = "## Production-topology rehearsal"
+
 HEAD = """# Reliability
 
 What happened to every call while a fault was injected under load. Each row is one run of a fault test in
@@ -56,7 +58,10 @@ def main() -> int:
                   f"({s['rss_growth']:+.2%}; limit +5%): {'passed' if s['passed'] else 'FAILED'}."]  # fmt: skip
     lines += ["", f"Measured {datetime.now(UTC):%Y-%m-%d} on {platform.machine()} with {_cores()} cores "
               "(a shared machine: latencies are indicative, the counts are exact)."]  # fmt: skip
-    (ROOT / "RELIABILITY.md").write_text("\n".join(lines) + "\n")
+    # The rehearsal's section (scripts/rehearsal.py, `make rehearsal`) is generated separately: keep it.
+    old = (ROOT / "RELIABILITY.md").read_text() if (ROOT / "RELIABILITY.md").exists() else ""
+    kept = old[old.index(REHEARSAL):] if REHEARSAL in old else ""
+    (ROOT / "RELIABILITY.md").write_text("\n".join(lines) + "\n" + ("\n" + kept if kept else ""))
     print(f"wrote {ROOT / 'RELIABILITY.md'}")
     return 0
 

@@ -41,21 +41,37 @@ def test_external_average_value_divides_the_total_by_the_replicas() -> None:
 def hpa(**behavior: dict) -> HPA:
     return HPA.from_manifest({"metadata": {"name": "g"}, "spec": {
         "minReplicas": 2, "maxReplicas": 20, "behavior": behavior,
-        "metrics": [{"type": "Pods", "pods": {"metric": {"name": "inflight"},
-                                              "target": {"type": "AverageValue", "averageValue": "16"}}}]}})  # fmt: skip
+        "metrics": [{"type": "Pods", "pods": {
+            "metric": {"name": "inflight"}, "target": {"type": "AverageValue", "averageValue": "16"}}}]}})  # fmt: skip
 
 
 def test_scale_up_is_limited_by_the_most_permissive_policy_per_period() -> None:
-    h = hpa(scaleUp={"stabilizationWindowSeconds": 0, "selectPolicy": "Max", "policies": [
-        {"type": "Percent", "value": 100, "periodSeconds": 30}, {"type": "Pods", "value": 4, "periodSeconds": 30}]})
+    h = hpa(
+        scaleUp={
+            "stabilizationWindowSeconds": 0,
+            "selectPolicy": "Max",
+            "policies": [
+                {"type": "Percent", "value": 100, "periodSeconds": 30},
+                {"type": "Pods", "value": 4, "periodSeconds": 30},
+            ],
+        }
+    )
     assert h.evaluate(0, 2, {"inflight": 16 * 10}) == 6  # wants 20: 2 + 4 pods beats 2 x 2
     assert h.evaluate(10, 6, {"inflight": 16 * 20 / 6}) == 6  # same period: 2 at its start, both limits spent
     assert h.evaluate(31, 6, {"inflight": 16 * 20 / 6}) == 12  # a new period: 6 x 2 beats 6 + 4
 
 
 def test_min_select_policy_takes_the_least_permissive() -> None:
-    h = hpa(scaleUp={"stabilizationWindowSeconds": 0, "selectPolicy": "Min", "policies": [
-        {"type": "Percent", "value": 100, "periodSeconds": 30}, {"type": "Pods", "value": 1, "periodSeconds": 30}]})
+    h = hpa(
+        scaleUp={
+            "stabilizationWindowSeconds": 0,
+            "selectPolicy": "Min",
+            "policies": [
+                {"type": "Percent", "value": 100, "periodSeconds": 30},
+                {"type": "Pods", "value": 1, "periodSeconds": 30},
+            ],
+        }
+    )
     assert h.evaluate(0, 2, {"inflight": 160}) == 3
 
 
