@@ -629,12 +629,12 @@ class Topology:
             raise errors[0]
         return out
 
-    def new_pod(self) -> Pod:
-        """Start a gateway (not yet in the Service)."""
+    def new_pod(self, extra: tuple[str, ...] = ()) -> Pod:
+        """Start a gateway (not yet in the Service); ``extra`` options win over the defaults."""
         name = f"quickdraw-gateway-{self._pod_serial}"
         self._pod_serial += 1
         gw = Gateway(*gateway_args([r.target for r in self.replicas], self.model_dir, self.opts.version_label,
-                                   self.opts.gateway_extra))  # fmt: skip
+                                   (*self.opts.gateway_extra, *extra)))  # fmt: skip
         pod = Pod(name, gw)
         self.pods.append(pod)
         return pod
@@ -900,6 +900,59 @@ class Rehearsal:
         return tabulate(self.phases, self.load.calls, end if self.counter.available else None)
 
 
+def write_section(path: Path, heading: str, body: str) -> Path:
+    """Replace the Markdown section under ``heading`` (up to the next ``## ``) in ``path``, or append it."""
+    text = path.read_text()
+    new = f"{heading}\n\n{body.strip()}\n"
+    if heading in text:
+        head, rest = text.split(heading, 1)
+        nxt = re.search(r"^## ", rest, flags=re.M)
+        tail = rest[nxt.start() :] if nxt else ""
+        text = head + new + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip() + "\n\n" + new
+    path.write_text(text)
+    return path
+
+
+def run_autoscaling(topo: Topology, opts: Options, args: argparse.Namespace, command: str) -> bool:
+    """Part A: the HPAs fed live metrics under a stepped load; plot and deploy/README.md section."""
+    import rehearsal_autoscaling as ra
+
+    load = Load(topo.service, load_drawings(), 1.0, opts.deadline_s, pinned_every=0).start()
+    try:
+        result = ra.run(topo, load, capacity_per_s=args.capacity_per_s, window_scale=args.window_scale, say=say)
+    finally:
+        load.stop()
+    failed = Counter(c.code for c in load.calls if c.code != "OK")
+    say(f"autoscaling: {len(load.calls)} calls, not OK: {dict(failed) or 'none'}")
+    gw = next(t for t in result.tracked if t.target_name == "quickdraw-gateway")
+    desired = [d for _, _, d in gw.series]
+    rose = max(desired, default=0) > 2
+    fell = bool(desired) and desired[-1] <= 2
+    say(f"autoscaling: gateway desired replicas rose above 2: {rose}; back to 2 or fewer at the end: {fell}")
+    if not args.no_write:
+        png = ra.plot(result, DEPLOY / "hpa-rehearsal.png")
+        say(f"wrote {png} ({png.stat().st_size // 1024} KiB)")
+        say(f"wrote {write_section(DEPLOY / 'README.md', '## Autoscaling evidence', ra.markdown(result, command))}")
+    return rose and fell
+
+
+def run_batching(topo: Topology, args: argparse.Namespace, command: str) -> None:
+    """Part B: the batching grid; deploy/README.md section."""
+    import rehearsal_batching as rb
+
+    grid = [(c, d) for c in args.grid_concurrent for d in args.grid_delay_ms]
+    cells = rb.run(topo, grid, args.grid_rates, level_s=args.grid_level_s, say=say)
+    concurrent, delay = rb.pick(cells)
+    say(f"batching: measured pick: QUICKDRAW_MAX_CONCURRENT_BATCHES={concurrent}, "
+        f"QUICKDRAW_MAX_BATCH_DELAY_MS={delay:g}")  # fmt: skip
+    if not args.no_write:
+        body = rb.markdown(cells, command, len(os.sched_getaffinity(0)))
+        path = write_section(DEPLOY / "README.md", "## Batching: two layers, tuned by measurement", body)
+        say(f"wrote {path}")
+
+
 def print_table(rows: list[Row]) -> None:
     """The table on stdout."""
     print()
@@ -919,6 +972,44 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phase-s", type=float, default=15.0, help="shortest length of each phase (default 15)")
     p.add_argument("--version-label", default="stable", help="the gateways' --tfserving-version-label ('' for none)")
     p.add_argument("--no-prometheus", action="store_true", help="do not start Prometheus")
+    p.add_argument(
+        "--parts",
+        default="events,autoscaling,batching",
+        help="what to run, comma-separated: events (the table for RELIABILITY.md), autoscaling (A: "
+        "deploy/README.md 'Autoscaling evidence' and deploy/hpa-rehearsal.png), batching (B: deploy/README.md "
+        "'Batching: two layers, tuned by measurement'); default: all three",
+    )
+    p.add_argument(
+        "--capacity-per-s",
+        type=float,
+        default=20.0,
+        help="autoscaling: calls/s that define one gateway's capacity here (default 20)",
+    )
+    p.add_argument(
+        "--window-scale",
+        type=float,
+        default=0.1,
+        help="autoscaling: factor on the HPAs' stabilisation windows and policy periods (default 0.1)",
+    )
+    p.add_argument(
+        "--grid-concurrent",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[4, 16],
+        help="batching: QUICKDRAW_MAX_CONCURRENT_BATCHES values (default 4,16)",
+    )
+    p.add_argument(
+        "--grid-delay-ms",
+        type=lambda v: [float(x) for x in v.split(",")],
+        default=[0.0, 2.0],
+        help="batching: QUICKDRAW_MAX_BATCH_DELAY_MS values (default 0,2)",
+    )
+    p.add_argument(
+        "--grid-rates",
+        type=lambda v: [float(x) for x in v.split(",")],
+        default=[20.0, 60.0, 120.0],
+        help="batching: offered calls/s (default 20,60,120)",
+    )
+    p.add_argument("--grid-level-s", type=float, default=6.0, help="batching: measured seconds per cell (default 6)")
     p.add_argument("--no-write", action="store_true", help="print the table only; leave RELIABILITY.md alone")
     p.add_argument("--out", type=Path, help="also write the rows as JSON here")
     p.add_argument(
@@ -931,23 +1022,33 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(rate_per_s=args.rate_per_s, deadline_s=args.deadline_ms / 1000, pinned_every=args.pinned_every,
                    phase_s=args.phase_s, short=args.short, prometheus=not args.no_prometheus,
                    version_label=args.version_label or None, standin=args.standin)  # fmt: skip
+    parts = {x.strip() for x in args.parts.split(",") if x.strip()}
+    if unknown := parts - {"events", "autoscaling", "batching"}:
+        p.error(f"unknown parts {sorted(unknown)}")
+    command = (
+        "make rehearsal"
+        if not argv and os.environ.get("MAKELEVEL")
+        else "python scripts/rehearsal.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    ).strip()
     t0 = time.monotonic()
+    rows: list[Row] = []
+    hpa_ok = True
     with Topology(opts) as topo:
-        rows = Rehearsal(topo, opts).run()
-    elapsed = time.monotonic() - t0
-    print_table(rows)
-    if args.out:
-        args.out.write_text(json.dumps([r.as_json() for r in rows], indent=1) + "\n")
-    if not args.no_write:
-        command = (
-            "make rehearsal"
-            if not argv and os.environ.get("MAKELEVEL")
-            else "python scripts/rehearsal.py " + " ".join(argv or sys.argv[1:])
-        )
-        say(f"wrote {write_reliability(rows, command.strip(), opts, elapsed)}")
+        if "events" in parts:
+            rows = Rehearsal(topo, opts).run()
+            elapsed = time.monotonic() - t0
+            print_table(rows)
+            if args.out:
+                args.out.write_text(json.dumps([r.as_json() for r in rows], indent=1) + "\n")
+            if not args.no_write:
+                say(f"wrote {write_reliability(rows, command, opts, elapsed)}")
+        if "autoscaling" in parts:
+            hpa_ok = run_autoscaling(topo, opts, args, command)
+        if "batching" in parts:
+            run_batching(topo, args, command)
     lost = sum(r.lost for r in rows)
-    say(f"done in {elapsed:.0f} s: {sum(r.calls for r in rows)} calls, {lost} lost")
-    return 1 if lost else 0
+    say(f"done in {time.monotonic() - t0:.0f} s: {sum(r.calls for r in rows)} calls in the events, {lost} lost")
+    return 1 if lost or not hpa_ok else 0
 
 
 if __name__ == "__main__":
