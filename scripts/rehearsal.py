@@ -1006,7 +1006,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--grid-rates",
         type=lambda v: [float(x) for x in v.split(",")],
-        default=[20.0, 60.0, 120.0],
+        default=[30.0, 100.0, 200.0],
         help="batching: offered calls/s (default 20,60,120)",
     )
     p.add_argument("--grid-level-s", type=float, default=6.0, help="batching: measured seconds per cell (default 6)")

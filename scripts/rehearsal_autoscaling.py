@@ -107,6 +107,16 @@ def expand(rule: dict[str, Any], source: str, namespace: str, pods: list[str]) -
     )
 
 
+def scale_ranges(promql: str, scale: float, floor_s: float = 4.0) -> str:
+    """PromQL with every range selector (``[1m]``) multiplied by ``scale``, at least ``floor_s``."""
+    unit = {"s": 1, "m": 60, "h": 3600}
+
+    def one(m: re.Match[str]) -> str:
+        return f"[{max(floor_s, float(m.group(1)) * unit[m.group(2)] * scale):g}s]"
+
+    return re.sub(r"\[(\d+)([smh])\]", one, promql)
+
+
 @dataclass
 class Tracked:
     """One HPA under evaluation: its model, its simulated replica count, and what it decided over time."""
@@ -179,6 +189,17 @@ def run(topo: Topology, load: Load, capacity_per_s: float = 20.0, window_scale: 
         time.sleep(0.5)
     at_capacity = sum(meter.cores(p.gateway.pid) for p in gateways) / len(gateways)
     say(f"autoscaling: at {capacity_per_s:g} calls/s per gateway, a gateway uses {at_capacity * 1000:.0f}m of CPU")
+    # Every Pods metric a gateway HPA reads, over the calibration window: its value at one gateway's capacity.
+    calibrated: dict[str, float] = {}
+    for obj in hpas():
+        if obj["spec"]["scaleTargetRef"]["name"] != "quickdraw-gateway" or topo.prometheus is None:
+            continue
+        for m in HPA.from_manifest(obj).metrics:
+            if m.source == "Pods" and (rule := adapter_rule("Pods", m.name)) is not None:
+                promql = scale_ranges(expand(rule, "Pods", "quickdraw", [p.name for p in gateways]), 0, floor_s=8)
+                vals = [float(x["value"][1]) for x in topo.prometheus.query(promql)]
+                calibrated[m.name] = sum(vals) / len(gateways) if vals else 0.0
+                say(f"autoscaling: at capacity, {m.name} = {calibrated[m.name]:.4g} per gateway")
 
     tracked: list[Tracked] = []
     queries: dict[str, str] = {}
@@ -200,11 +221,16 @@ def run(topo: Topology, load: Load, capacity_per_s: float = 20.0, window_scale: 
                 queries[f"{h.name}: cpu"] = (f"process CPU from /proc, {cpu_window_s:g} s window; target "
                                              f"{m.target:g}{'%' if m.target_type == 'Utilization' else ' cores'} "
                                              f"scaled x{scale:.4f} to {new_target:.4g}")  # fmt: skip
-            elif m.source in ("Pods", "External") and adapter_rule(m.source, m.name) is not None:
-                scaled.append(m)
-                rule = adapter_rule(m.source, m.name)
-                assert rule is not None
-                queries[f"{h.name}: {m.name}"] = expand(rule, m.source, "quickdraw", ["<pods>"])
+            elif m.source in ("Pods", "External") and (rule := adapter_rule(m.source, m.name)) is not None:
+                promql = scale_ranges(expand(rule, m.source, "quickdraw", ["<pods>"]), window_scale)
+                if m.source == "Pods" and target == "quickdraw-gateway" and calibrated.get(m.name):
+                    scale = calibrated[m.name] / m.target
+                    scaled.append(MetricTarget(m.source, m.name, m.target_type, calibrated[m.name]))
+                    queries[f"{h.name}: {m.name}"] = (f"`{promql}`; target {m.target:g} scaled x{scale:.4g} to "
+                                                      f"{calibrated[m.name]:.4g}")  # fmt: skip
+                else:
+                    scaled.append(m)
+                    queries[f"{h.name}: {m.name}"] = f"`{promql}`; target {m.target:g} as in the manifest"
             else:
                 t.skipped.append(f"{m.source} {m.name}: no source in the rehearsal")
         h.metrics = scaled
@@ -226,7 +252,9 @@ def run(topo: Topology, load: Load, capacity_per_s: float = 20.0, window_scale: 
             rule = adapter_rule(m.source, m.name)
             assert rule is not None
             try:
-                result = topo.prometheus.query(expand(rule, m.source, "quickdraw", list(pods)))
+                result = topo.prometheus.query(
+                    scale_ranges(expand(rule, m.source, "quickdraw", list(pods)), window_scale)
+                )
             except (OSError, RuntimeError):
                 continue
             vals = [float(s["value"][1]) for s in result if math.isfinite(float(s["value"][1]))]
@@ -303,7 +331,7 @@ def markdown(result: Result, command: str) -> str:
         "and deploy/prometheus/adapter/config.yaml at run time; the queries evaluated:",
         "",
     ]
-    lines += [f"- {k}: `{v}`" for k, v in result.queries.items()]
+    lines += [f"- {k}: {v}" for k, v in result.queries.items()]
     for t in result.tracked:
         lines += [f"- {t.hpa.name}: skipped {s}" for s in t.skipped]
     lines += [
@@ -314,8 +342,11 @@ def markdown(result: Result, command: str) -> str:
         "children, /proc), so each CPU target is scaled to make that CPU exactly the target (the factor is in the list "
         "above). The load steps from 0.5x to 3x that capacity and back. The "
         "replicas are not really added: each HPA's current count follows its own decisions and the measured total "
-        "is divided over it (even spreading assumed). Stabilisation windows and policy periods are multiplied by "
-        f"{result.window_scale:g} (300 s scale-down window -> {300 * result.window_scale:g} s).",
+        "is divided over it (even spreading assumed). Every time constant of the pipeline is multiplied by "
+        f"{result.window_scale:g}: the queries' range selectors (at least 4 s; `[1m]` -> "
+        f"`[{max(4, 60 * result.window_scale):g}s]`), the stabilisation windows and the policy periods (300 s "
+        f"scale-down window -> {300 * result.window_scale:g} s). Pods metrics of the gateway HPA get the same "
+        "treatment as CPU: the target becomes the value the query returned at one gateway's capacity.",
         "",
         "| t (s) | offered (x capacity) | " + " | ".join(f"{t.hpa.name} desired" for t in result.tracked) + " |",
         "|---|---|" + "---|" * len(result.tracked),
