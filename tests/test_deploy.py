@@ -398,8 +398,8 @@ def test_gateway_hpa_scales_on_its_own_cpu_and_tfserving_on_its_queueing() -> No
         objs = render(target)
         gw = find(objs, "HorizontalPodAutoscaler", "quickdraw-gateway")
         [metric] = gw["spec"]["metrics"]
-        assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu", metric
-        assert 0 < cpu_cores(metric["resource"]["target"]["averageValue"]) < 1.0, metric
+        assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == "quickdraw_gateway_cpu_cores", metric
+        assert 0 < cpu_cores(metric["pods"]["target"]["averageValue"]) < 1.0, metric
         names = {m[m["type"].lower()].get("metric", {}).get("name") for m in gw["spec"]["metrics"]}
         assert not names & BACKEND_BOUND_METRICS, names
         tfs = find(objs, "HorizontalPodAutoscaler", "tfserving")
