@@ -655,7 +655,8 @@ class TFServingBackend:
         r, call, sent = first
         attempts = 1
         max_attempts = self._s.tfserving_max_attempts
-        what = f"Predict of {n} drawings on {'the default version' if version == ANY_VERSION else version}"
+        which = "the default version" if version == ANY_VERSION else f"version {version}"
+        what = f"Predict of {n} drawings on {which}"
         while True:
             try:
                 resp = await call
