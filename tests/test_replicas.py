@@ -24,6 +24,9 @@ from tfserving_standin import TFServingStandIn
 from quickdraw.v1 import classifier_pb2 as pb
 from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
 from service.backends import find_versions
+from service.backends.tfserving import channel_options
+from service.client import QuickDrawClient, retry_service_config
+from service.settings import Settings
 
 pytestmark = pytest.mark.skipif(
     not find_versions(SHIPPED_MODEL), reason=f"no SavedModel under {SHIPPED_MODEL} (the shipped model is missing)"
@@ -255,8 +258,7 @@ def test_tf_serving_queue_full_is_resource_exhausted_and_never_retried(
     """A replica that refuses work as overloaded (RESOURCE_EXHAUSTED): the caller gets RESOURCE_EXHAUSTED (the
     Python client does not retry it), and the gateway sent exactly one attempt per call."""
     a, b = replicas
-    with gateway(replicas, shared) as gw, grpc.insecure_channel(gw.target) as ch:
-        stub = pb_grpc.ClassifierStub(ch)
+    with gateway(replicas, shared) as gw, QuickDrawClient(gw.target, timeout_s=5, max_attempts=5) as client:
         a.fail_code = b.fail_code = grpc.StatusCode.RESOURCE_EXHAUSTED
         a.seen.clear()
         b.seen.clear()
@@ -266,7 +268,7 @@ def test_tf_serving_queue_full_is_resource_exhausted_and_never_retried(
 
             def call() -> None:
                 try:
-                    stub.Classify(classify_request(), timeout=5)
+                    client.classify_request(classify_request())
                     code = "OK"
                 except grpc.RpcError as exc:
                     code = exc.code().name  # type: ignore[attr-defined]
@@ -276,6 +278,24 @@ def test_tf_serving_queue_full_is_resource_exhausted_and_never_retried(
             for _ in range(20):
                 call()
             assert codes == {"RESOURCE_EXHAUSTED": 20}
-            assert len(a.seen) + len(b.seen) == 20  # one attempt per call: no retry of a full queue
+            # one backend attempt per client call: neither the gateway nor the client (5 attempts) retried
+            assert len(a.seen) + len(b.seen) == 20
         finally:
             a.fail_code = b.fail_code = None
+
+
+def test_both_service_configs_carry_retry_throttling() -> None:
+    """Client -> gateway and gateway -> TF Serving: gRPC's retryThrottling bounds retries fleet-wide, and
+    neither retries RESOURCE_EXHAUSTED; the gateway's Predict has no gRPC retry policy (it retries on another
+    replica itself, within the same token-bucket rule)."""
+    import json
+
+    client = json.loads(retry_service_config(5))
+    backend = json.loads(dict(channel_options(Settings()))["grpc.service_config"])  # type: ignore[arg-type]
+    for config in (client, backend):
+        assert config["retryThrottling"] == {"maxTokens": 10, "tokenRatio": 0.1}
+        for method in config["methodConfig"]:
+            assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    retried = [n for m in backend["methodConfig"] for n in m["name"]]
+    assert {"service": "tensorflow.serving.PredictionService"} not in retried
+    assert {"service": "tensorflow.serving.PredictionService", "method": "GetModelMetadata"} in retried
