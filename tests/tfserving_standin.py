@@ -108,7 +108,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,10 +278,13 @@ class Metrics:
             self.wrapped_run_count, self.input_batch_size, self.processed_batch_size, self.padding_size,
         ]  # fmt: skip
 
-    def collect(self) -> Iterator[Any]:
-        """prometheus-client metric families (a custom collector: TF Serving's counters have no ``_total``)."""
-        from prometheus_client.core import HistogramMetricFamily, Metric
-
+    def text(self) -> bytes:
+        """The exposition ``PrometheusExporter::GeneratePage`` writes: ``# TYPE`` lines, labels in declared order,
+        integer counters without ``_total``, histogram limits and sums as ``StrCat(double)`` (six significant
+        digits). Written out here because prometheus-client's writer renames counters ``*_total``; the tests read
+        it back with prometheus-client's parser.
+        """
+        lines: list[str] = []
         for m in self.all:
             name = prometheus_name(m.name)
             with m.lock:
@@ -289,27 +292,29 @@ class Metrics:
             if not cells:
                 continue
             if isinstance(m, _Counter):
-                fam = Metric(name, m.doc, "counter")
+                lines.append(f"# TYPE {name} counter")
                 for values, n in sorted(cells.items()):
-                    fam.add_sample(name, dict(zip(m.labels, values, strict=True)), n)
-                yield fam
-            else:
-                hist = HistogramMetricFamily(name, m.doc, labels=list(m.labels))
-                for values, cell in sorted(cells.items()):
-                    cumulative, buckets = 0.0, []
-                    for bound, n in zip([*m.bounds, float("inf")], cell[:-1], strict=True):
-                        cumulative += n
-                        buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-                    hist.add_metric(list(values), buckets, cell[-1])
-                yield hist
+                    lines.append(f"{name}{{{_labels(m.labels, values)}}} {n}")
+                continue
+            lines.append(f"# TYPE {name} histogram")
+            for values, cell in sorted(cells.items()):
+                labels = _labels(m.labels, values)
+                prefix = f"{name}_bucket{{{labels}{',' if labels else ''}"
+                cumulative = 0
+                for i, n in enumerate(cell[:-1]):
+                    cumulative += int(n)
+                    le = f"{m.bounds[i]:.6g}" if i < len(m.bounds) else "+Inf"
+                    lines.append(f'{prefix}le="{le}"}} {cumulative}')
+                lines.append(f"{name}_sum{{{labels}}} {cell[-1]:.6g}")
+                lines.append(f"{name}_count{{{labels}}} {cumulative}")
+        return ("\n".join(lines) + "\n").encode()
 
-    def text(self) -> bytes:
-        """The Prometheus text exposition."""
-        from prometheus_client import CollectorRegistry, generate_latest
 
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(self)  # type: ignore[arg-type]
-        return generate_latest(registry)
+def _labels(names: tuple[str, ...], values: tuple[str, ...]) -> str:
+    def esc(v: str) -> str:
+        return v.replace("\\", "\\\\").replace('"', '\\"')
+
+    return ",".join(f'{n}="{esc(v)}"' for n, v in zip(names, values, strict=True))
 
 
 # --- a loaded version ----------------------------------------------------------------------------------------------
@@ -487,9 +492,9 @@ class Batcher:
                 if padded > size:
                     parts.append(np.repeat(batch[-1].feeds[key][:1], padded - size, axis=0))
                 feeds[key] = np.concatenate(parts)
+            self.metrics.wrapped_run_count.inc()
             if (d := self.delay()) > 0:
                 time.sleep(d)
-            self.metrics.wrapped_run_count.inc()
             out = q.run(feeds, q.outputs)
             start = 0
             for t in batch:
@@ -685,6 +690,8 @@ class TFServingStandIn:
         self.rest_api_port = rest_api_port
         self.monitoring_config = monitoring_config
         self.metrics = Metrics()
+        #: Warm-up records replayed per (model, version).
+        self.warmup_records: dict[tuple[str, int], int] = {}
         #: Every (model, version, state) the state monitor published, in order, with its monotonic time.
         self.transitions: list[tuple[str, int, str, float]] = []
         self._lock = threading.Lock()
@@ -1019,8 +1026,8 @@ class TFServingStandIn:
                 continue
             tensor = request.inputs[alias]
             if tensor.dtype != info.dtype:
-                want_t = tf.dtypes.as_dtype(info.dtype).name
-                got = tf.dtypes.as_dtype(tensor.dtype).name if tensor.dtype else "invalid"
+                want_t = _dtype_name(info.dtype)
+                got = _dtype_name(tensor.dtype) if tensor.dtype else "invalid"
                 raise ServingError(Code.INVALID_ARGUMENT, f"Expects arg[{i}] to be {want_t} but {got} is provided")
             shape = feeds[alias].shape
             want_shape = [d.size for d in info.tensor_shape.dim]
@@ -1074,6 +1081,7 @@ class TFServingStandIn:
                 )
             for _ in range(max(self.num_request_iterations_for_warmup, 1)):
                 self.predict(entry.predict_log.request, None, warmup=(model, version, servable))
+            self.warmup_records[(model.name, version)] = records
         log.info("Finished reading warmup data for model at %s. Number of warmup records read: %d.", path, records)
 
     # --- GetModelMetadata / GetModelStatus ----------------------------------------------------------------------------
@@ -1123,10 +1131,19 @@ class TFServingStandIn:
         for v in chosen:
             state, error = versions[v]
             status = resp.model_version_status.add(version=v, state=getattr(State, state))
+            status.status.SetInParent()  # ToStatusProto(health): always present, error_code OK when healthy
             if error is not None:
                 status.status.error_code = error[0].value[0]
                 status.status.error_message = error[1]
         return resp
+
+
+def _dtype_name(dtype: int) -> str:
+    """``DataTypeString``: TF's C++ name of a DataType (float, double, half, uint8...)."""
+    import tensorflow as tf
+
+    name = tf.dtypes.as_dtype(dtype).name
+    return {"float32": "float", "float64": "double", "float16": "half"}.get(name, name)
 
 
 def _tf_code(e: Any) -> Any:
