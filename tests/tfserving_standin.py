@@ -85,7 +85,10 @@ file it follows:
   ``:tensorflow:serving:runtime_latency`` (microseconds, successful Predicts), and with batching
   ``:tensorflow:serving:batching_session:queuing_latency{thread_pool_name}`` (microseconds),
   ``...:wrapped_run_count``, ``...:input_batch_size``, ``...:processed_batch_size`` and
-  ``...:padding_size{execution_batch_size}`` (``batching/batching_util.h``). The REST predict API is not served.
+  ``...:padding_size{execution_batch_size}`` (``batching/batching_util.h``). The page is written as the
+  exporter writes it (``# TYPE`` lines, counters without ``_total``, six-digit bucket limits), which
+  prometheus-client's parser reads; prometheus-client's own writer would rename the counters ``*_total``.
+  The REST predict API is not served (other paths answer 404).
 
 Tests can stop it and restart it on the same port, make it slow (``delay_s``, per model call), make it fail
 (``fail_code``), and read what it saw: every request's model spec and the deadline its caller gave it (``seen``).
