@@ -262,8 +262,8 @@ def run() -> list[str]:
 
     try:
         tiny_model(Path(logs.name) / "tiny", env)
-        spawn(str(ROOT / "tests" / "tfserving_standin.py"), "--model-base-path", str(Path(logs.name) / "tiny"),
-              "--port", str(tfs_port))  # fmt: skip
+        spawn(str(ROOT / "tests" / "tfserving_standin.py"), "--model_base_path", str(Path(logs.name) / "tiny"),
+              "--model_name", "quickdraw", "--port", str(tfs_port))  # fmt: skip
         bare = spawn(str(ROOT / "benchmarks" / "bare_server.py"), str(bare_port))
         proxy = spawn(str(ROOT / "benchmarks" / "bare_server.py"), str(proxy_port), "--forward",
                       f"127.0.0.1:{tfs_port}")  # fmt: skip

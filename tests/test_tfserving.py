@@ -121,7 +121,8 @@ def test_standin_honours_model_spec_and_answers_with_tf_serving_codes(standin: T
             (predict_request(images, name="nope"), grpc.StatusCode.NOT_FOUND),
             (predict_request(images, version=9), grpc.StatusCode.NOT_FOUND),
             (predict_request(images, label="beta"), grpc.StatusCode.INVALID_ARGUMENT),
-            (predict_request(images, signature="nope"), grpc.StatusCode.INVALID_ARGUMENT),
+            # predict_util.cc: an unknown signature is FAILED_PRECONDITION (was wrongly INVALID_ARGUMENT here)
+            (predict_request(images, signature="nope"), grpc.StatusCode.FAILED_PRECONDITION),
             (predict_request(images.astype(np.float32)), grpc.StatusCode.INVALID_ARGUMENT),
             (predict_request(images.reshape(3, 28, 28)), grpc.StatusCode.INVALID_ARGUMENT),
             (predict_request(images.reshape(3, 14, 56, 1)), grpc.StatusCode.INVALID_ARGUMENT),
@@ -136,7 +137,8 @@ def test_standin_honours_model_spec_and_answers_with_tf_serving_codes(standin: T
         status = model_service_pb2_grpc.ModelServiceStub(ch).GetModelStatus(
             get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "quickdraw"}), timeout=10
         )
-        assert [(s.version, s.state) for s in status.model_version_status] == [(1, 30), (2, 30)]  # 30: AVAILABLE
+        # 30: AVAILABLE; highest first, as the ServableStateMonitor's VersionMap (std::greater) lists them
+        assert [(s.version, s.state) for s in status.model_version_status] == [(2, 30), (1, 30)]
 
 
 # --- the gateway with --backend tfserving ----------------------------------------------------------------------
