@@ -299,3 +299,70 @@ def test_both_service_configs_carry_retry_throttling() -> None:
     retried = [n for m in backend["methodConfig"] for n in m["name"]]
     assert {"service": "tensorflow.serving.PredictionService"} not in retried
     assert {"service": "tensorflow.serving.PredictionService", "method": "GetModelMetadata"} in retried
+
+
+def test_five_times_tf_serving_capacity_costs_at_most_1_2_attempts_per_call(shared: Path) -> None:
+    """Two replicas batching as TF Serving does (one batch thread, 2 batches queued at most, 25 ms sleep a batch
+    plus the model: about 50 single-drawing calls/s for both), offered 250 calls/s (5x) open loop through the
+    gateway, with the
+    Python client's own service config (5 attempts, UNAVAILABLE only, retryThrottling); the gateway's batches are
+no larger than TF Serving's max_batch_size, as deploy/ keeps them. Callers get
+    RESOURCE_EXHAUSTED for the work TF Serving refuses; every Predict either replica receives is counted
+    (``:tensorflow:serving:request_count``, all statuses), and the backend attempts per client call are printed
+    and at most 1.2."""
+    import asyncio
+
+    from google.protobuf import text_format
+
+    from quickdraw.tfserving_schema import batching_parameters_pb2
+
+    params = batching_parameters_pb2.BatchingParameters()
+    text_format.Parse("max_batch_size { value: 1 } batch_timeout_micros { value: 0 } "
+                      "max_enqueued_batches { value: 2 } num_batch_threads { value: 1 }", params)  # fmt: skip
+    one = shared.parent / "only1"
+    one.mkdir(exist_ok=True)
+    if not (one / "1").exists():
+        (one / "1").symlink_to((shared / "1").resolve(), target_is_directory=True)
+    rate, seconds = 250, 5.0  # ~5x: the two replicas answer ~50 calls/s here (25 ms sleep + the model, per call)
+
+    def attempts(s: TFServingStandIn) -> int:
+        return sum(s.metrics.request_count.cells.values())
+
+    with TFServingStandIn(one, batching_parameters=params, workers=32, enable_model_warmup=False) as a, \
+            TFServingStandIn(one, batching_parameters=params, workers=32, enable_model_warmup=False) as b, \
+            gateway((a, b), shared, max_concurrent_batches=64, max_batch_size=1) as gw:  # fmt: skip
+        a.delay_s = b.delay_s = 0.025
+        before = attempts(a) + attempts(b)
+        image = sample_bitmaps(1)[0].tobytes()
+        codes: Counter[str] = Counter()
+
+        async def load() -> None:
+            options = [("grpc.service_config", retry_service_config(5)), ("grpc.enable_retries", 1)]
+            async with grpc.aio.insecure_channel(gw.target, options=options) as ch:
+                stub = pb_grpc.ClassifierStub(ch)
+                req = pb.ClassifyRequest(drawings=[pb.Drawing(bitmap=pb.Bitmap(pixels=image))])
+
+                async def one_call() -> None:
+                    try:
+                        await stub.Classify(req, timeout=5)
+                        codes["OK"] += 1
+                    except grpc.aio.AioRpcError as exc:
+                        codes[exc.code().name] += 1
+
+                loop = asyncio.get_running_loop()
+                start, tasks = loop.time(), []
+                for i in range(int(rate * seconds)):
+                    await asyncio.sleep(max(0.0, start + i / rate - loop.time()))
+                    tasks.append(asyncio.ensure_future(one_call()))
+                await asyncio.gather(*tasks)
+
+        asyncio.run(load())
+        calls = sum(codes.values())
+        sent = attempts(a) + attempts(b) - before
+        ok = codes["OK"]
+        print(f"\n{calls} calls at {rate}/s: {dict(codes)}; "
+              f"backend attempts {sent}, {sent / calls:.3f} per client call; TF Serving answered "
+              f"{ok / seconds:.0f} calls/s")  # fmt: skip
+        assert codes["RESOURCE_EXHAUSTED"] > calls / 2  # most of the excess is refused, not queued or lost
+        assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
+        assert sent / calls <= 1.2
