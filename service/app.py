@@ -242,7 +242,7 @@ class App:
                                 s.preprocess_threads, decoder, s.max_preprocessing_calls)
         service.attach(self._gateway)
         if tfs is not None:
-            tfs.attach(self._gateway)
+            tfs.attach(self._gateway, self._backend)  # GetModelMetadata answers with its signature_defs
         self._http.attach(self._gateway)
         await self._set_health(self._publish(model))
         if hasattr(self._backend, "on_change"):

@@ -16,7 +16,6 @@ from numpy.typing import NDArray
 
 from doodle.contract import LABELS_PATH
 
-
 #: From this many probabilities (rows x classes) ``TopK.of`` partitions before it sorts (see there).
 PARTITION_FROM = 16384
 
