@@ -245,7 +245,7 @@ class App:
                                 versionless=getattr(self._backend, "versionless", False))
         service.attach(self._gateway)
         if tfs is not None:
-            tfs.attach(self._gateway)
+            tfs.attach(self._gateway, self._backend)  # GetModelMetadata answers with its signature_defs
         self._http.attach(self._gateway)
         await self._set_health(self._publish(model))
         if hasattr(self._backend, "on_change"):

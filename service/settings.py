@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from doodle.contract import SIGNATURE_NAME
+
 ENV_PREFIX = "QUICKDRAW_"
 MiB = 1024 * 1024
 
@@ -156,7 +158,7 @@ class Settings(BaseSettings):
         description="taken off each caller's remaining deadline before it goes to TF Serving, to cover the "
         "network hops, so that TF Serving gives up no later than the caller",
     )
-    tfserving_signature: str = Field("serving_default", description="signature asked of TF Serving")
+    tfserving_signature: str = Field(SIGNATURE_NAME, description="signature asked of TF Serving")
     tfserving_version_label: str | None = Field(
         None,
         description="serve calls that name no version from the version this TF Serving label points at (e.g. "

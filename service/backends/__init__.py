@@ -14,8 +14,7 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-LABELS_PATH = Path("assets") / "labels.txt"
-
+from doodle.contract import LABELS_PATH
 
 #: From this many probabilities (rows x classes) ``TopK.of`` partitions before it sorts (see there).
 PARTITION_FROM = 16384
@@ -133,5 +132,5 @@ def find_versions(base: Path) -> list[int]:
 
 
 def read_labels(version_dir: Path) -> tuple[str, ...]:
-    """Class names from ``assets/labels.txt``, one per line, in output order."""
+    """Class names from ``LABELS_PATH`` (``assets/labels.txt``), one per line, in output order."""
     return tuple(line for line in (version_dir / LABELS_PATH).read_text(encoding="utf-8").splitlines() if line)
