@@ -229,13 +229,14 @@ TINY_MODEL = """
 import shutil, sys
 from pathlib import Path
 import keras, tensorflow as tf
-from trainer.export import INPUT_KEY, SIGNATURE, ServingModule
+from doodle.contract import SIGNATURE_NAME
+from trainer.export import ServingModule
 labels_file, out = Path(sys.argv[1]), Path(sys.argv[2])
 labels = [line for line in labels_file.read_text().splitlines() if line]
 keras.utils.set_random_seed(0)
 model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(len(labels))])
 module = ServingModule(model, labels, labels_file)
-tf.saved_model.save(module, str(out / "1"), signatures={SIGNATURE: module.serve.get_concrete_function()})
+tf.saved_model.save(module, str(out / "1"), signatures={SIGNATURE_NAME: module.serve.get_concrete_function()})
 """
 
 
@@ -262,8 +263,8 @@ def run() -> list[str]:
 
     try:
         tiny_model(Path(logs.name) / "tiny", env)
-        spawn(str(ROOT / "tests" / "tfserving_standin.py"), "--model-base-path", str(Path(logs.name) / "tiny"),
-              "--port", str(tfs_port))  # fmt: skip
+        spawn(str(ROOT / "tests" / "tfserving_standin.py"), "--model_base_path", str(Path(logs.name) / "tiny"),
+              "--model_name", "quickdraw", "--port", str(tfs_port))  # fmt: skip
         bare = spawn(str(ROOT / "benchmarks" / "bare_server.py"), str(bare_port))
         proxy = spawn(str(ROOT / "benchmarks" / "bare_server.py"), str(proxy_port), "--forward",
                       f"127.0.0.1:{tfs_port}")  # fmt: skip

@@ -69,7 +69,7 @@ def run() -> list[str]:
     port = _free_port()
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     standin = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "tfserving_standin.py"), "--model-base-path",
+        [sys.executable, str(ROOT / "tests" / "tfserving_standin.py"), "--model_name", "quickdraw", "--model_base_path",
          str(ROOT / "models" / "quickdraw"), "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip

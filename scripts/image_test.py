@@ -146,10 +146,10 @@ def main() -> int:
             rss = next(int(x.split()[1]) for x in fh if x.startswith("VmRSS:")) / 1024
         print(f"      gateway RSS {rss:.0f} MiB")
 
-        # SIGTERM with calls in flight: the stand-in is slow (restarted with --delay-ms), so they are still
+        # SIGTERM with calls in flight: the stand-in is slow (restarted with --standin_delay_ms), so they are still
         # waiting when the signal lands.
         standin.kill()
-        standin = start_standin(port, "--delay-ms", "800")
+        standin = start_standin(port, "--standin_delay_ms", "800")
         while health(target) != "SERVING":
             time.sleep(0.05)
         with grpc.insecure_channel(target) as ch, concurrent.futures.ThreadPoolExecutor(16) as pool:

@@ -27,7 +27,7 @@ from doodle import decode_image
 from quickdraw.v1 import classifier_pb2 as pb
 from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
 from service import wire
-from service.backends import ModelDescription, Scores, TopK
+from service.backends import ANY_VERSION, Answered, ModelDescription, Scores, TopK
 from service.batching import Batcher
 from service.decode import DecodePool
 from service.errors import (
@@ -97,8 +97,12 @@ class Gateway:
         preprocess_threads: int = 2,
         decoder: DecodePool | None = None,
         max_preprocessing_calls: int = 16,
+        versionless: bool = False,
     ) -> None:
         self.model = model
+        #: Calls that name no version go to the backend as ``ANY_VERSION`` (it picks, and says which answered)
+        #: rather than as the default version's number: see ``Backend`` (TF Serving replicas during a roll-out).
+        self.versionless = versionless
         self.batcher = batcher
         self.limits = limits
         self.metrics = metrics
@@ -210,8 +214,11 @@ class Gateway:
             raise DeadlineExceeded("deadline exceeded while waiting for a preprocessing thread")
         message = self.parse(request) if isinstance(request, bytes | memoryview) else request
         req = validate(message, self.limits)
-        version = self.model.default_version if req.version is None else req.version
-        if version not in self.model.versions:
+        if req.version is None:
+            version = ANY_VERSION if self.versionless else self.model.default_version
+        else:
+            version = req.version
+        if version != ANY_VERSION and version not in self.model.versions:
             raise NotFound(
                 f"model {self.model.name!r} version {version} is not served; versions: "
                 f"{', '.join(map(str, self.model.versions))}"
@@ -223,17 +230,33 @@ class Gateway:
 
     async def predict(self, prepared: Prepared, deadline_s: float | None) -> pb.ClassifyResponse:
         """Batch prepared images through the backend and build the answer: the second half of :meth:`classify`."""
-        scores = await self.batcher.submit(prepared.images, prepared.version, deadline_s, prepared.top_k)
-        return self._response(scores, prepared.top_k, prepared.version)
+        answered = await self._answer(prepared.images, prepared.version, deadline_s, prepared.top_k)
+        return self._response(answered.scores, prepared.top_k, answered.version)
+
+    async def _answer(
+        self, images: NDArray[np.uint8], version: int, deadline_s: float | None, top_k: int | None
+    ) -> Answered:
+        """Through the batcher; a call of several batches is pinned to the default version (its chunks could
+        otherwise be answered by different versions while the backend's replicas disagree)."""
+        if version == ANY_VERSION and len(images) > self.batcher.max_batch_size:
+            version = self.model.default_version
+        return await self.batcher.answer(images, version, deadline_s, top_k)
 
     async def predict_bitmaps(
         self, images: NDArray[np.uint8], version: int, deadline_s: float | None, top_k: int | None = None
     ) -> Scores:
-        """Probabilities for already-valid bitmaps [n, 28, 28, 1] (TF Serving's Predict on the gateway); with
-        ``top_k``, possibly only the best ``top_k`` or more classes (a ``TopK``: see ``Batcher.submit``)."""
+        """:meth:`answer_bitmaps`' scores alone."""
+        return (await self.answer_bitmaps(images, version, deadline_s, top_k)).scores
+
+    async def answer_bitmaps(
+        self, images: NDArray[np.uint8], version: int, deadline_s: float | None, top_k: int | None = None
+    ) -> Answered:
+        """Probabilities for already-valid bitmaps [n, 28, 28, 1] (TF Serving's Predict on the gateway), and the
+        version that answered; with ``top_k``, possibly only the best ``top_k`` or more classes (a ``TopK``: see
+        ``Batcher.answer``)."""
         m = self.metrics
         m.child(m.drawings, Kind.BITMAP.value).inc(len(images))
-        return await self.batcher.submit(images, version, deadline_s, top_k)
+        return await self._answer(images, version, deadline_s, top_k)
 
     def _response(self, scores: Scores, k: int, version: int) -> pb.ClassifyResponse:
         top = scores if isinstance(scores, TopK) else TopK.of(scores, k)

@@ -215,6 +215,8 @@ class App:
                  self.http_port)  # fmt: skip
 
         self._backend = self.backend_factory(s)
+        if hasattr(self._backend, "metrics"):  # backends that count what they do (replicas, retries, versions)
+            self._backend.metrics = self.metrics
         model = await self._backend.start()
         self._batcher = Batcher(
             self._backend.predict,
@@ -239,10 +241,11 @@ class App:
             await asyncio.to_thread(self._json_parser.start)
             self._http.json_parser = self._json_parser
         self._gateway = Gateway(model, self._batcher, limits, self.metrics, self._backend.name,
-                                s.preprocess_threads, decoder, s.max_preprocessing_calls)
+                                s.preprocess_threads, decoder, s.max_preprocessing_calls,
+                                versionless=getattr(self._backend, "versionless", False))
         service.attach(self._gateway)
         if tfs is not None:
-            tfs.attach(self._gateway)
+            tfs.attach(self._gateway, self._backend)  # GetModelMetadata answers with its signature_defs
         self._http.attach(self._gateway)
         await self._set_health(self._publish(model))
         if hasattr(self._backend, "on_change"):

@@ -48,7 +48,7 @@ import numpy as np
 from numpy.typing import NDArray
 from prometheus_client import Counter
 
-from service.backends import Scores, TopK
+from service.backends import ANY_VERSION, Answered, Scores, TopK
 from service.errors import BackendError, DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
 from service.metrics import Metrics
 
@@ -68,7 +68,7 @@ RunTopK = Callable[[NDArray[np.uint8], int, float | None], Awaitable[TopK]]
 class _Item:
     images: NDArray[np.uint8]
     version: int
-    future: asyncio.Future[Scores]
+    future: asyncio.Future[Answered]
     enqueued_s: float
     deadline_s: float | None
     #: The caller wants only its best ``top_k`` classes (None: it needs the probabilities).
@@ -136,7 +136,7 @@ class Batcher:
         self._took_big: deque[float] = deque(maxlen=9)
         self._took_small: deque[float] = deque(maxlen=9)
         #: When each backend call in flight started (its slot is busy), by its future.
-        self._inflight: dict[asyncio.Future[Scores], float] = {}
+        self._inflight: dict[asyncio.Future[Scores | Answered], float] = {}
         #: Consecutive backend timeouts (a batch still running counts again every backend_timeout_ms).
         self._timeouts = 0
         #: Timed-out batches whose backend work has not ended a timeout later (each holds its slot).
@@ -157,6 +157,11 @@ class Batcher:
         """The backend's health as this batcher sees it now."""
         return self._health
 
+    @property
+    def max_batch_size(self) -> int:
+        """Most drawings in one backend batch."""
+        return self._cfg.max_batch_size
+
     def start(self) -> None:
         """Start the collector task (inside the running event loop); it is supervised: see ``fail``."""
         if self._collector is None:
@@ -166,7 +171,16 @@ class Batcher:
     async def submit(
         self, images: NDArray[np.uint8], version: int, deadline_s: float | None = None, top_k: int | None = None
     ) -> Scores:
-        """Queue a call's images and wait for their probabilities, in order.
+        """:meth:`answer`'s scores alone."""
+        return (await self.answer(images, version, deadline_s, top_k)).scores
+
+    async def answer(
+        self, images: NDArray[np.uint8], version: int, deadline_s: float | None = None, top_k: int | None = None
+    ) -> Answered:
+        """Queue a call's images and wait for their probabilities, in order, and the version that answered.
+
+        ``version`` may be ``ANY_VERSION`` for a backend that picks versions itself; a call of more than one batch
+        must then name one (its chunks could be answered by different versions during a roll-out).
 
         With ``top_k``, the caller wants only its best ``top_k`` classes: the answer may then be a ``TopK`` (at
         least ``top_k`` wide) instead of probabilities, when its batch can ask the backend for top-k alone (a call
@@ -178,9 +192,11 @@ class Batcher:
         queued items.
         """
         n = len(images)
+        if version == ANY_VERSION and n > self._cfg.max_batch_size:
+            raise ValueError("a call of more than one batch must name its version (see Batcher.answer)")
         self.admit(n)
         if n == 0:
-            return np.zeros((0, 0), np.float32)
+            return Answered(np.zeros((0, 0), np.float32), version)
         loop = asyncio.get_running_loop()
         now = self._clock()
         size = self._cfg.max_batch_size
@@ -213,7 +229,10 @@ class Batcher:
             raise
         finally:
             self._unqueue(items)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)  # type: ignore[arg-type]  # chunks: never TopK
+        if len(parts) == 1:
+            return parts[0]
+        scores = np.concatenate([p.scores for p in parts])  # type: ignore[misc]  # chunks: never TopK
+        return Answered(scores, parts[0].version)
 
     def _dropped(self, reason: str) -> Counter:
         return self._metrics.child(self._metrics.dropped, reason)
@@ -415,7 +434,7 @@ class Batcher:
             self._metrics.queue_wait.observe(now - min(it.enqueued_s for it in batch))
         return batch
 
-    def _start(self, batch: list[_Item]) -> tuple[NDArray[np.uint8], asyncio.Future[Scores], float]:
+    def _start(self, batch: list[_Item]) -> tuple[NDArray[np.uint8], asyncio.Future[Scores | Answered], float]:
         """Start the backend call now, from the collector, not from a task that runs after everything else
         already scheduled (after a batch, that is every one of its callers' responses)."""
         images = batch[0].images if len(batch) == 1 else np.concatenate([it.images for it in batch])
@@ -434,7 +453,7 @@ class Batcher:
         return images, started, t0
 
     async def _dispatch(
-        self, batch: list[_Item], images: NDArray[np.uint8], started: asyncio.Future[Scores], t0: float
+        self, batch: list[_Item], images: NDArray[np.uint8], started: asyncio.Future[Scores | Answered], t0: float
     ) -> None:
         n = len(images)
         timeout_s = self._cfg.backend_timeout_ms / 1000.0
@@ -446,7 +465,8 @@ class Batcher:
         try:
             async with timer:
                 # shielded: at the timeout, a thread's future must stay pending until the thread really returns
-                probs = await asyncio.shield(started)
+                got = await asyncio.shield(started)
+            probs, version = (got.scores, got.version) if isinstance(got, Answered) else (got, batch[0].version)
             if len(probs) != n:
                 raise BackendError(f"backend returned {len(probs)} results for {n} drawings")
             self._learn(n, self._clock() - t0)
@@ -460,7 +480,7 @@ class Batcher:
             start = 0
             for it in batch:
                 if not it.future.done():
-                    it.future.set_result(probs[start : start + it.n])
+                    it.future.set_result(Answered(probs[start : start + it.n], version))
                 start += it.n
         except (Exception, asyncio.CancelledError) as exc:  # the batch failed: fail its own items, nothing else
             task = asyncio.current_task()
@@ -495,14 +515,14 @@ class Batcher:
             if not released:
                 self._slots.release()
 
-    def _cancel_when_callers_gone(self, batch: list[_Item], started: asyncio.Future[Scores]) -> None:
+    def _cancel_when_callers_gone(self, batch: list[_Item], started: asyncio.Future[Scores | Answered]) -> None:
         """Cancel the backend call once every caller of the batch is gone (or answered at the timeout), when it
         is an asyncio task (a gRPC call: cancelling it cancels the RPC); a thread's work cannot be stopped."""
         if not isinstance(started, asyncio.Task):
             return
         left = len(batch)
 
-        def one_done(_: asyncio.Future[Scores]) -> None:
+        def one_done(_: asyncio.Future[Answered]) -> None:
             nonlocal left
             left -= 1
             if left == 0 and not started.done():
@@ -511,7 +531,7 @@ class Batcher:
         for it in batch:
             it.future.add_done_callback(one_done)
 
-    async def _outlive(self, started: asyncio.Future[Scores], timeout_s: float) -> None:
+    async def _outlive(self, started: asyncio.Future[Scores | Answered], timeout_s: float) -> None:
         """After a timeout (callers answered already): hold the slot until the backend's work has really ended.
 
         Counts one timeout now and one more for each further ``timeout_s`` the work runs (then it is stuck).

@@ -7,8 +7,9 @@
 
 A drawing may be a numpy array (28x28 or 784 uint8, as numpy_bitmap), PNG/JPEG bytes, or strokes in
 Google's layout (``[[[x...], [y...]], ...]``, optionally with a third ``[t...]`` list; ``raw=True`` for screen
-coordinates). UNAVAILABLE is retried with exponential backoff by gRPC's own retry policy (a service config),
-which is safe because classification has no side effects; every call has a deadline.
+coordinates). UNAVAILABLE is retried with exponential backoff by gRPC's own retry policy (a service config,
+with ``retryThrottling``), which is safe because classification has no side effects; RESOURCE_EXHAUSTED (an
+overloaded gateway or TF Serving) is not retried; every call has a deadline.
 
 A gateway with TLS, mTLS or a bearer token (see ``service.security``):
 
@@ -40,8 +41,15 @@ DrawingLike = NDArray[np.uint8] | bytes | StrokeList | pb.Drawing
 DEFAULT_TIMEOUT_S = 10.0
 
 
+#: gRPC's retryThrottling (gRFC A6): each failed attempt takes a token, each success gives back 0.1; retries stop
+#: while half or fewer of the 10 tokens are left. A fleet-wide outage therefore costs about one attempt per call,
+#: not max_attempts (no retry storm on top of the gateway's own retries towards TF Serving).
+RETRY_THROTTLING = {"maxTokens": 10, "tokenRatio": 0.1}
+
+
 def retry_service_config(max_attempts: int = 5, initial_backoff_s: float = 0.1, max_backoff_s: float = 2.0) -> str:
-    """gRPC service config that retries UNAVAILABLE with exponential backoff (and nothing else)."""
+    """gRPC service config that retries UNAVAILABLE with exponential backoff (and nothing else: not
+    RESOURCE_EXHAUSTED, the answer of an overloaded gateway or TF Serving), throttled by ``RETRY_THROTTLING``."""
     return json.dumps({
         "methodConfig": [{
             "name": [{"service": "quickdraw.v1.Classifier"}],
@@ -52,7 +60,8 @@ def retry_service_config(max_attempts: int = 5, initial_backoff_s: float = 0.1, 
                 "backoffMultiplier": 2,
                 "retryableStatusCodes": ["UNAVAILABLE"],
             },
-        }]
+        }],
+        "retryThrottling": RETRY_THROTTLING,
     })  # fmt: skip
 
 

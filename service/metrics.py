@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 NAMESPACE = "quickdraw"
 LATENCY_BUCKETS_S = (
@@ -39,6 +39,9 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         self._children: dict[tuple[int, tuple[str, ...]], Counter | Gauge | Histogram] = {}
         r, ns = self.registry, NAMESPACE
+        # process_cpu_seconds_total, process_resident_memory_bytes...: the gateway HPA scales on its own CPU
+        # (deploy/prometheus/adapter/config.yaml), read from here rather than from the cluster's cAdvisor.
+        ProcessCollector(registry=r)
         self.request_latency = Histogram(
             "request_duration_seconds",
             "Time from a call's arrival to its answer, by method (gRPC, or http:<method> for JSON) and gRPC code.",
@@ -112,6 +115,30 @@ class Metrics:
             "evicted (the longest-idle one, to make room under max_http_connections), header_timeout (request "
             "headers not complete within http_header_timeout_s).",
             ["reason"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.backend_replicas = Gauge(
+            "backend_replicas",
+            "TF Serving replicas by state: up (answered the last status poll) and serving (up, with an accepted "
+            "version).",
+            ["state"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.backend_retries = Counter(
+            "backend_retries_total",
+            "Backend attempts made again for a batch, by reason: unavailable (a lost replica: on another one), "
+            "not_found (the replica no longer had the version), unchecked_version (answered by a version not "
+            "accepted: asked again by number).",
+            ["reason"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.backend_versions_refused = Counter(
+            "backend_versions_refused_total",
+            "Model versions refused by their check (signature width or labels differ from what the gateway serves):"
+            " never routed to.",
+            namespace=ns, registry=r,
+        )  # fmt: skip
+        self.backend_label_disagreements = Counter(
+            "backend_label_disagreements_total",
+            "Status polls in which TF Serving replicas disagreed on the version label's version (health unchanged).",
+            namespace=ns, registry=r,
         )  # fmt: skip
         self.ready = Gauge("ready", "1 once the model is loaded and warmed up.", namespace=ns, registry=r)
 

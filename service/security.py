@@ -141,17 +141,21 @@ def channel_credentials(
     )
 
 
-def tfserving_channel(settings: Settings, options: Sequence[tuple[str, Any]]) -> grpc.aio.Channel:
-    """The channel to TF Serving: TLS (mTLS with a client certificate) when configured, else plaintext."""
+def tfserving_channel(
+    settings: Settings, options: Sequence[tuple[str, Any]], target: str | None = None
+) -> grpc.aio.Channel:
+    """A channel to TF Serving (``target``, default ``tfserving_target``): TLS (mTLS with a client certificate)
+    when configured, else plaintext."""
     s = settings
+    target = target or s.tfserving_target
     if not s.tfserving_uses_tls:
-        return grpc.aio.insecure_channel(s.tfserving_target, options=list(options))
+        return grpc.aio.insecure_channel(target, options=list(options))
     creds = channel_credentials(s.tfserving_tls_ca_file, s.tfserving_tls_cert_file, s.tfserving_tls_key_file,
                                 what="tfserving_tls: ")  # fmt: skip
     opts = list(options)
     if s.tfserving_tls_server_name:
         opts.append(("grpc.ssl_target_name_override", s.tfserving_tls_server_name))
-    return grpc.aio.secure_channel(s.tfserving_target, creds, options=opts)
+    return grpc.aio.secure_channel(target, creds, options=opts)
 
 
 # --- bearer tokens ------------------------------------------------------------------------------------------

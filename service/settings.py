@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from doodle.contract import SIGNATURE_NAME
+
 ENV_PREFIX = "QUICKDRAW_"
 MiB = 1024 * 1024
 
@@ -146,8 +148,9 @@ class Settings(BaseSettings):
     # --- TF Serving backend -----------------------------------------------------------------------------------
     tfserving_target: str = Field(
         "localhost:8500",
-        description="TF Serving gRPC target; use dns:///<headless-service>:8500 to balance per request over "
-        "every replica (round_robin)",
+        description="TF Serving replicas: ipv4:a:port,b:port lists them; dns:///<headless-service>:8500 resolves "
+        "to every pod, again at every status poll; the gateway balances batches over them and follows each "
+        "replica's versions (anything else is one replica)",
     )
     tfserving_deadline_margin_ms: float = Field(
         20.0,
@@ -155,14 +158,24 @@ class Settings(BaseSettings):
         description="taken off each caller's remaining deadline before it goes to TF Serving, to cover the "
         "network hops, so that TF Serving gives up no later than the caller",
     )
-    tfserving_signature: str = Field("serving_default", description="signature asked of TF Serving")
+    tfserving_signature: str = Field(SIGNATURE_NAME, description="signature asked of TF Serving")
     tfserving_version_label: str | None = Field(
         None,
         description="serve calls that name no version from the version this TF Serving label points at (e.g. "
         "stable), resolved with GetModelMetadata at start and at every status poll; default: the highest version",
     )
     tfserving_max_attempts: int = Field(
-        3, ge=1, le=5, description="attempts per backend batch; only UNAVAILABLE is retried, with backoff"
+        3, ge=1, le=5,
+        description="attempts per backend batch over the replicas: a lost replica (UNAVAILABLE) or a version it "
+        "no longer has (NOT_FOUND) is retried on another one; TF Serving's full queue never is",
+    )
+    tfserving_retry_max_tokens: int = Field(
+        10, gt=0, le=1000,
+        description="retry budget (gRPC retryThrottling maxTokens): each failed backend attempt takes a token, "
+        "and retries stop while half or fewer are left",
+    )
+    tfserving_retry_token_ratio: float = Field(
+        0.1, gt=0.0, le=1.0, description="tokens a successful backend attempt gives back (retryThrottling tokenRatio)"
     )
     tfserving_initial_backoff_ms: float = Field(50.0, gt=0.0, description="first retry backoff")
     tfserving_max_backoff_ms: float = Field(500.0, gt=0.0, description="longest retry backoff")

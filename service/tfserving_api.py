@@ -3,10 +3,50 @@
 
 A backend team that already calls TF Serving points its client at the gateway and changes nothing else; its
 calls go through the same validation, batcher, backend and metrics as ``quickdraw.v1.Classifier``, and get
-the outputs of the exported signature (``probabilities``, ``top_k_scores``, ``top_k_indices``,
-``top_k_labels``; ``output_filter`` selects among them). Errors use TF Serving's codes: NOT_FOUND for an
-unknown model or version, INVALID_ARGUMENT for a wrong dtype, shape, signature or input name, with the same
-``google.rpc.BadRequest`` details as the native API.
+the outputs of the exported signature (``doodle.contract``: ``probabilities``, ``top_k_scores``,
+``top_k_indices``, ``top_k_labels``; ``output_filter`` selects among them). GetModelMetadata answers with the
+backend's own ``signature_defs`` (the served SavedModel's SignatureDefs), not a description written here.
+
+A mistake gets TF Serving's status code and message, checked in TF Serving's order; the gateway adds the same
+``google.rpc.BadRequest`` field violations as its native API (details TF Serving does not send). From the
+sources of TF Serving 2.21 and TensorFlow 2.21:
+
+Predict (``tensorflow_serving/servables/tensorflow/predict_impl.cc``, then ``predict_util.cc`` ``RunPredict``):
+
+- no ``model_spec``: INVALID_ARGUMENT ``Missing ModelSpec`` (predict_impl.cc, ``TensorflowPredictor::Predict``);
+- an unknown model or version: NOT_FOUND (``ServerCore::GetServableHandle``; see :meth:`_Surface.version`);
+- an unknown ``signature_name``: FAILED_PRECONDITION ``Serving signature key "<name>" not found.``
+  (predict_util.cc, ``RunPredict``);
+- inputs other than the one ``image``: INVALID_ARGUMENT ``input size does not match signature: 2!=1 len({...})
+  != len({image}). Sent extra: {...}. Missing but required: {...}.`` (predict_util.cc,
+  ``VerifyRequestInputsSize``), or for one input of another name ``Signature input alias: image(feed name:
+  <tensor>) not found in request and no default value provided. ...`` (``tensorflow/cc/saved_model/util.cc``,
+  ``GetInputValues``);
+- an input TensorFlow cannot parse (dtype DT_INVALID or not a dtype, ``tensor_content`` of the wrong size):
+  INVALID_ARGUMENT ``tensor parsing error: image`` (util.cc ``GetInputValues``, ``Tensor::FromProto``);
+- ``output_filter``, in its order: INVALID_ARGUMENT ``output tensor alias not found in signature: <alias>
+  Outputs expected to be in the set {...}.`` and ``duplicate output tensor alias: <alias>`` (predict_util.cc,
+  ``PreProcessPrediction``);
+- an input of another dtype: INVALID_ARGUMENT ``Expects arg[0] to be uint8 but float is provided``
+  (``tensorflow/core/framework/function.cc``, ``FunctionCallFrame::SetArgs``, which
+  ``tensorflow/core/common_runtime/direct_session.cc`` calls on the feeds of ``Session::Run``).
+
+Beyond TF Serving (its own messages, INVALID_ARGUMENT as TF Serving's runtime gives): a shape other than
+[n, 28, 28, 1] (TF Serving fails inside the model, with a message that depends on it), a batch over
+``max_drawings_per_request``, and ``int_val`` values outside 0..255 or of the wrong count (which TensorFlow
+truncates or broadcasts); only ``serving_default`` runs (TF Serving would run another signature of the model).
+
+GetModelMetadata (``tensorflow_serving/servables/tensorflow/get_model_metadata_impl.cc``), in this order:
+
+- no ``model_spec``: INVALID_ARGUMENT ``Missing ModelSpec``;
+- no ``metadata_field``: INVALID_ARGUMENT ``GetModelMetadataRequest must specify at least one metadata_field``;
+- a field other than ``signature_def``: INVALID_ARGUMENT ``Metadata field <field> is not supported``;
+- an unknown model or version: NOT_FOUND;
+- the answer: ``model_spec`` with the name and version (no signature name), and ``metadata["signature_def"]``,
+  a ``SignatureDefMap`` of every signature of the SavedModel, ``__saved_model_init_op`` included.
+
+GetModelStatus (``tensorflow_serving/model_servers/get_model_status_impl.cc``): no ``model_spec`` is
+INVALID_ARGUMENT ``Missing ModelSpec``.
 
 The messages are ``service.tfs``'s (the vendored TF Serving 2.21 protos in a private descriptor pool), and the
 methods are registered by path with generic handlers: serving this API loads no TensorFlow.
@@ -19,29 +59,75 @@ from typing import Any
 import grpc
 import numpy as np
 
+from doodle.contract import (
+    INPUT_DTYPE,
+    INPUT_KEY,
+    OUTPUT_KEY,
+    OUTPUTS,
+    SIGNATURE_NAME,
+    TOP_K,
+    TOP_K_INDICES,
+    TOP_K_SCORES,
+)
 from service import tfs, wire
-from service.api import GatewaySlot, _deadline, _unary, parse_message
+from service.api import Gateway, GatewaySlot, _deadline, _unary, parse_message
 from service.backends import TopK
-from service.errors import FieldViolation, InvalidArgument, NotFound
+from service.errors import FieldViolation, InvalidArgument, NotFound, ServiceError, Unavailable
 from service.metrics import Metrics
 from service.tensors import from_numpy
 from service.validation import image_tensor
 
-SIGNATURE = "serving_default"
-INPUT_KEY = "image"
-#: Width of the top_k_* outputs, as in the exported signature (trainer.export.TOP_K).
-TOP_K = 5
-OUTPUTS = ("probabilities", "top_k_scores", "top_k_indices", "top_k_labels")
 PREDICTION_SERVICE = tfs.PREDICTION_SERVICE
 MODEL_SERVICE = tfs.MODEL_SERVICE
+#: The one ``metadata_field`` TF Serving knows (``GetModelMetadataImpl::kSignatureDef``).
+SIGNATURE_DEF = "signature_def"
+#: The input's dtype as ``tensorflow.DataType``.
+INPUT_DATA_TYPE: int = tfs.DataType.Value(f"DT_{INPUT_DTYPE.upper()}")
+#: ``DataType`` values from here on are reference types (``DT_FLOAT_REF`` ...), which ``Tensor::FromProto`` refuses.
+_REF_TYPES_FROM = 100
+
+
+class FailedPrecondition(InvalidArgument):
+    """A request TF Serving answers with FAILED_PRECONDITION (an unknown signature). It carries field violations
+    as InvalidArgument does, so the answer has the same ``BadRequest`` details; the message is given."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+def _keys(names: Any) -> str:
+    """Names as TF Serving joins a ``std::set`` of map keys: sorted, comma-separated, no spaces."""
+    return ",".join(sorted(names))
+
+
+def _dtype_string(dtype: int) -> str:
+    """TensorFlow's ``DataTypeString``: ``DT_FLOAT`` is ``float``, ``DT_UINT8`` ``uint8``."""
+    return tfs.DataType.Name(dtype).removeprefix("DT_").lower()
+
+
+def _parses(dtype: int) -> bool:
+    """Whether ``Tensor::FromProto`` takes a tensor of this dtype at all (not DT_INVALID, a reference type or a
+    number that is no ``DataType``)."""
+    return dtype != tfs.DT_INVALID and dtype < _REF_TYPES_FROM and dtype in tfs.DataType.values()
 
 
 class _Surface(GatewaySlot):
-    """Shared by both servicers: the gateway (once ready), metrics, and model_spec checks."""
+    """Shared by both servicers: the gateway and its backend (once ready), metrics, and model_spec checks."""
+
+    #: The backend the gateway runs, for what only it knows (its ``signature_defs``).
+    backend: Any = None
 
     def __init__(self, metrics: Metrics, version_label: str | None = None) -> None:
         self.metrics = metrics
         self.version_label = version_label
+
+    def attach(self, gateway: Gateway, backend: Any = None) -> None:
+        """Start serving through a ready gateway, whose backend is ``backend``."""
+        self.backend = backend
+        super().attach(gateway)
+
+    def signature_defs(self) -> Any:
+        """The backend's ``signature_defs`` (a ``service.tfs.SignatureDefMap``), or None when it has none."""
+        return getattr(self.backend, "signature_defs", None)
 
     def version(self, spec: Any) -> int:
         """The version a ``ModelSpec`` asks for: its number, or the default; NOT_FOUND as TF Serving says it."""
@@ -68,6 +154,12 @@ class _Surface(GatewaySlot):
         return v
 
 
+def _require_model_spec(request: Any) -> None:
+    """TF Serving's first check of Predict, GetModelMetadata and GetModelStatus."""
+    if not request.HasField("model_spec"):
+        raise InvalidArgument([FieldViolation("model_spec", "required")], "Missing ModelSpec")
+
+
 class PredictionService:
     """``tensorflow.serving.PredictionService``: Predict and GetModelMetadata."""
 
@@ -81,68 +173,153 @@ class PredictionService:
         if isinstance(request, bytes):
             wire.check_predict(request)
             request = parse_message(tfs.PredictRequest, request)
+        _require_model_spec(request)
         surface = self._surface
         version = surface.version(request.model_spec)
         gateway = surface.gateway
-        if request.model_spec.signature_name not in ("", SIGNATURE):
-            raise InvalidArgument(
-                [FieldViolation("model_spec.signature_name",
-                                f"no signature {request.model_spec.signature_name!r}; this model has {SIGNATURE!r}")]
-            )  # fmt: skip
-        extra = sorted(set(request.inputs) - {INPUT_KEY})
-        if extra or INPUT_KEY not in request.inputs:
-            raise InvalidArgument(
-                [FieldViolation("inputs", f"expected exactly one input {INPUT_KEY!r}, got {sorted(request.inputs)}")]
-            )
-        unknown = [o for o in request.output_filter if o not in OUTPUTS]
-        if unknown:
-            raise InvalidArgument(
-                [FieldViolation("output_filter", f"unknown outputs {unknown}; this signature has {list(OUTPUTS)}")]
-            )
-        images = image_tensor(request.inputs[INPUT_KEY], INPUT_KEY, gateway.limits)
-        wanted = list(request.output_filter) or list(OUTPUTS)
-        needs_probs = "probabilities" in wanted  # else the backend may give its top-k outputs alone
+        signature = self._signature(request.model_spec.signature_name)
+        outputs = [o for o in OUTPUTS if signature is None or o in signature.outputs]
+        self._check_inputs(request, signature)
+        wanted = self._output_filter(request, outputs) or outputs
+        self._check_dtype(request)
+        tensor = request.inputs[INPUT_KEY]
+        try:
+            images = image_tensor(tensor, INPUT_KEY, gateway.limits)
+        except InvalidArgument as exc:
+            if any(v.field.startswith(f"inputs[{INPUT_KEY}].tensor_content") for v in exc.violations):
+                raise InvalidArgument(exc.violations, f"tensor parsing error: {INPUT_KEY}") from None
+            raise
+        needs_probs = OUTPUT_KEY in wanted  # else the backend may give its top-k outputs alone
         scores = await gateway.predict_bitmaps(images, version, _deadline(context), None if needs_probs else TOP_K)
         resp = tfs.PredictResponse()
         resp.model_spec.name = gateway.model.name
         resp.model_spec.version.value = version
-        resp.model_spec.signature_name = SIGNATURE
+        resp.model_spec.signature_name = SIGNATURE_NAME
         # rank only when a top_k output is wanted (TF Serving clients usually filter to probabilities)
         top: TopK | None = None
         if isinstance(scores, TopK):
             top = scores
-        elif any(name != "probabilities" for name in wanted):
+        elif any(name != OUTPUT_KEY for name in wanted):
             top = TopK.of(scores, TOP_K)
         for name in wanted:
-            if name == "probabilities":
+            if name == OUTPUT_KEY:
                 value: np.ndarray = scores  # type: ignore[assignment]  # asked for: never a TopK
             else:
                 assert top is not None
-                if name == "top_k_scores":
+                if name == TOP_K_SCORES:
                     value = top.scores[:, :TOP_K]
-                elif name == "top_k_indices":
+                elif name == TOP_K_INDICES:
                     value = top.indices[:, :TOP_K].astype(np.int32, copy=False)
                 else:
                     value = np.asarray(gateway.model.labels, dtype=object)[top.indices[:, :TOP_K]]
             resp.outputs[name].CopyFrom(from_numpy(value))
         return resp
 
+    def _signature(self, name: str) -> Any:
+        """The served signature's ``SignatureDef`` (None if the backend has no signature_defs); FAILED_PRECONDITION
+        for any other signature name, as predict_util.cc's ``RunPredict``."""
+        if name not in ("", SIGNATURE_NAME):
+            raise FailedPrecondition(
+                [FieldViolation("model_spec.signature_name", f"this gateway serves the signature {SIGNATURE_NAME!r}")],
+                f'Serving signature key "{name}" not found.',
+            )
+        defs = self._surface.signature_defs()
+        if defs is None or SIGNATURE_NAME not in defs.signature_def:
+            return None
+        return defs.signature_def[SIGNATURE_NAME]
+
+    @staticmethod
+    def _check_inputs(request: Any, signature: Any) -> None:
+        """Exactly the one input, of a dtype TensorFlow can parse: TF Serving's checks and messages, in its order
+        (predict_util.cc ``VerifyRequestInputsSize``, then util.cc ``GetInputValues``)."""
+        sent = set(request.inputs)
+        if sent != {INPUT_KEY}:
+            if len(sent) != 1:
+                message = (
+                    f"input size does not match signature: {len(sent)}!=1 len({{{_keys(sent)}}}) != "
+                    f"len({{{INPUT_KEY}}}). Sent extra: {{{_keys(sent - {INPUT_KEY})}}}. "
+                    f"Missing but required: {{{_keys({INPUT_KEY} - sent)}}}."
+                )
+            else:
+                if signature is not None and INPUT_KEY in signature.inputs:
+                    feed = signature.inputs[INPUT_KEY].name
+                else:  # how TensorFlow names a SavedModel signature's input tensor
+                    feed = f"{SIGNATURE_NAME}_{INPUT_KEY}:0"
+                message = (
+                    f"Signature input alias: {INPUT_KEY}(feed name: {feed}) not found in request and no default "
+                    f"value provided. Inputs expected to be in the request {{{_keys(sent)}}}, or default input "
+                    "alias set: "
+                )
+            raise InvalidArgument(
+                [FieldViolation("inputs", f"expected exactly one input {INPUT_KEY!r}, got {sorted(sent)}")], message
+            )
+        dtype = request.inputs[INPUT_KEY].dtype
+        if not _parses(dtype):
+            name = tfs.DataType.Name(dtype) if dtype in tfs.DataType.values() else str(dtype)
+            want = tfs.DataType.Name(INPUT_DATA_TYPE)
+            raise InvalidArgument(
+                [FieldViolation(f"inputs[{INPUT_KEY}].dtype", f"expected {want}, got {name}")],
+                f"tensor parsing error: {INPUT_KEY}",
+            )
+
+    @staticmethod
+    def _output_filter(request: Any, outputs: list[str]) -> list[str]:
+        """``output_filter`` checked as predict_util.cc's ``PreProcessPrediction`` does, name by name in order."""
+        seen: list[str] = []
+        for alias in request.output_filter:
+            if alias not in outputs:
+                raise InvalidArgument(
+                    [FieldViolation("output_filter", f"unknown output {alias!r}; this signature has {outputs}")],
+                    f"output tensor alias not found in signature: {alias} Outputs expected to be in the set "
+                    f"{{{_keys(outputs)}}}.",
+                )
+            if alias in seen:
+                raise InvalidArgument(
+                    [FieldViolation("output_filter", f"{alias!r} is asked for twice")],
+                    f"duplicate output tensor alias: {alias}",
+                )
+            seen.append(alias)
+        return seen
+
+    @staticmethod
+    def _check_dtype(request: Any) -> None:
+        """The input's dtype, as ``Session::Run`` checks its feeds (TF Serving finds it after the outputs)."""
+        dtype = request.inputs[INPUT_KEY].dtype
+        if dtype != INPUT_DATA_TYPE:
+            raise InvalidArgument(
+                [FieldViolation(f"inputs[{INPUT_KEY}].dtype",
+                                f"expected {tfs.DataType.Name(INPUT_DATA_TYPE)}, got {tfs.DataType.Name(dtype)}")],
+                f"Expects arg[0] to be {_dtype_string(INPUT_DATA_TYPE)} but {_dtype_string(dtype)} is provided",
+            )  # fmt: skip
+
     @_unary("GetModelMetadata")
     async def GetModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        """The ``signature_def`` metadata, as TF Serving gives it."""
+        """The ``signature_def`` metadata, as TF Serving gives it: the backend's own SignatureDefs."""
+        _require_model_spec(request)
+        fields = list(request.metadata_field)
+        if not fields:
+            raise InvalidArgument(
+                [FieldViolation("metadata_field", f"required; the one field available is {SIGNATURE_DEF!r}")],
+                "GetModelMetadataRequest must specify at least one metadata_field",
+            )
+        for field in fields:
+            if field != SIGNATURE_DEF:
+                raise InvalidArgument(
+                    [FieldViolation("metadata_field", f"only {SIGNATURE_DEF!r} is available, got {fields}")],
+                    f"Metadata field {field} is not supported",
+                )
         surface = self._surface
         version = surface.version(request.model_spec)
-        if list(request.metadata_field) != ["signature_def"]:
-            raise InvalidArgument(
-                [FieldViolation("metadata_field",
-                                f"only 'signature_def' is available, got {list(request.metadata_field)}")]
-            )
-        classes = len(surface.gateway.model.labels)
+        defs = surface.signature_defs()
+        if defs is None:
+            backend = surface.backend
+            if backend is not None and not hasattr(backend, "signature_defs"):
+                raise ServiceError(f"the {backend.name} backend does not report its model's SignatureDefs")
+            raise Unavailable("the model's SignatureDefs are not known yet; retry shortly")
         resp = tfs.GetModelMetadataResponse()
         resp.model_spec.name = surface.gateway.model.name
         resp.model_spec.version.value = version
-        resp.model_spec.signature_name = SIGNATURE
-        resp.metadata["signature_def"].Pack(signature_def_map(classes))  # type_url tfs.SIGNATURE_DEF_MAP_URL
+        resp.metadata[SIGNATURE_DEF].Pack(defs)  # type_url tfs.SIGNATURE_DEF_MAP_URL
         return resp
 
 
@@ -156,6 +333,7 @@ class ModelService:
     @_unary("GetModelStatus")
     async def GetModelStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Every served version (or the one asked for) as AVAILABLE."""
+        _require_model_spec(request)
         surface = self._surface
         model = surface.gateway.model
         asked = surface.version(request.model_spec)
@@ -165,27 +343,6 @@ class ModelService:
             s = resp.model_version_status.add(version=v, state=tfs.AVAILABLE)
             s.status.error_message = ""
         return resp
-
-
-def _info(name: str, dtype: int, dims: list[int]) -> Any:
-    """A ``TensorInfo`` for the signature: tensor name, dtype and shape (-1 for any size)."""
-    shape = tfs.TensorShapeProto(dim=[tfs.TensorShapeProto.Dim(size=d) for d in dims])
-    return tfs.TensorInfo(name=name, dtype=dtype, tensor_shape=shape)
-
-
-def signature_def_map(classes: int) -> Any:
-    """The exported model's ``serving_default`` signature (see trainer.export), as metadata."""
-    k = min(TOP_K, classes)
-    sig = tfs.SignatureDef(method_name="tensorflow/serving/predict")
-    sig.inputs[INPUT_KEY].CopyFrom(_info("serving_default_image:0", tfs.DT_UINT8, [-1, 28, 28, 1]))
-    for i, (name, dtype, width) in enumerate(
-        [("probabilities", tfs.DT_FLOAT, classes), ("top_k_indices", tfs.DT_INT32, k),
-         ("top_k_labels", tfs.DT_STRING, k), ("top_k_scores", tfs.DT_FLOAT, k)]
-    ):  # fmt: skip
-        sig.outputs[name].CopyFrom(_info(f"StatefulPartitionedCall:{i}", dtype, [-1, width]))
-    out = tfs.SignatureDefMap()
-    out.signature_def[SIGNATURE].CopyFrom(sig)
-    return out
 
 
 def add_to_server(server: grpc.aio.Server, metrics: Metrics, version_label: str | None = None) -> _Surface:

@@ -215,8 +215,9 @@ class Process:
 
 def start_standin(port: int, *args: str, base: Path = SHIPPED_MODEL) -> Process:
     """The TF Serving stand-in as its own process on ``port``."""
-    return Process([sys.executable, str(ROOT / "tests" / "tfserving_standin.py"), "--model-base-path", str(base),
-                    "--port", str(port), *args], ready=r"tfserving stand-in: .* on ")  # fmt: skip
+    return Process([sys.executable, str(ROOT / "tests" / "tfserving_standin.py"), "--model_base_path", str(base),
+                    "--model_name", "quickdraw", "--port", str(port), *args],
+                   ready=r"tfserving stand-in: .* on ")  # fmt: skip
 
 
 class Gateway(Process):

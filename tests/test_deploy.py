@@ -6,6 +6,10 @@
   OpenAPI schemas of ``K8S_VERSION`` shipped by the ``kubernetes-validate`` package.
 - Every file a kustomization names exists; every path a Dockerfile copies exists and is let in by .dockerignore.
 - The rendered objects hang together: probes, ports, labels, grace periods, GPU scheduling, HPA metrics.
+- What a platform team would otherwise trip on: no ``replicas`` in a Deployment an HPA manages; TF Serving keeps
+  2 replicas and its PodDisruptionBudget never lets the last go; the gateway's grace period is the sum of its
+  preStop, drain and a named margin; the model volume is read-only for every server and written only by the
+  trainer Job; no nodeSelector needs GPU feature discovery unless opted in; the gateway HPA scales on CPU.
 - ``promtool check config``, ``check rules`` and ``test rules`` pass. promtool comes from Debian's ``prometheus``
   package, installed here when missing (as root, with apt); without it these tests skip and say why.
 - A real Prometheus, started on a free port, scrapes a real gateway (``RunningGateway``) under load through
@@ -47,6 +51,12 @@ PROM = DEPLOY / "prometheus"
 #: The Kubernetes version every manifest is validated against (its API schemas ship in kubernetes-validate).
 K8S_VERSION = "1.32.0"
 TARGETS = ["base", "overlays/gpu", "overlays/cpu"]
+#: The claim holding the SavedModels, and the opt-in kustomizations next to TARGETS.
+MODELS_CLAIM = "quickdraw-models"
+TRAINER = "trainer"
+GPU_NODE_SELECTOR = K8S / "components" / "gpu-node-selector"
+#: Seconds the gateway's grace period keeps beyond preStop + drain + cleanup (gateway-deployment.yaml's sum).
+SHUTDOWN_MARGIN_S = 5.0
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
@@ -71,13 +81,18 @@ _rendered: dict[str, list[dict[str, Any]]] = {}
 def render(target: str) -> list[dict[str, Any]]:
     """The objects ``kustomize build deploy/k8s/<target>`` produces (cached per target; "../x" is deploy/x)."""
     if target not in _rendered:
-        cmd = kustomize_command()
-        if cmd is None:
-            pytest.skip("neither kustomize nor kubectl (which embeds kustomize) is on PATH")
-        out = subprocess.run([*cmd, str(K8S / target)], capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, f"kustomize build {target} failed:\n{out.stderr}"
-        _rendered[target] = [d for d in yaml.safe_load_all(out.stdout) if d]
+        _rendered[target] = render_dir(K8S / target)
     return _rendered[target]
+
+
+def render_dir(path: Path) -> list[dict[str, Any]]:
+    """The objects ``kustomize build <path>`` produces (not cached)."""
+    cmd = kustomize_command()
+    if cmd is None:
+        pytest.skip("neither kustomize nor kubectl (which embeds kustomize) is on PATH")
+    out = subprocess.run([*cmd, str(path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"kustomize build {path} failed:\n{out.stderr}"
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
 def find(objs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
@@ -188,7 +203,7 @@ def test_every_path_a_kustomization_names_exists() -> None:
         assert (K8S / target / "kustomization.yaml").is_file(), target
 
 
-@pytest.mark.parametrize("target", [*TARGETS, "../loadtest"])
+@pytest.mark.parametrize("target", [*TARGETS, "../loadtest", TRAINER])
 def test_manifests_validate_against_kubernetes_schemas(target: str) -> None:
     import kubernetes_validate
 
@@ -205,6 +220,9 @@ def test_manifests_validate_against_kubernetes_schemas(target: str) -> None:
     kinds = {o["kind"] for o in objs}
     if target == "../loadtest":
         assert kinds == {"Job"}, kinds
+        return
+    if target == TRAINER:
+        assert kinds == {"Job", "PersistentVolumeClaim"}, kinds
         return
     assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy",
             "ConfigMap"} <= kinds, kinds  # fmt: skip
@@ -271,13 +289,13 @@ def test_tfserving_deployment() -> None:
         assert sleep >= age_s, (sleep, age_s)
         assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > sleep
         models = next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == "models")
-        assert "base_path: \"" + models + "/quickdraw\"" in cm["data"]["models.config"]
+        assert 'base_path: "' + models + '/quickdraw"' in cm["data"]["models.config"]
     gpu_tfs = find(gpu, "Deployment", "tfserving")
     spec = gpu_tfs["spec"]["template"]["spec"]
     c = container(gpu_tfs, "tfserving")
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert c["image"].startswith("tensorflow/serving:") and c["image"].endswith("-gpu")
-    assert spec["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
+    assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])  # scheduled by its limit, not labels
     assert any("persistentVolumeClaim" in v for v in spec["volumes"])
     cpu_tfs = find(cpu, "Deployment", "tfserving")
     assert "nvidia.com/gpu" not in json.dumps(cpu_tfs)
@@ -315,8 +333,6 @@ def test_gateway_deployment_matches_its_settings() -> None:
 
         assert c["livenessProbe"]["grpc"]["service"] == LIVENESS_SERVICE  # not readiness: see the manifest
         assert "service" not in c["readinessProbe"]["grpc"]
-        grace = settings.shutdown_grace_s
-        assert spec["terminationGracePeriodSeconds"] >= prestop_sleep_s(c) + grace + 5
         sc, psc = c["securityContext"], spec["securityContext"]
         assert psc["runAsNonRoot"] and psc["runAsUser"] != 0
         assert sc["readOnlyRootFilesystem"] and sc["allowPrivilegeEscalation"] is False
@@ -346,16 +362,218 @@ def test_network_policies() -> None:
 
 
 def test_hpas_read_metrics_the_adapter_serves() -> None:
+    """Pods and External metrics are ones prometheus-adapter serves; Resource metrics come from metrics-server."""
     served = {(kind, adapter_name(r)) for kind, r in adapter_rules()}
     for target in TARGETS:
         for hpa in (o for o in render(target) if o["kind"] == "HorizontalPodAutoscaler"):
             assert hpa["apiVersion"] == "autoscaling/v2"
             for m in hpa["spec"]["metrics"]:
                 kind = m["type"].lower()
-                assert (kind, m[kind]["metric"]["name"]) in served, (hpa["metadata"]["name"], m, served)
+                if kind == "resource":
+                    assert m[kind]["name"] in ("cpu", "memory"), m
+                else:
+                    assert (kind, m[kind]["metric"]["name"]) in served, (hpa["metadata"]["name"], m, served)
                 assert m[kind]["target"]["type"] == "AverageValue"
-    gw = find(render("base"), "HorizontalPodAutoscaler", "quickdraw-gateway")
-    assert [m["type"] for m in gw["spec"]["metrics"]] == ["Pods"], "the gateway scales on a per-pod metric"
+
+
+def cpu_cores(quantity: str) -> float:
+    """A Kubernetes CPU quantity ("700m", "1", "1.5") in cores."""
+    return float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+#: Gateway metrics that rise when TF Serving is slow (calls wait on it): the gateway must not scale on them.
+BACKEND_BOUND_METRICS = {"quickdraw_inflight_requests", "quickdraw_queue_depth_drawings",
+                         "quickdraw_tfserving_outstanding_batches", "quickdraw_inflight_batches"}  # fmt: skip
+
+
+def test_gateway_hpa_scales_on_its_own_cpu_and_tfserving_on_its_queueing() -> None:
+    """Fix 6: the gateway's HPA reads the gateway's own CPU (below one core, where its event loop saturates), not
+    calls in flight, which a slow TF Serving inflates; TF Serving's reads outstanding batches against
+    num_batch_threads, the batches a replica runs at once."""
+    threads = re.search(
+        r"num_batch_threads\s*\{\s*value:\s*(\d+)", (DEPLOY / "tfserving" / "batching.config").read_text()
+    )
+    assert threads, "num_batch_threads missing from batching.config"
+    for target in TARGETS:
+        objs = render(target)
+        gw = find(objs, "HorizontalPodAutoscaler", "quickdraw-gateway")
+        [metric] = gw["spec"]["metrics"]
+        assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == "quickdraw_gateway_cpu_cores", metric
+        assert 0 < cpu_cores(metric["pods"]["target"]["averageValue"]) < 1.0, metric
+        names = {m[m["type"].lower()].get("metric", {}).get("name") for m in gw["spec"]["metrics"]}
+        assert not names & BACKEND_BOUND_METRICS, names
+        tfs = find(objs, "HorizontalPodAutoscaler", "tfserving")
+        [metric] = tfs["spec"]["metrics"]
+        assert metric["type"] == "External", metric
+        assert metric["external"]["metric"]["name"] == "quickdraw_tfserving_outstanding_batches"
+        assert float(metric["external"]["target"]["averageValue"]) == int(threads.group(1))
+
+
+def test_no_replicas_in_a_deployment_an_hpa_manages() -> None:
+    """Fix 1: with spec.replicas set, every `kubectl apply` resets the count the HPA chose."""
+    for target in TARGETS:
+        objs = render(target)
+        managed = [h["spec"]["scaleTargetRef"] for h in objs if h["kind"] == "HorizontalPodAutoscaler"]
+        assert {(r["kind"], r["name"]) for r in managed} == {("Deployment", "quickdraw-gateway"),
+                                                              ("Deployment", "tfserving")}  # fmt: skip
+        for ref in managed:
+            dep = find(objs, ref["kind"], ref["name"])
+            assert "replicas" not in dep["spec"], f"{target}: {ref['name']} sets replicas under an HPA"
+
+
+def pdb_disruptions_allowed(pdb: dict[str, Any], replicas: int) -> int:
+    """Pods the PDB lets be evicted when ``replicas`` are expected and all healthy (the disruption controller's
+    arithmetic: percentages of the expected count are rounded up)."""
+
+    def count(v: int | str) -> int:
+        return math.ceil(replicas * int(v[:-1]) / 100) if isinstance(v, str) and v.endswith("%") else int(v)
+
+    spec = pdb["spec"]
+    if "minAvailable" in spec:
+        return max(0, replicas - count(spec["minAvailable"]))
+    return min(replicas, count(spec["maxUnavailable"]))
+
+
+@pytest.mark.parametrize("target", ["base", "overlays/gpu"])
+def test_tfserving_keeps_two_replicas_and_its_pdb_never_evicts_the_last(target: str) -> None:
+    """Fix 2: on GPU at least 2 TF Serving replicas, and at every count the HPA may choose, voluntary evictions
+    (node drains, upgrades) leave at least one running."""
+    objs = render(target)
+    hpa = find(objs, "HorizontalPodAutoscaler", "tfserving")
+    low, high = hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]
+    assert low >= 2, f"{target}: TF Serving minReplicas {low}"
+    pdb = find(objs, "PodDisruptionBudget", "tfserving")
+    labels = find(objs, "Deployment", "tfserving")["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    for n in range(low, high + 1):
+        left = n - pdb_disruptions_allowed(pdb, n)
+        assert left >= 1, f"{target}: with {n} replicas the PDB lets all but {left} go"
+    assert pdb_disruptions_allowed(pdb, high) <= 1, "GPU replicas start slowly: one eviction at a time"
+
+
+def test_gateway_grace_period_is_prestop_plus_drain_plus_margin() -> None:
+    """Fix 3: terminationGracePeriodSeconds = preStop sleep + QUICKDRAW_SHUTDOWN_GRACE_S + CLEANUP_S + margin,
+    rounded up, from the rendered env and preStop (gateway-deployment.yaml writes the same sum), and the drain
+    outlasts the slowest call the gateway admits: decode budget + queue wait + QUICKDRAW_BACKEND_TIMEOUT_MS."""
+    from service.app import CLEANUP_S
+
+    for target in TARGETS:
+        dep = find(render(target), "Deployment", "quickdraw-gateway")
+        c = container(dep, "gateway")
+        named = {k.removeprefix(ENV_PREFIX).lower(): v for k, v in env_of(c).items() if k.startswith(ENV_PREFIX)}
+        s = Settings(**{k: v.replace("$(POD_NAMESPACE)", "quickdraw") for k, v in named.items()})
+        assert {"shutdown_grace_s", "backend_timeout_ms"} <= set(named), "both set in the manifest, not defaulted"
+        longest_call_s = (s.image_decode_budget_ms + s.max_queue_wait_ms + s.backend_timeout_ms) / 1000
+        assert s.shutdown_grace_s >= longest_call_s, (s.shutdown_grace_s, longest_call_s)
+        total = prestop_sleep_s(c) + s.shutdown_grace_s + CLEANUP_S + SHUTDOWN_MARGIN_S
+        assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == math.ceil(total), (target, total)
+
+
+def pod_specs(objs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for o in objs:
+        if o["kind"] in ("Deployment", "Job", "StatefulSet", "DaemonSet"):
+            yield f"{o['kind']}/{o['metadata']['name']}", o["spec"]["template"]["spec"]
+
+
+def model_mounts(spec: dict[str, Any]) -> tuple[dict[str, Any] | None, list[tuple[str, dict[str, Any]]]]:
+    """The pod's volume on MODELS_CLAIM (None if it has none) and (container, mount) for every mount of it."""
+    vol = next((v for v in spec.get("volumes", [])
+                if v.get("persistentVolumeClaim", {}).get("claimName") == MODELS_CLAIM), None)  # fmt: skip
+    if vol is None:
+        return None, []
+    cs = spec.get("initContainers", []) + spec["containers"]
+    return vol, [(c["name"], m) for c in cs for m in c.get("volumeMounts", []) if m["name"] == vol["name"]]
+
+
+def test_model_volume_is_read_only_for_servers_and_written_by_the_trainer() -> None:
+    """Fix 4: TF Serving and the gateway mount the model claim read-only (pod volume and container mount), the
+    gateway at the path that holds its QUICKDRAW_MODEL_DIR, which is TF Serving's base_path on the same volume;
+    the opt-in trainer Job alone mounts it writable and exports there; the claim can be written at all."""
+    for target in ("base", "overlays/gpu"):
+        objs = render(target)
+        pvc = find(objs, "PersistentVolumeClaim", MODELS_CLAIM)
+        assert set(pvc["spec"]["accessModes"]) & {"ReadWriteMany", "ReadWriteOnce"}, "nobody could fill the volume"
+        seen: dict[str, str] = {}  # deployment -> model directory relative to the volume
+        for name, spec in pod_specs(objs):
+            vol, mounts = model_mounts(spec)
+            if vol is None:
+                continue
+            assert vol["persistentVolumeClaim"].get("readOnly") is True, (target, name)
+            assert mounts and all(m.get("readOnly") is True and "subPath" not in m for _, m in mounts), (name, mounts)
+            [(cname, mount)] = mounts
+            c = next(x for x in spec["containers"] if x["name"] == cname)
+            if name == "Deployment/quickdraw-gateway":
+                model_dir = env_of(c)["QUICKDRAW_MODEL_DIR"]
+            else:
+                cm = find(objs, "ConfigMap", next(v["configMap"]["name"] for v in spec["volumes"] if "configMap" in v))
+                model_dir = re.search(r'base_path:\s*"([^"]+)"', cm["data"]["models.config"]).group(1)  # type: ignore[union-attr]
+            rel = Path(model_dir).relative_to(mount["mountPath"])
+            seen[name] = str(rel)
+        assert set(seen) == {"Deployment/quickdraw-gateway", "Deployment/tfserving"}, seen
+        assert len(set(seen.values())) == 1, f"gateway and TF Serving read different directories: {seen}"
+
+    from quickdraw.cli import build_parser
+
+    gpu = render("overlays/gpu")
+    [job] = [o for o in render(TRAINER) if o["kind"] == "Job"]
+    spec = job["spec"]["template"]["spec"]
+    vol, mounts = model_mounts(spec)
+    assert vol is not None and "readOnly" not in vol["persistentVolumeClaim"]
+    [(cname, mount)] = mounts
+    assert not mount.get("readOnly"), mount
+    c = next(x for x in spec["containers"] if x["name"] == cname)
+    args = build_parser().parse_args(c["args"])
+    assert args.command == "train"
+    assert str(Path(args.out).relative_to(mount["mountPath"])) == seen["Deployment/tfserving"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    init = build_parser().parse_args(spec["initContainers"][0]["args"])
+    assert init.command == "download" and str(args.data) == str(init.out)
+    for o in render(TRAINER):  # the trainer's claims exist once the gpu overlay is applied, or come with it
+        for v in o["spec"]["template"]["spec"]["volumes"] if o["kind"] == "Job" else []:
+            if "persistentVolumeClaim" in v:
+                claim = v["persistentVolumeClaim"]["claimName"]
+                assert any(x["kind"] == "PersistentVolumeClaim" and x["metadata"]["name"] == claim
+                           for x in gpu + render(TRAINER)), claim  # fmt: skip
+    assert not any(o["kind"] == "Job" for o in gpu), "the trainer is opt-in, not part of the overlay"
+
+
+#: Node labels that exist only where NVIDIA's GPU feature discovery (or node feature discovery) runs.
+DISCOVERY_LABEL = re.compile(
+    r"^(nvidia\.com/gpu\.|nvidia\.com/cuda\.|nvidia\.com/mig\.|feature\.node\.kubernetes\.io/)"
+)
+
+
+def discovery_labels(spec: dict[str, Any]) -> set[str]:
+    """Node labels from GPU feature discovery that a pod spec requires (nodeSelector and required affinity)."""
+    keys = set(spec.get("nodeSelector", {}))
+    required = spec.get("affinity", {}).get("nodeAffinity", {}).get("requiredDuringSchedulingIgnoredDuringExecution")
+    for term in (required or {}).get("nodeSelectorTerms", []):
+        keys |= {e["key"] for e in term.get("matchExpressions", [])}
+    return {k for k in keys if DISCOVERY_LABEL.match(k)}
+
+
+def test_no_node_selector_needs_gpu_feature_discovery(tmp_path: Path) -> None:
+    """Fix 5: GPU pods are scheduled by their nvidia.com/gpu limit and tolerate the GPU taint; a selector on GPU
+    feature discovery's labels appears only when the opt-in component is added."""
+    for target in [*TARGETS, TRAINER]:
+        for name, spec in pod_specs(render(target)):
+            assert not discovery_labels(spec), (target, name, discovery_labels(spec))
+            gpus = [c for c in spec["containers"] if "nvidia.com/gpu" in c.get("resources", {}).get("limits", {})]
+            if gpus:
+                assert any(t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule"
+                           for t in spec.get("tolerations", [])), (target, name)  # fmt: skip
+    # Opted in: the gpu overlay with the component, rendered from a kustomization beside it (kustomize wants
+    # relative paths).
+    top = tmp_path / "opt-in"
+    top.mkdir()
+    top.joinpath("kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S / "overlays" / "gpu", top)],
+        "components": [os.path.relpath(GPU_NODE_SELECTOR, top)],
+    }))  # fmt: skip
+    opted = dict(pod_specs(render_dir(top)))
+    assert discovery_labels(opted["Deployment/tfserving"]) == {"nvidia.com/gpu.present"}
+    assert not discovery_labels(opted["Deployment/quickdraw-gateway"])
 
 
 # --- containers -------------------------------------------------------------------------------------------------
@@ -448,8 +666,15 @@ def test_the_gateway_image_is_the_slim_install_and_the_full_image_has_tensorflow
 def test_dockerignore_keeps_local_state_out() -> None:
     patterns = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
                 if ln.strip() and not ln.startswith("#")]  # fmt: skip
-    for path in (".venv/bin/python", ".git/HEAD", "data/x.npy", "runs/qdnet/logs/e", "tests/test_deploy.py",
-                 "service/__pycache__/app.cpython-311.pyc", "models/quickdraw/1/evaluation/confusion.png"):
+    for path in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "data/x.npy",
+        "runs/qdnet/logs/e",
+        "tests/test_deploy.py",
+        "service/__pycache__/app.cpython-311.pyc",
+        "models/quickdraw/1/evaluation/confusion.png",
+    ):
         assert not dockerignore_allows(path, patterns), path
     for path in ("service/app.py", "pyproject.toml", "models/quickdraw/1/saved_model.pb"):
         assert dockerignore_allows(path, patterns), path

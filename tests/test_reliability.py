@@ -78,7 +78,7 @@ def test_backend_killed_and_restarted_mid_load() -> None:
 
 def test_slow_backend_gives_deadline_exceeded_at_the_callers_deadline() -> None:
     port = free_port()
-    standin = start_standin(port, "--delay-ms", "1500")
+    standin = start_standin(port, "--standin_delay_ms", "1500")
     try:
         with gateway("--backend", "tfserving", "--tfserving-target", f"127.0.0.1:{port}",
                      "--max-concurrent-batches", "4", "--no-warmup") as gw:  # fmt: skip
@@ -101,7 +101,7 @@ def test_overload_at_5x_capacity_sheds_fast_and_keeps_admitted_latency() -> None
     generator and the gateway can send and refuse on two shared cores.
     """
     port = free_port()
-    standin = start_standin(port, "--delay-ms", "100")
+    standin = start_standin(port, "--standin_delay_ms", "100")
     try:
         with gateway("--backend", "tfserving", "--tfserving-target", f"127.0.0.1:{port}", "--max-batch-size", "4",
                      "--max-concurrent-batches", "1", "--max-queue-wait-ms", "100", "--no-warmup") as gw:  # fmt: skip
@@ -216,7 +216,7 @@ def test_sigterm_with_a_slow_backend_answers_every_accepted_call_within_the_grac
     at once, and the gateway exits 0 within the grace period + 1 s."""
     grace_s = 5.0
     port = free_port()
-    standin = start_standin(port, "--delay-ms", "1500")
+    standin = start_standin(port, "--standin_delay_ms", "1500")
     signalled: list[float] = []
     exited: list[float] = []
     try:
@@ -253,7 +253,7 @@ def test_sigterm_with_a_slow_backend_answers_every_accepted_call_within_the_grac
 def test_wedged_backend_fails_calls_at_the_backend_timeout() -> None:
     """TF Serving never answers (it sleeps 10 min); backend_timeout_ms 1000: every call gets an error, none hangs."""
     port = free_port()
-    standin = start_standin(port, "--delay-ms", "600000")
+    standin = start_standin(port, "--standin_delay_ms", "600000")
     try:
         with gateway("--backend", "tfserving", "--tfserving-target", f"127.0.0.1:{port}", "--no-warmup",
                      "--backend-timeout-ms", "1000") as gw:  # fmt: skip
@@ -275,7 +275,7 @@ def test_wedged_backend_fails_calls_at_the_backend_timeout() -> None:
 def test_overload_of_stroke_requests_at_5x_sheds_fast() -> None:
     """As the bitmap overload test, with one-drawing stroke requests (rendered on the preprocessing threads)."""
     port = free_port()
-    standin = start_standin(port, "--delay-ms", "100")
+    standin = start_standin(port, "--standin_delay_ms", "100")
     strokes = stroke_requests()
     try:
         with gateway("--backend", "tfserving", "--tfserving-target", f"127.0.0.1:{port}", "--max-batch-size", "4",

@@ -116,6 +116,10 @@ def test_export_layout_and_signature(tiny_model: Path) -> None:
     card = json.loads((v / "model_card.json").read_text())
     assert card["version"] == 2 and card["classes"] == ["apple", "cat", "dog"]
     assert card["architecture"] == "qdnet" and card["parameters"] > 0
+    # the exported widths: three classes, so top-k outputs of three (doodle.contract.TOP_K is 5)
+    assert card["outputs"] == {"probabilities": "float32 [batch, C]", "top_k_scores": "float32 [batch, 3]",
+                               "top_k_indices": "int32 [batch, 3]", "top_k_labels": "string [batch, 3]"}
+    assert fn.structured_outputs["top_k_indices"].shape.as_list() == [None, 3]
     for key in ("test_top1", "test_top3", "val_top1"):
         assert 0.0 <= card["metrics"][key] <= 1.0
     assert card["training_seconds"] > 0 and card["tensorflow_version"] == tf.__version__

@@ -21,8 +21,9 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from doodle.contract import INPUT_KEY, OUTPUT_KEY, SIGNATURE_NAME
 from trainer.data import BitmapData, Split, SplitSpec
-from trainer.export import CARD_FILE, INPUT_KEY, SIGNATURE, latest_version_dir, read_labels
+from trainer.export import CARD_FILE, latest_version_dir, read_labels
 
 
 class LoadedModel:
@@ -31,7 +32,7 @@ class LoadedModel:
     def __init__(self, path: Path) -> None:
         self.dir = latest_version_dir(path)
         self.saved = tf.saved_model.load(str(self.dir))
-        self.fn = self.saved.signatures[SIGNATURE]
+        self.fn = self.saved.signatures[SIGNATURE_NAME]
         self.labels = read_labels(self.dir)
         card = self.dir / CARD_FILE
         self.card: dict[str, Any] = json.loads(card.read_text()) if card.exists() else {}
@@ -44,7 +45,7 @@ class LoadedModel:
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Probabilities [n, C] for uint8 images [n, 28, 28, 1] (or [n, 784], or [n, 28, 28])."""
         x = np.asarray(images, dtype=np.uint8).reshape(-1, 28, 28, 1)
-        return self.fn(**{INPUT_KEY: tf.constant(x)})["probabilities"].numpy()
+        return self.fn(**{INPUT_KEY: tf.constant(x)})[OUTPUT_KEY].numpy()
 
 
 def images_per_second(model: LoadedModel, batch: int, seconds: float = 2.0) -> float:

@@ -34,17 +34,27 @@ import numpy as np
 import tensorflow as tf
 
 from doodle import BITMAP_SIDE
+from doodle.contract import (
+    INPUT_DTYPE,
+    INPUT_KEY,
+    INPUT_SHAPE,
+    LABELS_PATH,
+    OUTPUT_DTYPES,
+    OUTPUT_KEY,
+    OUTPUTS,
+    SIGNATURE_NAME,
+    TOP_K,
+    TOP_K_INDICES,
+    TOP_K_LABELS,
+    TOP_K_SCORES,
+)
 
 if TYPE_CHECKING:
     from trainer.data import BitmapData
     from trainer.train import Recipe, TrainConfig
 
 MODEL_NAME = "quickdraw"
-SIGNATURE = "serving_default"
-INPUT_KEY = "image"
-TOP_K = 5
 WARMUP_BATCH_SIZES = (1, 8, 32, 128)
-LABELS_FILE = "labels.txt"
 CARD_FILE = "model_card.json"
 
 
@@ -58,17 +68,17 @@ class ServingModule(tf.Module):
         self.labels = tf.constant(list(labels))
         self.k = min(TOP_K, len(labels))
 
-    @tf.function(input_signature=[tf.TensorSpec([None, BITMAP_SIDE, BITMAP_SIDE, 1], tf.uint8, name=INPUT_KEY)])
+    @tf.function(input_signature=[tf.TensorSpec(INPUT_SHAPE, tf.as_dtype(INPUT_DTYPE), name=INPUT_KEY)])
     def serve(self, image: tf.Tensor) -> dict[str, tf.Tensor]:
         """Classify a batch of 28x28 uint8 bitmaps."""
         logits = tf.cast(self.model(tf.cast(image, tf.float32), training=False), tf.float32)
         probabilities = tf.nn.softmax(logits, axis=-1)
         scores, indices = tf.math.top_k(probabilities, k=self.k)
         return {
-            "probabilities": probabilities,
-            "top_k_scores": scores,
-            "top_k_indices": indices,
-            "top_k_labels": tf.gather(self.labels, indices),
+            OUTPUT_KEY: probabilities,
+            TOP_K_SCORES: scores,
+            TOP_K_INDICES: indices,
+            TOP_K_LABELS: tf.gather(self.labels, indices),
         }
 
 
@@ -118,15 +128,13 @@ class ModelCard:
             parameters=int(model.count_params()),
             input={
                 "name": INPUT_KEY,
-                "dtype": "uint8",
-                "shape": [-1, BITMAP_SIDE, BITMAP_SIDE, 1],
+                "dtype": INPUT_DTYPE,
+                "shape": [-1 if d is None else d for d in INPUT_SHAPE],
                 "convention": "numpy_bitmap: strokes 255 on background 0, drawing centred",
             },
             outputs={
-                "probabilities": "float32 [batch, C]",
-                "top_k_scores": f"float32 [batch, {min(TOP_K, len(data.labels))}]",
-                "top_k_indices": "int32 [batch, K]",
-                "top_k_labels": "string [batch, K]",
+                name: f"{OUTPUT_DTYPES[name]} [batch, {'C' if name == OUTPUT_KEY else min(TOP_K, len(data.labels))}]"
+                for name in OUTPUTS
             },
             data={
                 "data_dir": str(cfg.data_dir),
@@ -170,10 +178,12 @@ def export_model(
     tmp = base / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
     scratch = Path(tempfile.mkdtemp(prefix="labels-"))
     try:
-        labels_path = scratch / LABELS_FILE
+        labels_path = scratch / LABELS_PATH.name
         labels_path.write_text("".join(f"{label}\n" for label in labels))
         module = ServingModule(model, labels, labels_path)
-        tf.saved_model.save(module, str(tmp), signatures={SIGNATURE: module.serve.get_concrete_function()})
+        tf.saved_model.save(module, str(tmp), signatures={SIGNATURE_NAME: module.serve.get_concrete_function()})
+        if not (tmp / LABELS_PATH).is_file():  # TensorFlow copies assets into assets/, where the gateway reads them
+            raise RuntimeError(f"the labels asset is not at {LABELS_PATH} in the exported SavedModel")
         write_warmup_requests(tmp / "assets.extra" / "tf_serving_warmup_requests")
         card.version = version
         (tmp / CARD_FILE).write_text(json.dumps(asdict(card), indent=1) + "\n")
@@ -195,16 +205,16 @@ def write_warmup_requests(path: Path, batch_sizes: Sequence[int] = WARMUP_BATCH_
         for n in batch_sizes:
             request = predict_pb2.PredictRequest()
             request.model_spec.name = MODEL_NAME
-            request.model_spec.signature_name = SIGNATURE
+            request.model_spec.signature_name = SIGNATURE_NAME
             images = (rng.random((n, BITMAP_SIDE, BITMAP_SIDE, 1)) > 0.9).astype(np.uint8) * 255
-            request.inputs[INPUT_KEY].CopyFrom(tf.make_tensor_proto(images, dtype=tf.uint8))
+            request.inputs[INPUT_KEY].CopyFrom(tf.make_tensor_proto(images, dtype=tf.as_dtype(INPUT_DTYPE)))
             log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
             writer.write(log.SerializeToString())
 
 
 def read_labels(model_dir: Path) -> list[str]:
     """The class names of an exported version, in output order."""
-    return (model_dir / "assets" / LABELS_FILE).read_text().splitlines()
+    return (model_dir / LABELS_PATH).read_text().splitlines()
 
 
 def latest_version_dir(path: Path) -> Path:

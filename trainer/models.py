@@ -13,6 +13,7 @@ import keras
 from keras import layers
 
 import trainer
+from doodle.contract import INPUT_KEY, INPUT_SHAPE
 
 
 def seed(num_classes: int) -> keras.Model:
@@ -21,7 +22,7 @@ def seed(num_classes: int) -> keras.Model:
     Its original bugs are fixed, nothing else: the input is scaled to 0..1 and the loss is computed
     from logits (it used ``-sum(y * log(softmax))`` on raw 0..255 pixels and diverged).
     """
-    inputs = keras.Input((28, 28, 1), name="image")
+    inputs = keras.Input(INPUT_SHAPE[1:], name=INPUT_KEY)
     x = layers.Rescaling(1.0 / 255.0)(inputs)
     for filters in (16, 32, 64):
         x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
@@ -48,7 +49,7 @@ def qdnet(num_classes: int, width: int = 32, dropout: float = 0.3) -> keras.Mode
     Global average pooling keeps the parameter count low (about 0.33M at width 32) and the
     serving latency small; augmentation in the pipeline does the regularising.
     """
-    inputs = keras.Input((28, 28, 1), name="image")
+    inputs = keras.Input(INPUT_SHAPE[1:], name=INPUT_KEY)
     x = layers.Rescaling(1.0 / 255.0)(inputs)
     for stage, filters in enumerate((width, 2 * width, 4 * width)):
         x = _conv_bn(x, filters)

@@ -14,8 +14,7 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-LABELS_PATH = Path("assets") / "labels.txt"
-
+from doodle.contract import LABELS_PATH
 
 #: From this many probabilities (rows x classes) ``TopK.of`` partitions before it sorts (see there).
 PARTITION_FROM = 16384
@@ -68,6 +67,20 @@ class TopK:
 #: What a backend batch gives: probabilities [n, classes], or the best classes only (``TopK``).
 Scores = NDArray[np.float32] | TopK
 
+#: The version a call asks for when it names none and the backend chooses (``Backend.versionless``).
+ANY_VERSION = 0
+
+
+@dataclass(frozen=True)
+class Answered:
+    """Scores and the model version that produced them.
+
+    A backend whose replicas may serve different versions for a while (TF Serving during a roll-out) answers a
+    batch sent for ``ANY_VERSION`` with this, so each caller learns the version that really answered."""
+
+    scores: Scores
+    version: int
+
 
 @dataclass(frozen=True)
 class ModelDescription:
@@ -89,6 +102,9 @@ class Backend(Protocol):
     """A model runner behind the batcher."""
 
     name: str
+    # Optional: ``versionless = True`` when the backend itself picks the version for calls that name none
+    # (``predict`` then takes ``ANY_VERSION`` and answers ``Answered``); without it the gateway sends the default
+    # version's number.
 
     async def start(self) -> ModelDescription:
         """Load and warm up the model; return what is served. Ready to predict when it returns."""
@@ -96,10 +112,11 @@ class Backend(Protocol):
 
     def predict(
         self, images: NDArray[np.uint8], version: int, deadline_s: float | None = None
-    ) -> Awaitable[NDArray[np.float32]]:
+    ) -> Awaitable[NDArray[np.float32] | Answered]:
         """Probabilities for a batch of images, by ``deadline_s`` (monotonic clock) if given. A backend should
         start the work when called (a future from an executor, a gRPC call) rather than when the awaitable is
-        first awaited; a coroutine works too. Failures are ServiceErrors (Unavailable, DeadlineExceeded...)."""
+        first awaited; a coroutine works too. Failures are ServiceErrors (Unavailable, DeadlineExceeded...).
+        ``Answered`` names the version that answered (required for ``ANY_VERSION``)."""
         ...
 
     async def close(self) -> None:
@@ -115,5 +132,5 @@ def find_versions(base: Path) -> list[int]:
 
 
 def read_labels(version_dir: Path) -> tuple[str, ...]:
-    """Class names from ``assets/labels.txt``, one per line, in output order."""
+    """Class names from ``LABELS_PATH`` (``assets/labels.txt``), one per line, in output order."""
     return tuple(line for line in (version_dir / LABELS_PATH).read_text(encoding="utf-8").splitlines() if line)

@@ -15,7 +15,10 @@ gets NOT_FOUND. When no version is left, the loaded ones keep serving.
 
 Each version's signature is wrapped in a TensorFlow function that returns ``probabilities`` alone, so TensorFlow
 prunes what only the other outputs need (the top-k, the ``top_k_labels`` strings): the gateway ranks
-probabilities itself.
+probabilities itself. The names (signature, input, output, labels file) are ``doodle.contract``'s.
+
+``signature_defs`` is what TF Serving's GetModelMetadata reports for the served version: every SignatureDef of
+its ``saved_model.pb`` (the ``serve`` meta graph), as a ``service.tfs`` ``SignatureDefMap``.
 
 The watcher is supervised: if it dies, ``on_failure`` is told (the gateway then reports NOT_SERVING and
 refuses calls).
@@ -35,14 +38,15 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from doodle.contract import INPUT_KEY, OUTPUT_KEY, SIGNATURE_NAME
+from service import tfs
 from service.backends import ModelDescription, find_versions, read_labels
 from service.errors import NotFound
 
 log = logging.getLogger(__name__)
 
-SIGNATURE = "serving_default"
-INPUT_KEY = "image"
-OUTPUT_KEY = "probabilities"
+#: The meta graph TF Serving loads from a SavedModel (``tf.saved_model.SERVING``; its ``--saved_model_tags``).
+SERVE_TAG = "serve"
 
 
 class ModelNotFoundError(RuntimeError):
@@ -76,6 +80,8 @@ class EmbeddedBackend:
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="embedded-backend")
         #: Per loaded version: (the loaded object, its signature as a function giving only the probabilities).
         self._signatures: dict[int, tuple[Any, Any]] = {}
+        #: Per loaded version: every SignatureDef of its saved_model.pb (a ``service.tfs.SignatureDefMap``).
+        self._signature_defs: dict[int, Any] = {}
         self._tf: Any = None
         self._watch_s = watch_s
         self._retire_s = retire_s
@@ -151,6 +157,7 @@ class EmbeddedBackend:
         for v in versions:
             if v not in self._description.versions:
                 self._signatures.pop(v, None)
+                self._signature_defs.pop(v, None)
                 log.info("unloaded %s version %d", self._model_name, v)
 
     def _load(self) -> ModelDescription:
@@ -180,13 +187,23 @@ class EmbeddedBackend:
         these = read_labels(self._model_dir / str(v))
         if labels is not None and these != labels:
             raise ValueError(f"version {v} has different labels from the served version; serve one at a time")
+        defs = read_signature_defs(self._model_dir / str(v))
         loaded = tf.saved_model.load(str(self._model_dir / str(v)))
-        self._signatures[v] = (loaded, self._probabilities(loaded.signatures[SIGNATURE]))
+        self._signatures[v] = (loaded, self._probabilities(loaded.signatures[SIGNATURE_NAME]))
+        self._signature_defs[v] = defs
         log.info("loaded %s version %d (%d classes) in %.1fs", self._model_name, v, len(these),
                  time.perf_counter() - t0)  # fmt: skip
         if self._warmup:
             self._warm(v)
         return these
+
+    @property
+    def signature_defs(self) -> Any:
+        """Every SignatureDef of the version served by default (``service.tfs.SignatureDefMap``), as TF Serving's
+        GetModelMetadata gives it; None before the first version is loaded."""
+        if self._description is None:
+            return None
+        return self._signature_defs.get(self._description.default_version)
 
     def _probabilities(self, sig: Any) -> Any:
         """``sig`` as a function of the images giving its ``probabilities`` alone: TensorFlow prunes the rest."""
@@ -236,3 +253,26 @@ class EmbeddedBackend:
         await asyncio.to_thread(self._loader.shutdown, wait=True)  # joined off the event loop
         await asyncio.to_thread(self._pool.shutdown, wait=True)
         self._signatures.clear()
+        self._signature_defs.clear()
+
+
+def read_signature_defs(version_dir: Path, tag: str = SERVE_TAG) -> Any:
+    """The SignatureDefs of ``version_dir/saved_model.pb``'s meta graph tagged ``tag``, as a ``service.tfs``
+    ``SignatureDefMap``: what TF Serving's GetModelMetadata packs (get_model_metadata_impl.cc copies every entry of
+    the bundle's ``meta_graph_def.signature_def``, ``__saved_model_init_op`` included).
+
+    Parsed with TensorFlow's ``SavedModel`` message (``service.tfs``'s pool has ``MetaGraphDef`` but not
+    ``SavedModel``), then moved into the pool's classes as bytes: the two never meet as objects.
+    """
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    path = version_dir / "saved_model.pb"
+    saved = saved_model_pb2.SavedModel.FromString(path.read_bytes())
+    graphs = [g for g in saved.meta_graphs if tag in g.meta_info_def.tags]
+    if not graphs:
+        found = [list(g.meta_info_def.tags) for g in saved.meta_graphs]
+        raise ValueError(f"{path} has no meta graph tagged {tag!r} (its tags: {found})")
+    out = tfs.SignatureDefMap()
+    for name, sig in graphs[0].signature_def.items():
+        out.signature_def[name].ParseFromString(sig.SerializeToString())
+    return out

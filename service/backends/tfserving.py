@@ -1,29 +1,53 @@
-"""The TF Serving backend: batches go to ``tensorflow.serving.PredictionService/Predict`` over gRPC.
+"""The TF Serving backend: batches go to ``tensorflow.serving.PredictionService/Predict`` on a set of replicas.
 
-- Readiness follows ``ModelService/GetModelStatus``: start() waits until TF Serving reports a version
-  AVAILABLE, and a poller keeps the set of AVAILABLE versions current afterwards (``on_change``), so the
-  gateway follows versions as TF Serving loads and unloads them, and reports NOT_SERVING while none is.
-  A NOT_FOUND from Predict (a version just unloaded) makes it look again at once. With
-  ``tfserving_version_label``, calls that name no version go to the version that label points at (asked of
-  GetModelMetadata at start and at every poll), so promoting a canary in TF Serving's config moves them.
-- The signature is checked through ``GetModelMetadata``; labels come from the labels asset
-  (``--labels-file`` or ``<model-dir>/<version>/assets/labels.txt``), and their count must match the
-  signature's output width.
-- A batch whose callers want only their best few classes asks for the signature's ``top_k_scores`` and
-  ``top_k_indices`` alone (``output_filter``; ``predict_top_k``, when the signature has them): TF Serving sends
-  40 bytes a drawing instead of every probability, and nobody ranks them again.
+In production several TF Serving replicas share one model volume and each polls it on its own schedule, so
+during every roll-out, rollback and label move they disagree for a while about which versions exist. This
+backend is written for that world:
+
+- **Replicas.** ``tfserving_target`` names them: ``ipv4:a:p,b:p`` (or ``ipv6:``) lists them; ``dns:///host:port``
+  (a headless Kubernetes Service) is resolved to every address, again at every status poll, so pods that come
+  and go are followed; any other target (``host:port``, ``unix:``) is one replica. Each replica gets a channel
+  of its own, and the backend balances batches over them itself (round robin over the replicas that can
+  answer the batch), because it must know which replica serves which version.
+- **Status.** Every ``tfserving_status_poll_s`` (and at once after a NOT_FOUND or a lost replica) each replica
+  is asked ``ModelService/GetModelStatus``; with ``tfserving_version_label``, also which version that label
+  points at on it (``GetModelMetadata`` by label: TF Serving has no call that lists labels). Readiness: at
+  least one replica serves an accepted version. The versions the gateway lists (GetModelInfo, its ModelService)
+  are the union, over the replicas that answer, of their AVAILABLE versions that were accepted; the default
+  version is the highest of the replicas' own defaults.
+- **New versions are checked before anything is routed to them**: the signature (``GetModelMetadata`` of that
+  version on a replica that has it) must take ``image`` and give ``probabilities`` as wide as the labels, with
+  top-k outputs as wide as at start; its ``assets/labels.txt`` under ``--model-dir`` (the shared model volume,
+  mounted read-only) must name the same classes, in the same order, as the gateway serves (with
+  ``--labels-file``, the width alone is checked). A version that fails is refused: logged, counted in
+  ``quickdraw_backend_versions_refused_total``, and never used to answer.
+- **Calls that name no version never fail because replicas disagree.** They go out with no version (or with
+  the version label), so each replica answers with its own default, and the answer's ``model_spec.version``
+  says which version produced it; the caller gets that version. A replica whose newest version is refused is
+  asked for its highest accepted one by number. An answer from a version not (yet) accepted is never passed
+  on: the batch is asked again, by number, for an accepted version.
+- **Calls that name a version** go only to replicas that list it. A NOT_FOUND (the replica unloaded it since
+  the last poll) is retried on another replica that lists it, at most ``tfserving_max_attempts`` attempts in
+  all, then the caller gets NOT_FOUND.
+- **Label disagreements** (replicas whose label points at different versions, as while a label is moved one
+  replica at a time) are logged (rate-limited) and counted in ``quickdraw_backend_label_disagreements_total``;
+  health does not change.
+- **No retry storms.** TF Serving's "queue full" answer (UNAVAILABLE with the batch scheduler's message, or
+  RESOURCE_EXHAUSTED) reaches the caller as RESOURCE_EXHAUSTED at once, never retried here (the Python client
+  does not retry it either). A lost replica's UNAVAILABLE is retried on another replica, and every retry this
+  backend makes draws on a token bucket with gRPC's ``retryThrottling`` rule (gRFC A6: each failure takes a
+  token, each success gives back ``tfserving_retry_token_ratio``; retries stop while half or fewer of
+  ``tfserving_retry_max_tokens`` are left). Predict has no gRPC retry policy of its own (it would retry a full
+  queue on the same replica); the status calls have one, with the same ``retryThrottling``.
 - Each batch's deadline is the latest remaining deadline among its callers, less a small margin for the
   network hops (``tfserving_deadline_margin_ms``), capped by ``backend_timeout_ms``: TF Serving never works
-  for a caller that has gone.
-- Only UNAVAILABLE is retried, boundedly and with backoff, by gRPC's own retry policy (service config); the
-  channel reconnects with a short capped backoff, so a restarted TF Serving is found again within a second.
-- Keepalive pings find dead peers; message sizes are capped both ways.
-- The status poller is supervised: if it dies, ``on_failure`` is told (the gateway then reports NOT_SERVING and
-  refuses calls). A batch whose callers have all gone is cancelled by the batcher, which cancels its RPC.
-- ``dns:///name:port`` targets resolve every address of a headless Kubernetes Service, and ``round_robin``
-  spreads calls over them per request, not per connection.
-- The channel is TLS, or mTLS with a client certificate, when the ``tfserving_tls*`` settings ask for it
-  (``service.security.tfserving_channel``).
+  for a caller that has gone. A batch whose callers have all gone is cancelled by the batcher, with its RPC.
+- A batch whose callers want only their best few classes asks for the signature's ``top_k_scores`` and
+  ``top_k_indices`` alone (``output_filter``; ``predict_top_k``): 40 bytes a drawing instead of every
+  probability.
+- Keepalive pings find dead peers; message sizes are capped both ways; channels reconnect with a short capped
+  backoff. TLS or mTLS per the ``tfserving_tls*`` settings (``service.security.tfserving_channel``).
+- The status poller is supervised: if it dies, ``on_failure`` is told (the gateway reports NOT_SERVING).
 - The messages are ``service.tfs``'s (vendored TF Serving 2.21 protos in a private descriptor pool) and the
   stubs call methods by path: this backend loads no TensorFlow.
 """
@@ -34,8 +58,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +70,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service import tfs
-from service.backends import ModelDescription, TopK, find_versions, read_labels
-from service.errors import BackendError, DeadlineExceeded, NotFound, ServiceError, Unavailable
+from service.backends import ANY_VERSION, LABELS_PATH, Answered, ModelDescription, TopK, find_versions, read_labels
+from service.errors import BackendError, DeadlineExceeded, NotFound, ResourceExhausted, ServiceError, Unavailable
+from service.lograte import LogRate
+from service.metrics import Metrics
 from service.security import tfserving_channel
 from service.settings import Settings
 from service.tensors import TensorDecodeError, from_numpy, to_numpy
@@ -56,17 +84,26 @@ INPUT_KEY = "image"
 OUTPUT_KEY = "probabilities"
 TOP_K_SCORES, TOP_K_INDICES = "top_k_scores", "top_k_indices"
 AVAILABLE = tfs.AVAILABLE
+#: Shortest pause between two status polls (a burst of NOT_FOUNDs asks for one early poll, not one each).
+MIN_POLL_GAP_S = 0.2
+
+
+def retry_throttling(settings: Settings) -> dict[str, int | float]:
+    """The ``retryThrottling`` of a gRPC service config (gRFC A6), from the settings."""
+    return {"maxTokens": settings.tfserving_retry_max_tokens, "tokenRatio": settings.tfserving_retry_token_ratio}
 
 
 def channel_options(settings: Settings) -> list[tuple[str, object]]:
-    """Channel arguments: round_robin, UNAVAILABLE-only bounded retries, keepalive, sizes, reconnect backoff."""
+    """One replica's channel: bounded, throttled retries of UNAVAILABLE for the status calls only (Predict is
+    retried by the backend itself, on another replica, and never when TF Serving's queue is full), keepalive,
+    message sizes, reconnect backoff."""
     service_config = {
-        "loadBalancingConfig": [{"round_robin": {}}],
         "methodConfig": [
             {
-                "name": [{"service": tfs.PREDICTION_SERVICE}, {"service": tfs.MODEL_SERVICE}],
+                "name": [{"service": tfs.MODEL_SERVICE},
+                         {"service": tfs.PREDICTION_SERVICE, "method": "GetModelMetadata"}],
                 "retryPolicy": {
-                    "maxAttempts": settings.tfserving_max_attempts,
+                    "maxAttempts": max(2, settings.tfserving_max_attempts),
                     "initialBackoff": f"{settings.tfserving_initial_backoff_ms / 1000:.3f}s",
                     "maxBackoff": f"{settings.tfserving_max_backoff_ms / 1000:.3f}s",
                     "backoffMultiplier": 2,
@@ -74,6 +111,7 @@ def channel_options(settings: Settings) -> list[tuple[str, object]]:
                 },
             }
         ],
+        "retryThrottling": retry_throttling(settings),
     }  # fmt: skip
     reconnect_ms = int(settings.tfserving_reconnect_backoff_ms)
     return [
@@ -91,9 +129,116 @@ def channel_options(settings: Settings) -> list[tuple[str, object]]:
     ]
 
 
+# --- which replicas ---------------------------------------------------------------------------------------------
+
+
+def _host_port(spec: str, default_port: int) -> tuple[str, int]:
+    """``host:port``, ``[v6]:port`` or ``host`` as (host, port)."""
+    if spec.startswith("["):
+        host, _, rest = spec[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else default_port
+    if spec.count(":") == 1:
+        host, port = spec.split(":")
+        return host, int(port)
+    return spec, default_port
+
+
+class Targets:
+    """The replicas a ``tfserving_target`` names (see the module docstring)."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self._static: list[str] | None = None
+        self._dns: tuple[str, int] | None = None
+        if target.startswith(("ipv4:", "ipv6:")):
+            scheme, _, rest = target.partition(":")
+            self._static = [f"{scheme}:{a.strip()}" for a in rest.split(",") if a.strip()]
+        elif target.startswith("dns:"):
+            rest = target[len("dns:"):]
+            if rest.startswith("//"):
+                rest = rest[2:].partition("/")[2]  # dns://authority/host:port: the authority is a DNS server
+            self._dns = _host_port(rest, 443)  # gRPC's default port for dns: targets
+        else:
+            self._static = [target]
+
+    @property
+    def authority(self) -> str | None:
+        """The name TLS checks and ``:authority`` carries for resolved addresses (the DNS name)."""
+        return f"{self._dns[0]}:{self._dns[1]}" if self._dns else None
+
+    async def addresses(self) -> list[str]:
+        """Every replica's address now (a dns: target is resolved; raises OSError when it cannot be)."""
+        if self._static is not None:
+            return list(self._static)
+        assert self._dns is not None
+        host, port = self._dns
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        out: list[str] = []
+        for family, _, _, _, sockaddr in infos:
+            address = f"ipv6:[{sockaddr[0]}]:{port}" if family == socket.AF_INET6 else f"ipv4:{sockaddr[0]}:{port}"
+            if address not in out:
+                out.append(address)
+        return out
+
+
+@dataclass(eq=False)
+class Replica:
+    """One TF Serving replica, as the last status poll saw it."""
+
+    address: str
+    channel: grpc.aio.Channel
+    predict: Any
+    models: Any
+    #: AVAILABLE versions, ascending.
+    versions: tuple[int, ...] = ()
+    #: The version ``tfserving_version_label`` points at on this replica (None: no label, or not known here).
+    labelled: int | None = None
+    #: It answered its last status poll, and no Predict has found it unreachable since.
+    up: bool = False
+
+    def default(self, accepted: set[int] | frozenset[int]) -> int | None:
+        """The version a call naming none gets here: the label's if accepted, else the highest accepted one."""
+        if self.labelled is not None and self.labelled in accepted and self.labelled in self.versions:
+            return self.labelled
+        ok = [v for v in self.versions if v in accepted]
+        return ok[-1] if ok else None
+
+
+class RetryBudget:
+    """gRPC's ``retryThrottling`` rule (gRFC A6) for the retries this backend makes itself."""
+
+    def __init__(self, max_tokens: float, token_ratio: float) -> None:
+        self.max_tokens, self.token_ratio = max_tokens, token_ratio
+        self.tokens = max_tokens
+
+    def failed(self) -> None:
+        """An attempt failed: one token less."""
+        self.tokens = max(0.0, self.tokens - 1.0)
+
+    def succeeded(self) -> None:
+        """An attempt succeeded: ``token_ratio`` back."""
+        self.tokens = min(self.max_tokens, self.tokens + self.token_ratio)
+
+    def allows_retry(self) -> bool:
+        """Retries are allowed while more than half the tokens are left."""
+        return self.tokens > self.max_tokens / 2
+
+
+def _overloaded(exc: grpc.aio.AioRpcError) -> bool:
+    """TF Serving refused the work because its batching queue is full (TensorFlow's shared batch scheduler
+    answers UNAVAILABLE "The batch scheduling queue to which this task was submitted is full"; a server may
+    say RESOURCE_EXHAUSTED too)."""
+    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return True
+    detail = (exc.details() or "").lower()
+    return exc.code() == grpc.StatusCode.UNAVAILABLE and "queue" in detail and "full" in detail
+
+
 def _mapped(exc: grpc.aio.AioRpcError, what: str) -> ServiceError:
     """A TF Serving failure as the error our caller gets."""
     code, detail = exc.code(), exc.details() or ""
+    if _overloaded(exc):
+        return ResourceExhausted(f"TF Serving is overloaded ({what}): {detail}; retry with backoff")
     if code == grpc.StatusCode.UNAVAILABLE:
         return Unavailable(f"TF Serving is unavailable ({what}): {detail}; retry with backoff")
     if code == grpc.StatusCode.CANCELLED:  # not by us (our callers' cancellations never get here): it went away
@@ -105,46 +250,219 @@ def _mapped(exc: grpc.aio.AioRpcError, what: str) -> ServiceError:
     return BackendError(f"TF Serving failed ({what}): {code.name}: {detail}")
 
 
+@dataclass
+class _Signature:
+    """What a version's signature gives: probabilities width (None: unknown) and top-k width (0: none)."""
+
+    classes: int | None
+    top_k: int
+    defs: Any = field(repr=False, default=None)
+
+
 class TFServingBackend:
-    """Runs batches on TF Serving; see the module docstring."""
+    """Runs batches on TF Serving replicas; see the module docstring."""
 
     name = "tfserving"
+    #: Calls that name no version reach TF Serving with none (each replica answers with its own default).
+    versionless = True
 
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
         self._s = settings
         self._clock = clock
-        self._channel: grpc.aio.Channel | None = None
-        self._predict: tfs.PredictionServiceStub | None = None
-        self._models: tfs.ModelServiceStub | None = None
+        self._targets = Targets(settings.tfserving_target)
+        self._replicas: list[Replica] = []
+        self._rr = 0
+        self._budget = RetryBudget(settings.tfserving_retry_max_tokens, settings.tfserving_retry_token_ratio)
         self._poller: asyncio.Task[None] | None = None
         self._description: ModelDescription | None = None
+        self._labels: tuple[str, ...] = ()
+        #: Why each version seen is refused (None: accepted). Forgotten once no replica serves it.
+        self._verdicts: dict[int, str | None] = {}
+        self._accepted: frozenset[int] = frozenset()
         #: Width of the signature's top_k_* outputs (0 without them): what ``predict_top_k`` gives.
         self.top_k_width = 0
+        #: Every signature of the served SavedModel, as TF Serving's GetModelMetadata gave it (a SignatureDefMap).
+        self.signature_defs: Any = None
         self._refresh = asyncio.Event()
-        #: Called with the new description when the AVAILABLE versions change, None when none is left.
+        self._disagreeing = False
+        self._lograte = LogRate(log, interval_s=30.0)
+        #: The gateway's metrics (set by the composition root before start; None: not counted).
+        self.metrics: Metrics | None = None
+        #: Called with the new description when the served versions change, None when none is left.
         self.on_change: Callable[[ModelDescription | None], None] | None = None
         #: Called with what died and why when the status poller dies.
         self.on_failure: Callable[[str, BaseException | None], None] | None = None
 
+    # --- replicas ----------------------------------------------------------------------------------------------
+    def _open(self, address: str) -> Replica:
+        options = channel_options(self._s)
+        if self._targets.authority is not None:
+            options.append(("grpc.default_authority", self._targets.authority))
+        channel = tfserving_channel(self._s, options, target=address)
+        return Replica(address, channel, tfs.PredictionServiceStub(channel), tfs.ModelServiceStub(channel))
+
+    async def _sync_replicas(self) -> None:
+        """Open channels to new addresses and close those of addresses gone (dns: targets)."""
+        try:
+            addresses = await self._targets.addresses()
+        except OSError as exc:
+            if not self._replicas:
+                raise
+            self._lograte.log("resolve", "cannot resolve %s (%s); keeping %d replicas", self._targets.target, exc,
+                              len(self._replicas))  # fmt: skip
+            return
+        known = {r.address: r for r in self._replicas}
+        kept = [known[a] if a in known else self._open(a) for a in addresses]
+        for r in self._replicas:
+            if r.address not in addresses:
+                log.info("TF Serving replica %s is gone from %s", r.address, self._targets.target)
+                await r.channel.close()
+        self._replicas = kept
+
+    async def _poll_replica(self, r: Replica, timeout_s: float = 5.0) -> None:
+        """Ask one replica its AVAILABLE versions (and its label's version)."""
+        s = self._s
+        req = tfs.GetModelStatusRequest()
+        req.model_spec.name = s.model_name
+        try:
+            resp = await r.models.GetModelStatus(req, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if r.up or r.versions:
+                self._lograte.log(f"status {r.address}", "TF Serving replica %s: status unknown: %s %s", r.address,
+                                  exc.code().name, exc.details())  # fmt: skip
+            # NOT_FOUND: it runs, and has no version of the model (yet)
+            r.up, r.versions, r.labelled = exc.code() == grpc.StatusCode.NOT_FOUND, (), None
+            return
+        r.up = True
+        r.versions = tuple(sorted(v.version for v in resp.model_version_status if v.state == AVAILABLE))
+        r.labelled = await self._label_on(r, timeout_s) if s.tfserving_version_label and r.versions else None
+
+    async def _label_on(self, r: Replica, timeout_s: float) -> int | None:
+        """The version ``tfserving_version_label`` points at on ``r`` (None when it does not know the label)."""
+        req = tfs.GetModelMetadataRequest(metadata_field=["signature_def"])
+        req.model_spec.name = self._s.model_name
+        req.model_spec.version_label = self._s.tfserving_version_label or ""
+        try:
+            resp = await r.predict.GetModelMetadata(req, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            self._lograte.log(f"label {r.address}", "TF Serving replica %s: label %r: %s %s", r.address,
+                              self._s.tfserving_version_label, exc.code().name, exc.details())  # fmt: skip
+            return None
+        return int(resp.model_spec.version.value)
+
+    # --- signatures and labels ---------------------------------------------------------------------------------
+    async def _signature(self, r: Replica, version: int, timeout_s: float = 10.0) -> _Signature:
+        """Check ``version``'s signature on ``r`` (raises ValueError if unusable, AioRpcError if not asked)."""
+        s = self._s
+        req = tfs.GetModelMetadataRequest(metadata_field=["signature_def"])
+        req.model_spec.name = s.model_name
+        req.model_spec.version.value = version
+        resp = await r.predict.GetModelMetadata(req, timeout=timeout_s)
+        sigs = tfs.SignatureDefMap()
+        if not resp.metadata["signature_def"].Unpack(sigs):
+            raise ValueError(f"its signature_def metadata is a {resp.metadata['signature_def'].type_url!r}, not a "
+                             f"{tfs.SIGNATURE_DEF_MAP_URL!r}")  # fmt: skip
+        if s.tfserving_signature not in sigs.signature_def:
+            raise ValueError(f"it has no signature {s.tfserving_signature!r}; it has {sorted(sigs.signature_def)}")
+        sig = sigs.signature_def[s.tfserving_signature]
+        if INPUT_KEY not in sig.inputs or OUTPUT_KEY not in sig.outputs:
+            raise ValueError(f"signature {s.tfserving_signature!r} must take {INPUT_KEY!r} and give {OUTPUT_KEY!r}; "
+                             f"it takes {sorted(sig.inputs)} and gives {sorted(sig.outputs)}")  # fmt: skip
+        top_k = 0
+        if TOP_K_SCORES in sig.outputs and TOP_K_INDICES in sig.outputs:
+            dims = [d.size for d in sig.outputs[TOP_K_SCORES].tensor_shape.dim]
+            top_k = dims[1] if len(dims) == 2 and dims[1] > 0 else 0
+        dims = [d.size for d in sig.outputs[OUTPUT_KEY].tensor_shape.dim]
+        return _Signature(dims[1] if len(dims) == 2 and dims[1] > 0 else None, top_k, sigs)
+
+    def _read_labels(self, version: int, fallback: bool) -> tuple[str, ...]:
+        """``--labels-file``, else ``<model_dir>/<version>/assets/labels.txt`` (with ``fallback``, the newest
+        version's under --model-dir when that one is not there: the start, with a gateway of its own labels)."""
+        s = self._s
+        if s.labels_file is not None:
+            return tuple(line.strip() for line in Path(s.labels_file).read_text().splitlines() if line.strip())
+        local = find_versions(s.model_dir)
+        pick = version if version in local else (local[-1] if local and fallback else None)
+        if pick is None:
+            raise ValueError(
+                f"no {LABELS_PATH} for version {version} under --model-dir {s.model_dir} (the model volume, "
+                f"mounted read-only): the tfserving backend needs each version's class names, or --labels-file"
+            )
+        return read_labels(s.model_dir / str(pick))
+
+    async def _verdict(self, r: Replica, version: int) -> str | None:
+        """Why ``version`` must not be served (None: it may). Raises AioRpcError when ``r`` cannot be asked."""
+        try:
+            sig = await self._signature(r, version)
+        except ValueError as exc:
+            return str(exc)
+        if sig.classes is not None and sig.classes != len(self._labels):
+            return f"its signature gives {sig.classes} classes, the gateway serves {len(self._labels)}"
+        if sig.top_k != self.top_k_width:
+            return f"its top-k outputs are {sig.top_k} wide, the gateway's {self.top_k_width}"
+        if self._s.labels_file is None:
+            try:
+                labels = self._read_labels(version, fallback=False)
+            except (OSError, ValueError, UnicodeDecodeError) as exc:
+                return f"its labels cannot be read: {exc}"
+            if labels != self._labels:
+                diff = next((i for i, (a, b) in enumerate(zip(labels, self._labels, strict=False)) if a != b),
+                            min(len(labels), len(self._labels)))  # fmt: skip
+                return (f"its {LABELS_PATH} names other classes than the gateway serves ({len(labels)} "
+                        f"against {len(self._labels)}, first difference at line {diff + 1})")  # fmt: skip
+        return None
+
     # --- start -------------------------------------------------------------------------------------------------
     async def start(self) -> ModelDescription:
-        """Wait for an AVAILABLE version, check the signature, read the labels, start following versions."""
+        """Wait for a replica with an AVAILABLE version, check its signature and labels, start following."""
         s = self._s
-        self._channel = tfserving_channel(s, channel_options(s))  # TLS/mTLS when the settings ask for it
-        self._predict = tfs.PredictionServiceStub(self._channel)
-        self._models = tfs.ModelServiceStub(self._channel)
-        versions = await self._wait_available()
-        classes = await self._check_signature()
-        default = await self._labelled_version(versions)
-        labels = self._labels(default or versions[-1])
-        if classes is not None and classes != len(labels):
+        give_up = self._clock() + s.tfserving_startup_timeout_s
+        pause, said = 0.1, ""
+        while True:
+            await self._sync_replicas()
+            await asyncio.gather(*(self._poll_replica(r) for r in self._replicas))
+            serving = [r for r in self._replicas if r.up and r.versions]
+            if serving:
+                break
+            anyone = any(r.up for r in self._replicas)
+            why = (f"model {s.model_name!r} has no AVAILABLE version yet" if anyone
+                   else f"no replica of {len(self._replicas)} answers GetModelStatus")  # fmt: skip
+            if why != said:
+                log.info("waiting for TF Serving at %s: %s", s.tfserving_target, why)
+                said = why
+            if self._clock() + pause > give_up:
+                raise RuntimeError(
+                    f"TF Serving at {s.tfserving_target} did not report {s.model_name!r} AVAILABLE within "
+                    f"tfserving_startup_timeout_s={s.tfserving_startup_timeout_s}: {why}"
+                )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 2.0)
+        # The reference version: the label's, else the newest any replica serves.
+        if s.tfserving_version_label and not any(r.labelled is not None for r in serving):
+            raise ValueError(f"no TF Serving replica at {s.tfserving_target} knows the label "
+                             f"{s.tfserving_version_label!r}")  # fmt: skip
+        ref = max((r.labelled for r in serving if r.labelled is not None), default=None) or max(
+            v for r in serving for v in r.versions
+        )
+        holder = next(r for r in serving if ref in r.versions)
+        try:
+            sig = await self._signature(holder, ref)
+        except ValueError as exc:
+            raise ValueError(f"TF Serving's {s.model_name!r} version {ref}: {exc}") from None
+        self._labels = self._read_labels(ref, fallback=True)
+        if sig.classes is not None and sig.classes != len(self._labels):
             raise ValueError(
-                f"TF Serving's {s.model_name!r} outputs {classes} classes but the labels name {len(labels)}"
+                f"TF Serving's {s.model_name!r} outputs {sig.classes} classes but the labels name {len(self._labels)}"
             )
-        self._description = ModelDescription(s.model_name, versions, labels, default)
+        self.top_k_width = sig.top_k
+        self.signature_defs = sig.defs
+        self._verdicts[ref] = None
+        await self._review()
+        assert self._description is not None  # the reference version is accepted and served
         self._poller = asyncio.get_running_loop().create_task(self._follow(), name="tfserving-status")
         self._poller.add_done_callback(self._poller_done)
-        log.info("TF Serving at %s serves %s versions %s", s.tfserving_target, s.model_name, list(versions))
+        log.info("TF Serving at %s (%d replicas) serves %s versions %s", s.tfserving_target, len(self._replicas),
+                 s.model_name, list(self._description.versions))  # fmt: skip
         return self._description
 
     def _poller_done(self, task: asyncio.Task[None]) -> None:
@@ -157,170 +475,229 @@ class TFServingBackend:
         else:
             log.error("the TF Serving status poller died; versions are no longer followed", exc_info=exc)
 
-    async def available_versions(self, timeout_s: float = 5.0) -> tuple[int, ...]:
-        """The versions TF Serving reports AVAILABLE now (raises AioRpcError when it cannot be asked)."""
-        assert self._models is not None
-        req = tfs.GetModelStatusRequest()
-        req.model_spec.name = self._s.model_name
-        resp = await self._models.GetModelStatus(req, timeout=timeout_s)
-        return tuple(sorted(v.version for v in resp.model_version_status if v.state == AVAILABLE))
-
-    async def _wait_available(self) -> tuple[int, ...]:
-        s = self._s
-        give_up = self._clock() + s.tfserving_startup_timeout_s
-        pause, said = 0.1, ""
-        while True:
-            try:
-                versions = await self.available_versions()
-                if versions:
-                    return versions
-                why = f"model {s.model_name!r} has no AVAILABLE version yet"
-            except grpc.aio.AioRpcError as exc:
-                why = f"{exc.code().name}: {exc.details()}"
-            if why != said:
-                log.info("waiting for TF Serving at %s: %s", s.tfserving_target, why)
-                said = why
-            if self._clock() + pause > give_up:
-                raise RuntimeError(
-                    f"TF Serving at {s.tfserving_target} did not report {s.model_name!r} AVAILABLE within "
-                    f"tfserving_startup_timeout_s={s.tfserving_startup_timeout_s}: {why}"
-                )
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 2.0)
-
-    async def _labelled_version(self, versions: tuple[int, ...], timeout_s: float = 5.0) -> int | None:
-        """The version ``tfserving_version_label`` points at (None without a label); it must be AVAILABLE.
-
-        TF Serving has no call that lists labels; GetModelMetadata for a label answers with the version."""
-        label = self._s.tfserving_version_label
-        if label is None:
-            return None
-        assert self._predict is not None
-        req = tfs.GetModelMetadataRequest(metadata_field=["signature_def"])
-        req.model_spec.name = self._s.model_name
-        req.model_spec.version_label = label
-        resp = await self._predict.GetModelMetadata(req, timeout=timeout_s)
-        version = resp.model_spec.version.value
-        if version not in versions:
-            raise ValueError(f"TF Serving's label {label!r} points at version {version}, which is not AVAILABLE")
-        return version
-
-    async def _check_signature(self) -> int | None:
-        """The signature must take uint8 ``image`` and give ``probabilities``; returns its width if known."""
-        assert self._predict is not None
-        s = self._s
-        req = tfs.GetModelMetadataRequest(metadata_field=["signature_def"])
-        req.model_spec.name = s.model_name
-        resp = await self._predict.GetModelMetadata(req, timeout=10)
-        sigs = tfs.SignatureDefMap()
-        if not resp.metadata["signature_def"].Unpack(sigs):
-            raise ValueError(
-                f"TF Serving's signature_def metadata is a {resp.metadata['signature_def'].type_url!r}, "
-                f"not a {tfs.SIGNATURE_DEF_MAP_URL!r}"
-            )
-        if s.tfserving_signature not in sigs.signature_def:
-            raise ValueError(
-                f"TF Serving's {s.model_name!r} has no signature {s.tfserving_signature!r}; it has "
-                f"{sorted(sigs.signature_def)}"
-            )
-        sig = sigs.signature_def[s.tfserving_signature]
-        if INPUT_KEY not in sig.inputs or OUTPUT_KEY not in sig.outputs:
-            raise ValueError(
-                f"signature {s.tfserving_signature!r} must take {INPUT_KEY!r} and give {OUTPUT_KEY!r}; it takes "
-                f"{sorted(sig.inputs)} and gives {sorted(sig.outputs)}"
-            )
-        if TOP_K_SCORES in sig.outputs and TOP_K_INDICES in sig.outputs:
-            top = [d.size for d in sig.outputs[TOP_K_SCORES].tensor_shape.dim]
-            self.top_k_width = top[1] if len(top) == 2 and top[1] > 0 else 0
-        dims = [d.size for d in sig.outputs[OUTPUT_KEY].tensor_shape.dim]
-        return dims[1] if len(dims) == 2 and dims[1] > 0 else None
-
-    def _labels(self, version: int) -> tuple[str, ...]:
-        s = self._s
-        if s.labels_file is not None:
-            return tuple(line.strip() for line in Path(s.labels_file).read_text().splitlines() if line.strip())
-        local = find_versions(s.model_dir)
-        pick = version if version in local else (local[-1] if local else None)
-        if pick is None:
-            raise ValueError(
-                f"the tfserving backend needs the class names: give --labels-file, or a --model-dir "
-                f"({s.model_dir}) holding <version>/assets/labels.txt"
-            )
-        return read_labels(s.model_dir / str(pick))
-
+    # --- following versions ------------------------------------------------------------------------------------
     async def _follow(self) -> None:
-        """Poll GetModelStatus and report changes in the AVAILABLE versions."""
-        d = self._description
-        last: tuple[tuple[int, ...], int | None] | None = (d.versions, d.default) if d else None
+        """Poll every replica; report changes in what is served."""
         while True:
-            with contextlib.suppress(TimeoutError):  # a NOT_FOUND from Predict asks for an early look
+            with contextlib.suppress(TimeoutError):  # a NOT_FOUND or a lost replica asks for an early look
                 await asyncio.wait_for(self._refresh.wait(), self._s.tfserving_status_poll_s)
+            await asyncio.sleep(MIN_POLL_GAP_S)
             self._refresh.clear()
-            default: int | None = None
-            try:
-                versions: tuple[int, ...] = await self.available_versions()
-                if versions:
-                    default = await self._labelled_version(versions)
-            except (grpc.aio.AioRpcError, ValueError) as exc:
-                versions = ()
-                if last and last[0]:
-                    log.warning("TF Serving status unknown: %s", exc.details() if isinstance(exc, grpc.aio.AioRpcError)
-                                else exc)  # fmt: skip
-            if (versions, default) == last:
-                continue
-            last = (versions, default)
-            if versions and self._description is not None:
-                self._description = ModelDescription(self._s.model_name, versions, self._description.labels, default)
-                log.info("TF Serving now serves %s versions %s (default %d)", self._s.model_name, list(versions),
-                         self._description.default_version)  # fmt: skip
-                if self.on_change is not None:
-                    self.on_change(self._description)
-            else:
-                log.warning("TF Serving has no AVAILABLE version of %s", self._s.model_name)
-                if self.on_change is not None:
-                    self.on_change(None)
+            await self._sync_replicas()
+            await asyncio.gather(*(self._poll_replica(r) for r in self._replicas))
+            await self._review()
+
+    async def _review(self) -> None:
+        """Check versions seen for the first time, notice label disagreements, publish what is served."""
+        m = self.metrics
+        seen = {v for r in self._replicas if r.up for v in r.versions}
+        for r in self._replicas:
+            for v in r.versions:
+                if not r.up or v in self._verdicts:
+                    continue
+                try:
+                    verdict = await self._verdict(r, v)
+                except grpc.aio.AioRpcError:
+                    continue  # not asked: try again at the next poll; not routed to meanwhile
+                self._verdicts[v] = verdict
+                if verdict is None:
+                    log.info("TF Serving version %d of %s checked on %s: accepted", v, self._s.model_name, r.address)
+                else:
+                    log.error("TF Serving version %d of %s is REFUSED (never routed to, never answered with): %s",
+                              v, self._s.model_name, verdict)  # fmt: skip
+                    if m is not None:
+                        m.backend_versions_refused.inc()
+        # A version no replica serves is forgotten: a new export under the same number is checked again.
+        self._verdicts = {v: why for v, why in self._verdicts.items() if v in seen}
+        self._accepted = frozenset(v for v, why in self._verdicts.items() if why is None)
+        self._notice_labels()
+        serving = [r for r in self._replicas if r.up and r.default(self._accepted) is not None]
+        if m is not None:
+            m.backend_replicas.labels("up").set(sum(r.up for r in self._replicas))
+            m.backend_replicas.labels("serving").set(len(serving))
+        if serving:
+            versions = tuple(sorted({v for r in serving for v in r.versions if v in self._accepted}))
+            default = max(d for r in serving if (d := r.default(self._accepted)) is not None)
+            new: ModelDescription | None = ModelDescription(
+                self._s.model_name, versions, self._labels, None if default == versions[-1] else default
+            )
+        else:
+            new = None
+        if new == self._description:
+            return
+        first = self._description is None and new is not None and self._poller is None
+        self._description = new
+        if new is None:
+            log.warning("no TF Serving replica serves an accepted version of %s", self._s.model_name)
+        elif not first:
+            log.info("TF Serving now serves %s versions %s (default %d) on %d of %d replicas", self._s.model_name,
+                     list(new.versions), new.default_version, len(serving), len(self._replicas))  # fmt: skip
+        if not first and self.on_change is not None:
+            self.on_change(new)
+
+    def _notice_labels(self) -> None:
+        """Replicas whose label points at different versions: logged and counted, health unchanged."""
+        if not self._s.tfserving_version_label:
+            return
+        targets = sorted({r.labelled for r in self._replicas if r.up and r.labelled is not None})
+        if len(targets) > 1:
+            if self.metrics is not None:
+                self.metrics.backend_label_disagreements.inc()
+            where = ", ".join(f"{r.address}->{r.labelled}" for r in self._replicas if r.labelled is not None)
+            self._lograte.log("label-disagreement", "TF Serving replicas disagree on label %r: %s (calls naming no "
+                              "version are answered by each replica's own; health unchanged)",
+                              self._s.tfserving_version_label, where)  # fmt: skip
+        elif self._disagreeing:
+            log.info("TF Serving replicas agree again on label %r: version %s", self._s.tfserving_version_label,
+                     targets[0] if targets else "none")  # fmt: skip
+        self._disagreeing = len(targets) > 1
 
     # --- batches -----------------------------------------------------------------------------------------------
-    def predict(
-        self, images: NDArray[np.uint8], version: int, deadline_s: float | None = None
-    ) -> Awaitable[NDArray[np.float32]]:
-        """Send one batch now; the awaitable gives its probabilities or raises a ServiceError."""
-        return self._answer(self._call(images, version, deadline_s, [OUTPUT_KEY]), len(images), version)
+    def predict(self, images: NDArray[np.uint8], version: int, deadline_s: float | None = None) -> Awaitable[Answered]:
+        """Send one batch now; the awaitable gives its probabilities and the version that answered, or raises a
+        ServiceError. ``version`` may be ``ANY_VERSION``."""
+        return self._run(images, version, deadline_s, [OUTPUT_KEY], self._probabilities)
 
     def predict_top_k(
         self, images: NDArray[np.uint8], version: int, deadline_s: float | None = None
-    ) -> Awaitable[TopK]:
+    ) -> Awaitable[Answered]:
         """Send one batch now for its ``top_k_*`` outputs alone (``top_k_width`` classes a drawing, best first)."""
-        return self._answer_top_k(self._call(images, version, deadline_s, [TOP_K_SCORES, TOP_K_INDICES]),
-                                  len(images), version)  # fmt: skip
+        return self._run(images, version, deadline_s, [TOP_K_SCORES, TOP_K_INDICES], self._top_k)
 
-    def _call(
-        self, images: NDArray[np.uint8], version: int, deadline_s: float | None, outputs: list[str]
-    ) -> Awaitable[Any]:
-        """Start the Predict call of one batch for ``outputs``."""
-        assert self._predict is not None
+    def _timeout(self, deadline_s: float | None) -> float:
         timeout = self._s.backend_timeout_ms / 1000.0
         if deadline_s is not None:
             timeout = min(timeout, deadline_s - self._clock() - self._s.tfserving_deadline_margin_ms / 1000.0)
         if timeout <= 0:
             raise DeadlineExceeded("deadline exceeded before the batch reached TF Serving")
+        return timeout
+
+    def _pick(self, version: int, tried: list[Replica]) -> Replica | None:
+        """The next replica, round robin, that can answer ``version`` (None: none left untried)."""
+        accepted = self._accepted
+        if version == ANY_VERSION:
+            ok = [r for r in self._replicas if r.up and r not in tried and r.default(accepted) is not None]
+        else:
+            ok = [r for r in self._replicas if r.up and r not in tried and version in r.versions]
+        if not ok:
+            return None
+        self._rr += 1
+        return ok[self._rr % len(ok)]
+
+    def _request(self, r: Replica, version: int, tensor: Any, outputs: list[str]) -> tuple[Any, int]:
+        """The PredictRequest for ``r``, and the version it names (``ANY_VERSION``: none or the label)."""
         req = tfs.PredictRequest(output_filter=outputs)
-        req.model_spec.name = self._s.model_name
-        req.model_spec.version.value = version
-        req.model_spec.signature_name = self._s.tfserving_signature
-        req.inputs[INPUT_KEY].CopyFrom(from_numpy(images))
-        return self._predict.Predict(req, timeout=timeout)  # starts now
+        spec = req.model_spec
+        spec.name = self._s.model_name
+        spec.signature_name = self._s.tfserving_signature
+        sent = version
+        if version == ANY_VERSION:
+            accepted = self._accepted
+            label = self._s.tfserving_version_label
+            if label and r.labelled is not None and r.labelled in accepted:
+                spec.version_label = label
+            elif not all(v in accepted for v in r.versions):  # its newest is refused (or not checked yet)
+                sent = r.default(accepted) or ANY_VERSION
+        if sent != ANY_VERSION:
+            spec.version.value = sent
+        req.inputs[INPUT_KEY].CopyFrom(tensor)
+        return req, sent
 
-    async def _response(self, call: Awaitable[Any], n: int, version: int) -> Any:
-        try:
-            return await call
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                self._refresh.set()  # TF Serving unloaded it: learn the new versions now, not at the next poll
-            raise _mapped(exc, f"Predict of {n} drawings on version {version}") from None
+    def _run(
+        self,
+        images: NDArray[np.uint8],
+        version: int,
+        deadline_s: float | None,
+        outputs: list[str],
+        parse: Callable[[Any, int], Any],
+    ) -> Awaitable[Answered]:
+        """Start the first attempt now; the coroutine retries as the module docstring says."""
+        tensor = from_numpy(images)
+        n = len(images)
+        tried: list[Replica] = []
+        first = self._attempt(version, tensor, outputs, deadline_s, tried)
+        return self._complete(first, version, tensor, outputs, deadline_s, tried, n, parse)
 
-    async def _answer_top_k(self, call: Awaitable[Any], n: int, version: int) -> TopK:
-        resp = await self._response(call, n, version)
+    def _attempt(
+        self, version: int, tensor: Any, outputs: list[str], deadline_s: float | None, tried: list[Replica]
+    ) -> tuple[Replica, Any, int]:
+        """Start one Predict on the next replica that can answer it: (replica, call, version it names)."""
+        r = self._pick(version, tried)
+        if r is None:
+            if version == ANY_VERSION:
+                raise Unavailable("no TF Serving replica is reachable with an accepted version; retry with backoff")
+            if any(version in x.versions for x in self._replicas):
+                raise Unavailable(f"no reachable TF Serving replica serves version {version}; retry with backoff")
+            raise NotFound(f"no TF Serving replica serves version {version} of {self._s.model_name!r} now")
+        tried.append(r)
+        req, sent = self._request(r, version, tensor, outputs)
+        return r, r.predict.Predict(req, timeout=self._timeout(deadline_s)), sent  # starts now
+
+    def _retry(self, reason: str) -> bool:
+        """May this batch try again (another attempt, within the budget)? Counts the retry."""
+        if not self._budget.allows_retry():
+            return False
+        if self.metrics is not None:
+            self.metrics.child(self.metrics.backend_retries, reason).inc()
+        return True
+
+    async def _complete(
+        self,
+        first: tuple[Replica, Any, int],
+        version: int,
+        tensor: Any,
+        outputs: list[str],
+        deadline_s: float | None,
+        tried: list[Replica],
+        n: int,
+        parse: Callable[[Any, int], Any],
+    ) -> Answered:
+        r, call, sent = first
+        attempts = 1
+        max_attempts = self._s.tfserving_max_attempts
+        which = "the default version" if version == ANY_VERSION else f"version {version}"
+        what = f"Predict of {n} drawings on {which}"
+        while True:
+            try:
+                resp = await call
+            except grpc.aio.AioRpcError as exc:
+                self._budget.failed()
+                code = exc.code()
+                if _overloaded(exc):
+                    raise _mapped(exc, what) from None  # never retried: the fleet is full, not this replica
+                if code == grpc.StatusCode.NOT_FOUND:
+                    r.versions = tuple(v for v in r.versions if v != sent)  # until the next poll says otherwise
+                    self._refresh.set()
+                    reason = "not_found"
+                elif code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                    r.up = False  # until the next poll (asked for now) finds it again
+                    self._refresh.set()
+                    reason = "unavailable"
+                else:
+                    raise _mapped(exc, what) from None
+                if attempts >= max_attempts or not self._retry(reason):
+                    raise _mapped(exc, what) from None
+                try:
+                    r, call, sent = self._attempt(version, tensor, outputs, deadline_s, tried)
+                except NotFound:
+                    raise _mapped(exc, what) from None  # no other replica lists it: the caller's NOT_FOUND
+                attempts += 1
+                continue
+            answered = int(resp.model_spec.version.value) or sent
+            if answered in self._accepted:
+                self._budget.succeeded()
+                return Answered(parse(resp, n), answered)
+            # Answered by a version not accepted (refused, or new since the last poll): never passed on.
+            self._refresh.set()
+            r.versions = tuple(v for v in r.versions if v != answered)
+            if attempts >= max_attempts or not self._retry("unchecked_version"):
+                raise Unavailable(f"TF Serving answered {what} with version {answered}, which this gateway has not "
+                                  f"accepted (yet); retry with backoff")  # fmt: skip
+            tried.remove(r)  # the same replica may answer again, by number
+            r, call, sent = self._attempt(version, tensor, outputs, deadline_s, tried)
+            attempts += 1
+
+    def _top_k(self, resp: Any, n: int) -> TopK:
         got = []
         for key in (TOP_K_SCORES, TOP_K_INDICES):
             if key not in resp.outputs:
@@ -330,7 +707,7 @@ class TFServingBackend:
             except TensorDecodeError as exc:
                 raise BackendError(f"TF Serving's {key!r} could not be decoded: {exc}") from None
         scores, indices = got
-        classes = len(self._description.labels) if self._description is not None else 0
+        classes = len(self._labels)
         if scores.shape != (n, self.top_k_width) or indices.shape != scores.shape or indices.dtype.kind not in "iu":
             raise BackendError(f"TF Serving returned top-k outputs of shapes {list(scores.shape)} and "
                                f"{list(indices.shape)} for {n} drawings of {self.top_k_width}")  # fmt: skip
@@ -338,23 +715,23 @@ class TFServingBackend:
             raise BackendError(f"TF Serving returned class indices outside 0..{classes - 1}")
         return TopK(scores.astype(np.float32, copy=False), indices)
 
-    async def _answer(self, call: Awaitable[Any], n: int, version: int) -> NDArray[np.float32]:
-        resp = await self._response(call, n, version)
+    def _probabilities(self, resp: Any, n: int) -> NDArray[np.float32]:
         if OUTPUT_KEY not in resp.outputs:
             raise BackendError(f"TF Serving's answer has no {OUTPUT_KEY!r} output: {sorted(resp.outputs)}")
         try:
             probs = to_numpy(resp.outputs[OUTPUT_KEY]).astype(np.float32, copy=False)
         except TensorDecodeError as exc:
             raise BackendError(f"TF Serving's {OUTPUT_KEY!r} could not be decoded: {exc}") from None
-        if probs.ndim != 2 or len(probs) != n:
-            raise BackendError(f"TF Serving returned {OUTPUT_KEY!r} of shape {list(probs.shape)} for {n} drawings")
+        if probs.ndim != 2 or len(probs) != n or probs.shape[1] != len(self._labels):
+            raise BackendError(f"TF Serving returned {OUTPUT_KEY!r} of shape {list(probs.shape)} for {n} drawings "
+                               f"of {len(self._labels)} classes")  # fmt: skip
         return probs
 
     async def close(self) -> None:
-        """Stop following versions and close the channel."""
+        """Stop following versions and close the channels."""
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
-        if self._channel is not None:
-            await self._channel.close()
+        for r in self._replicas:
+            await r.channel.close()

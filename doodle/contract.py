@@ -1,0 +1,62 @@
+"""The model contract: the names the trainer exports and the gateway serves, written here once.
+
+The trainer (``trainer.export``) writes a SavedModel whose signature ``SIGNATURE_NAME`` takes ``INPUT_KEY``,
+uint8 [n, 28, 28, 1], and gives the ``OUTPUTS``; it puts the class names in ``LABELS_PATH`` under the version
+directory. The gateway (the embedded backend, TF Serving's API on the gateway, the settings' default signature)
+reads the same names from here, and ``tests/test_contract.py`` checks the shipped SavedModel against them and
+that no module of ``service`` or ``trainer`` spells them out again.
+
+Plain constants: this module imports neither TensorFlow nor gRPC (``doodle`` is shared by both sides).
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+from typing import Final
+
+from doodle.drawing import BITMAP_SIDE
+
+#: The signature the model is served under (TF Serving's default, ``kDefaultServingSignatureDefKey``).
+SIGNATURE_NAME: Final = "serving_default"
+#: ``method_name`` of that signature: a Predict signature, as TF Serving's ``VerifySignature`` accepts.
+METHOD_NAME: Final = "tensorflow/serving/predict"
+
+#: The one input: the drawings as bitmaps, strokes bright on dark (numpy_bitmap's convention).
+INPUT_KEY: Final = "image"
+#: Its dtype (numpy's and TensorFlow's name for it) and shape (``None``: any batch size).
+INPUT_DTYPE: Final = "uint8"
+INPUT_SHAPE: Final = (None, BITMAP_SIDE, BITMAP_SIDE, 1)
+
+#: Softmax probabilities, float32 [n, classes] in the order of the labels file.
+OUTPUT_KEY: Final = "probabilities"
+#: The ``TOP_K`` best probabilities of each drawing, best first: float32 [n, k].
+TOP_K_SCORES: Final = "top_k_scores"
+#: Their class indices: int32 [n, k].
+TOP_K_INDICES: Final = "top_k_indices"
+#: Their class names: string [n, k].
+TOP_K_LABELS: Final = "top_k_labels"
+#: Width of the exported ``top_k_*`` outputs (fewer when the model has fewer classes: ``min(TOP_K, classes)``).
+TOP_K: Final = 5
+#: Every output of the signature, the probabilities first.
+OUTPUTS: Final = (OUTPUT_KEY, TOP_K_SCORES, TOP_K_INDICES, TOP_K_LABELS)
+#: Each output's dtype (numpy's and TensorFlow's names; ``string`` is TensorFlow's).
+OUTPUT_DTYPES: Final = {OUTPUT_KEY: "float32", TOP_K_SCORES: "float32", TOP_K_INDICES: "int32", TOP_K_LABELS: "string"}
+
+#: The class names, one a line in output order, relative to a version directory (a SavedModel asset).
+LABELS_PATH: Final = PurePosixPath("assets/labels.txt")
+
+__all__ = [
+    "INPUT_DTYPE",
+    "INPUT_KEY",
+    "INPUT_SHAPE",
+    "LABELS_PATH",
+    "METHOD_NAME",
+    "OUTPUTS",
+    "OUTPUT_DTYPES",
+    "OUTPUT_KEY",
+    "SIGNATURE_NAME",
+    "TOP_K",
+    "TOP_K_INDICES",
+    "TOP_K_LABELS",
+    "TOP_K_SCORES",
+]
