@@ -158,6 +158,8 @@ class Replica:
             f"--file_system_poll_wait_seconds={fs_poll_s:g}",
             "--enable_batching=true", f"--batching_parameters_file={DEPLOY / 'tfserving' / 'batching.config'}",
             f"--monitoring_config_file={DEPLOY / 'tfserving' / 'monitoring.config'}",
+            # `stable` names version 1 at start, before it is loaded: TF Serving refuses that without this flag.
+            "--allow_version_labels_for_unavailable_models=true",
             f"--standin_poll_offset_seconds={poll_offset_s:g}", *extra,
         ]  # fmt: skip
         self.write_config(1)
@@ -200,15 +202,14 @@ class Replica:
                 self.proc.kill()
 
     def request_count(self) -> float | None:
-        """Its ``:tensorflow:serving:request_count``, summed over labels (None when unreachable or absent)."""
+        """Its ``:tensorflow:serving:request_count``, summed over labels: 0 before its first request (a labelled
+        counter has no series until then); None when its metrics page does not answer."""
         try:
             text = urllib.request.urlopen(self.metrics_url, timeout=2).read().decode()
         except OSError:
             return None
-        values = [
-            v for k, v in parse_metrics(text).items() if k.split("{")[0] in (REQUEST_COUNT, REQUEST_COUNT + "_total")
-        ]
-        return sum(values) if values else None
+        names = (REQUEST_COUNT, REQUEST_COUNT + "_total")
+        return sum(v for k, v in parse_metrics(text).items() if k.split("{")[0] in names)
 
     def status(self, timeout_s: float = 2.0) -> tuple[set[int], int | None]:
         """(AVAILABLE versions, the version ``stable`` resolves to) as the replica answers them now."""
@@ -247,7 +248,6 @@ class BackendCounter:
     def __init__(self, replicas: list[Replica], every_s: float = 0.5) -> None:
         self.replicas = replicas
         self.total = 0.0
-        self.available = True
         self._last: dict[str, float] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -258,9 +258,7 @@ class BackendCounter:
         for r in self.replicas:
             value = r.request_count()
             with self._lock:
-                if value is None:
-                    if r.proc is not None and r.proc.proc.poll() is None and r.name not in self._last:
-                        self.available = False  # up, but no such metric
+                if value is None:  # down (killed) or not up yet: its count resumes from 0 when it is back
                     continue
                 last = self._last.get(r.name, 0.0)
                 self.total += value - last if value >= last else value
@@ -276,6 +274,11 @@ class BackendCounter:
         self.sample()
         self._thread.start()
         return self
+
+    @property
+    def available(self) -> bool:
+        """Whether any replica has counted a request (a stand-in without the metric never does)."""
+        return self.total > 0
 
     def stop(self) -> None:
         """Stop sampling."""
