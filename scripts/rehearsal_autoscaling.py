@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -304,7 +305,7 @@ def plot(result: Result, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=90)
+    fig, ax = plt.subplots(figsize=(8.5, 3.2), dpi=90)
     ts = [t for t, _ in result.load]
     ax.step(ts, [r / result.capacity_per_s for _, r in result.load], where="post", color="0.6",
             label="offered load (x one gateway's capacity)")  # fmt: skip
@@ -314,7 +315,7 @@ def plot(result: Result, path: Path) -> Path:
     ax.set_xlabel("seconds")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(f"HPA rehearsal (windows x{result.window_scale:g}; one gateway = {result.capacity_per_s:g} calls/s)",
                  fontsize=9)  # fmt: skip
     fig.tight_layout()
@@ -346,7 +347,11 @@ def markdown(result: Result, command: str) -> str:
         f"{result.window_scale:g}: the queries' range selectors (at least 4 s; `[1m]` -> "
         f"`[{max(4, 60 * result.window_scale):g}s]`), the stabilisation windows and the policy periods (300 s "
         f"scale-down window -> {300 * result.window_scale:g} s). Pods metrics of the gateway HPA get the same "
-        "treatment as CPU: the target becomes the value the query returned at one gateway's capacity.",
+        "treatment as CPU: the target becomes the value the query returned at one gateway's capacity. Other HPAs "
+        "keep their manifest's targets: the TF Serving stand-ins run TensorFlow on the same shared cores, far "
+        "slower than a GPU, so their queue (outstanding batches) is long at any load here and that HPA asks for "
+        "more replicas, up to its maximum: it shows the adapter rule and the algorithm at work, not a GPU's "
+        "capacity. Decisions every 2 s (the HPA's sync period is 15 s).",
         "",
         "| t (s) | offered (x capacity) | " + " | ".join(f"{t.hpa.name} desired" for t in result.tracked) + " |",
         "|---|---|" + "---|" * len(result.tracked),
@@ -363,7 +368,7 @@ def markdown(result: Result, command: str) -> str:
             cells.append(f"{d[2]} ({metric})" if metric else str(d[2]))
         lines.append(f"| {when:.0f} | {rate / result.capacity_per_s:g} | " + " | ".join(cells) + " |")
     lines += ["", "![desired replicas under a stepped load](hpa-rehearsal.png)"]
-    return "\n".join(lines)
+    return "\n".join(wrap(line) for line in lines)
 
 
 def _load_changes(result: Result) -> list[tuple[float, float]]:
@@ -372,3 +377,10 @@ def _load_changes(result: Result) -> list[tuple[float, float]]:
         if not out or r != out[-1][1]:
             out.append((t, r))
     return out
+
+
+def wrap(line: str) -> str:
+    """A prose line or list item wrapped at 115 columns; table rows and images as they are."""
+    if not line or line[0] in "|!":
+        return line
+    return textwrap.fill(line, 115, subsequent_indent="  " if line.startswith("- ") else "", break_on_hyphens=False)

@@ -5,7 +5,8 @@
 version 2 rolled out (atomic rename), ``stable`` moved 1->2 one replica at a time, rolled back (label, then
 version 2 removed), one replica SIGKILLed and restarted. Every call counts under the phase it was sent in.
 
-Runs in about 50 s on an idle 2-core machine (~90 s under contention); no Prometheus (``make rehearsal`` runs it).
+Takes about 50 s on 2 cores shared with other work (load average 3-7); no Prometheus (``make rehearsal`` runs
+it). The versionless assertion needs the gateway's multi-replica version handling (merged from main).
 """
 
 from __future__ import annotations
@@ -32,11 +33,6 @@ def standin_has_tfserving_flags() -> bool:
     """The stand-in takes tensorflow_model_server's flags (--model_config_file ...)."""
     out = subprocess.run([sys.executable, str(STANDIN), "--help"], capture_output=True, text=True, timeout=120)
     return "--model_config_file" in out.stdout and "--rest_api_port" in out.stdout
-
-
-def gateway_handles_version_skew() -> bool:
-    """The gateway's multi-replica fix is in (it exports the label-disagreement counter)."""
-    return "label_disagreements" in (ROOT / "service" / "metrics.py").read_text()
 
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
@@ -72,11 +68,6 @@ def test_no_call_is_lost_in_any_phase(rows: list[rehearsal.Row]) -> None:
     assert {r.event: r.lost for r in rows} == {r.event: 0 for r in rows}
 
 
-@pytest.mark.xfail(
-    not gateway_handles_version_skew(),
-    reason="the gateway's multi-replica version handling (lead, branch main) is not merged into this branch yet",
-    strict=False,
-)
 def test_no_versionless_call_fails_in_any_phase(rows: list[rehearsal.Row]) -> None:
     """Roll-out, label moves, rollback and a replica's death are invisible to callers that name no version."""
     failed = {r.event: dict(r.codes) for r in rows if r.versionless_failed}
