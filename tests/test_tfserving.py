@@ -524,9 +524,7 @@ PREDICT_MISTAKES = ["no_model_spec", "unknown_signature", "extra_input", "no_inp
                     "int32_input"]  # fmt: skip
 
 
-@pytest.fixture(params=["gateway", pytest.param("standin", marks=pytest.mark.xfail(
-    strict=False, reason="tests/tfserving_standin.py gets TF Serving's messages on branch i14-standin; "
-    "drop this mark once both branches are merged"))])  # fmt: skip
+@pytest.fixture(params=["gateway", "standin"])
 def tfs_target(request: pytest.FixtureRequest) -> tuple[str, str]:
     """Who answers TF Serving's API, and where: the gateway (embedded backend), and the stand-in for TF Serving."""
     return request.param, str(request.getfixturevalue("embedded" if request.param == "gateway" else "standin").target)
