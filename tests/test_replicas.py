@@ -232,7 +232,8 @@ def test_an_answer_from_an_unchecked_version_is_never_passed_on(
 
 
 def test_a_lost_replica_is_retried_on_another(replicas: tuple[TFServingStandIn, ...], shared: Path) -> None:
-    """A stops (SIGKILL-like: in-flight calls cut off): versionless calls carry on through B, none fails."""
+    """A stops (SIGKILL-like: in-flight calls cut off): versionless calls carry on through B, none fails, and
+    the gateway stays SERVING with one replica serving."""
     a = replicas[0]
     with gateway(replicas, shared, tfserving_status_poll_s=60.0) as gw, grpc.insecure_channel(gw.target) as ch:
         stub = pb_grpc.ClassifierStub(ch)
@@ -248,6 +249,13 @@ def test_a_lost_replica_is_retried_on_another(replicas: tuple[TFServingStandIn, 
                 except grpc.RpcError:
                     failures += 1
             assert failures == 0
+            # readiness: at least one replica serves an accepted version
+            from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+            time.sleep(0.5)
+            health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            assert gw.scrape()['quickdraw_backend_replicas{state="serving"}'] == 1
         finally:
             a.start()
 

@@ -638,3 +638,17 @@ def test_model_status_and_metadata_on_the_gateway(embedded: RunningGateway) -> N
     want = shipped_signature_defs()
     assert "__saved_model_init_op" in want
     assert {name: sig.SerializeToString(deterministic=True) for name, sig in sigs.signature_def.items()} == want
+
+
+def test_metadata_through_the_tfserving_backend_is_tf_servings_own(gateway: RunningGateway) -> None:
+    """With the tfserving backend, the gateway's GetModelMetadata answers with the SignatureDefs TF Serving gave
+    the backend (not a hand-written one): byte for byte the SavedModel's own."""
+    with grpc.insecure_channel(gateway.target) as ch:
+        meta = prediction_service_pb2_grpc.PredictionServiceStub(ch).GetModelMetadata(
+            get_model_metadata_pb2.GetModelMetadataRequest(model_spec={"name": "quickdraw"},
+                                                           metadata_field=["signature_def"]), timeout=10
+        )  # fmt: skip
+    sigs = get_model_metadata_pb2.SignatureDefMap()
+    assert meta.metadata["signature_def"].Unpack(sigs)
+    want = shipped_signature_defs()
+    assert {name: sig.SerializeToString(deterministic=True) for name, sig in sigs.signature_def.items()} == want
