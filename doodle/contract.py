@@ -37,10 +37,17 @@ TOP_K_INDICES: Final = "top_k_indices"
 TOP_K_LABELS: Final = "top_k_labels"
 #: Width of the exported ``top_k_*`` outputs (fewer when the model has fewer classes: ``min(TOP_K, classes)``).
 TOP_K: Final = 5
-#: Every output of the signature, the probabilities first.
+#: Out-of-class detection (models exported with it; older ones lack this output): float32 [n], higher means the
+#: drawing looks more like one of the model's classes. A drawing is called known when its score is at least the
+#: threshold in ``model_card.json`` under ``MODEL_CARD_OOD`` (``{"threshold": t, "operating_point": ...}``).
+KNOWN_SCORE: Final = "known_score"
+#: The model card's key for the out-of-class decision (threshold, operating point, score name, method).
+MODEL_CARD_OOD: Final = "out_of_class"
+#: Every output of the signature, the probabilities first (``KNOWN_SCORE`` only in models exported with it).
 OUTPUTS: Final = (OUTPUT_KEY, TOP_K_SCORES, TOP_K_INDICES, TOP_K_LABELS)
 #: Each output's dtype (numpy's and TensorFlow's names; ``string`` is TensorFlow's).
-OUTPUT_DTYPES: Final = {OUTPUT_KEY: "float32", TOP_K_SCORES: "float32", TOP_K_INDICES: "int32", TOP_K_LABELS: "string"}
+OUTPUT_DTYPES: Final = {OUTPUT_KEY: "float32", TOP_K_SCORES: "float32", TOP_K_INDICES: "int32", TOP_K_LABELS: "string",
+                         KNOWN_SCORE: "float32"}
 
 #: The class names, one a line in output order, relative to a version directory (a SavedModel asset).
 LABELS_PATH: Final = PurePosixPath("assets/labels.txt")
@@ -49,8 +56,10 @@ __all__ = [
     "INPUT_DTYPE",
     "INPUT_KEY",
     "INPUT_SHAPE",
+    "KNOWN_SCORE",
     "LABELS_PATH",
     "METHOD_NAME",
+    "MODEL_CARD_OOD",
     "OUTPUTS",
     "OUTPUT_DTYPES",
     "OUTPUT_KEY",

@@ -71,7 +71,7 @@ from doodle.contract import (
 )
 from service import tfs, wire
 from service.api import Gateway, GatewaySlot, _deadline, _unary, parse_message
-from service.backends import TopK
+from service.backends import ANY_VERSION, TopK
 from service.errors import FieldViolation, InvalidArgument, NotFound, ServiceError, Unavailable
 from service.metrics import Metrics
 from service.tensors import from_numpy
@@ -129,14 +129,20 @@ class _Surface(GatewaySlot):
         """The backend's ``signature_defs`` (a ``service.tfs.SignatureDefMap``), or None when it has none."""
         return getattr(self.backend, "signature_defs", None)
 
-    def version(self, spec: Any) -> int:
-        """The version a ``ModelSpec`` asks for: its number, or the default; NOT_FOUND as TF Serving says it."""
+    def version(self, spec: Any, any_version: bool = False) -> int:
+        """The version a ``ModelSpec`` asks for: its number, or the default; NOT_FOUND as TF Serving says it.
+
+        With ``any_version`` (Predict), a spec naming no version, or the gateway's ``tfserving_version_label``,
+        gives ``ANY_VERSION`` when the backend picks versions itself (TF Serving's replicas each answer with their
+        own default or label, and the answer names the version)."""
         model = self.gateway.model
+        versionless = any_version and self.gateway.versionless
         if spec.name != model.name:
             raise NotFound(f"Servable not found for request: model {spec.name!r} (this gateway serves {model.name!r})")
         if spec.WhichOneof("version_choice") == "version_label":
             if self.version_label is not None and spec.version_label == self.version_label:
-                return model.default_version  # the version TF Serving's label points at (tfserving_version_label)
+                # the version TF Serving's label points at (tfserving_version_label)
+                return ANY_VERSION if versionless else model.default_version
             known = f"the only label here is {self.version_label!r}" if self.version_label else "no labels here"
             raise InvalidArgument(
                 [FieldViolation("model_spec.version_label",
@@ -144,7 +150,7 @@ class _Surface(GatewaySlot):
                                 f"({', '.join(map(str, model.versions))}) or none for the default")]
             )  # fmt: skip
         if not spec.HasField("version"):
-            return model.default_version
+            return ANY_VERSION if versionless else model.default_version
         v = spec.version.value
         if v not in model.versions:
             raise NotFound(
@@ -175,7 +181,7 @@ class PredictionService:
             request = parse_message(tfs.PredictRequest, request)
         _require_model_spec(request)
         surface = self._surface
-        version = surface.version(request.model_spec)
+        version = surface.version(request.model_spec, any_version=True)
         gateway = surface.gateway
         signature = self._signature(request.model_spec.signature_name)
         outputs = [o for o in OUTPUTS if signature is None or o in signature.outputs]
@@ -190,10 +196,11 @@ class PredictionService:
                 raise InvalidArgument(exc.violations, f"tensor parsing error: {INPUT_KEY}") from None
             raise
         needs_probs = OUTPUT_KEY in wanted  # else the backend may give its top-k outputs alone
-        scores = await gateway.predict_bitmaps(images, version, _deadline(context), None if needs_probs else TOP_K)
+        answered = await gateway.answer_bitmaps(images, version, _deadline(context), None if needs_probs else TOP_K)
+        scores = answered.scores
         resp = tfs.PredictResponse()
         resp.model_spec.name = gateway.model.name
-        resp.model_spec.version.value = version
+        resp.model_spec.version.value = answered.version
         resp.model_spec.signature_name = SIGNATURE_NAME
         # rank only when a top_k output is wanted (TF Serving clients usually filter to probabilities)
         top: TopK | None = None

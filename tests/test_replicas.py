@@ -232,7 +232,8 @@ def test_an_answer_from_an_unchecked_version_is_never_passed_on(
 
 
 def test_a_lost_replica_is_retried_on_another(replicas: tuple[TFServingStandIn, ...], shared: Path) -> None:
-    """A stops (SIGKILL-like: in-flight calls cut off): versionless calls carry on through B, none fails."""
+    """A stops (SIGKILL-like: in-flight calls cut off): versionless calls carry on through B, none fails, and
+    the gateway stays SERVING with one replica serving."""
     a = replicas[0]
     with gateway(replicas, shared, tfserving_status_poll_s=60.0) as gw, grpc.insecure_channel(gw.target) as ch:
         stub = pb_grpc.ClassifierStub(ch)
@@ -248,6 +249,13 @@ def test_a_lost_replica_is_retried_on_another(replicas: tuple[TFServingStandIn, 
                 except grpc.RpcError:
                     failures += 1
             assert failures == 0
+            # readiness: at least one replica serves an accepted version
+            from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+            time.sleep(0.5)
+            health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            assert gw.scrape()['quickdraw_backend_replicas{state="serving"}'] == 1
         finally:
             a.start()
 
@@ -366,3 +374,21 @@ no larger than TF Serving's max_batch_size, as deploy/ keeps them. Callers get
         assert codes["RESOURCE_EXHAUSTED"] > calls / 2  # most of the excess is refused, not queued or lost
         assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
         assert sent / calls <= 1.2
+
+
+def test_tf_serving_api_on_the_gateway_answers_with_the_version_that_answered(
+    replicas: tuple[TFServingStandIn, ...], shared: Path
+) -> None:
+    """TF Serving's own PredictionService on the gateway, mid roll-out: a Predict naming no version succeeds on
+    both replicas and its model_spec names the version that produced it (2 from A, 1 from B)."""
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    from service.tensors import from_numpy
+
+    with gateway(replicas, shared) as gw, grpc.insecure_channel(gw.target) as ch:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
+        req = predict_pb2.PredictRequest()
+        req.model_spec.name = "quickdraw"
+        req.inputs["image"].ParseFromString(from_numpy(sample_bitmaps(1)).SerializeToString())
+        answered = Counter(stub.Predict(req, timeout=5).model_spec.version.value for _ in range(20))
+        assert answered == {1: 10, 2: 10}, answered

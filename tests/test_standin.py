@@ -118,7 +118,8 @@ def test_predict_errors_are_tf_servings(stubs: tuple[Any, Any]) -> None:
 
     predict_util.cc RunPredict: an unknown signature is FAILED_PRECONDITION 'Serving signature key "x" not found.';
     VerifyRequestInputsSize: INVALID_ARGUMENT 'input size does not match signature: ...'; GetInputValues
-    (tensorflow/cc/saved_model/util.cc): 'input tensor alias not found in signature: ...'; PreProcessPrediction:
+    (tensorflow/cc/saved_model/util.cc, TF 2.21): 'Signature input alias: image(feed name: ...) not found in request
+    and no default value provided. ...'; PreProcessPrediction:
     unknown and duplicate output_filter aliases; the TF runtime: a wrong dtype 'Expects arg[0] to be uint8 but
     float is provided'; basic_manager.cc: NOT_FOUND 'Servable not found for request: Latest(x)' / 'Specific(x, v)';
     server_core.cc: an empty name and a missing model_spec are INVALID_ARGUMENT; grpc_status_util.cc cuts a message
@@ -137,7 +138,8 @@ def test_predict_errors_are_tf_servings(stubs: tuple[Any, Any]) -> None:
     renamed.inputs["images"].CopyFrom(renamed.inputs.pop("image"))
     assert failure(lambda: predict.Predict(renamed, timeout=30)) == (
         C.INVALID_ARGUMENT,
-        "input tensor alias not found in signature: images. Inputs expected to be in the set {image}.",
+        "Signature input alias: image(feed name: serving_default_image:0) not found in request and no default "
+        "value provided. Inputs expected to be in the request {images}, or default input alias set: ",
     )
     code, msg = failure(lambda: predict.Predict(request(outputs=("logits",)), timeout=30))
     assert (code, msg) == (C.INVALID_ARGUMENT, "output tensor alias not found in signature: logits Outputs expected to "

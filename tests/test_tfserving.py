@@ -524,9 +524,7 @@ PREDICT_MISTAKES = ["no_model_spec", "unknown_signature", "extra_input", "no_inp
                     "int32_input"]  # fmt: skip
 
 
-@pytest.fixture(params=["gateway", pytest.param("standin", marks=pytest.mark.xfail(
-    strict=False, reason="tests/tfserving_standin.py gets TF Serving's messages on branch i14-standin; "
-    "drop this mark once both branches are merged"))])  # fmt: skip
+@pytest.fixture(params=["gateway", "standin"])
 def tfs_target(request: pytest.FixtureRequest) -> tuple[str, str]:
     """Who answers TF Serving's API, and where: the gateway (embedded backend), and the stand-in for TF Serving."""
     return request.param, str(request.getfixturevalue("embedded" if request.param == "gateway" else "standin").target)
@@ -639,4 +637,18 @@ def test_model_status_and_metadata_on_the_gateway(embedded: RunningGateway) -> N
     # every signature of the SavedModel, byte for byte (TF Serving copies the meta graph's map, init op included)
     want = shipped_signature_defs()
     assert "__saved_model_init_op" in want
+    assert {name: sig.SerializeToString(deterministic=True) for name, sig in sigs.signature_def.items()} == want
+
+
+def test_metadata_through_the_tfserving_backend_is_tf_servings_own(gateway: RunningGateway) -> None:
+    """With the tfserving backend, the gateway's GetModelMetadata answers with the SignatureDefs TF Serving gave
+    the backend (not a hand-written one): byte for byte the SavedModel's own."""
+    with grpc.insecure_channel(gateway.target) as ch:
+        meta = prediction_service_pb2_grpc.PredictionServiceStub(ch).GetModelMetadata(
+            get_model_metadata_pb2.GetModelMetadataRequest(model_spec={"name": "quickdraw"},
+                                                           metadata_field=["signature_def"]), timeout=10
+        )  # fmt: skip
+    sigs = get_model_metadata_pb2.SignatureDefMap()
+    assert meta.metadata["signature_def"].Unpack(sigs)
+    want = shipped_signature_defs()
     assert {name: sig.SerializeToString(deterministic=True) for name, sig in sigs.signature_def.items()} == want

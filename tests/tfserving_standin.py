@@ -24,10 +24,12 @@ file it follows:
   version: the highest AVAILABLE version). Predict and GetModelMetadata honour ``version_label``.
 - Predict (``servables/tensorflow/predict_impl.cc``, ``predict_util.cc``; ``tensorflow/cc/saved_model/util.cc``
   GetInputValues): an unknown signature is FAILED_PRECONDITION ``Serving signature key "<name>" not found.``;
-  too many or too few inputs INVALID_ARGUMENT ``input size does not match signature: ...``; an unknown input
-  alias INVALID_ARGUMENT ``input tensor alias not found in signature: <alias>. Inputs expected to be in the
-  set {...}.``; a tensor whose content disagrees with its shape ``tensor parsing error: <alias>``; an unknown
-  output_filter alias ``output tensor alias not found in signature: <alias> Outputs expected to be in the set
+  too many or too few inputs INVALID_ARGUMENT ``input size does not match signature: ...``; a signature input
+  the request lacks (one sent under another name) INVALID_ARGUMENT ``Signature input alias: <alias>(feed name:
+  <tensor>) not found in request and no default value provided. Inputs expected to be in the request {...}, or
+  default input alias set: ...`` (TF 2.21's GetInputValues); a tensor whose content disagrees with its shape
+  ``tensor parsing error: <alias>``; an unknown output_filter alias ``output tensor alias not found in signature:
+  <alias> Outputs expected to be in the set
   {...}.``; a repeated one ``duplicate output tensor alias: <alias>``; a wrong dtype INVALID_ARGUMENT
   ``Expects arg[<i>] to be <want> but <got> is provided`` (the TF runtime's check); a wrong shape
   INVALID_ARGUMENT (TF's runtime message varies by op; the stand-in words its own). Outputs are answered in
@@ -1013,13 +1015,15 @@ class TFServingStandIn:
                 f"Missing but required: {{{','.join(sorted(want - req))}}}.",
             )
         feeds: dict[str, np.ndarray] = {}
-        for alias in sorted(request.inputs):
-            if alias not in sig.inputs:
+        for alias, info in sorted(sig.inputs.items()):  # GetInputValues: every signature input, from the request
+            if alias not in request.inputs and alias not in sig.defaults:
                 raise ServingError(
                     Code.INVALID_ARGUMENT,
-                    f"input tensor alias not found in signature: {alias}. Inputs expected to be in the set "
-                    f"{{{','.join(sorted(sig.inputs))}}}.",
+                    f"Signature input alias: {alias}(feed name: {info.name}) not found in request and no default "
+                    f"value provided. Inputs expected to be in the request {{{','.join(sorted(request.inputs))}}}, "
+                    f"or default input alias set: {','.join(sorted(sig.defaults))}",
                 )
+        for alias in sorted(request.inputs):
             try:
                 feeds[alias] = tf.make_ndarray(request.inputs[alias])
             except Exception as e:

@@ -69,8 +69,9 @@ import grpc
 import numpy as np
 from numpy.typing import NDArray
 
+from doodle import contract
 from service import tfs
-from service.backends import ANY_VERSION, LABELS_PATH, Answered, ModelDescription, TopK, find_versions, read_labels
+from service.backends import ANY_VERSION, Answered, ModelDescription, TopK, find_versions, read_labels
 from service.errors import BackendError, DeadlineExceeded, NotFound, ResourceExhausted, ServiceError, Unavailable
 from service.lograte import LogRate
 from service.metrics import Metrics
@@ -80,9 +81,9 @@ from service.tensors import TensorDecodeError, from_numpy, to_numpy
 
 log = logging.getLogger(__name__)
 
-INPUT_KEY = "image"
-OUTPUT_KEY = "probabilities"
-TOP_K_SCORES, TOP_K_INDICES = "top_k_scores", "top_k_indices"
+INPUT_KEY = contract.INPUT_KEY
+OUTPUT_KEY = contract.OUTPUT_KEY
+TOP_K_SCORES, TOP_K_INDICES = contract.TOP_K_SCORES, contract.TOP_K_INDICES
 AVAILABLE = tfs.AVAILABLE
 #: Shortest pause between two status polls (a burst of NOT_FOUNDs asks for one early poll, not one each).
 MIN_POLL_GAP_S = 0.2
@@ -385,7 +386,7 @@ class TFServingBackend:
         pick = version if version in local else (local[-1] if local and fallback else None)
         if pick is None:
             raise ValueError(
-                f"no {LABELS_PATH} for version {version} under --model-dir {s.model_dir} (the model volume, "
+                f"no {contract.LABELS_PATH} for version {version} under --model-dir {s.model_dir} (the model volume, "
                 f"mounted read-only): the tfserving backend needs each version's class names, or --labels-file"
             )
         return read_labels(s.model_dir / str(pick))
@@ -408,7 +409,7 @@ class TFServingBackend:
             if labels != self._labels:
                 diff = next((i for i, (a, b) in enumerate(zip(labels, self._labels, strict=False)) if a != b),
                             min(len(labels), len(self._labels)))  # fmt: skip
-                return (f"its {LABELS_PATH} names other classes than the gateway serves ({len(labels)} "
+                return (f"its {contract.LABELS_PATH} names other classes than the gateway serves ({len(labels)} "
                         f"against {len(self._labels)}, first difference at line {diff + 1})")  # fmt: skip
         return None
 
