@@ -409,6 +409,25 @@ def test_gateway_hpa_scales_on_its_own_cpu_and_tfserving_on_its_queueing() -> No
         assert float(metric["external"]["target"]["averageValue"]) == int(threads.group(1))
 
 
+def test_gateways_in_flight_batches_let_the_tfserving_hpa_reach_its_maximum() -> None:
+    """The TF Serving HPA reads the gateways' outstanding batches (quickdraw_inflight_batches) against a target
+    per replica; each gateway holds at most QUICKDRAW_MAX_CONCURRENT_BATCHES in flight. So the HPA's signal is
+    capped at gateways x max_concurrent_batches: with the gateway HPA's minimum of gateways it must still be able
+    to ask for TF Serving's maximum (else a fast GPU fleet would stop scaling at one replica per gateway, while
+    the gateways, waiting cheaply, see no CPU to scale on)."""
+    for target in TARGETS:
+        objs = render(target)
+        gw_hpa = find(objs, "HorizontalPodAutoscaler", "quickdraw-gateway")["spec"]
+        tfs_hpa = find(objs, "HorizontalPodAutoscaler", "tfserving")["spec"]
+        [metric] = tfs_hpa["metrics"]
+        per_replica = float(metric["external"]["target"]["averageValue"])
+        gw = find(objs, "Deployment", "quickdraw-gateway")
+        [c] = [c for c in gw["spec"]["template"]["spec"]["containers"] if "QUICKDRAW_BACKEND" in env_of(c)]
+        batches = int(env_of(c).get("QUICKDRAW_MAX_CONCURRENT_BATCHES", "1"))
+        assert gw_hpa["minReplicas"] * batches >= tfs_hpa["maxReplicas"] * per_replica, (
+            target, gw_hpa["minReplicas"], batches, tfs_hpa["maxReplicas"], per_replica)
+
+
 def test_no_replicas_in_a_deployment_an_hpa_manages() -> None:
     """Fix 1: with spec.replicas set, every `kubectl apply` resets the count the HPA chose."""
     for target in TARGETS:
