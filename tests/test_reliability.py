@@ -200,9 +200,13 @@ def test_hot_reload_tfserving_follows_version_availability(tmp_path: Path) -> No
         "--backend", "tfserving", "--tfserving-target", standin.target, "--model-dir", str(base),
         "--tfserving-status-poll-s", "0.3",
     ) as gw:  # fmt: skip
+
+        def add_version(v: int) -> None:  # into the shared model volume the gateway reads, then loaded by TF Serving
+            (base / str(v)).symlink_to(shipped, target_is_directory=True)
+            standin.add_version(v, base / str(v))
+
         tally = open_load(gw.target, rate=50, duration_s=8, deadline_s=5.0, name="hot-reload-tfserving",
-                          events={1.0: lambda: standin.add_version(2, shipped),
-                                  4.0: lambda: standin.remove_version(1)})  # fmt: skip
+                          events={1.0: lambda: add_version(2), 4.0: lambda: standin.remove_version(1)})
     print("\n" + report(tally))
     versions = [v for _, _, _, v in sorted(tally.calls)]
     assert tally.lost == 0 and dict(tally.codes) == {"OK": tally.sent}, report(tally)

@@ -196,6 +196,8 @@ class Replica:
     labelled: int | None = None
     #: It answered its last status poll, and no Predict has found it unreachable since.
     up: bool = False
+    #: Why its last status poll failed ("CODE: details"; empty when it answered).
+    error: str = ""
 
     def default(self, accepted: set[int] | frozenset[int]) -> int | None:
         """The version a call naming none gets here: the label's if accepted, else the highest accepted one."""
@@ -333,8 +335,9 @@ class TFServingBackend:
                                   exc.code().name, exc.details())  # fmt: skip
             # NOT_FOUND: it runs, and has no version of the model (yet)
             r.up, r.versions, r.labelled = exc.code() == grpc.StatusCode.NOT_FOUND, (), None
+            r.error = f"{exc.code().name}: {exc.details()}"
             return
-        r.up = True
+        r.up, r.error = True, ""
         r.versions = tuple(sorted(v.version for v in resp.model_version_status if v.state == AVAILABLE))
         r.labelled = await self._label_on(r, timeout_s) if s.tfserving_version_label and r.versions else None
 
@@ -426,8 +429,9 @@ class TFServingBackend:
             if serving:
                 break
             anyone = any(r.up for r in self._replicas)
+            errors = "; ".join(f"{r.address}: {r.error}" for r in self._replicas if r.error)
             why = (f"model {s.model_name!r} has no AVAILABLE version yet" if anyone
-                   else f"no replica of {len(self._replicas)} answers GetModelStatus")  # fmt: skip
+                   else f"no replica of {len(self._replicas)} answers GetModelStatus ({errors})")  # fmt: skip
             if why != said:
                 log.info("waiting for TF Serving at %s: %s", s.tfserving_target, why)
                 said = why
