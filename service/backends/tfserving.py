@@ -668,8 +668,9 @@ class TFServingBackend:
     def _request(
         self, r: Replica, version: int, tensor: Any, outputs: list[str], known: bool = True
     ) -> tuple[Any, int]:
-        """The PredictRequest for ``r``, and the version it names (``ANY_VERSION``: none or the label). ``known``:
-        ask for ``KNOWN_SCORE`` too when the version expected to answer gives it."""
+        """The PredictRequest for ``r``, and the version it names (``ANY_VERSION``: none or the label). It asks for
+        ``KNOWN_SCORE`` too when the version expected to answer gives it: always when that version is named by
+        number, and with ``known`` when it is not (versionless, or the label: another version may answer)."""
         sent = version
         expected = version
         label_it = False
@@ -682,7 +683,7 @@ class TFServingBackend:
                 expected = r.labelled
             elif not all(v in accepted for v in r.versions):  # its newest is refused (or not checked yet)
                 sent = expected
-        if known and expected in self._known:
+        if expected in self._known and (known or sent != ANY_VERSION):
             outputs = [*outputs, KNOWN_SCORE]
         req = tfs.PredictRequest(output_filter=outputs)
         spec = req.model_spec
@@ -792,9 +793,11 @@ class TFServingBackend:
             if answered in self._accepted:
                 self._budget.succeeded()
                 return Answered(parse(resp, n), answered, self._known_score(resp, n))
-            # Answered by a version not accepted (refused, or new since the last poll): never passed on.
+            # Answered by a version not accepted (refused, or new since the last poll): never passed on. Listed on
+            # the replica until the next poll says otherwise, so the next attempt there names an accepted version
+            # by number (_request) instead of getting the same answer again.
             self._refresh.set()
-            r.versions = tuple(v for v in r.versions if v != answered)
+            r.versions = tuple(sorted({*r.versions, answered}))
             if attempts >= max_attempts or not self._retry("unchecked_version"):
                 raise Unavailable(f"TF Serving answered {what} with version {answered}, which this gateway has not "
                                   f"accepted (yet); retry with backoff")  # fmt: skip
