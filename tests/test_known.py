@@ -13,7 +13,8 @@ tfserving backend in front of the TF Serving stand-in), over real gRPC and HTTP 
 - old and new versions side by side (a roll-out): each answer carries a decision only from a version that makes one.
 
 Plus fast checks without TensorFlow: the model card's entry, and the batcher slicing the score per caller.
-Runtime: about 2-3 minutes on 2 busy cores (two models built, ~15 s each; six gateways, three stand-ins).
+Runtime: 24 s measured on 2 cores (two models built, six gateways, four stand-ins); about 80 s when the cores
+are shared with other test runs.
 """
 
 from __future__ import annotations
