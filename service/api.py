@@ -3,6 +3,10 @@
 ``Gateway`` is the data plane (it knows nothing about gRPC transport); ``ClassifierService`` adapts it to
 gRPC and is the one place where errors become status codes with rich details, and where request latency is
 recorded by method and code.
+
+Out-of-class decision (issue 18): each prediction carries ``out_of_class`` (known = score >= threshold) when the
+version that answered makes one (``ModelDescription.out_of_class``) and the backend gave its score
+(``Answered.known``); otherwise it is left unset, as for every model exported before issue 18.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from doodle import decode_image
 from quickdraw.v1 import classifier_pb2 as pb
 from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
 from service import wire
-from service.backends import ANY_VERSION, Answered, ModelDescription, Scores, TopK
+from service.backends import ANY_VERSION, Answered, ModelDescription, OutOfClassInfo, Scores, TopK
 from service.batching import Batcher
 from service.decode import DecodePool
 from service.errors import (
@@ -231,7 +235,7 @@ class Gateway:
     async def predict(self, prepared: Prepared, deadline_s: float | None) -> pb.ClassifyResponse:
         """Batch prepared images through the backend and build the answer: the second half of :meth:`classify`."""
         answered = await self._answer(prepared.images, prepared.version, deadline_s, prepared.top_k)
-        return self._response(answered.scores, prepared.top_k, answered.version)
+        return self._response(answered.scores, prepared.top_k, answered.version, answered.known)
 
     async def _answer(
         self, images: NDArray[np.uint8], version: int, deadline_s: float | None, top_k: int | None
@@ -258,19 +262,23 @@ class Gateway:
         m.child(m.drawings, Kind.BITMAP.value).inc(len(images))
         return await self._answer(images, version, deadline_s, top_k)
 
-    def _response(self, scores: Scores, k: int, version: int) -> pb.ClassifyResponse:
+    def _response(
+        self, scores: Scores, k: int, version: int, known: NDArray[np.float32] | None = None
+    ) -> pb.ClassifyResponse:
         top = scores if isinstance(scores, TopK) else TopK.of(scores, k)
         labels = self._labels
-        return pb.ClassifyResponse(
-            predictions=[
-                pb.Prediction(
-                    top=[pb.ScoredLabel(label=labels[j], score=v, index=j) for j, v in zip(idx, val, strict=True)]
-                )
-                for idx, val in zip(top.indices[:, :k].tolist(), top.scores[:, :k].tolist(), strict=True)
-            ],
-            model_name=self.model.name,
-            model_version=version,
-        )
+        predictions = [
+            pb.Prediction(
+                top=[pb.ScoredLabel(label=labels[j], score=v, index=j) for j, v in zip(idx, val, strict=True)]
+            )
+            for idx, val in zip(top.indices[:, :k].tolist(), top.scores[:, :k].tolist(), strict=True)
+        ]
+        ood = self.model.out_of_class.get(version)
+        if known is not None and ood is not None:
+            threshold = float(np.float32(ood.threshold))  # as the answer carries it: its own decision holds there
+            for p, score in zip(predictions, known.tolist(), strict=True):
+                p.out_of_class.CopyFrom(pb.OutOfClass(known=score >= threshold, score=score, threshold=threshold))
+        return pb.ClassifyResponse(predictions=predictions, model_name=self.model.name, model_version=version)
 
     def model_info(self, max_message_bytes: int) -> pb.ModelInfo:
         """The GetModelInfo answer."""
@@ -292,6 +300,7 @@ class Gateway:
                 max_message_bytes=max_message_bytes,
             ),
             backend=self.backend_name,
+            out_of_class=out_of_class_info(self.model.ood),
         )
 
     async def close(self) -> None:
@@ -300,6 +309,16 @@ class Gateway:
         if self.decoder is not None:
             await asyncio.to_thread(self.decoder.close)
         await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
+
+
+def out_of_class_info(ood: OutOfClassInfo | None) -> pb.OutOfClassInfo | None:
+    """A version's out-of-class decision as ModelInfo gives it (None: it makes none, the field stays unset)."""
+    if ood is None:
+        return None
+    info = pb.OutOfClassInfo(score=ood.score, threshold=ood.threshold, method=ood.method, measured_on=ood.measured_on)
+    if ood.known_kept is not None:
+        info.known_kept = ood.known_kept
+    return info
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:

@@ -17,6 +17,8 @@ It owns a bounded queue, one collector task and a future per queued item, and it
   A call larger than ``max_batch_size`` is split into chunks that may travel in different batches.
 - An item whose deadline has passed, or whose caller went away, is dropped before it costs a backend call.
 - A failing batch fails only its own items. Every future is resolved exactly once.
+- A backend that also scores how much each drawing looks like a known class (``Answered.known``, issue 18) has
+  that score sliced per caller with the probabilities; without it (older models), callers get ``known`` None.
 - Admission counts every batch's cost, failed and timed-out ones too (a timed-out batch costs what it ran), and
   the work already in flight (a batch running longer than recent ones raises the cost of every batch queued):
   a brownout raises the estimate before calls pile up behind it.
@@ -232,7 +234,9 @@ class Batcher:
         if len(parts) == 1:
             return parts[0]
         scores = np.concatenate([p.scores for p in parts])  # type: ignore[misc]  # chunks: never TopK
-        return Answered(scores, parts[0].version)
+        knowns = [p.known for p in parts]
+        known = None if any(k is None for k in knowns) else np.concatenate(knowns)  # type: ignore[arg-type]
+        return Answered(scores, parts[0].version, known)
 
     def _dropped(self, reason: str) -> Counter:
         return self._metrics.child(self._metrics.dropped, reason)
@@ -466,9 +470,14 @@ class Batcher:
             async with timer:
                 # shielded: at the timeout, a thread's future must stay pending until the thread really returns
                 got = await asyncio.shield(started)
-            probs, version = (got.scores, got.version) if isinstance(got, Answered) else (got, batch[0].version)
+            if isinstance(got, Answered):
+                probs, version, known = got.scores, got.version, got.known
+            else:
+                probs, version, known = got, batch[0].version, None
             if len(probs) != n:
                 raise BackendError(f"backend returned {len(probs)} results for {n} drawings")
+            if known is not None and known.shape != (n,):
+                raise BackendError(f"backend returned known scores of shape {list(known.shape)} for {n} drawings")
             self._learn(n, self._clock() - t0)
             if self._timeouts:
                 self._timeouts = 0
@@ -480,7 +489,9 @@ class Batcher:
             start = 0
             for it in batch:
                 if not it.future.done():
-                    it.future.set_result(Answered(probs[start : start + it.n], version))
+                    end = start + it.n
+                    mine = None if known is None else known[start:end]
+                    it.future.set_result(Answered(probs[start:end], version, mine))
                 start += it.n
         except (Exception, asyncio.CancelledError) as exc:  # the batch failed: fail its own items, nothing else
             task = asyncio.current_task()

@@ -3,7 +3,8 @@
     from service.client import QuickDrawClient
     with QuickDrawClient("localhost:50051") as client:
         [top3] = client.classify([bitmap_28x28_uint8], top_k=3)
-        print(top3)             # [('cat', 0.93), ('dog', 0.04), ('horse', 0.01)]
+        print(top3.top)         # [('cat', 0.93), ('dog', 0.04), ('horse', 0.01)]
+        print(top3.known)       # True, False ("I don't know this one"), or None (the model makes no such decision)
 
 A drawing may be a numpy array (28x28 or 784 uint8, as numpy_bitmap), PNG/JPEG bytes, or strokes in
 Google's layout (``[[[x...], [y...]], ...]``, optionally with a third ``[t...]`` list; ``raw=True`` for screen
@@ -85,13 +86,35 @@ def to_drawing(d: DrawingLike, raw: bool = False) -> pb.Drawing:
 
 @dataclass(frozen=True)
 class Result:
-    """Top-k for one drawing and the model version that answered."""
+    """Top-k for one drawing, the model version that answered, and whether the drawing looks like one of the
+    model's classes at all.
+
+    ``known`` is True or False when the model version makes an out-of-class decision (``known_score >= threshold``),
+    None when it makes none (models exported before it): then ``known_score`` and ``threshold`` are None too. When
+    ``known`` is False, ``top`` holds the closest classes, not what the drawing is.
+    """
 
     top: list[tuple[str, float]]
     model_version: int
+    known: bool | None = None
+    known_score: float | None = None
+    threshold: float | None = None
+
+    @staticmethod
+    def of(prediction: pb.Prediction, model_version: int) -> Result:
+        """A ``quickdraw.v1.Prediction`` as a Result."""
+        top = [(s.label, s.score) for s in prediction.top]
+        if not prediction.HasField("out_of_class"):
+            return Result(top, model_version)
+        ood = prediction.out_of_class
+        return Result(top, model_version, ood.known, ood.score, ood.threshold)
 
     def __str__(self) -> str:
-        return "  ".join(f"{label} {score:.2f}" for label, score in self.top)
+        best = "  ".join(f"{label} {score:.2f}" for label, score in self.top)
+        if self.known is False:
+            closest = f"; closest: {best}" if best else ""
+            return f"not a known class (known_score {self.known_score:.2f} < {self.threshold:.2f}){closest}"
+        return best
 
 
 class QuickDrawClient:
@@ -132,9 +155,7 @@ class QuickDrawClient:
     ) -> list[Result]:
         """Classify drawings in one call; raises ``grpc.RpcError`` with the server's status on failure."""
         resp = self.classify_request(self.request(drawings, top_k=top_k, version=version, raw=raw), timeout_s)
-        return [
-            Result([(s.label, s.score) for s in p.top], resp.model_version) for p in resp.predictions
-        ]
+        return [Result.of(p, resp.model_version) for p in resp.predictions]
 
     @staticmethod
     def request(

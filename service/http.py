@@ -6,7 +6,8 @@ Routes:
 - ``POST /v1/classify``: a ``quickdraw.v1.ClassifyRequest`` in the proto3 JSON mapping, answered with a
   ``ClassifyResponse`` in the same mapping. The same ``Gateway`` as the gRPC API validates, renders, batches
   and runs it, and the metrics count it under ``method="http:Classify"``. ``?bitmaps=true`` adds ``bitmaps``:
-  for each drawing, the 28x28 image the model was given, as a ``Bitmap`` (base64 ``pixels``, row-major).
+  for each drawing, the 28x28 image the model was given, as a ``Bitmap`` (base64 ``pixels``, row-major). With a
+  model that makes the out-of-class decision each prediction has ``outOfClass`` (absent for older models).
   An ``X-Server-Timeout`` header (seconds) is the call's deadline, as a gRPC deadline would be.
 - ``GET /v1/model``: the ``ModelInfo`` that GetModelInfo returns.
 - ``GET /`` and ``GET /static/<file>``: the playground, a page to draw on (files in ``service/playground/``).

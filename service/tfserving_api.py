@@ -4,8 +4,15 @@
 A backend team that already calls TF Serving points its client at the gateway and changes nothing else; its
 calls go through the same validation, batcher, backend and metrics as ``quickdraw.v1.Classifier``, and get
 the outputs of the exported signature (``doodle.contract``: ``probabilities``, ``top_k_scores``,
-``top_k_indices``, ``top_k_labels``; ``output_filter`` selects among them). GetModelMetadata answers with the
-backend's own ``signature_defs`` (the served SavedModel's SignatureDefs), not a description written here.
+``top_k_indices``, ``top_k_labels``, and ``known_score`` when the served model gives it (issue 18);
+``output_filter`` selects among them). GetModelMetadata answers with the backend's own ``signature_defs`` (the
+served SavedModel's SignatureDefs), not a description written here.
+
+``known_score`` is offered when the default version's signature has it (or, for a backend without
+``signature_defs``, when the default version makes an out-of-class decision). An answer from a version without
+it (a call pinned to an older version, or answered by one during a roll-out) leaves it out when no
+``output_filter`` was sent, and is INVALID_ARGUMENT ``output tensor alias not found in signature: known_score ...``
+when one named it, as TF Serving answers for such a version.
 
 A mistake gets TF Serving's status code and message, checked in TF Serving's order; the gateway adds the same
 ``google.rpc.BadRequest`` field violations as its native API (details TF Serving does not send). From the
@@ -62,6 +69,7 @@ import numpy as np
 from doodle.contract import (
     INPUT_DTYPE,
     INPUT_KEY,
+    KNOWN_SCORE,
     OUTPUT_KEY,
     OUTPUTS,
     SIGNATURE_NAME,
@@ -185,8 +193,12 @@ class PredictionService:
         gateway = surface.gateway
         signature = self._signature(request.model_spec.signature_name)
         outputs = [o for o in OUTPUTS if signature is None or o in signature.outputs]
+        has_known = KNOWN_SCORE in signature.outputs if signature is not None else gateway.model.ood is not None
+        if has_known:
+            outputs.append(KNOWN_SCORE)
         self._check_inputs(request, signature)
-        wanted = self._output_filter(request, outputs) or outputs
+        filtered = self._output_filter(request, outputs)
+        wanted = filtered or outputs
         self._check_dtype(request)
         tensor = request.inputs[INPUT_KEY]
         try:
@@ -198,6 +210,14 @@ class PredictionService:
         needs_probs = OUTPUT_KEY in wanted  # else the backend may give its top-k outputs alone
         answered = await gateway.answer_bitmaps(images, version, _deadline(context), None if needs_probs else TOP_K)
         scores = answered.scores
+        if KNOWN_SCORE in wanted and answered.known is None:
+            if filtered:  # the version that answered has no such output: TF Serving's answer for it
+                raise InvalidArgument(
+                    [FieldViolation("output_filter", f"version {answered.version} gives no {KNOWN_SCORE!r}")],
+                    f"output tensor alias not found in signature: {KNOWN_SCORE} Outputs expected to be in the set "
+                    f"{{{_keys(o for o in outputs if o != KNOWN_SCORE)}}}.",
+                )
+            wanted = [o for o in wanted if o != KNOWN_SCORE]
         resp = tfs.PredictResponse()
         resp.model_spec.name = gateway.model.name
         resp.model_spec.version.value = answered.version
@@ -206,11 +226,14 @@ class PredictionService:
         top: TopK | None = None
         if isinstance(scores, TopK):
             top = scores
-        elif any(name != OUTPUT_KEY for name in wanted):
+        elif any(name not in (OUTPUT_KEY, KNOWN_SCORE) for name in wanted):
             top = TopK.of(scores, TOP_K)
         for name in wanted:
             if name == OUTPUT_KEY:
                 value: np.ndarray = scores  # type: ignore[assignment]  # asked for: never a TopK
+            elif name == KNOWN_SCORE:
+                assert answered.known is not None
+                value = answered.known
             else:
                 assert top is not None
                 if name == TOP_K_SCORES:

@@ -29,3 +29,27 @@ def paired_classes(sample: Path) -> list[str]:
     """Classes that have both a numpy_bitmap file and a simplified file (29 in the sample)."""
     names = sorted(p.stem for p in (sample / "numpy_bitmap").glob("*.npy"))
     return [n for n in names if (sample / "simplified" / f"{n}.ndjson").exists()]
+
+
+@pytest.fixture(scope="session")
+def known_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model base directory whose version 1 is the shipped model plus ``known_score`` (its max softmax
+    probability) and a model card with ``known_models.THRESHOLD`` (tests/known_models.py; ~15 s to build)."""
+    from known_models import THRESHOLD, model_with_known_score, need_shipped_model
+
+    need_shipped_model()
+    base = tmp_path_factory.mktemp("known") / "quickdraw"
+    model_with_known_score(base / "1", THRESHOLD)
+    return base
+
+
+@pytest.fixture(scope="session")
+def old_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model base directory whose version 1 is the shipped model as exported before issue 18: no
+    ``known_score``, no out-of-class entry in its card (tests/known_models.py; ~15 s to build)."""
+    from known_models import model_without_known_score, need_shipped_model
+
+    need_shipped_model()
+    base = tmp_path_factory.mktemp("old") / "quickdraw"
+    model_without_known_score(base / "1")
+    return base

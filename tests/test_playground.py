@@ -4,7 +4,9 @@ Real mouse events replay a cat from ``../shared/quickdraw/simplified`` scaled to
 stroke the page must show fresh guesses, and at the end "cat" must be in its top 3. The 28x28 preview must
 hold exactly what the server rendered from the strokes the page sent. An empty page, a single dot, undo,
 clear and a finger on a touch screen must all leave the page working, with no script errors. The screenshot
-lands in ``test-artifacts/playground.png``.
+lands in ``test-artifacts/playground.png``. With a model that makes an out-of-class decision (issue 18; the
+``known_model`` fixture, tests/known_models.py), a line across the canvas gets "I don't know this one" and the cat
+is named (screenshot ``test-artifacts/playground-unknown.png``).
 
 Nothing downloads a browser: ``make test`` first runs ``make browser``, which installs Debian's chromium with
 apt-get when it is missing (as root); without it, or without Playwright, these tests skip and say why.
@@ -69,6 +71,15 @@ def gateway() -> Iterator[RunningGateway]:
 @pytest.fixture()
 def page(browser: Any, gateway: RunningGateway) -> Iterator[Any]:
     """The playground, loaded and showing the model; script errors and classify bodies are recorded."""
+    pg = open_page(browser, gateway)
+    try:
+        yield pg
+    finally:
+        pg.context.close()
+
+
+def open_page(browser: Any, gw: RunningGateway) -> Any:
+    """The playground of ``gw``, loaded and showing the model; script errors and classify bodies are recorded."""
     context = browser.new_context(viewport={"width": 1100, "height": 820}, device_scale_factor=1)
     pg = context.new_page()
     pg.errors = []  # type: ignore[attr-defined]
@@ -76,12 +87,9 @@ def page(browser: Any, gateway: RunningGateway) -> Iterator[Any]:
     pg.on("pageerror", lambda exc: pg.errors.append(str(exc)))  # type: ignore[attr-defined]
     pg.on("console", lambda msg: pg.errors.append(msg.text) if msg.type == "error" else None)  # type: ignore[attr-defined]
     pg.on("request", lambda req: pg.sent.append(req.post_data_json) if "/v1/classify" in req.url else None)  # type: ignore[attr-defined]
-    pg.goto(f"http://127.0.0.1:{gateway.app.http_port}/")
+    pg.goto(f"http://127.0.0.1:{gw.app.http_port}/")
     pg.wait_for_selector("#model[data-version]")
-    try:
-        yield pg
-    finally:
-        context.close()
+    return pg
 
 
 def guesses(page: Any) -> list[str]:
@@ -233,3 +241,44 @@ def test_a_finger_and_a_pen_draw_too(browser: Any, gateway: RunningGateway) -> N
         assert errors == []
     finally:
         context.close()
+
+
+def test_the_page_says_when_it_does_not_know_the_drawing(browser: Any, known_model: Path, sample: Path) -> None:
+    """A model with an out-of-class decision: a line across the canvas is not like any of its classes (its
+    known_score, offline, is under the fixture's threshold), so the page says "I don't know this one" and names no
+    class; the cat is known and named as before. The decision shown is the offline model's for what the page sent."""
+    from known_models import THRESHOLD, offline_outputs
+
+    with RunningGateway(model_dir=known_model, warmup=False) as gw:
+        pg = open_page(browser, gw)
+        try:
+            assert "I don't know" in pg.text_content("#model")  # the model line says it can tell
+            box = canvas_box(pg)
+            y = box["y"] + box["height"] / 2
+            pg.mouse.move(box["x"] + box["width"] * 0.15, y)
+            pg.mouse.down()
+            pg.mouse.move(box["x"] + box["width"] * 0.85, y, steps=12)
+            pg.mouse.up()
+            wait_for_answer(pg, 1)
+            line = server_rendering(pg.sent[-1])
+            score = float(offline_outputs(known_model / "1", line[None, :, :, None])["known_score"][0])
+            assert score < THRESHOLD, f"the line's known_score {score:.3f} is not under the fixture's {THRESHOLD}"
+            assert pg.get_attribute("#guesses", "data-known") == "false"
+            assert pg.text_content("#verdict") == "I don't know this one"
+            assert len(guesses(pg)) == 3  # the closest classes, still shown
+            assert pg.eval_on_selector_all("#labels li.hit", "items => items.length") == 0  # none named
+            ARTIFACTS.mkdir(exist_ok=True)
+            pg.screenshot(path=str(ARTIFACTS / "playground-unknown.png"), full_page=True, animations="disabled")
+
+            pg.keyboard.press("Escape")
+            wait_for_answer(pg, 0, "empty")
+            assert pg.get_attribute("#guesses", "data-known") == ""
+            replay(pg, next(read_ndjson(sample / "simplified" / f"{WORD}.ndjson")).google_strokes())
+            cat = server_rendering(pg.sent[-1])
+            score = float(offline_outputs(known_model / "1", cat[None, :, :, None])["known_score"][0])
+            assert score >= THRESHOLD, f"the cat's known_score {score:.3f} is under the fixture's {THRESHOLD}"
+            assert pg.get_attribute("#guesses", "data-known") == "true"
+            assert pg.text_content("#verdict") != "I don't know this one" and WORD in guesses(pg)
+            assert pg.errors == []  # type: ignore[attr-defined]
+        finally:
+            pg.context.close()

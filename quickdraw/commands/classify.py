@@ -1,4 +1,8 @@
-"""``quickdraw classify``: send drawings from files to a running gateway and print the top 3 of each."""
+"""``quickdraw classify``: send drawings from files to a running gateway and print the top 3 of each.
+
+A drawing the model calls unknown (its out-of-class decision, issue 18) is printed as such, with its closest
+classes, e.g. ``not a known class (known_score 0.12 < 0.50); closest: dog 0.67  cat 0.20  horse 0.05``.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
             "Send drawings to the gateway and print the top classes of each, e.g.\n"
-            "  cat.ndjson:1  cat 0.93  dog 0.04  horse 0.01\n\n"
+            "  cat.ndjson:1  cat 0.93  dog 0.04  horse 0.01\n"
+            "or, for a drawing the model does not know (models with an out-of-class decision):\n"
+            "  car.ndjson:3  not a known class (known_score 0.12 < 0.50); closest: dog 0.67  cat 0.20  horse 0.05\n\n"
             "FILE is a PNG/JPEG (sent as an image), an .ndjson (each line, sent as strokes; raw files as raw\n"
             "strokes, normalised by the server), a .bin or .npz (strokes) or an .npy (each row, as a bitmap)."
         ),

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dquickdraw/v1/classifier.proto\x12\x0cquickdraw.v1\x1a\x17google/rpc/status.proto\"\x18\n\x06\x42itmap\x12\x0e\n\x06pixels\x18\x01 \x01(\x0c\"\x1c\n\x0c\x45ncodedImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\",\n\x06Stroke\x12\t\n\x01x\x18\x01 \x03(\x02\x12\t\n\x01y\x18\x02 \x03(\x02\x12\x0c\n\x04t_ms\x18\x03 \x03(\x02\"\xad\x01\n\x07Strokes\x12%\n\x07strokes\x18\x01 \x03(\x0b\x32\x14.quickdraw.v1.Stroke\x12\x36\n\x0b\x63oordinates\x18\x02 \x01(\x0e\x32!.quickdraw.v1.Strokes.Coordinates\"C\n\x0b\x43oordinates\x12\x1b\n\x17\x43OORDINATES_UNSPECIFIED\x10\x00\x12\x0e\n\nSIMPLIFIED\x10\x01\x12\x07\n\x03RAW\x10\x02\"\x91\x01\n\x07\x44rawing\x12&\n\x06\x62itmap\x18\x01 \x01(\x0b\x32\x14.quickdraw.v1.BitmapH\x00\x12+\n\x05image\x18\x02 \x01(\x0b\x32\x1a.quickdraw.v1.EncodedImageH\x00\x12(\n\x07strokes\x18\x03 \x01(\x0b\x32\x15.quickdraw.v1.StrokesH\x00\x42\x07\n\x05input\"\x1c\n\tModelSpec\x12\x0f\n\x07version\x18\x01 \x01(\x03\"q\n\x0f\x43lassifyRequest\x12\'\n\x08\x64rawings\x18\x01 \x03(\x0b\x32\x15.quickdraw.v1.Drawing\x12\r\n\x05top_k\x18\x02 \x01(\r\x12&\n\x05model\x18\x03 \x01(\x0b\x32\x17.quickdraw.v1.ModelSpec\":\n\x0bScoredLabel\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05index\x18\x03 \x01(\r\"4\n\nPrediction\x12&\n\x03top\x18\x01 \x03(\x0b\x32\x19.quickdraw.v1.ScoredLabel\"l\n\x10\x43lassifyResponse\x12-\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x18.quickdraw.v1.Prediction\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\"S\n\x15\x43lassifyStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12.\n\x07request\x18\x02 \x01(\x0b\x32\x1d.quickdraw.v1.ClassifyRequest\"\x87\x01\n\x16\x43lassifyStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x32\n\x08response\x18\x02 \x01(\x0b\x32\x1e.quickdraw.v1.ClassifyResponseH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x08\n\x06result\"\x15\n\x13GetModelInfoRequest\"\xd0\x01\n\x06Limits\x12 \n\x18max_drawings_per_request\x18\x01 \x01(\r\x12\x11\n\tmax_top_k\x18\x02 \x01(\r\x12\x13\n\x0bmax_strokes\x18\x03 \x01(\r\x12\x12\n\nmax_points\x18\x04 \x01(\r\x12\x1a\n\x12max_raw_coordinate\x18\x05 \x01(\x02\x12\x17\n\x0fmax_image_bytes\x18\x06 \x01(\x04\x12\x18\n\x10max_image_pixels\x18\x07 \x01(\x04\x12\x19\n\x11max_message_bytes\x18\x08 \x01(\x04\"\xa0\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\x03\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x03 \x01(\x03\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x13\n\x0binput_kinds\x18\x05 \x03(\t\x12$\n\x06limits\x18\x06 \x01(\x0b\x32\x14.quickdraw.v1.Limits\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t2\x84\x02\n\nClassifier\x12I\n\x08\x43lassify\x12\x1d.quickdraw.v1.ClassifyRequest\x1a\x1e.quickdraw.v1.ClassifyResponse\x12_\n\x0e\x43lassifyStream\x12#.quickdraw.v1.ClassifyStreamRequest\x1a$.quickdraw.v1.ClassifyStreamResponse(\x01\x30\x01\x12J\n\x0cGetModelInfo\x12!.quickdraw.v1.GetModelInfoRequest\x1a\x17.quickdraw.v1.ModelInfoB.\n\x10\x64\x65v.quickdraw.v1P\x01Z\x18quickdraw/v1;quickdrawv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dquickdraw/v1/classifier.proto\x12\x0cquickdraw.v1\x1a\x17google/rpc/status.proto\"\x18\n\x06\x42itmap\x12\x0e\n\x06pixels\x18\x01 \x01(\x0c\"\x1c\n\x0c\x45ncodedImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\",\n\x06Stroke\x12\t\n\x01x\x18\x01 \x03(\x02\x12\t\n\x01y\x18\x02 \x03(\x02\x12\x0c\n\x04t_ms\x18\x03 \x03(\x02\"\xad\x01\n\x07Strokes\x12%\n\x07strokes\x18\x01 \x03(\x0b\x32\x14.quickdraw.v1.Stroke\x12\x36\n\x0b\x63oordinates\x18\x02 \x01(\x0e\x32!.quickdraw.v1.Strokes.Coordinates\"C\n\x0b\x43oordinates\x12\x1b\n\x17\x43OORDINATES_UNSPECIFIED\x10\x00\x12\x0e\n\nSIMPLIFIED\x10\x01\x12\x07\n\x03RAW\x10\x02\"\x91\x01\n\x07\x44rawing\x12&\n\x06\x62itmap\x18\x01 \x01(\x0b\x32\x14.quickdraw.v1.BitmapH\x00\x12+\n\x05image\x18\x02 \x01(\x0b\x32\x1a.quickdraw.v1.EncodedImageH\x00\x12(\n\x07strokes\x18\x03 \x01(\x0b\x32\x15.quickdraw.v1.StrokesH\x00\x42\x07\n\x05input\"\x1c\n\tModelSpec\x12\x0f\n\x07version\x18\x01 \x01(\x03\"q\n\x0f\x43lassifyRequest\x12\'\n\x08\x64rawings\x18\x01 \x03(\x0b\x32\x15.quickdraw.v1.Drawing\x12\r\n\x05top_k\x18\x02 \x01(\r\x12&\n\x05model\x18\x03 \x01(\x0b\x32\x17.quickdraw.v1.ModelSpec\":\n\x0bScoredLabel\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05index\x18\x03 \x01(\r\"=\n\nOutOfClass\x12\r\n\x05known\x18\x01 \x01(\x08\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x11\n\tthreshold\x18\x03 \x01(\x02\"d\n\nPrediction\x12&\n\x03top\x18\x01 \x03(\x0b\x32\x19.quickdraw.v1.ScoredLabel\x12.\n\x0cout_of_class\x18\x02 \x01(\x0b\x32\x18.quickdraw.v1.OutOfClass\"l\n\x10\x43lassifyResponse\x12-\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x18.quickdraw.v1.Prediction\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\"S\n\x15\x43lassifyStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12.\n\x07request\x18\x02 \x01(\x0b\x32\x1d.quickdraw.v1.ClassifyRequest\"\x87\x01\n\x16\x43lassifyStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x32\n\x08response\x18\x02 \x01(\x0b\x32\x1e.quickdraw.v1.ClassifyResponseH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x08\n\x06result\"\x15\n\x13GetModelInfoRequest\"\xd0\x01\n\x06Limits\x12 \n\x18max_drawings_per_request\x18\x01 \x01(\r\x12\x11\n\tmax_top_k\x18\x02 \x01(\r\x12\x13\n\x0bmax_strokes\x18\x03 \x01(\r\x12\x12\n\nmax_points\x18\x04 \x01(\r\x12\x1a\n\x12max_raw_coordinate\x18\x05 \x01(\x02\x12\x17\n\x0fmax_image_bytes\x18\x06 \x01(\x04\x12\x18\n\x10max_image_pixels\x18\x07 \x01(\x04\x12\x19\n\x11max_message_bytes\x18\x08 \x01(\x04\"\xd4\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\x03\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x03 \x01(\x03\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x13\n\x0binput_kinds\x18\x05 \x03(\t\x12$\n\x06limits\x18\x06 \x01(\x0b\x32\x14.quickdraw.v1.Limits\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\x12\x32\n\x0cout_of_class\x18\x08 \x01(\x0b\x32\x1c.quickdraw.v1.OutOfClassInfo\"\x7f\n\x0eOutOfClassInfo\x12\r\n\x05score\x18\x01 \x01(\t\x12\x11\n\tthreshold\x18\x02 \x01(\x02\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x17\n\nknown_kept\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x13\n\x0bmeasured_on\x18\x05 \x01(\tB\r\n\x0b_known_kept2\x84\x02\n\nClassifier\x12I\n\x08\x43lassify\x12\x1d.quickdraw.v1.ClassifyRequest\x1a\x1e.quickdraw.v1.ClassifyResponse\x12_\n\x0e\x43lassifyStream\x12#.quickdraw.v1.ClassifyStreamRequest\x1a$.quickdraw.v1.ClassifyStreamResponse(\x01\x30\x01\x12J\n\x0cGetModelInfo\x12!.quickdraw.v1.GetModelInfoRequest\x1a\x17.quickdraw.v1.ModelInfoB.\n\x10\x64\x65v.quickdraw.v1P\x01Z\x18quickdraw/v1;quickdrawv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,20 +51,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSIFYREQUEST']._serialized_end=641
   _globals['_SCOREDLABEL']._serialized_start=643
   _globals['_SCOREDLABEL']._serialized_end=701
-  _globals['_PREDICTION']._serialized_start=703
-  _globals['_PREDICTION']._serialized_end=755
-  _globals['_CLASSIFYRESPONSE']._serialized_start=757
-  _globals['_CLASSIFYRESPONSE']._serialized_end=865
-  _globals['_CLASSIFYSTREAMREQUEST']._serialized_start=867
-  _globals['_CLASSIFYSTREAMREQUEST']._serialized_end=950
-  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_start=953
-  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_end=1088
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1090
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1111
-  _globals['_LIMITS']._serialized_start=1114
-  _globals['_LIMITS']._serialized_end=1322
-  _globals['_MODELINFO']._serialized_start=1325
-  _globals['_MODELINFO']._serialized_end=1485
-  _globals['_CLASSIFIER']._serialized_start=1488
-  _globals['_CLASSIFIER']._serialized_end=1748
+  _globals['_OUTOFCLASS']._serialized_start=703
+  _globals['_OUTOFCLASS']._serialized_end=764
+  _globals['_PREDICTION']._serialized_start=766
+  _globals['_PREDICTION']._serialized_end=866
+  _globals['_CLASSIFYRESPONSE']._serialized_start=868
+  _globals['_CLASSIFYRESPONSE']._serialized_end=976
+  _globals['_CLASSIFYSTREAMREQUEST']._serialized_start=978
+  _globals['_CLASSIFYSTREAMREQUEST']._serialized_end=1061
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_start=1064
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_end=1199
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1201
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1222
+  _globals['_LIMITS']._serialized_start=1225
+  _globals['_LIMITS']._serialized_end=1433
+  _globals['_MODELINFO']._serialized_start=1436
+  _globals['_MODELINFO']._serialized_end=1648
+  _globals['_OUTOFCLASSINFO']._serialized_start=1650
+  _globals['_OUTOFCLASSINFO']._serialized_end=1777
+  _globals['_CLASSIFIER']._serialized_start=1780
+  _globals['_CLASSIFIER']._serialized_end=2040
 # @@protoc_insertion_point(module_scope)

@@ -82,11 +82,23 @@ class ScoredLabel(_message.Message):
     index: int
     def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ..., index: _Optional[int] = ...) -> None: ...
 
+class OutOfClass(_message.Message):
+    __slots__ = ("known", "score", "threshold")
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    known: bool
+    score: float
+    threshold: float
+    def __init__(self, known: _Optional[bool] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ...) -> None: ...
+
 class Prediction(_message.Message):
-    __slots__ = ("top",)
+    __slots__ = ("top", "out_of_class")
     TOP_FIELD_NUMBER: _ClassVar[int]
+    OUT_OF_CLASS_FIELD_NUMBER: _ClassVar[int]
     top: _containers.RepeatedCompositeFieldContainer[ScoredLabel]
-    def __init__(self, top: _Optional[_Iterable[_Union[ScoredLabel, _Mapping]]] = ...) -> None: ...
+    out_of_class: OutOfClass
+    def __init__(self, top: _Optional[_Iterable[_Union[ScoredLabel, _Mapping]]] = ..., out_of_class: _Optional[_Union[OutOfClass, _Mapping]] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
     __slots__ = ("predictions", "model_name", "model_version")
@@ -141,7 +153,7 @@ class Limits(_message.Message):
     def __init__(self, max_drawings_per_request: _Optional[int] = ..., max_top_k: _Optional[int] = ..., max_strokes: _Optional[int] = ..., max_points: _Optional[int] = ..., max_raw_coordinate: _Optional[float] = ..., max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "versions", "default_version", "labels", "input_kinds", "limits", "backend")
+    __slots__ = ("name", "versions", "default_version", "labels", "input_kinds", "limits", "backend", "out_of_class")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +161,7 @@ class ModelInfo(_message.Message):
     INPUT_KINDS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    OUT_OF_CLASS_FIELD_NUMBER: _ClassVar[int]
     name: str
     versions: _containers.RepeatedScalarFieldContainer[int]
     default_version: int
@@ -156,4 +169,19 @@ class ModelInfo(_message.Message):
     input_kinds: _containers.RepeatedScalarFieldContainer[str]
     limits: Limits
     backend: str
-    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[int]] = ..., default_version: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., input_kinds: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., backend: _Optional[str] = ...) -> None: ...
+    out_of_class: OutOfClassInfo
+    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[int]] = ..., default_version: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., input_kinds: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., backend: _Optional[str] = ..., out_of_class: _Optional[_Union[OutOfClassInfo, _Mapping]] = ...) -> None: ...
+
+class OutOfClassInfo(_message.Message):
+    __slots__ = ("score", "threshold", "method", "known_kept", "measured_on")
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_KEPT_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_ON_FIELD_NUMBER: _ClassVar[int]
+    score: str
+    threshold: float
+    method: str
+    known_kept: float
+    measured_on: str
+    def __init__(self, score: _Optional[str] = ..., threshold: _Optional[float] = ..., method: _Optional[str] = ..., known_kept: _Optional[float] = ..., measured_on: _Optional[str] = ...) -> None: ...

@@ -2,19 +2,30 @@
 
 ``embedded`` loads the SavedModel in-process with TensorFlow. Every backend takes uint8 images
 [n, 28, 28, 1] and returns float32 probabilities [n, classes] in the order of ``ModelDescription.labels``.
+
+Out-of-class detection (issue 18): a version whose signature gives ``doodle.contract.KNOWN_SCORE`` has the
+backend pass that score on too (``Answered.known``, float32 [n]), and a version whose ``model_card.json`` has a
+``MODEL_CARD_OOD`` entry has its threshold in ``ModelDescription.out_of_class`` (``OutOfClassInfo``). A drawing is
+known when its score is at least the threshold; the gateway decides only when it has both, so models exported
+before issue 18 serve as before, their predictions carrying no decision.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
-from doodle.contract import LABELS_PATH
+from doodle.contract import KNOWN_SCORE, LABELS_PATH, MODEL_CARD_OOD
+
+#: A version's model card, beside ``saved_model.pb`` (the trainer writes it; the out-of-class threshold is there).
+MODEL_CARD = "model_card.json"
 
 #: From this many probabilities (rows x classes) ``TopK.of`` partitions before it sorts (see there).
 PARTITION_FROM = 16384
@@ -80,6 +91,45 @@ class Answered:
 
     scores: Scores
     version: int
+    #: The version's ``KNOWN_SCORE`` for each drawing, float32 [n] (None: that version has no such output). Sliced
+    #: with the scores.
+    known: NDArray[np.float32] | None = None
+
+
+@dataclass(frozen=True)
+class OutOfClassInfo:
+    """A version's out-of-class decision, from its model card's ``MODEL_CARD_OOD`` entry: a drawing is known when
+    its ``KNOWN_SCORE`` is at least ``threshold``; ``known_kept`` (None: not said) is the share of drawings of the
+    known classes kept at that threshold, measured on ``measured_on``; ``method`` says how the score is made."""
+
+    threshold: float
+    score: str = KNOWN_SCORE
+    method: str = ""
+    known_kept: float | None = None
+    measured_on: str = ""
+
+    @staticmethod
+    def from_card(entry: Any) -> OutOfClassInfo:
+        """The model card's out-of-class entry; ValueError when it has no usable threshold or names another score."""
+        if not isinstance(entry, dict):
+            raise ValueError(f"{MODEL_CARD_OOD!r} must be an object, not {type(entry).__name__}")
+        threshold = entry.get("threshold")
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not math.isfinite(threshold):
+            raise ValueError(f"{MODEL_CARD_OOD!r} has no finite number 'threshold' (got {threshold!r})")
+        score = entry.get("score", KNOWN_SCORE)
+        if score != KNOWN_SCORE:
+            raise ValueError(f"{MODEL_CARD_OOD!r} names the score {score!r}; the gateway serves {KNOWN_SCORE!r}")
+        point = entry.get("operating_point")
+        point = point if isinstance(point, dict) else {}
+        kept = point.get("known_kept")
+        kept_ok = isinstance(kept, int | float) and not isinstance(kept, bool) and math.isfinite(kept)
+        return OutOfClassInfo(
+            threshold=float(threshold),
+            score=score,
+            method=str(entry.get("method") or ""),
+            known_kept=float(kept) if kept_ok else None,
+            measured_on=str(point.get("measured_on") or ""),
+        )
 
 
 @dataclass(frozen=True)
@@ -91,11 +141,19 @@ class ModelDescription:
     labels: tuple[str, ...]
     #: The version a request without one gets, when not the highest (a TF Serving version label's).
     default: int | None = None
+    #: The out-of-class decision of each served version that makes one (its signature gives ``KNOWN_SCORE`` and
+    #: its model card a threshold); versions not here make none.
+    out_of_class: dict[int, OutOfClassInfo] = field(default_factory=dict, hash=False)
 
     @property
     def default_version(self) -> int:
         """What a request without a version gets: ``default`` if set, else the highest version."""
         return self.versions[-1] if self.default is None else self.default
+
+    @property
+    def ood(self) -> OutOfClassInfo | None:
+        """The default version's out-of-class decision (None: it makes none)."""
+        return self.out_of_class.get(self.default_version)
 
 
 class Backend(Protocol):
@@ -134,3 +192,26 @@ def find_versions(base: Path) -> list[int]:
 def read_labels(version_dir: Path) -> tuple[str, ...]:
     """Class names from ``LABELS_PATH`` (``assets/labels.txt``), one per line, in output order."""
     return tuple(line for line in (version_dir / LABELS_PATH).read_text(encoding="utf-8").splitlines() if line)
+
+
+def read_out_of_class(version_dir: Path) -> OutOfClassInfo | None:
+    """The out-of-class entry of ``version_dir``'s ``model_card.json`` (None: no card, or no such entry).
+
+    Raises ValueError when the card cannot be read as JSON or the entry is unusable (an export mistake)."""
+    path = version_dir / MODEL_CARD
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} cannot be read: {exc}") from None
+    try:
+        card = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not JSON: {exc}") from None
+    if not isinstance(card, dict) or MODEL_CARD_OOD not in card:
+        return None
+    try:
+        return OutOfClassInfo.from_card(card[MODEL_CARD_OOD])
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None

@@ -17,6 +17,12 @@ Each version's signature is wrapped in a TensorFlow function that returns ``prob
 prunes what only the other outputs need (the top-k, the ``top_k_labels`` strings): the gateway ranks
 probabilities itself. The names (signature, input, output, labels file) are ``doodle.contract``'s.
 
+Out-of-class detection (issue 18): when a version's signature also gives ``KNOWN_SCORE``, the wrapper returns it
+too and each batch answers ``Answered(probabilities, version, known)``; the threshold comes from that version's
+``model_card.json`` (``ModelDescription.out_of_class``). A version without the output (exported before issue 18)
+answers probabilities alone, as before, and its predictions carry no decision; one with the output but no
+threshold in its card is served the same way (with a warning). A card whose entry is unusable fails the load.
+
 ``signature_defs`` is what TF Serving's GetModelMetadata reports for the served version: every SignatureDef of
 its ``saved_model.pb`` (the ``serve`` meta graph), as a ``service.tfs`` ``SignatureDefMap``.
 
@@ -38,9 +44,16 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from doodle.contract import INPUT_KEY, OUTPUT_KEY, SIGNATURE_NAME
+from doodle.contract import INPUT_KEY, KNOWN_SCORE, MODEL_CARD_OOD, OUTPUT_KEY, SIGNATURE_NAME
 from service import tfs
-from service.backends import ModelDescription, find_versions, read_labels
+from service.backends import (
+    Answered,
+    ModelDescription,
+    OutOfClassInfo,
+    find_versions,
+    read_labels,
+    read_out_of_class,
+)
 from service.errors import NotFound
 
 log = logging.getLogger(__name__)
@@ -78,8 +91,11 @@ class EmbeddedBackend:
         self._threads = threads
         self._warmup = warmup
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="embedded-backend")
-        #: Per loaded version: (the loaded object, its signature as a function giving only the probabilities).
-        self._signatures: dict[int, tuple[Any, Any]] = {}
+        #: Per loaded version: (the loaded object, its signature as a function giving only the probabilities, or
+        #: the probabilities and ``KNOWN_SCORE`` when the signature has that output: the bool).
+        self._signatures: dict[int, tuple[Any, Any, bool]] = {}
+        #: Per loaded version that makes an out-of-class decision: its model card's threshold and operating point.
+        self._out_of_class: dict[int, OutOfClassInfo] = {}
         #: Per loaded version: every SignatureDef of its saved_model.pb (a ``service.tfs.SignatureDefMap``).
         self._signature_defs: dict[int, Any] = {}
         self._tf: Any = None
@@ -141,7 +157,7 @@ class EmbeddedBackend:
                               list(current))  # fmt: skip
                 await asyncio.sleep(self._watch_s)  # do not retry in a tight loop
                 continue
-            self._description = ModelDescription(self._model_name, versions, self._description.labels)
+            self._description = self._describe(versions, self._description.labels)
             retired = [v for v in current if v not in versions]
             removed = [v for v in retired if v not in found]
             log.info("now serving %s versions %s%s", self._model_name, list(versions),
@@ -158,6 +174,7 @@ class EmbeddedBackend:
             if v not in self._description.versions:
                 self._signatures.pop(v, None)
                 self._signature_defs.pop(v, None)
+                self._out_of_class.pop(v, None)
                 log.info("unloaded %s version %d", self._model_name, v)
 
     def _load(self) -> ModelDescription:
@@ -178,7 +195,12 @@ class EmbeddedBackend:
         for v in versions:
             labels = self._load_version(v, labels)
         assert labels is not None
-        return ModelDescription(self._model_name, tuple(versions), labels)
+        return self._describe(tuple(versions), labels)
+
+    def _describe(self, versions: tuple[int, ...], labels: tuple[str, ...]) -> ModelDescription:
+        """The description of ``versions`` (loaded), with the out-of-class decision of those that make one."""
+        ood = {v: self._out_of_class[v] for v in versions if v in self._out_of_class}
+        return ModelDescription(self._model_name, versions, labels, out_of_class=ood)
 
     def _load_version(self, v: int, labels: tuple[str, ...] | None) -> tuple[str, ...]:
         """Load and warm up one version; its labels must match ``labels`` when given. Returns its labels."""
@@ -188,10 +210,25 @@ class EmbeddedBackend:
         if labels is not None and these != labels:
             raise ValueError(f"version {v} has different labels from the served version; serve one at a time")
         defs = read_signature_defs(self._model_dir / str(v))
+        ood = read_out_of_class(self._model_dir / str(v))  # ValueError: an unusable card fails the load
         loaded = tf.saved_model.load(str(self._model_dir / str(v)))
-        self._signatures[v] = (loaded, self._probabilities(loaded.signatures[SIGNATURE_NAME]))
+        sig = loaded.signatures[SIGNATURE_NAME]
+        known = KNOWN_SCORE in sig.structured_outputs
+        if known and ood is None:
+            log.warning("version %d gives %r but its model card has no %r threshold: its predictions carry no "
+                        "out-of-class decision", v, KNOWN_SCORE, MODEL_CARD_OOD)  # fmt: skip
+        elif ood is not None and not known:
+            log.warning("version %d's model card has an %r threshold but its signature gives no %r: its predictions "
+                        "carry no out-of-class decision", v, MODEL_CARD_OOD, KNOWN_SCORE)  # fmt: skip
+            ood = None
+        self._signatures[v] = (loaded, self._probabilities(sig, known), known)
         self._signature_defs[v] = defs
-        log.info("loaded %s version %d (%d classes) in %.1fs", self._model_name, v, len(these),
+        if ood is not None:
+            self._out_of_class[v] = ood
+        else:
+            self._out_of_class.pop(v, None)
+        decision = f"; known when {KNOWN_SCORE} >= {ood.threshold:g}" if ood is not None else ""
+        log.info("loaded %s version %d (%d classes%s) in %.1fs", self._model_name, v, len(these), decision,
                  time.perf_counter() - t0)  # fmt: skip
         if self._warmup:
             self._warm(v)
@@ -205,13 +242,15 @@ class EmbeddedBackend:
             return None
         return self._signature_defs.get(self._description.default_version)
 
-    def _probabilities(self, sig: Any) -> Any:
-        """``sig`` as a function of the images giving its ``probabilities`` alone: TensorFlow prunes the rest."""
+    def _probabilities(self, sig: Any, known: bool = False) -> Any:
+        """``sig`` as a function of the images giving its ``probabilities`` alone (with ``known``, and its
+        ``KNOWN_SCORE``, as a pair): TensorFlow prunes the rest."""
         tf = self._tf
 
         @tf.function(input_signature=[sig.structured_input_signature[1][INPUT_KEY]])
         def probabilities(image: Any) -> Any:
-            return sig(**{INPUT_KEY: image})[OUTPUT_KEY]
+            out = sig(**{INPUT_KEY: image})
+            return (out[OUTPUT_KEY], out[KNOWN_SCORE]) if known else out[OUTPUT_KEY]
 
         return probabilities
 
@@ -226,18 +265,24 @@ class EmbeddedBackend:
             self._run(np.zeros((n, 28, 28, 1), np.uint8), version)
         log.info("warmed up version %d with batch sizes %s in %.1fs", version, sizes, time.perf_counter() - t0)
 
-    def _run(self, images: NDArray[np.uint8], version: int) -> NDArray[np.float32]:
+    def _run(self, images: NDArray[np.uint8], version: int) -> NDArray[np.float32] | Answered:
+        """Probabilities for a batch; with the version's ``KNOWN_SCORE`` as ``Answered`` when it gives one."""
         entry = self._signatures.get(version)
         if entry is None:
             served = self._description.versions if self._description is not None else ()
             raise NotFound(f"model {self._model_name!r} version {version} is no longer served (retired); versions: "
                            f"{', '.join(map(str, served))}")  # fmt: skip
-        _, fn = entry
-        return np.asarray(fn(self._tf.constant(images)).numpy(), dtype=np.float32)
+        _, fn, known = entry
+        out = fn(self._tf.constant(images))
+        if not known:
+            return np.asarray(out.numpy(), dtype=np.float32)
+        probs, score = out
+        return Answered(np.asarray(probs.numpy(), dtype=np.float32), version,
+                        np.asarray(score.numpy(), dtype=np.float32).reshape(-1))  # fmt: skip
 
     def predict(
         self, images: NDArray[np.uint8], version: int, deadline_s: float | None = None
-    ) -> asyncio.Future[NDArray[np.float32]]:
+    ) -> asyncio.Future[NDArray[np.float32] | Answered]:
         """Submit one batch to the pool at once (not when a task gets round to it); await the result.
 
         ``deadline_s`` is not used: a TensorFlow run in progress cannot be interrupted, and the batcher has
@@ -254,6 +299,7 @@ class EmbeddedBackend:
         await asyncio.to_thread(self._pool.shutdown, wait=True)
         self._signatures.clear()
         self._signature_defs.clear()
+        self._out_of_class.clear()
 
 
 def read_signature_defs(version_dir: Path, tag: str = SERVE_TAG) -> Any:

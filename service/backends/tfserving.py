@@ -45,6 +45,16 @@ backend is written for that world:
 - A batch whose callers want only their best few classes asks for the signature's ``top_k_scores`` and
   ``top_k_indices`` alone (``output_filter``; ``predict_top_k``): 40 bytes a drawing instead of every
   probability.
+- **Out-of-class detection** (issue 18): when the version expected to answer gives ``known_score``
+  (``doodle.contract.KNOWN_SCORE``, seen in its signature when it was checked), every batch asks for it too
+  (``output_filter``, on the top-k path as well) and passes it on (``Answered.known``); its threshold is read from
+  ``<model_dir>/<version>/model_card.json`` (``ModelDescription.out_of_class``), as the labels are (with
+  ``--labels-file`` and no such card, the version makes no decision). A version with or without the output is
+  ACCEPTED whatever the reference version has: models exported before issue 18 and after it may be served side by
+  side during a roll-out, each answer carrying a decision only when the version that gave it makes one. (A card
+  whose out-of-class entry is unusable refuses the version.) A versionless batch that asked for ``known_score``
+  of a replica that has meanwhile loaded a version without it (TF Serving's INVALID_ARGUMENT "output tensor alias
+  not found") is asked again without it, counted as ``unchecked_version``, and the status is polled at once.
 - Keepalive pings find dead peers; message sizes are capped both ways; channels reconnect with a short capped
   backoff. TLS or mTLS per the ``tfserving_tls*`` settings (``service.security.tfserving_channel``).
 - The status poller is supervised: if it dies, ``on_failure`` is told (the gateway reports NOT_SERVING).
@@ -71,7 +81,16 @@ from numpy.typing import NDArray
 
 from doodle import contract
 from service import tfs
-from service.backends import ANY_VERSION, Answered, ModelDescription, TopK, find_versions, read_labels
+from service.backends import (
+    ANY_VERSION,
+    Answered,
+    ModelDescription,
+    OutOfClassInfo,
+    TopK,
+    find_versions,
+    read_labels,
+    read_out_of_class,
+)
 from service.errors import BackendError, DeadlineExceeded, NotFound, ResourceExhausted, ServiceError, Unavailable
 from service.lograte import LogRate
 from service.metrics import Metrics
@@ -84,6 +103,7 @@ log = logging.getLogger(__name__)
 INPUT_KEY = contract.INPUT_KEY
 OUTPUT_KEY = contract.OUTPUT_KEY
 TOP_K_SCORES, TOP_K_INDICES = contract.TOP_K_SCORES, contract.TOP_K_INDICES
+KNOWN_SCORE = contract.KNOWN_SCORE
 AVAILABLE = tfs.AVAILABLE
 #: Shortest pause between two status polls (a burst of NOT_FOUNDs asks for one early poll, not one each).
 MIN_POLL_GAP_S = 0.2
@@ -237,6 +257,13 @@ def _overloaded(exc: grpc.aio.AioRpcError) -> bool:
     return exc.code() == grpc.StatusCode.UNAVAILABLE and "queue" in detail and "full" in detail
 
 
+def _lacks_known_score(exc: grpc.aio.AioRpcError) -> bool:
+    """TF Serving refused an ``output_filter`` naming ``KNOWN_SCORE``: the version that ran has no such output
+    (predict_util.cc ``PreProcessPrediction``: "output tensor alias not found in signature: <alias> ...")."""
+    detail = exc.details() or ""
+    return exc.code() == grpc.StatusCode.INVALID_ARGUMENT and f"alias not found in signature: {KNOWN_SCORE}" in detail
+
+
 def _mapped(exc: grpc.aio.AioRpcError, what: str) -> ServiceError:
     """A TF Serving failure as the error our caller gets."""
     code, detail = exc.code(), exc.details() or ""
@@ -255,11 +282,13 @@ def _mapped(exc: grpc.aio.AioRpcError, what: str) -> ServiceError:
 
 @dataclass
 class _Signature:
-    """What a version's signature gives: probabilities width (None: unknown) and top-k width (0: none)."""
+    """What a version's signature gives: probabilities width (None: unknown), top-k width (0: none), and whether it
+    gives ``KNOWN_SCORE``."""
 
     classes: int | None
     top_k: int
     defs: Any = field(repr=False, default=None)
+    known: bool = False
 
 
 class TFServingBackend:
@@ -282,6 +311,10 @@ class TFServingBackend:
         #: Why each version seen is refused (None: accepted). Forgotten once no replica serves it.
         self._verdicts: dict[int, str | None] = {}
         self._accepted: frozenset[int] = frozenset()
+        #: Accepted versions whose signature gives ``KNOWN_SCORE`` (asked for whenever one of them answers).
+        self._known: set[int] = set()
+        #: Accepted versions' out-of-class decisions (their model card's threshold), for those that make one.
+        self._out_of_class: dict[int, OutOfClassInfo] = {}
         #: Width of the signature's top_k_* outputs (0 without them): what ``predict_top_k`` gives.
         self.top_k_width = 0
         #: Every signature of the served SavedModel, as TF Serving's GetModelMetadata gave it (a SignatureDefMap).
@@ -376,8 +409,42 @@ class TFServingBackend:
         if TOP_K_SCORES in sig.outputs and TOP_K_INDICES in sig.outputs:
             dims = [d.size for d in sig.outputs[TOP_K_SCORES].tensor_shape.dim]
             top_k = dims[1] if len(dims) == 2 and dims[1] > 0 else 0
+        known = KNOWN_SCORE in sig.outputs
+        if known:
+            dims = [d.size for d in sig.outputs[KNOWN_SCORE].tensor_shape.dim]
+            if len(dims) != 1 or sig.outputs[KNOWN_SCORE].dtype != tfs.DataType.Value("DT_FLOAT"):
+                raise ValueError(f"its {KNOWN_SCORE!r} output must be float32 [n], not "
+                                 f"{tfs.DataType.Name(sig.outputs[KNOWN_SCORE].dtype)} {dims}")  # fmt: skip
         dims = [d.size for d in sig.outputs[OUTPUT_KEY].tensor_shape.dim]
-        return _Signature(dims[1] if len(dims) == 2 and dims[1] > 0 else None, top_k, sigs)
+        return _Signature(dims[1] if len(dims) == 2 and dims[1] > 0 else None, top_k, sigs, known)
+
+    def _read_out_of_class(self, version: int, known: bool) -> OutOfClassInfo | None:
+        """``version``'s out-of-class decision: its model card's threshold under ``--model-dir``, when its signature
+        gives ``KNOWN_SCORE`` (``known``); None when it makes none (logged when only one of the two is there).
+        Raises ValueError when the card's entry is unusable."""
+        version_dir = self._s.model_dir / str(version)
+        ood = read_out_of_class(version_dir) if version_dir.is_dir() else None
+        if known and ood is None:
+            log.warning("TF Serving version %d of %s gives %r but %s has no %r threshold: its predictions carry no "
+                        "out-of-class decision", version, self._s.model_name, KNOWN_SCORE,
+                        version_dir / "model_card.json", contract.MODEL_CARD_OOD)  # fmt: skip
+        elif ood is not None and not known:
+            log.warning("TF Serving version %d of %s has an %r threshold in its model card but its signature gives "
+                        "no %r: its predictions carry no out-of-class decision", version, self._s.model_name,
+                        contract.MODEL_CARD_OOD, KNOWN_SCORE)  # fmt: skip
+            ood = None
+        return ood
+
+    def _remember(self, version: int, sig: _Signature, ood: OutOfClassInfo | None) -> None:
+        """Keep what an accepted version gives: ``KNOWN_SCORE`` or not, and its decision's threshold."""
+        if sig.known:
+            self._known.add(version)
+        else:
+            self._known.discard(version)
+        if ood is not None:
+            self._out_of_class[version] = ood
+        else:
+            self._out_of_class.pop(version, None)
 
     def _read_labels(self, version: int, fallback: bool) -> tuple[str, ...]:
         """``--labels-file``, else ``<model_dir>/<version>/assets/labels.txt`` (with ``fallback``, the newest
@@ -414,6 +481,11 @@ class TFServingBackend:
                             min(len(labels), len(self._labels)))  # fmt: skip
                 return (f"its {contract.LABELS_PATH} names other classes than the gateway serves ({len(labels)} "
                         f"against {len(self._labels)}, first difference at line {diff + 1})")  # fmt: skip
+        try:
+            ood = self._read_out_of_class(version, sig.known)
+        except ValueError as exc:
+            return f"its out-of-class entry cannot be used: {exc}"
+        self._remember(version, sig, ood)
         return None
 
     # --- start -------------------------------------------------------------------------------------------------
@@ -461,6 +533,11 @@ class TFServingBackend:
             )
         self.top_k_width = sig.top_k
         self.signature_defs = sig.defs
+        try:
+            ood = self._read_out_of_class(ref, sig.known)
+        except ValueError as exc:
+            raise ValueError(f"TF Serving's {s.model_name!r} version {ref}: {exc}") from None
+        self._remember(ref, sig, ood)
         self._verdicts[ref] = None
         await self._review()
         assert self._description is not None  # the reference version is accepted and served
@@ -515,6 +592,8 @@ class TFServingBackend:
         # A version no replica serves is forgotten: a new export under the same number is checked again.
         self._verdicts = {v: why for v, why in self._verdicts.items() if v in seen}
         self._accepted = frozenset(v for v, why in self._verdicts.items() if why is None)
+        self._known &= self._accepted
+        self._out_of_class = {v: ood for v, ood in self._out_of_class.items() if v in self._accepted}
         self._notice_labels()
         serving = [r for r in self._replicas if r.up and r.default(self._accepted) is not None]
         if m is not None:
@@ -523,8 +602,9 @@ class TFServingBackend:
         if serving:
             versions = tuple(sorted({v for r in serving for v in r.versions if v in self._accepted}))
             default = max(d for r in serving if (d := r.default(self._accepted)) is not None)
+            ood = {v: self._out_of_class[v] for v in versions if v in self._out_of_class}
             new: ModelDescription | None = ModelDescription(
-                self._s.model_name, versions, self._labels, None if default == versions[-1] else default
+                self._s.model_name, versions, self._labels, None if default == versions[-1] else default, ood
             )
         else:
             new = None
@@ -589,20 +669,32 @@ class TFServingBackend:
         self._rr += 1
         return ok[self._rr % len(ok)]
 
-    def _request(self, r: Replica, version: int, tensor: Any, outputs: list[str]) -> tuple[Any, int]:
-        """The PredictRequest for ``r``, and the version it names (``ANY_VERSION``: none or the label)."""
+    def _request(
+        self, r: Replica, version: int, tensor: Any, outputs: list[str], known: bool = True
+    ) -> tuple[Any, int]:
+        """The PredictRequest for ``r``, and the version it names (``ANY_VERSION``: none or the label). It asks for
+        ``KNOWN_SCORE`` too when the version expected to answer gives it: always when that version is named by
+        number, and with ``known`` when it is not (versionless, or the label: another version may answer)."""
+        sent = version
+        expected = version
+        label_it = False
+        if version == ANY_VERSION:
+            accepted = self._accepted
+            label = self._s.tfserving_version_label
+            expected = r.default(accepted) or ANY_VERSION
+            if label and r.labelled is not None and r.labelled in accepted:
+                label_it = True
+                expected = r.labelled
+            elif not all(v in accepted for v in r.versions):  # its newest is refused (or not checked yet)
+                sent = expected
+        if expected in self._known and (known or sent != ANY_VERSION):
+            outputs = [*outputs, KNOWN_SCORE]
         req = tfs.PredictRequest(output_filter=outputs)
         spec = req.model_spec
         spec.name = self._s.model_name
         spec.signature_name = self._s.tfserving_signature
-        sent = version
-        if version == ANY_VERSION:
-            accepted = self._accepted
-            label = self._s.tfserving_version_label
-            if label and r.labelled is not None and r.labelled in accepted:
-                spec.version_label = label
-            elif not all(v in accepted for v in r.versions):  # its newest is refused (or not checked yet)
-                sent = r.default(accepted) or ANY_VERSION
+        if label_it:
+            spec.version_label = self._s.tfserving_version_label or ""
         if sent != ANY_VERSION:
             spec.version.value = sent
         req.inputs[INPUT_KEY].CopyFrom(tensor)
@@ -624,9 +716,11 @@ class TFServingBackend:
         return self._complete(first, version, tensor, outputs, deadline_s, tried, n, parse)
 
     def _attempt(
-        self, version: int, tensor: Any, outputs: list[str], deadline_s: float | None, tried: list[Replica]
+        self, version: int, tensor: Any, outputs: list[str], deadline_s: float | None, tried: list[Replica],
+        known: bool = True,
     ) -> tuple[Replica, Any, int]:
-        """Start one Predict on the next replica that can answer it: (replica, call, version it names)."""
+        """Start one Predict on the next replica that can answer it: (replica, call, version it names). ``known``:
+        may ask for ``KNOWN_SCORE`` (see ``_request``)."""
         r = self._pick(version, tried)
         if r is None:
             if version == ANY_VERSION:
@@ -635,7 +729,7 @@ class TFServingBackend:
                 raise Unavailable(f"no reachable TF Serving replica serves version {version}; retry with backoff")
             raise NotFound(f"no TF Serving replica serves version {version} of {self._s.model_name!r} now")
         tried.append(r)
-        req, sent = self._request(r, version, tensor, outputs)
+        req, sent = self._request(r, version, tensor, outputs, known)
         return r, r.predict.Predict(req, timeout=self._timeout(deadline_s)), sent  # starts now
 
     def _retry(self, reason: str) -> bool:
@@ -662,6 +756,7 @@ class TFServingBackend:
         max_attempts = self._s.tfserving_max_attempts
         which = "the default version" if version == ANY_VERSION else f"version {version}"
         what = f"Predict of {n} drawings on {which}"
+        known = True  # KNOWN_SCORE may be asked for (see _request); not after a replica said it has no such output
         while True:
             try:
                 resp = await call
@@ -670,6 +765,16 @@ class TFServingBackend:
                 code = exc.code()
                 if _overloaded(exc):
                     raise _mapped(exc, what) from None  # never retried: the fleet is full, not this replica
+                if known and sent == ANY_VERSION and _lacks_known_score(exc):
+                    # A version loaded since the last poll answered, without KNOWN_SCORE: ask again without it.
+                    known = False
+                    self._refresh.set()
+                    if attempts >= max_attempts or not self._retry("unchecked_version"):
+                        raise _mapped(exc, what) from None
+                    tried.remove(r)
+                    r, call, sent = self._attempt(version, tensor, outputs, deadline_s, tried, known)
+                    attempts += 1
+                    continue
                 if code == grpc.StatusCode.NOT_FOUND:
                     r.versions = tuple(v for v in r.versions if v != sent)  # until the next poll says otherwise
                     self._refresh.set()
@@ -683,7 +788,7 @@ class TFServingBackend:
                 if attempts >= max_attempts or not self._retry(reason):
                     raise _mapped(exc, what) from None
                 try:
-                    r, call, sent = self._attempt(version, tensor, outputs, deadline_s, tried)
+                    r, call, sent = self._attempt(version, tensor, outputs, deadline_s, tried, known)
                 except NotFound:
                     raise _mapped(exc, what) from None  # no other replica lists it: the caller's NOT_FOUND
                 attempts += 1
@@ -691,16 +796,30 @@ class TFServingBackend:
             answered = int(resp.model_spec.version.value) or sent
             if answered in self._accepted:
                 self._budget.succeeded()
-                return Answered(parse(resp, n), answered)
-            # Answered by a version not accepted (refused, or new since the last poll): never passed on.
+                return Answered(parse(resp, n), answered, self._known_score(resp, n))
+            # Answered by a version not accepted (refused, or new since the last poll): never passed on. Listed on
+            # the replica until the next poll says otherwise, so the next attempt there names an accepted version
+            # by number (_request) instead of getting the same answer again.
             self._refresh.set()
-            r.versions = tuple(v for v in r.versions if v != answered)
+            r.versions = tuple(sorted({*r.versions, answered}))
             if attempts >= max_attempts or not self._retry("unchecked_version"):
                 raise Unavailable(f"TF Serving answered {what} with version {answered}, which this gateway has not "
                                   f"accepted (yet); retry with backoff")  # fmt: skip
             tried.remove(r)  # the same replica may answer again, by number
-            r, call, sent = self._attempt(version, tensor, outputs, deadline_s, tried)
+            r, call, sent = self._attempt(version, tensor, outputs, deadline_s, tried, known)
             attempts += 1
+
+    def _known_score(self, resp: Any, n: int) -> NDArray[np.float32] | None:
+        """The answer's ``KNOWN_SCORE``, float32 [n], when it has one (None: not asked for, or not given)."""
+        if KNOWN_SCORE not in resp.outputs:
+            return None
+        try:
+            known = to_numpy(resp.outputs[KNOWN_SCORE]).astype(np.float32, copy=False)
+        except TensorDecodeError as exc:
+            raise BackendError(f"TF Serving's {KNOWN_SCORE!r} could not be decoded: {exc}") from None
+        if known.shape != (n,):
+            raise BackendError(f"TF Serving returned {KNOWN_SCORE!r} of shape {list(known.shape)} for {n} drawings")
+        return known
 
     def _top_k(self, resp: Any, n: int) -> TopK:
         got = []

@@ -2,6 +2,9 @@
 // after an undo, the page sends them to POST v1/classify?bitmaps=true and shows the top 3 guesses and the
 // 28x28 image the service rendered. Only the answer to the latest drawing is shown. #guesses carries
 // data-state (empty, pending, ok, error) and data-strokes (the strokes its answer is for), for people and tests.
+// When the model makes an out-of-class decision (prediction.outOfClass, issue 18) and calls the drawing unknown,
+// the page says "I don't know this one" instead of naming a class, and shows the top 3 as the closest ones only;
+// #guesses then carries data-known="false" ("true" when known, "" when the model makes no such decision).
 "use strict";
 
 (() => {
@@ -178,7 +181,7 @@
       showProblem(answer.error || { message: `HTTP ${response.status}` }, count);
       return;
     }
-    showGuesses(answer.predictions[0].top, count);
+    showGuesses(answer.predictions[0], count);
     showSeen(answer.bitmaps[0].pixels);
   }
 
@@ -186,13 +189,18 @@
     guesses.replaceChildren();
     guesses.dataset.state = "empty";
     guesses.dataset.strokes = "0";
+    guesses.dataset.known = "";
+    guesses.classList.remove("unknown");
     verdict.textContent = "Draw something…";
     problem.hidden = true;
     seenCtx.clearRect(0, 0, seen.width, seen.height);
     markLabels([]);
   }
 
-  function showGuesses(top, count) {
+  function showGuesses(prediction, count) {
+    const top = prediction.top || [];
+    const ood = prediction.outOfClass; // absent: the model makes no out-of-class decision
+    const unknown = Boolean(ood) && !ood.known;
     const items = top.map((guess) => {
       const item = document.createElement("li");
       item.dataset.label = guess.label;
@@ -215,12 +223,20 @@
     });
     guesses.replaceChildren(...items);
     guesses.dataset.strokes = String(count);
+    guesses.dataset.known = ood ? String(!unknown) : "";
+    guesses.classList.toggle("unknown", unknown);
+    guesses.title = unknown ? `Not like any class the model knows (known_score ${(ood.score || 0).toFixed(2)} < `
+      + `${(ood.threshold || 0).toFixed(2)}); these are only the closest.` : "";
     guesses.dataset.state = "ok";
     problem.hidden = true;
     const best = top[0];
-    verdict.textContent = !best ? "…" : best.score >= 0.5 ? `I know, it's ${article(best.label)}!`
-      : `Is it ${article(best.label)}?`;
-    markLabels(top.map((g) => g.label));
+    if (unknown) {
+      verdict.textContent = "I don't know this one";
+    } else {
+      verdict.textContent = !best ? "…" : best.score >= 0.5 ? `I know, it's ${article(best.label)}!`
+        : `Is it ${article(best.label)}?`;
+    }
+    markLabels(unknown ? [] : top.map((g) => g.label));
   }
 
   function article(label) {
@@ -269,8 +285,10 @@
       if (!response.ok) throw new Error(info.error ? info.error.message : `HTTP ${response.status}`);
       const version = info.defaultVersion;
       const others = info.versions.length > 1 ? ` (serving versions ${info.versions.join(", ")})` : "";
+      const ood = info.outOfClass ? ` · says "I don't know" below known_score ${info.outOfClass.threshold.toFixed(2)}`
+        : "";
       modelLine.textContent = `Model ${info.name} version ${version}${others} · ${info.labels.length} classes · `
-        + `${info.backend} backend`;
+        + `${info.backend} backend${ood}`;
       modelLine.dataset.version = String(version);
       labelList.replaceChildren(...info.labels.map((label) => {
         const item = document.createElement("li");
