@@ -14,7 +14,9 @@ export QUICKDRAW_CHROMIUM ?= /usr/bin/chromium
 .PHONY: install browser run train test lint protos bench reliability rehearsal soak images image-test clean help
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' \
+	  '{name[NR] = $$1; text[NR] = $$2; if (length($$1) > w) w = length($$1)} \
+	   END {for (i = 1; i <= NR; i++) printf "  make %-*s  %s\n", w, name[i], text[i]}'
 
 install: $(STAMP) ## create .venv and install the project (only when pyproject.toml changed)
 

@@ -48,6 +48,28 @@ def write_json(path: Path, target: str, runs: Sequence[dict[str, Any]], slo_p99_
     path.write_text(json.dumps(clean(doc), indent=1) + "\n")
 
 
+#: A timeline's last second is plotted only when the run covered at least this share of it: its calls are shown
+#: as a rate over the part of the second the run lasted, and a sliver of a second is too short for a rate.
+MIN_PARTIAL_SECOND = 0.5
+
+
+def call_rates(run: dict[str, Any]) -> list[tuple[float, float]]:
+    """(second, calls answered per second) over a run's timeline, for the throughput plot.
+
+    The timeline counts the calls that finished in each whole second since the warm-up ended, and the run stops
+    part of the way through its last second: that second's count is divided by the part it covered (a plain
+    count would draw a drop towards 0 calls/s that never happened), or left out when the part is under
+    ``MIN_PARTIAL_SECOND``. Seconds after the run's end (calls still answered while it stopped) are left out too.
+    """
+    duration = float(run.get("duration_s") or 0.0)
+    out = []
+    for point in run["timeline"]:
+        covered = min(1.0, duration - point["t_s"]) if duration else 1.0
+        if covered >= MIN_PARTIAL_SECOND:
+            out.append((point["t_s"], point["calls"] / covered))
+    return out
+
+
 def plot(out_dir: Path, runs: Sequence[dict[str, Any]], slo_p99_ms: float | None, title: str) -> list[Path]:
     """``latency-vs-throughput.png`` and ``latency-over-time.png``; returns the paths written."""
     import matplotlib
@@ -82,8 +104,9 @@ def plot(out_dir: Path, runs: Sequence[dict[str, Any]], slo_p99_ms: float | None
         label = f"{r['offered_rate']:.0f}/s" if r["mode"] == "open" else f"{r['concurrency']} callers"
         t = [s["t_s"] for s in tl]
         line = top.plot(t, [s["p99_ms"] for s in tl], "-", label=f"p99, {label}")[0]
-        top.plot(t, [s["p50_ms"] for s in tl], ":", color=line.get_color())
-        bottom.plot(t, [s["calls"] for s in tl], "-", color=line.get_color(), label=label)
+        top.plot(t, [s["p50_ms"] for s in tl], ":", color=line.get_color(), label=f"p50, {label}")
+        rates = call_rates(r)
+        bottom.plot([x for x, _ in rates], [y for _, y in rates], "-", color=line.get_color(), label=label)
     top.set_ylabel("latency (ms): p99 solid, p50 dotted")
     top.set_yscale("log")
     top.grid(True, which="both", alpha=0.3)

@@ -15,10 +15,53 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+
+#: Without a terminal (CI logs, a pipe, a file), a plain progress line this often instead of a live bar.
+PLAIN_PROGRESS_EVERY_S = 60.0
+
+
+class Progress:
+    """The soak's progress: a live tqdm bar on a terminal; elsewhere one plain line every ``every_s`` seconds.
+
+    A bar redrawn on a carriage-return line is right for a terminal, but in a log every redraw is kept: ``make
+    soak`` once wrote about 2,000 of them onto one line of a CI log.
+    """
+
+    def __init__(self, total_s: float, stream: TextIO | None = None, every_s: float = PLAIN_PROGRESS_EVERY_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        from tqdm import tqdm
+
+        self.stream = stream if stream is not None else sys.stderr
+        self.interactive = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.every_s = every_s
+        self.clock = clock
+        self.t0 = clock()
+        self._next = self.t0 + every_s
+        self.total_s = round(total_s)
+        self.bar = tqdm(total=self.total_s, unit="s", desc="soak", file=self.stream, disable=not self.interactive,
+                        bar_format="{desc}: {n_fmt}/{total_fmt}s |{bar}| {postfix}")  # fmt: skip
+
+    def update(self, status: str) -> None:
+        """Show ``status`` (calls, errors, RSS so far)."""
+        elapsed = self.clock() - self.t0
+        if self.interactive:
+            self.bar.n = min(self.total_s, round(elapsed))
+            self.bar.set_postfix_str(status)
+            self.bar.refresh()
+        elif self.clock() >= self._next:
+            self._next += self.every_s * max(1, int((self.clock() - self._next) // self.every_s) + 1)
+            print(f"soak: {elapsed:.0f}/{self.total_s} s, {status}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        """End the bar (on a terminal)."""
+        self.bar.close()
 
 
 def main() -> int:
@@ -32,7 +75,6 @@ def main() -> int:
     args = p.parse_args()
 
     from faults import Gateway
-    from tqdm import tqdm
 
     from loadtest.engine import LoadConfig, RunStats, run_load, summary
     from loadtest.sources import load_pool
@@ -56,14 +98,11 @@ def main() -> int:
 
         sampler = threading.Thread(target=sample_rss, daemon=True)
         sampler.start()
-        bar = tqdm(total=round(args.duration_s), unit="s", desc="soak",
-                   bar_format="{desc}: {n_fmt}/{total_fmt}s |{bar}| {postfix}")  # fmt: skip
+        bar = Progress(args.duration_s)
 
         def progress(stats: RunStats) -> None:
-            bar.n = min(bar.total, round(time.monotonic() - t0))
-            bar.set_postfix_str(f"{stats.calls} calls, {stats.throughput if stats.calls else 0:.0f}/s, "
-                                f"errors {stats.errors}, RSS {rss[-1][1] if rss else baseline:.1f} MiB")  # fmt: skip
-            bar.refresh()
+            bar.update(f"{stats.calls} calls, {stats.throughput if stats.calls else 0:.0f}/s, "
+                       f"errors {stats.errors}, RSS {rss[-1][1] if rss else baseline:.1f} MiB")  # fmt: skip
 
         cfg = LoadConfig(gw.target, concurrency=args.concurrency, duration_s=args.duration_s, count=args.calls,
                          warmup_s=0.0)  # fmt: skip

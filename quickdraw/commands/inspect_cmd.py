@@ -21,6 +21,9 @@ from doodle.formats import (
     read_stroke3,
 )
 
+#: A file's progress bar appears only once reading it has taken this long (on a terminal).
+PROGRESS_DELAY_S = 1.0
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the subcommand."""
@@ -63,7 +66,10 @@ def inspect_file(path: Path) -> dict[str, Any]:
         else:
             drawings = read_ndjson(path)
             total = count_lines(path)
-        for d in tqdm(drawings, total=total, unit="drawing", desc=path.name, disable=None, leave=False):
+        # Only on a terminal, and only for a file that takes a while: a bar that is drawn and cleared at once
+        # leaves "<name>:" behind wherever the terminal's output is kept as text (a log, a copied transcript).
+        for d in tqdm(drawings, total=total, unit="drawing", desc=path.name, disable=None, leave=False,
+                      delay=PROGRESS_DELAY_S):
             classes[d.word] += 1
             recognized += bool(d.recognized)
             points += d.n_points

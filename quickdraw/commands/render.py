@@ -44,6 +44,13 @@ def _drawings(path: Path, fmt: Format, limit: int | None) -> Iterator[Drawing]:
     raise SystemExit(f"quickdraw render: {path} is {fmt}, not a vector format; nothing to render")
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it, then restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _count(path: Path, fmt: Format, limit: int | None) -> int:
     n = count_lines(path) if fmt in (Format.SIMPLIFIED, Format.RAW) else sum(1 for _ in _drawings(path, fmt, limit))
     return n if limit is None else min(n, limit)
@@ -59,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".render-", suffix=".npy", dir=out.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the output gets the mode open() would give it
     try:
         if total == 0:  # a zero-length memory map is not allowed
             np.save(tmp, np.zeros((0, BITMAP_PIXELS), dtype=np.uint8))
