@@ -74,7 +74,7 @@ from service.errors import (
     to_rpc_status,
 )
 from service.jsonparse import PROCESS_PARSE_BYTES, JsonParsePool
-from service.jsonwalk import json_violations
+from service.jsonwalk import example, json_violations, kind, respell
 from service.metrics import Metrics
 from service.security import TokenAuth
 from service.validation import Limits
@@ -107,6 +107,8 @@ INLINE_PARSE_BYTES = 64 * 1024
 EARLY_REFUSAL = 2
 #: The JSON names (and proto names) of a Stroke's number arrays.
 _STROKE_ARRAYS = ("x", "y", "tMs", "t_ms")
+#: Where a request keeps its raw JSON body (``web.Request`` is a mapping), to name fields as the body spells them.
+RAW_BODY_KEY = web.RequestKey("quickdraw_raw_body", bytes)
 #: The longest reason quoted from json_format when it refuses what the JSON walk (``service.jsonwalk``) took.
 MAX_REASON_CHARS = 300
 M = TypeVar("M", bound=Message)
@@ -556,6 +558,9 @@ class HttpServer(GatewaySlot):
             except Exception as exc:
                 err = service_error(exc)
                 call.fail(err)
+                raw = request.get(RAW_BODY_KEY)
+                if type(err) is InvalidArgument and raw is not None:
+                    err = respelled(err, raw)
                 return error_response(err)
 
     async def _model(self, request: web.Request) -> web.Response:
@@ -610,6 +615,7 @@ class HttpServer(GatewaySlot):
         except web.RequestPayloadError as exc:  # malformed chunked encoding, a corrupt gzip stream
             reason = f"could not be read: {exc}"
             raise InvalidArgument([FieldViolation("", f"request body {reason}")], f"request body {reason}") from None
+        request[RAW_BODY_KEY] = raw  # field violations are named as this body spells the fields
         check_shape(raw, limits)
         if len(raw) <= INLINE_PARSE_BYTES:
             return parse_body(raw, pb.ClassifyRequest(), self.max_message_bytes, limits)
@@ -626,6 +632,17 @@ class HttpServer(GatewaySlot):
                                               limits)  # fmt: skip
         finally:
             self._parsing -= 1
+
+
+def respelled(error: InvalidArgument, raw: bytes) -> InvalidArgument:
+    """``error`` with its field paths (and the message's leading one) spelled as the JSON body ``raw`` spells
+    the fields (``topK`` or ``top_k``; ``service.jsonwalk.respell``): validation names them in proto terms."""
+    descriptor = pb.ClassifyRequest.DESCRIPTOR
+    fixed = [FieldViolation(respell(v.field, descriptor, raw), v.description) for v in error.violations]
+    message = error.message
+    if error.violations and error.violations[0].field and message.startswith(error.violations[0].field + ":"):
+        message = fixed[0].field + message[len(error.violations[0].field) :]
+    return InvalidArgument(fixed, message)
 
 
 def parse_body(raw: bytes, message: M, max_message_bytes: int, limits: Limits | None = None) -> M:
@@ -653,7 +670,7 @@ def parse_body(raw: bytes, message: M, max_message_bytes: int, limits: Limits | 
         reason = f"nests arrays or objects too deeply to be a {message.DESCRIPTOR.name}"
         raise InvalidArgument([FieldViolation("", reason)], f"request body {reason}") from None
     if not isinstance(data, dict):
-        reason = f"must be a JSON object (a {message.DESCRIPTOR.name}), got {type(data).__name__}"
+        reason = f"must be {example(message.DESCRIPTOR)} (a {message.DESCRIPTOR.name}), got {kind(data)}"
         raise InvalidArgument([FieldViolation("", reason)], f"request body {reason}")
     arrays = []
     if isinstance(message, pb.ClassifyRequest) and limits is not None:

@@ -64,6 +64,42 @@ def json_violations(data: Any, descriptor: Descriptor, limit: int = MAX_VIOLATIO
     return walk.found
 
 
+_PATH_TOKEN = re.compile(r"\[[^\]]*\]|[^.\[\]]+")
+
+
+def respell(path: str, descriptor: Descriptor, body: bytes) -> str:
+    """A field path in proto names (``top_k``, ``drawings[0].strokes.strokes[1].t_ms``), as the client spelled
+    the fields in its JSON ``body``: by the proto name where the body uses it (as a key) and not the JSON name,
+    otherwise by the JSON name (``topK``, ``tMs``), the JSON API's own spelling. A path that names no field (a
+    header, the body) comes back as it is.
+
+    Spellings are looked up in the body's bytes, so the large bodies parsed in worker processes are respelled
+    the same way without parsing them again; a body that spells one field both ways gets the JSON name.
+    """
+    out: list[str] = []
+    current: Descriptor | None = descriptor
+    for token in _PATH_TOKEN.findall(path):
+        if token.startswith("["):
+            out.append(token)
+            continue
+        field = None
+        if current is not None:
+            field = current.fields_by_name.get(token) or next(
+                (f for f in current.fields if f.json_name == token), None)  # fmt: skip
+        if field is None:
+            out.append(("." if out else "") + token)
+            current = None
+            continue
+        name = field.json_name
+        if field.name != field.json_name:
+            proto_key, json_key = f'"{field.name}"'.encode(), f'"{field.json_name}"'.encode()
+            if proto_key in body and json_key not in body:
+                name = field.name
+        out.append(("." if out else "") + name)
+        current = field.message_type if field.cpp_type == _CPP.CPPTYPE_MESSAGE else None
+    return "".join(out) if out else path
+
+
 def found(value: Any) -> str:
     """A JSON value as a description quotes it: its kind and, clipped to ``VALUE_CHARS``, the value."""
     if value is None:
@@ -89,8 +125,87 @@ def found(value: Any) -> str:
     return type(value).__name__
 
 
+def kind(value: Any) -> str:
+    """A JSON value's kind in JSON terms: "a string", "a number", "an array", "an object", "a boolean", "null"."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _placeholder(field: FieldDescriptor) -> str:
+    """A field's value in an example object: a short JSON value, or a ``<...>`` hint."""
+    if field.is_repeated and not (field.type == _CPP.TYPE_MESSAGE and field.message_type.GetOptions().map_entry):
+        return "[...]"
+    cpp = field.cpp_type
+    if cpp == _CPP.CPPTYPE_MESSAGE:
+        return "{...}"
+    if field.type == _CPP.TYPE_BYTES:
+        return '"<base64>"'
+    if cpp == _CPP.CPPTYPE_STRING:
+        return '"<text>"'
+    if cpp == _CPP.CPPTYPE_BOOL:
+        return "true"
+    if cpp == _CPP.CPPTYPE_ENUM:
+        values = [v.name for v in field.enum_type.values if v.number != 0] or [field.enum_type.values[0].name]
+        return json.dumps(values[0])
+    if cpp in _FLOAT_NAMES:
+        return "1.5"
+    return "1"
+
+
+def example(descriptor: Descriptor, most: int = 3) -> str:
+    """What a message looks like in JSON, for a description: ``an object like {"data": "<base64>"}``, or, for a
+    message that is one oneof, ``an object with one of the keys "bitmap", "image", "strokes"``."""
+    fields = list(descriptor.fields)
+    oneofs = descriptor.oneofs
+    if len(oneofs) == 1 and fields and all(f.containing_oneof is oneofs[0] for f in fields):
+        keys = ", ".join(json.dumps(f.json_name) for f in fields)
+        return f"an object with one of the keys {keys}"
+    if not fields:
+        return "an object"
+    items = [f"{json.dumps(f.json_name)}: {_placeholder(f)}" for f in fields[:most]]
+    return "an object like {" + ", ".join(items) + (", ..." if len(fields) > most else "") + "}"
+
+
 def _clip(text: str) -> str:
     return text if len(text) <= VALUE_CHARS else text[: VALUE_CHARS - 3] + "..."
+
+
+def _items(field: FieldDescriptor) -> str:
+    """What a repeated field's items are, in JSON terms (``objects like {...}``, ``numbers``)."""
+    cpp = field.cpp_type
+    if cpp == _CPP.CPPTYPE_MESSAGE:
+        return example(field.message_type).replace("an object", "objects", 1)
+    if field.type == _CPP.TYPE_BYTES:
+        return "base64 strings"
+    if cpp == _CPP.CPPTYPE_STRING:
+        return "strings"
+    if cpp == _CPP.CPPTYPE_BOOL:
+        return "booleans"
+    if cpp == _CPP.CPPTYPE_ENUM:
+        return "enum names"
+    return "numbers"
+
+
+def _got(value: Any) -> str:
+    """What a wrong JSON value is, in JSON terms: its kind, and its keys, length or value where that helps."""
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, dict):
+        return found(value)
+    if isinstance(value, list):
+        return found(value)
+    return f"{kind(value)} ({found(value)})" if value is not None and not isinstance(value, bool) else found(value)
 
 
 def _key_path(path: str, key: str) -> str:
@@ -148,7 +263,7 @@ class _Walk:
         elif isinstance(value, dict):
             self.fields(value, descriptor, path, depth)
         elif not (isinstance(value, (list, str)) and not value):  # json_format takes [] and "" as no fields
-            self.add(path, f"must be a JSON object (a {name}), got {found(value)}")
+            self.add(path, f"expected {example(descriptor)}, got {_got(value)}")
 
     def fields(self, js: dict[str, Any], descriptor: Descriptor, path: str, depth: int) -> None:
         """A JSON object's members, each checked against the field it names."""
@@ -182,7 +297,7 @@ class _Walk:
             self.map(value, field, path, depth)
         elif field.is_repeated:
             if not isinstance(value, list):
-                self.add(path, f"must be a JSON array (a repeated field), got {found(value)}")
+                self.add(path, f"expected an array of {_items(field)}, got {_got(value)}")
                 return
             indices: Iterable[int] = range(len(value))
             if field.cpp_type in _FLOAT_NAMES:

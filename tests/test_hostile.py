@@ -1131,7 +1131,7 @@ def test_truncated_protobuf(api: Api) -> None:
         (b'{"drawings": [{"strokes": {"strokes": [{"x": [1e39], "y": [1]}]}}]}',
          "drawings[0].strokes.strokes[0].x[0]", "is out of range for a float"),
         (b'{"drawings": [' + b"{}," * 600 + b"{}]}", "drawings", "601 drawings"),
-        (b'{"drawings": {"a field: b": 1}}', "drawings", "must be a JSON array"),
+        (b'{"drawings": {"a field: b": 1}}', "drawings", "expected an array of objects"),
         (b'{"\\n": 1}', "\n", "is not a field of quickdraw.v1.ClassifyRequest"),
         (b'{"drawings": [{"strokes": {"strokes": [{"x": ["' + b"z" * 5000 + b'"], "y": [1]}]}}]}',
          "drawings[0].strokes.strokes[0].x[0]", 'got the string "zzz'),

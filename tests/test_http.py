@@ -29,6 +29,7 @@ from quickdraw.v1 import classifier_pb2 as pb
 from service.backends import find_versions
 from service.backends.embedded import EmbeddedBackend
 from service.client import QuickDrawClient
+from service.jsonwalk import respell
 from service.settings import Settings
 
 pytestmark = pytest.mark.skipif(not find_versions(SHIPPED_MODEL), reason=f"no SavedModel under {SHIPPED_MODEL}")
@@ -137,15 +138,18 @@ def test_validation_errors_carry_the_grpc_field_violations(
     code, expected = grpc_violations(client, json_format.ParseDict(request_json, pb.ClassifyRequest()))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert status == 400 and body["error"]["status"] == "INVALID_ARGUMENT" and body["error"]["code"] == 400
-    assert violations(body) == expected and expected
-    assert body["error"]["message"].startswith(expected[0][0])
+    # the same violations, each field named as the JSON body spells it (topK, tMs: the JSON names here)
+    spelled = [(respell(f, pb.ClassifyRequest.DESCRIPTOR, json.dumps(request_json).encode()), d) for f, d in expected]
+    assert violations(body) == spelled and expected
+    assert body["error"]["message"].startswith(spelled[0][0])
 
 
 @pytest.mark.parametrize(
     ("raw", "field", "reason"),
     [
         (b"{nope", "", "is not valid JSON"),
-        (b"[1, 2]", "", "must be a JSON object (a ClassifyRequest), got list"),
+        (b"[1, 2]", "", 'must be an object like {"drawings": [...], "topK": 1, "model": {...}} (a ClassifyRequest), '
+         "got an array"),
         (b'{"drawings": [{"strokes": {"strokes": [{"x": ["a"], "y": [1]}]}}]}',
          "drawings[0].strokes.strokes[0].x[0]", 'expected a float (a JSON number, or a string such as "1.5", "NaN" '
          'or "Infinity"), got the string "a"'),
@@ -355,7 +359,7 @@ def _drawings(*strokes: dict[str, Any]) -> dict[str, Any]:
         (json.dumps(_drawings(_stroke([1, 2], [True, {}]))).encode(), "drawings[2].strokes.strokes[0].y[1]",
          'expected a float (a JSON number, or a string such as "1.5", "NaN" or "Infinity"), got an empty object'),
         (b'{"drawings": [{"strokes": [1]}]}', "drawings[0].strokes",
-         "must be a JSON object (a quickdraw.v1.Strokes), got an array of 1 item"),
+         'expected an object like {"strokes": [...], "coordinates": "SIMPLIFIED"}, got an array of 1 item'),
         (b'{"drawings": [{"image": {"data": 5}}]}', "drawings[0].image.data",
          "expected base64 bytes (a JSON string), got 5"),
         (b'{"top_k": "three"}', "top_k",
@@ -363,11 +367,12 @@ def _drawings(*strokes: dict[str, Any]) -> dict[str, Any]:
         (b'{"topK": 2.5}', "topK", "expected an integer (uint32: a JSON number or a string of digits), got 2.5"),
         # a JSON array for each repeated field, and nothing else
         (b'{"drawings": {"a": 1}}', "drawings",
-         'must be a JSON array (a repeated field), got an object with keys "a"'),
+         'expected an array of objects with one of the keys "bitmap", "image", "strokes", got an object with keys '
+         '"a"'),
         (b'{"drawings": [{"strokes": {"strokes": {"x": [1]}}}]}', "drawings[0].strokes.strokes",
-         'must be a JSON array (a repeated field), got an object with keys "x"'),
+         'expected an array of objects like {"x": [...], "y": [...], "tMs": [...]}, got an object with keys "x"'),
         (b'{"drawings": [{"strokes": {"strokes": [{"x": 1, "y": [1]}]}}]}', "drawings[0].strokes.strokes[0].x",
-         "must be a JSON array (a repeated field), got 1"),
+         "expected an array of numbers, got a number (1)"),
         # base64: either alphabet, padding optional; not a length that no base64 has
         (b'{"drawings": [{"bitmap": {"pixels": "AAAAA"}}]}', "drawings[0].bitmap.pixels",
          'expected base64 bytes (standard or URL-safe, padding optional), got the string "AAAAA": Invalid '
@@ -507,3 +512,73 @@ def test_the_json_walk_checks_number_arrays_at_c_speed(monkeypatch: pytest.Monke
     path = "drawings[0].strokes.strokes[0].x"
     assert walked == [f"{path}[7]", f"{path}[{n // 2}]", f"{path}[{n - 1}]"]
     assert [v.field for v in got] == [f"{path}[{n // 2}]", f"{path}[{n - 1}]"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "description"),
+    [
+        # a base64 string where an EncodedImage belongs: one violation at the image, not one per character
+        ({"drawings": [{"image": "iVBORw0KGgoAAAANSUhEUg=="}]}, "drawings[0].image",
+         'expected an object like {"data": "<base64>"}, got a string'),
+        ({"drawings": [{"bitmap": [0, 255]}]}, "drawings[0].bitmap",
+         'expected an object like {"pixels": "<base64>"}, got an array of 2 items'),
+        ({"drawings": ["cat"]}, "drawings[0]",
+         'expected an object with one of the keys "bitmap", "image", "strokes", got a string'),
+        ({"drawings": [{"strokes": {"strokes": [{"x": 1, "y": [1]}]}}]}, "drawings[0].strokes.strokes[0].x",
+         "expected an array of numbers, got a number (1)"),
+        ({"drawings": [{"bitmap": {}}], "model": 5}, "model",
+         'expected an object like {"version": 1}, got a number (5)'),
+    ],
+    ids=["string-for-image", "array-for-bitmap", "string-for-drawing", "number-for-x", "number-for-model"],
+)  # fmt: skip
+def test_a_wrong_json_type_is_named_in_json_terms(
+    gateway: RunningGateway, body: dict[str, Any], field: str, description: str
+) -> None:
+    status, answer, _ = call(gateway, "/v1/classify", body)
+    assert status == 400 and violations(answer) == [(field, description)]
+    assert answer["error"]["message"] == f"{field}: {description}"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"drawings": [{"bitmap": {"pixels": base64.b64encode(bytes(784)).decode()}}], "topK": 99}, "topK"),
+        ({"drawings": [{"bitmap": {"pixels": base64.b64encode(bytes(784)).decode()}}], "top_k": 99}, "top_k"),
+        ({"drawings": [{"strokes": {"coordinates": "RAW", "strokes": [{"x": [1, 2], "y": [1, 2],
+                                                                       "tMs": [0, "NaN"]}]}}]},
+         "drawings[0].strokes.strokes[0].tMs[1]"),
+        ({"drawings": [{"strokes": {"coordinates": "RAW", "strokes": [{"x": [1, 2], "y": [1, 2],
+                                                                       "t_ms": [0, "NaN"]}]}}]},
+         "drawings[0].strokes.strokes[0].t_ms[1]"),
+        ({"drawings": [{"strokes": {"strokes": [{"x": [1, 300], "y": [1, 2]}]}}], "top_k": 99}, "top_k"),
+    ],
+    ids=["topK", "top_k", "tMs", "t_ms", "top_k-second"],
+)  # fmt: skip
+def test_violations_name_fields_as_the_body_spells_them(
+    gateway: RunningGateway, client: QuickDrawClient, body: dict[str, Any], field: str
+) -> None:
+    """Validation names fields in proto terms (top_k); the JSON API's answer names them as the body did."""
+    status, answer, _ = call(gateway, "/v1/classify", body)
+    assert status == 400
+    fields = [f for f, _ in violations(answer)]
+    assert field in fields, fields
+    swapped = {"topK": "top_k", "top_k": "topK"}.get(field)
+    assert swapped is None or swapped not in fields
+    other = field.replace("tMs", "t_ms") if "tMs" in field else field.replace("t_ms", "tMs")
+    assert other == field or other not in fields
+    _, over_grpc = grpc_violations(client, json_format.ParseDict(body, pb.ClassifyRequest()))
+    # the gRPC call's violations, in proto names, only named as the body spells them
+    assert [respell(f, pb.ClassifyRequest.DESCRIPTOR, json.dumps(body).encode()) for f, _ in over_grpc] == fields
+    assert any(f.replace("tMs", "t_ms").replace("topK", "top_k") == f2 for f in fields for f2, _ in over_grpc)
+
+
+def test_respell_follows_the_descriptors() -> None:
+    d = pb.ClassifyRequest.DESCRIPTOR
+    assert respell("top_k", d, b'{"topK": 1}') == "topK"
+    assert respell("top_k", d, b'{"top_k": 1}') == "top_k"
+    assert respell("top_k", d, b"{}") == "topK"  # absent: the JSON API's own spelling
+    assert respell("top_k", d, b'{"top_k": 1, "topK": 2}') == "topK"
+    assert respell("drawings[2].strokes.strokes[0].t_ms[4]", d, b'"t_ms"') == "drawings[2].strokes.strokes[0].t_ms[4]"
+    assert respell("drawings[2].strokes.strokes[0].t_ms[4]", d, b'"tMs"') == "drawings[2].strokes.strokes[0].tMs[4]"
+    assert respell("Content-Type header", d, b"") == "Content-Type header"
+    assert respell("", d, b"{}") == ""
