@@ -10,6 +10,8 @@ Routes:
   model that makes the out-of-class decision each prediction has ``outOfClass`` (absent for older models).
   An ``X-Server-Timeout`` header (seconds) is the call's deadline, as a gRPC deadline would be.
 - ``GET /v1/model``: the ``ModelInfo`` that GetModelInfo returns.
+- ``GET /openapi.json``: the OpenAPI 3.1 document of these routes, generated from the proto descriptors
+  (``service.openapi``); no token needed.
 - ``GET /`` and ``GET /static/<file>``: the playground, a page to draw on (files in ``service/playground/``).
 
 ``http_api=False`` removes the API and the page; /metrics stays.
@@ -57,6 +59,7 @@ from prometheus_client.exposition import choose_encoder
 from yarl import URL
 
 from quickdraw.v1 import classifier_pb2 as pb
+from service import openapi
 from service.api import GatewaySlot, Observed, service_error
 from service.errors import (
     Cancelled,
@@ -415,6 +418,7 @@ class HttpServer(GatewaySlot):
         #: Parses large JSON bodies in worker processes (None: on a thread); set by the composition root.
         self.json_parser: JsonParsePool | None = None
         self._parsing = 0
+        self._openapi_doc: dict[str, Any] | None = None
         self._files = {p.name: p for p in PLAYGROUND_DIR.iterdir() if p.is_file()} if api else {}
         hosts = self.limits.allowed_hosts
         #: None: any host (``*``, or a bearer token is required, which a browser cannot send cross-site).
@@ -428,6 +432,7 @@ class HttpServer(GatewaySlot):
         if self.api:
             app.router.add_post("/v1/classify", self._classify)
             app.router.add_get("/v1/model", self._model)
+            app.router.add_get("/openapi.json", self._openapi)
             app.router.add_get("/", self._index)
             app.router.add_get("/static/{name}", self._static)
         return app
@@ -573,6 +578,17 @@ class HttpServer(GatewaySlot):
                 err = service_error(exc)
                 call.fail(err)
                 return error_response(err)
+
+    async def _openapi(self, request: web.Request) -> web.Response:
+        """The JSON API's OpenAPI document (``service.openapi``, generated from the proto descriptors); like the
+        page, it needs no token."""
+        try:
+            self._check_host(request)
+        except ServiceError as err:
+            return error_response(err)
+        if self._openapi_doc is None:
+            self._openapi_doc = openapi.document(bearer=self.auth is not None)
+        return web.json_response(self._openapi_doc, headers={"Cache-Control": "no-cache"})
 
     async def _index(self, request: web.Request) -> web.StreamResponse:
         try:
