@@ -12,7 +12,25 @@ from typing import Any
 
 from quickdraw.extras import require
 
-EXAMPLE = "quickdraw classify --target {target} ../shared/quickdraw/simplified/cat.ndjson"
+EXAMPLE = "{quickdraw} classify --target {target} ../shared/quickdraw/simplified/cat.ndjson"
+
+
+def _quickdraw_command() -> str:
+    """How to run this ``quickdraw`` from the working directory: ``quickdraw`` when that is the one on PATH, else
+    its path (``.venv/bin/quickdraw`` under ``make run``, whose virtualenv is not on PATH)."""
+    import os
+    import shutil
+
+    script = sys.argv[0]
+    if Path(script).name != "quickdraw":  # python -m quickdraw: the console script beside that python, if any
+        script = str(Path(sys.executable).with_name("quickdraw"))
+        if not os.path.exists(script):
+            return f"{sys.executable} -m quickdraw"
+    on_path = shutil.which("quickdraw")
+    if on_path and os.path.samefile(on_path, script):
+        return "quickdraw"
+    relative = os.path.relpath(script)
+    return relative if not relative.startswith("..") else os.path.abspath(script)
 
 
 def _option_type(annotation: Any) -> dict[str, Any]:
@@ -88,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"quickdraw gateway ready: gRPC on {settings.host}:{app.grpc_port}, "
               f"metrics on http://{host}:{app.http_port}/metrics\n"
               + (f"  playground: http://{host}:{app.http_port}/\n" if settings.http_api else "")
-              + f"  try: {EXAMPLE.format(target=target)}", flush=True)
+              + f"  try: {EXAMPLE.format(quickdraw=_quickdraw_command(), target=target)}", flush=True)
 
     configure_logging(settings.log_level)
     app = App(settings)
