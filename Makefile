@@ -11,7 +11,7 @@ export QUICKDRAW_SAMPLE_DIR ?= $(abspath ../shared/quickdraw)
 # The browser test drives this Chromium (Debian's package) with Playwright; nothing downloads a browser.
 export QUICKDRAW_CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install browser run train test lint protos bench reliability rehearsal soak images image-test clean help
+.PHONY: install browser run train test lint protos stubs bench reliability rehearsal soak images image-test clean help
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' \
@@ -53,6 +53,9 @@ lint: $(STAMP) ## ruff only
 
 protos: $(STAMP) ## regenerate the Python code for protos/ and the TF Serving descriptor set (reproducible)
 	$(BIN)/python scripts/gen_protos.py
+
+stubs: $(STAMP) ## Go and TypeScript client stubs under build/stubs (buf and protoc plugins; README, Other languages)
+	$(BIN)/python scripts/stubs.py
 
 bench: $(STAMP) ## benchmarks: each compares two things in one run and prints ratios
 	$(BIN)/python -m benchmarks

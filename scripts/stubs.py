@@ -29,6 +29,9 @@ OUT = ROOT / "build" / "stubs"
 NPM_PREFIX = ROOT / "build" / "npm"
 #: npm packages `make stubs` installs when missing (pinned: the generated code depends on the versions).
 NPM_PACKAGES = ("@bufbuild/buf@1.75.0", "@bufbuild/protoc-gen-es@2.17.0")
+#: What README.md's TypeScript example needs besides the stubs (installed with them; tests/test_stubs.py runs it).
+NPM_EXAMPLE_PACKAGES = ("@bufbuild/protobuf@2.17.0", "@connectrpc/connect@2.3.0", "@connectrpc/connect-node@2.3.0",
+                        "@types/node@20", "typescript@5.9.3")
 PROTO = "quickdraw/v1/classifier.proto"
 IMAGE = OUT / "quickdraw.binpb"
 #: The one import of the API that is not a well-known type (TypeScript needs its code too).
@@ -58,18 +61,24 @@ def tool(name: str) -> str | None:
     return shutil.which(name) or (str(local) if local.exists() else None)
 
 
+def _npm_missing(packages: tuple[str, ...]) -> list[str]:
+    return [p for p in packages if not (NPM_PREFIX / "node_modules" / p.rsplit("@", 1)[0] / "package.json").exists()]
+
+
 def npm_install() -> None:
-    """Install buf and protoc-gen-es under build/npm when npm is there and either is missing."""
-    if tool("buf") and tool("protoc-gen-es"):
+    """Install buf, protoc-gen-es and the TypeScript example's packages under build/npm when npm is there and any
+    is missing."""
+    packages = NPM_PACKAGES + NPM_EXAMPLE_PACKAGES
+    if not _npm_missing(packages):
         return
     npm = shutil.which("npm")
     if npm is None:
         print("stubs: no npm: buf and protoc-gen-es cannot be installed here", file=sys.stderr)
         return
     NPM_PREFIX.mkdir(parents=True, exist_ok=True)
-    print(f"stubs: npm install {' '.join(NPM_PACKAGES)} (into build/npm)", flush=True)
+    print(f"stubs: npm install {' '.join(packages)} (into build/npm)", flush=True)
     subprocess.run([npm, "install", "--prefix", str(NPM_PREFIX), "--no-audit", "--no-fund", "--loglevel=error",
-                    *NPM_PACKAGES], check=True)  # fmt: skip
+                    *packages], check=True)  # fmt: skip
 
 
 def plugins() -> tuple[list[dict[str, str]], list[str]]:
