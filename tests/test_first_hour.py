@@ -93,8 +93,8 @@ def test_make_help_is_aligned() -> None:
 def timeline_run(duration_s: float) -> dict[str, Any]:
     seconds = int(duration_s) + 1
     return {
-        "mode": "closed", "concurrency": 4, "offered_rate": None, "throughput_calls_per_s": 100.0, "duration_s": duration_s,
-        "p50_ms": 2.0, "p90_ms": 3.0, "p99_ms": 5.0, "p99.9_ms": 8.0,
+        "mode": "closed", "concurrency": 4, "offered_rate": None, "throughput_calls_per_s": 100.0,
+        "duration_s": duration_s, "p50_ms": 2.0, "p90_ms": 3.0, "p99_ms": 5.0, "p99.9_ms": 8.0,
         # a steady 100 calls/s; the last (partial) second holds only the calls of the part the run covered
         "timeline": [{"t_s": float(i), "calls": 100 if i < int(duration_s) else round(100 * (duration_s - i)),
                       "errors": 0, "p50_ms": 2.0, "p99_ms": 5.0} for i in range(seconds)],
