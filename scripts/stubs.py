@@ -33,6 +33,8 @@ NPM_PACKAGES = ("@bufbuild/buf@1.75.0", "@bufbuild/protoc-gen-es@2.17.0")
 NPM_EXAMPLE_PACKAGES = ("@bufbuild/protobuf@2.17.0", "@connectrpc/connect@2.3.0", "@connectrpc/connect-node@2.3.0",
                         "@types/node@20", "typescript@5.9.3")
 PROTO = "quickdraw/v1/classifier.proto"
+#: How long npm may take to install the packages (a registry that does not answer fails, not hangs).
+NPM_TIMEOUT_S = 300
 IMAGE = OUT / "quickdraw.binpb"
 #: The one import of the API that is not a well-known type (TypeScript needs its code too).
 STATUS_PROTO = "google/rpc/status.proto"
@@ -75,10 +77,19 @@ def npm_install() -> None:
     if npm is None:
         print("stubs: no npm: buf and protoc-gen-es cannot be installed here", file=sys.stderr)
         return
+    try:  # a registry that cannot be reached is found out in seconds, not after npm's retries
+        subprocess.run([npm, "ping", "--fetch-retries=0", "--fetch-timeout=10000"], check=True, capture_output=True,
+                       timeout=30)  # fmt: skip
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        print("stubs: the npm registry does not answer: buf and protoc-gen-es cannot be installed", file=sys.stderr)
+        return
     NPM_PREFIX.mkdir(parents=True, exist_ok=True)
     print(f"stubs: npm install {' '.join(packages)} (into build/npm)", flush=True)
-    subprocess.run([npm, "install", "--prefix", str(NPM_PREFIX), "--no-audit", "--no-fund", "--loglevel=error",
-                    *packages], check=True)  # fmt: skip
+    try:
+        subprocess.run([npm, "install", "--prefix", str(NPM_PREFIX), "--no-audit", "--no-fund", "--loglevel=error",
+                        *packages], check=True, timeout=NPM_TIMEOUT_S)  # fmt: skip
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:  # no registry here: go on without
+        print(f"stubs: npm install failed ({exc}): going on without what it would have installed", file=sys.stderr)
 
 
 def plugins() -> tuple[list[dict[str, str]], list[str]]:
