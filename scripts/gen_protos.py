@@ -6,7 +6,10 @@ grpcio-tools version, so a test can regenerate into a temporary directory and co
 
 The vendored TF Serving protos under ``protos/third_party/tfserving/`` get no Python code: they compile to one
 serialized ``FileDescriptorSet`` with their imports, ``service/tfs/tfserving.binpb``, which ``service.tfs`` loads
-into a private descriptor pool (TensorFlow's own copies of the same names may share the process).
+into a private descriptor pool (TensorFlow's own copies of the same names may share the process). The vendored
+Open Inference Protocol (KServe v2) proto under ``protos/third_party/kserve/`` compiles the same way, to
+``service/oip/oip.binpb`` (``service.oip``'s private pool: tritonclient and the kserve SDK register the same
+``inference.*`` names in the default pool).
 """
 
 from __future__ import annotations
@@ -28,21 +31,30 @@ TFSERVING_ROOTS = (
     "tensorflow_serving/apis/prediction_service.proto",
 )
 
+#: The vendored Open Inference Protocol (package ``inference``), and the descriptor set it compiles to.
+OIP_PROTOS = ROOT / "protos" / THIRD_PARTY / "kserve"
+OIP_SET = Path("service") / "oip" / "oip.binpb"
+OIP_ROOTS = ("open_inference_grpc.proto",)
+
 
 def proto_files(proto_root: Path) -> list[Path]:
     """Every .proto under ``proto_root`` but the vendored ``third_party/``, sorted for a stable order."""
     return sorted(p for p in proto_root.rglob("*.proto") if THIRD_PARTY not in p.relative_to(proto_root).parts)
 
 
-def generate_descriptor_set(out_dir: Path, proto_root: Path = TFSERVING_PROTOS) -> Path:
-    """Compile the vendored TF Serving protos into ``out_dir/service/tfs/tfserving.binpb``; returns its path.
+def generate_descriptor_set(
+    out_dir: Path, proto_root: Path = TFSERVING_PROTOS, target: Path = TFSERVING_SET,
+    roots: tuple[str, ...] = TFSERVING_ROOTS,
+) -> Path:
+    """Compile vendored protos (by default TF Serving's, into ``out_dir/service/tfs/tfserving.binpb``); returns the
+    path written.
 
     A ``FileDescriptorSet`` of the root files and all their imports (google/protobuf ones included), in
     dependency order, without source info: the bytes depend only on the .proto files and protoc's version.
     """
     from grpc_tools import protoc
 
-    out = out_dir / TFSERVING_SET
+    out = out_dir / target
     out.parent.mkdir(parents=True, exist_ok=True)
     include = str(resources.files("grpc_tools") / "_proto")
     args = [
@@ -51,7 +63,7 @@ def generate_descriptor_set(out_dir: Path, proto_root: Path = TFSERVING_PROTOS) 
         f"--proto_path={include}",
         "--include_imports",
         f"--descriptor_set_out={out}",
-        *TFSERVING_ROOTS,
+        *roots,
     ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed: {' '.join(args)}")
@@ -106,6 +118,7 @@ def main() -> int:
     args = parser.parse_args()
     written = generate(args.out)
     written.append(generate_descriptor_set(args.out))
+    written.append(generate_descriptor_set(args.out, OIP_PROTOS, OIP_SET, OIP_ROOTS))
     for p in written:
         print(f"generated {p.relative_to(args.out)}")
     return 0

@@ -412,6 +412,8 @@ class HttpServer(GatewaySlot):
         self._runner: web.AppRunner | None = None
         #: Parses large JSON bodies in worker processes (None: on a thread); set by the composition root.
         self.json_parser: JsonParsePool | None = None
+        #: The Open Inference Protocol's surface (``service.oip.core.Surface``), set by the composition root.
+        self.oip: Any = None
         self._parsing = 0
         self._files = {p.name: p for p in PLAYGROUND_DIR.iterdir() if p.is_file()} if api else {}
         hosts = self.limits.allowed_hosts
@@ -428,6 +430,9 @@ class HttpServer(GatewaySlot):
             app.router.add_get("/v1/model", self._model)
             app.router.add_get("/", self._index)
             app.router.add_get("/static/{name}", self._static)
+            from service import oip_http  # the Open Inference Protocol's /v2 routes (issue 17)
+
+            oip_http.add_routes(app, self)
         return app
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
