@@ -274,7 +274,8 @@ def test_health_and_metadata_through_tritonclient(gateway: RunningGateway) -> No
         server = client.get_server_metadata()
         meta = client.get_model_metadata(MODEL)
         if isinstance(server, dict):  # HTTP: JSON
-            extensions, inputs, outputs, versions = server["extensions"], meta["inputs"], meta["outputs"], meta["versions"]
+            extensions, versions = server["extensions"], meta["versions"]
+            inputs, outputs = meta["inputs"], meta["outputs"]
             pairs = [(t["name"], t["datatype"], list(t["shape"])) for t in inputs]
             out = [(t["name"], t["datatype"], list(t["shape"])) for t in outputs]
         else:
@@ -283,7 +284,8 @@ def test_health_and_metadata_through_tritonclient(gateway: RunningGateway) -> No
             out = [(t.name, t.datatype, list(t.shape)) for t in meta.outputs]
         assert "classification" in extensions
         assert versions == [str(v) for v in model.versions]
-        assert pairs == [("image", "UINT8", [-1, 28, 28, 1]), ("encoded_image", "BYTES", [-1]), ("strokes", "BYTES", [-1])]
+        want = [("image", "UINT8", [-1, 28, 28, 1]), ("encoded_image", "BYTES", [-1]), ("strokes", "BYTES", [-1])]
+        assert pairs == want
         assert out[0] == ("probabilities", "FP32", [-1, len(model.labels)])
 
 
@@ -365,8 +367,10 @@ def test_http_v2_routes_and_binary_data(embedded: RunningGateway, images: np.nda
         assert code == status, path
     header = json.dumps({"inputs": [{"name": "image", "shape": [2, 28, 28, 1], "datatype": "UINT8",
                                      "parameters": {"binary_data_size": 2 * 784}}],
-                         "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}).encode()  # fmt: skip
-    req = urllib.request.Request(f"{base}/models/quickdraw/versions/{version}/infer", data=header + images[:2].tobytes(),
+                         "outputs": [{"name": "probabilities",
+                                      "parameters": {"binary_data": True}}]}).encode()  # fmt: skip
+    url = f"{base}/models/quickdraw/versions/{version}/infer"
+    req = urllib.request.Request(url, data=header + images[:2].tobytes(),
                                  headers={"Inference-Header-Content-Length": str(len(header)),
                                           "Content-Type": "application/octet-stream"})  # fmt: skip
     with urllib.request.urlopen(req, timeout=30) as resp:
