@@ -4,7 +4,7 @@ Serving stand-in), checked against the offline SavedModel.
 
 Also: the classification extension against the custom API's top-3, Triton's error codes through tritonclient,
 the other input forms (PNG, strokes JSON), Triton's ModelStreamInfer, the HTTP side's JSON and binary data, and
-that ``make protos`` reproduces the committed descriptor set. ~60 s on 2 shared cores (most of it starting two
+that ``make protos`` reproduces the committed descriptor set. 57-75 s on 2 shared cores (most of it starting two
 gateways, TensorFlow and the stand-in).
 """
 
