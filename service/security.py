@@ -32,10 +32,12 @@ Nothing here logs a token, a key or a request.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import hmac
 import logging
 import re
+import socket
 import ssl
 import threading
 import time
@@ -85,11 +87,45 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
+class BindError(OSError):
+    """A port the gateway cannot listen on; the message names the port and the option that changes it."""
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something listens on ``host:port`` already (a bind with SO_REUSEADDR, as the servers do, fails with
+    EADDRINUSE). Port 0 is never in use; an address that cannot be resolved is not "in use" either."""
+    if port == 0:
+        return False
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]  # fmt: skip
+    except OSError:
+        return False
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
+def bind_error(host: str, port: int, option: str, exc: BaseException) -> BindError:
+    """The one-line error for a port that could not be bound: in use, or why not."""
+    if port_in_use(host, port) or getattr(exc, "errno", None) == errno.EADDRINUSE:
+        return BindError(f"port {port} is in use: stop the other server or pass {option}")
+    reason = getattr(exc, "strerror", None) or str(exc).split(";")[0]
+    return BindError(f"cannot listen on {host}:{port} ({reason}): pass another {option} or --host")
+
+
 def bind_grpc(server: grpc.aio.Server, settings: Settings) -> int:
-    """Add the gRPC port, TLS when configured; returns the bound port."""
+    """Add the gRPC port, TLS when configured; returns the bound port (BindError when it cannot be bound)."""
     address = f"{settings.host}:{settings.grpc_port}"
     creds = server_credentials(settings)
-    return server.add_secure_port(address, creds) if creds is not None else server.add_insecure_port(address)
+    try:
+        return server.add_secure_port(address, creds) if creds is not None else server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpc's "Failed to bind to address ...", whatever the reason
+        raise bind_error(settings.host, settings.grpc_port, "--grpc-port", exc) from exc
 
 
 def transport_summary(settings: Settings) -> str:
