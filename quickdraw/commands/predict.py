@@ -43,9 +43,9 @@ def run(args: argparse.Namespace) -> int:
     """Load the model once, then classify file by file in batches."""
     from quickdraw.commands.common import check_files, resolve_model_dir
 
+    require("tensorflow", "quickdraw predict")
     check_files(args.files)
     model_dir = resolve_model_dir(args.model, "--model")
-    require("tensorflow", "quickdraw predict")
     from trainer.evaluate import LoadedModel
 
     model = LoadedModel(model_dir)
