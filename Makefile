@@ -5,7 +5,7 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
-HASH   := $(shell (sha256sum pyproject.toml 2>/dev/null || shasum -a 256 pyproject.toml) | cut -c1-16)
+HASH   := $(shell cat pyproject.toml clients/python/pyproject.toml | (sha256sum 2>/dev/null || shasum -a 256) | cut -c1-16)
 STAMP  := $(VENV)/.installed-$(HASH)
 export QUICKDRAW_SAMPLE_DIR ?= $(abspath ../shared/quickdraw)
 # The browser test drives this Chromium (Debian's package) with Playwright; nothing downloads a browser.
@@ -18,10 +18,10 @@ help: ## list the targets
 
 install: $(STAMP) ## create .venv and install the project (only when pyproject.toml changed)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[tf,dev]'
+	$(BIN)/python -m pip install --quiet -e ./clients/python -e '.[tf,dev]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

@@ -173,7 +173,11 @@ class App:
         grpc_cap, http_cap = connection_caps(s, soft)
         self._install_loop_error_log()
         self._http.limits = dataclasses.replace(self._http.limits, max_connections=http_cap)
-        self.http_port = await self._http.start(s.host, s.http_port, ssl_context=security.http_ssl_context(s))
+        ssl_context = security.http_ssl_context(s)
+        try:
+            self.http_port = await self._http.start(s.host, s.http_port, ssl_context=ssl_context)
+        except OSError as exc:  # EADDRINUSE, EACCES: one line naming the port and the option
+            raise security.bind_error(s.host, s.http_port, "--http-port", exc) from exc
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
