@@ -72,6 +72,7 @@ def test_ece_on_hand_made_probabilities() -> None:
     assert ood.expected_calibration_error(p, [0, 0]) == pytest.approx(0.35)
     conf, acc, count = ood.reliability(p, [0, 0])
     assert count.sum() == 2 and count[13] == 1 and count[8] == 1  # 0.9 -> (13/15, 14/15], 0.6 -> (8/15, 9/15]
+    assert (conf[13], acc[13], conf[8], acc[8]) == pytest.approx((0.9, 1.0, 0.6, 0.0))
 
 
 def test_temperature_scaling_recovers_a_known_temperature() -> None:

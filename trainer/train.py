@@ -212,8 +212,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             optimizer = keras.optimizers.Adam(_schedule(recipe, steps))
         optimizer.build(model.trainable_variables)
         epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        init_digest = None
         if cfg.init_from is not None:
             restore_exported_weights(model, cfg.init_from, recipe.tta)
+            init_digest = weights_digest(model)
     loss_fn = keras.losses.CategoricalCrossentropy(
         from_logits=True, label_smoothing=recipe.label_smoothing, reduction="none"
     )
@@ -389,6 +391,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             if "test_out_of_class" in metrics:
                 tqdm.write(f"test out-of-class: {metrics['test_out_of_class']}")
     card = ModelCard.build(cfg, recipe, data, model, history, train_seconds, workers, metrics)
+    if cfg.init_from is not None:
+        card.recipe |= {"init_from": str(cfg.init_from), "init_weights_sha256": init_digest}
+    card.recipe |= {"outlier_exposure_drawings": len(outliers.train_images) if oe_on else 0}
     card.calibration = {"method": "temperature scaling", "temperature": temperature, "fitted_on": "validation"}
     card.ood = {k: v for k, v in ood_card.items() if k != "score_kind"}
     if chief:
