@@ -98,6 +98,8 @@ class TrainConfig:
     init_from: Path | None = None
     #: Outlier exposure on or off (None: the recipe's, i.e. on when its ``oe_weight`` is positive).
     outlier_exposure: bool | None = None
+    oe_weight: float | None = None
+    oe_batch_size: int | None = None
 
     def recipe(self) -> Recipe:
         """The architecture's recipe with this run's overrides applied."""
@@ -113,8 +115,8 @@ class TrainConfig:
             precision=self.precision or base.precision,
             tta=base.tta if self.tta is None else self.tta,
             weight_decay=base.weight_decay,
-            oe_weight=0.0 if oe is False else (base.oe_weight or (0.5 if oe else 0.0)),
-            oe_batch_size=0 if oe is False else (base.oe_batch_size or (64 if oe else 0)),
+            oe_weight=0.0 if oe is False else (self.oe_weight or base.oe_weight or (0.5 if oe else 0.0)),
+            oe_batch_size=0 if oe is False else (self.oe_batch_size or base.oe_batch_size or (64 if oe else 0)),
         )
 
 
