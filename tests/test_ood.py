@@ -114,10 +114,24 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     net = models.qdnet(3, width=8)
     base = tmp_path_factory.mktemp("models")
     card_args = dict.fromkeys(ModelCard.__dataclass_fields__, None)
-    card_args |= {"name": "quickdraw", "created": "now", "classes": ["a", "b", "c"], "architecture": "qdnet",
-                  "parameters": 1, "input": {}, "outputs": {}, "data": {}, "recipe": {}, "metrics": {},
-                  "history": [], "training_seconds": 0.0, "workers": 1, "tensorflow_version": "",
-                  "keras_version": "", "machine": {}}
+    card_args |= {
+        "name": "quickdraw",
+        "created": "now",
+        "classes": ["a", "b", "c"],
+        "architecture": "qdnet",
+        "parameters": 1,
+        "input": {},
+        "outputs": {},
+        "data": {},
+        "recipe": {},
+        "metrics": {},
+        "history": [],
+        "training_seconds": 0.0,
+        "workers": 1,
+        "tensorflow_version": "",
+        "keras_version": "",
+        "machine": {},
+    }
     with_score = ModelCard(**card_args)
     with_score.calibration = {"temperature": 2.0}
     with_score.ood = {"score": KNOWN_SCORE, "threshold": 1.25, "split": {"test_classes": ["x"]}}

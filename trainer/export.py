@@ -169,9 +169,7 @@ class ModelCard:
                 "convention": "numpy_bitmap: strokes 255 on background 0, drawing centred",
             },
             outputs={
-                **{
-                    name: f"{OUTPUT_DTYPES[name]} [batch, {'C' if name == OUTPUT_KEY else k}]" for name in OUTPUTS
-                },
+                **{name: f"{OUTPUT_DTYPES[name]} [batch, {'C' if name == OUTPUT_KEY else k}]" for name in OUTPUTS},
                 KNOWN_SCORE: f"{OUTPUT_DTYPES[KNOWN_SCORE]} [batch]",
             },
             data={

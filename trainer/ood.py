@@ -55,9 +55,7 @@ def class_hash(name: str) -> float:
     return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
-def split_classes(
-    classes: Iterable[str], fractions: Sequence[float] = CLASS_SPLIT_FRACTIONS
-) -> dict[str, list[str]]:
+def split_classes(classes: Iterable[str], fractions: Sequence[float] = CLASS_SPLIT_FRACTIONS) -> dict[str, list[str]]:
     """Whole classes into ``train``/``val``/``test`` by their hash; each list sorted, the three disjoint."""
     if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-9 or min(fractions) < 0:
         raise ValueError(f"fractions must be three non-negative numbers summing to 1, not {fractions}")

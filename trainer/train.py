@@ -190,11 +190,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     outliers = ood.outlier_data(cfg.data_dir, data, ood.cache_dir())
     oe_on = recipe.oe_weight > 0 and recipe.oe_batch_size > 0 and len(outliers.train_images) > 0
     if recipe.oe_weight > 0 and not oe_on:
-        log.warning("outlier exposure is on but %s has no drawings of unknown classes: training without it",
-                    cfg.data_dir)
+        log.warning(
+            "outlier exposure is on but %s has no drawings of unknown classes: training without it", cfg.data_dir
+        )
     if oe_on and chief:
-        log.info("outlier exposure: %d drawings (%d unknown classes, -1 target) beside the known batches",
-                 len(outliers.train_images), len(outliers.split["train"]))
+        log.info(
+            "outlier exposure: %d drawings (%d unknown classes, -1 target) beside the known batches",
+            len(outliers.train_images),
+            len(outliers.split["train"]),
+        )
     oe_per_replica = recipe.oe_batch_size // workers if oe_on else 0
     keras.utils.set_random_seed(cfg.seed)
     keras.config.set_dtype_policy(recipe.precision)
@@ -274,6 +278,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     start_epoch = int(epoch_var.numpy())
     t_start = time.perf_counter()
     for epoch in range(start_epoch, recipe.epochs):
+
         def dataset_fn(ctx: tf.distribute.InputContext, epoch: int = epoch) -> tf.data.Dataset:
             known = make_dataset(
                 data,
@@ -365,8 +370,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         served_logits(served), val_logits, outliers, cfg.data_dir, ood.cache_dir(), temperature, method
     )
     if chief:
-        tqdm.write(f"calibration: T = {temperature:.4f} (fitted on validation); out-of-class score: "
-                   f"{ood_card['score_kind']} (validation: {choice})")
+        tqdm.write(
+            f"calibration: T = {temperature:.4f} (fitted on validation); out-of-class score: "
+            f"{ood_card['score_kind']} (validation: {choice})"
+        )
     if cfg.evaluate:
         test = evaluate_split(served, data, Split.TEST)
         val = evaluate_split(served, data, Split.VAL)
@@ -388,8 +395,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             unknown_s = ood.known_score(served_logits(served)(test_unknown.images), kind, temperature)
             metrics["test_out_of_class"] = ood.ood_summary(known_s, unknown_s, ood_card["threshold"])
         if chief:
-            tqdm.write(f"test: top-1 {test['top1']:.4f}  top-3 {test['top3']:.4f}  ({test['n']} drawings); ECE "
-                       f"{metrics['test_ece_uncalibrated']:.4f} -> {metrics['test_ece']:.4f} calibrated")
+            tqdm.write(
+                f"test: top-1 {test['top1']:.4f}  top-3 {test['top3']:.4f}  ({test['n']} drawings); ECE "
+                f"{metrics['test_ece_uncalibrated']:.4f} -> {metrics['test_ece']:.4f} calibrated"
+            )
             if "test_out_of_class" in metrics:
                 tqdm.write(f"test out-of-class: {metrics['test_out_of_class']}")
     card = ModelCard.build(cfg, recipe, data, model, history, train_seconds, workers, metrics)
@@ -400,15 +409,21 @@ def train(cfg: TrainConfig) -> TrainResult:
     card.ood = {k: v for k, v in ood_card.items() if k != "score_kind"}
     if chief:
         export_dir: Path | None = export_model(
-            served, data.labels, cfg.out, card, version=cfg.version, temperature=temperature,
+            served,
+            data.labels,
+            cfg.out,
+            card,
+            version=cfg.version,
+            temperature=temperature,
             score=ood_card["score_kind"],
         )
     else:
         # Every worker must take part in saving (it may run collectives); non-chiefs write to a scratch
         # directory that is removed at once, so exactly one export is written.
         scratch = Path(tempfile.mkdtemp(prefix="export-worker-"))
-        export_model(served, data.labels, scratch, card, version=1, temperature=temperature,
-                     score=ood_card["score_kind"])
+        export_model(
+            served, data.labels, scratch, card, version=1, temperature=temperature, score=ood_card["score_kind"]
+        )
         shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         export_dir = None
