@@ -183,7 +183,12 @@ def test_shipped_model_serves_batches_of_1_7_128() -> None:
         assert out[KNOWN_SCORE].shape == (n,) and out[KNOWN_SCORE].dtype == tf.float32
     card = json.loads((shipped / "model_card.json").read_text())
     assert card["metrics"]["test_top1"] >= 0.91
-    assert isinstance(card[MODEL_CARD_OOD]["threshold"], float) and card[MODEL_CARD_OOD]["split"]["test_classes"]
+    assert isinstance(card[MODEL_CARD_OOD]["threshold"], float)
+    split = card[MODEL_CARD_OOD]["split"]
+    parts = [set(split[f"{s}_classes"]) for s in ("train", "val", "test")]
+    assert all(parts) and not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert not set().union(*parts) & set(card["classes"])  # whole unknown classes, none of the model's own
+    assert card["calibration"]["temperature"] > 0 and card["metrics"]["test_ece"] <= 0.03
     assert len(card["classes"]) == 29 and card["data"]
     size = sum(p.stat().st_size for p in shipped.rglob("*") if p.is_file())
     assert size < 5 * 1024 * 1024
