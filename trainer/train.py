@@ -188,7 +188,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise ValueError(f"batch size {global_bs} is larger than the training split ({data.count(Split.TRAIN)})")
     num_classes = data.num_classes
     outliers = ood.outlier_data(cfg.data_dir, data, ood.cache_dir())
-    oe_on = recipe.oe_weight > 0 and recipe.oe_batch_size > 0 and len(outliers.train_images) > 0
+    oe_on = recipe.oe_weight > 0 and recipe.oe_batch_size > 0 and bool((outliers.train_targets < 0).any())
     if recipe.oe_weight > 0 and not oe_on:
         log.warning(
             "outlier exposure is on but %s has no drawings of unknown classes: training without it", cfg.data_dir
