@@ -404,7 +404,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     card = ModelCard.build(cfg, recipe, data, model, history, train_seconds, workers, metrics)
     if cfg.init_from is not None:
         card.recipe |= {"init_from": str(cfg.init_from), "init_weights_sha256": init_digest}
-    card.recipe |= {"outlier_exposure_drawings": len(outliers.train_images) if oe_on else 0}
+    n_unknown = int((outliers.train_targets < 0).sum()) if oe_on else 0
+    card.recipe |= {
+        "outlier_exposure": {
+            "unknown_drawings": n_unknown,
+            "known_drawings_rendered_by_doodle": len(outliers.train_targets) - n_unknown if oe_on else 0,
+        }
+    }
     card.calibration = {"method": "temperature scaling", "temperature": temperature, "fitted_on": "validation"}
     card.ood = {k: v for k, v in ood_card.items() if k != "score_kind"}
     if chief:
