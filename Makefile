@@ -39,7 +39,12 @@ run: $(STAMP) ## start the gateway on the shipped model (gRPC :50051; playground
 	$(BIN)/quickdraw serve $(ARGS)
 
 train: $(STAMP) ## retrain the shipped model on the sample data (next version under models/quickdraw), then evaluate it
-	$(BIN)/quickdraw train --data $(QUICKDRAW_SAMPLE_DIR) --out models/quickdraw $(ARGS)
+	@# stage 1: the qdnet recipe on the known classes alone (runs/base); stage 2: 4 epochs of outlier exposure from it
+	rm -rf runs/base
+	$(BIN)/quickdraw train --data $(QUICKDRAW_SAMPLE_DIR) --no-outlier-exposure --out runs/base --version 1 \
+	  --workdir runs/base-work $(ARGS)
+	$(BIN)/quickdraw train --data $(QUICKDRAW_SAMPLE_DIR) --init-from runs/base/1 --epochs 4 --learning-rate 4e-4 \
+	  --out models/quickdraw --workdir runs/oe $(ARGS)
 	$(BIN)/quickdraw evaluate models/quickdraw --data $(QUICKDRAW_SAMPLE_DIR)
 
 test: $(STAMP) browser ## ruff, then the whole test suite (the browser test uses Debian's chromium)
