@@ -5,7 +5,7 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
-HASH   := $(shell (sha256sum pyproject.toml 2>/dev/null || shasum -a 256 pyproject.toml) | cut -c1-16)
+HASH   := $(shell cat pyproject.toml clients/python/pyproject.toml | (sha256sum 2>/dev/null || shasum -a 256) | cut -c1-16)
 STAMP  := $(VENV)/.installed-$(HASH)
 export QUICKDRAW_SAMPLE_DIR ?= $(abspath ../shared/quickdraw)
 # The browser test drives this Chromium (Debian's package) with Playwright; nothing downloads a browser.
@@ -20,10 +20,10 @@ help: ## list the targets
 
 install: $(STAMP) ## create .venv and install the project (only when pyproject.toml changed)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[tf,dev]'
+	$(BIN)/python -m pip install --quiet -e ./clients/python -e '.[tf,dev]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -41,7 +41,12 @@ run: $(STAMP) ## start the gateway on the shipped model (gRPC :50051; playground
 	$(BIN)/quickdraw serve $(ARGS)
 
 train: $(STAMP) ## retrain the shipped model on the sample data (next version under models/quickdraw), then evaluate it
-	$(BIN)/quickdraw train --data $(QUICKDRAW_SAMPLE_DIR) --out models/quickdraw $(ARGS)
+	@# stage 1: the qdnet recipe on the known classes alone (runs/base); stage 2: 4 epochs of outlier exposure from it
+	rm -rf runs/base
+	$(BIN)/quickdraw train --data $(QUICKDRAW_SAMPLE_DIR) --no-outlier-exposure --out runs/base --version 1 \
+	  --workdir runs/base-work $(ARGS)
+	$(BIN)/quickdraw train --data $(QUICKDRAW_SAMPLE_DIR) --init-from runs/base/1 --epochs 4 --learning-rate 4e-4 \
+	  --out models/quickdraw --workdir runs/oe $(ARGS)
 	$(BIN)/quickdraw evaluate models/quickdraw --data $(QUICKDRAW_SAMPLE_DIR)
 
 test: $(STAMP) browser ## ruff, then the whole test suite (the browser test uses Debian's chromium)

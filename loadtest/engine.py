@@ -31,7 +31,7 @@ from hdrh.histogram import HdrHistogram
 from loadtest.sources import Pool
 from quickdraw.v1 import classifier_pb2 as pb
 from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
-from service import tfs
+from service import oip, tfs
 from service.security import ClientSecurity
 
 HIGHEST_US = 3_600_000_000  # an hour: nothing real is slower
@@ -43,7 +43,7 @@ class LoadConfig:
     """One load run."""
 
     target: str
-    api: Literal["quickdraw", "tfserving"] = "quickdraw"
+    api: Literal["quickdraw", "tfserving", "v2"] = "quickdraw"
     concurrency: int | None = 8  # closed loop when rate is None
     rate: float | None = None  # open loop: calls per second
     arrival: Literal["constant", "poisson"] = "constant"
@@ -207,6 +207,21 @@ def build_callers(cfg: LoadConfig, pool: Pool, channels: list[grpc.aio.Channel])
                 return _unary(stub.Predict(req, timeout=cfg.timeout_s, metadata=md))
 
             callers.append(tfs_call)
+            continue
+        if cfg.api == "v2":  # the Open Inference Protocol (KServe v2): ModelInfer, image UINT8 in raw contents
+            if len(pool.bitmaps) == 0:
+                raise ValueError("the v2 API takes bitmaps here: give .npy files")
+            vstub = oip.GRPCInferenceServiceStub(ch)
+
+            def v2_call(stub: oip.GRPCInferenceServiceStub = vstub) -> Awaitable[str]:
+                idx = [next(bitmaps) for _ in range(k)]
+                req = oip.ModelInferRequest(model_name=cfg.model_name)
+                req.inputs.add(name="image", datatype="UINT8", shape=[len(idx), 28, 28, 1])
+                req.outputs.add(name="probabilities")
+                req.raw_input_contents.append(pool.bitmaps[idx].tobytes())
+                return _unary(stub.ModelInfer(req, timeout=cfg.timeout_s, metadata=md))
+
+            callers.append(v2_call)
             continue
         cstub = pb_grpc.ClassifierStub(ch)
         if cfg.stream:

@@ -23,10 +23,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service import api, security, tfserving_api
+from service import oip as oip_protos
 from service import tfs as tfs_protos
 from service.api import SERVICE_NAME, ClassifierService, Gateway
 from service.backends import Backend, ModelDescription
@@ -37,6 +39,7 @@ from service.http import HttpLimits, HttpServer
 from service.jsonparse import JsonParsePool
 from service.lograte import LogRate
 from service.metrics import Metrics
+from service.oip import grpc_api as oip_grpc
 from service.settings import Settings
 from service.validation import Limits
 
@@ -170,7 +173,11 @@ class App:
         grpc_cap, http_cap = connection_caps(s, soft)
         self._install_loop_error_log()
         self._http.limits = dataclasses.replace(self._http.limits, max_connections=http_cap)
-        self.http_port = await self._http.start(s.host, s.http_port, ssl_context=security.http_ssl_context(s))
+        ssl_context = security.http_ssl_context(s)
+        try:
+            self.http_port = await self._http.start(s.host, s.http_port, ssl_context=ssl_context)
+        except OSError as exc:  # EADDRINUSE, EACCES: one line naming the port and the option
+            raise security.bind_error(s.host, s.http_port, "--http-port", exc) from exc
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
@@ -200,11 +207,18 @@ class App:
             label = s.tfserving_version_label if s.backend == "tfserving" else None
             tfs = tfserving_api.add_to_server(self._server, self.metrics, label)
             names += (tfserving_api.PREDICTION_SERVICE, tfserving_api.MODEL_SERVICE)
+        # the Open Inference Protocol (KServe v2): gRPC here, /v2/... on the HTTP port (service.oip_http)
+        self._oip = oip_grpc.add_to_server(self._server, self.metrics)
+        self._oip.is_ready = lambda: self._model_serving and self._backend_state.ready
+        self._http.oip = self._oip
+        names += (oip_protos.SERVICE,)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         if s.reflection:
             names += (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
-            # TF Serving's services are in service.tfs's private pool, the others in the default one
-            reflection.enable_server_reflection(names, self._server, pool=tfs_protos.reflection_pool())
+            # TF Serving's services are in service.tfs's private pool, the protocol's in service.oip's, the others in
+            # the default one
+            pool = tfs_protos._ReflectionPool(descriptor_pool.Default(), tfs_protos.POOL, oip_protos.POOL)
+            reflection.enable_server_reflection(names, self._server, pool=pool)
         await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
@@ -247,6 +261,7 @@ class App:
         if tfs is not None:
             tfs.attach(self._gateway, self._backend)  # GetModelMetadata answers with its signature_defs
         self._http.attach(self._gateway)
+        self._oip.attach(self._gateway)
         await self._set_health(self._publish(model))
         if hasattr(self._backend, "on_change"):
             self._backend.on_change = self._model_changed

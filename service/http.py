@@ -417,6 +417,8 @@ class HttpServer(GatewaySlot):
         self._runner: web.AppRunner | None = None
         #: Parses large JSON bodies in worker processes (None: on a thread); set by the composition root.
         self.json_parser: JsonParsePool | None = None
+        #: The Open Inference Protocol's surface (``service.oip.core.Surface``), set by the composition root.
+        self.oip: Any = None
         self._parsing = 0
         self._openapi_doc: dict[str, Any] | None = None
         self._files = {p.name: p for p in PLAYGROUND_DIR.iterdir() if p.is_file()} if api else {}
@@ -435,6 +437,9 @@ class HttpServer(GatewaySlot):
             app.router.add_get("/openapi.json", self._openapi)
             app.router.add_get("/", self._index)
             app.router.add_get("/static/{name}", self._static)
+            from service import oip_http  # the Open Inference Protocol's /v2 routes (issue 17)
+
+            oip_http.add_routes(app, self)
         return app
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:

@@ -22,8 +22,9 @@
 - **Logs** (:func:`install_log_redaction`): every log record, of every logger at every level, is rendered and
   stripped of ``authorization`` header values, ``Bearer <token>`` strings, the configured tokens and raw header
   lines (aiohttp quotes a malformed header line, token included, in its parse errors), tracebacks included.
-- **Clients** (:class:`ClientSecurity`): the same options for ``QuickDrawClient``, ``quickdraw classify`` and
-  ``quickdraw loadtest``.
+- **Clients** (:class:`ClientSecurity`, from the client distribution's ``quickdraw_client.security``, with
+  :func:`read_pem`, :func:`channel_credentials`, :func:`valid_token` and :func:`read_token_file`): the same options
+  for ``QuickDrawClient``, ``quickdraw classify`` and ``quickdraw loadtest``.
 
 Nothing here logs a token, a key or a request.
 """
@@ -31,24 +32,32 @@ Nothing here logs a token, a key or a request.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import hmac
 import logging
-import os
 import re
+import socket
 import ssl
 import threading
 import time
 import traceback
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_status import rpc_status
 
+from quickdraw_client.security import (  # the client's half, shared: one implementation
+    AUTH_METADATA_KEY,
+    TOKEN_ENV,
+    ClientSecurity,  # noqa: F401  (re-exported: service.security.ClientSecurity)
+    channel_credentials,
+    read_pem,
+    read_token_file,
+    valid_token,
+)
 from service.errors import Unauthenticated, to_rpc_status
 
 if TYPE_CHECKING:
@@ -57,26 +66,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: The environment variable a token may come from, for the gateway and for the client commands alike.
-TOKEN_ENV = "QUICKDRAW_AUTH_TOKEN"
-AUTH_METADATA_KEY = "authorization"
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 REFLECTION_PREFIXES = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
 #: The shortest token the gateway accepts in its configuration (a short token can be guessed).
 MIN_TOKEN_CHARS = 16
 #: At most one WARNING line about failed authentications per this many seconds.
 AUTH_LOG_INTERVAL_S = 10.0
-
-
-def read_pem(path: Path | str, what: str) -> bytes:
-    """A PEM file's bytes; an unreadable or non-PEM file is a ValueError naming the setting (not the content)."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ValueError(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
-    if b"-----BEGIN " not in data:
-        raise ValueError(f"{what}: {path} is not a PEM file (no -----BEGIN line)")
-    return data
 
 
 # --- TLS ----------------------------------------------------------------------------------------------------
@@ -92,11 +87,45 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
+class BindError(OSError):
+    """A port the gateway cannot listen on; the message names the port and the option that changes it."""
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something listens on ``host:port`` already (a bind with SO_REUSEADDR, as the servers do, fails with
+    EADDRINUSE). Port 0 is never in use; an address that cannot be resolved is not "in use" either."""
+    if port == 0:
+        return False
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]  # fmt: skip
+    except OSError:
+        return False
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
+def bind_error(host: str, port: int, option: str, exc: BaseException) -> BindError:
+    """The one-line error for a port that could not be bound: in use, or why not."""
+    if port_in_use(host, port) or getattr(exc, "errno", None) == errno.EADDRINUSE:
+        return BindError(f"port {port} is in use: stop the other server or pass {option}")
+    reason = getattr(exc, "strerror", None) or str(exc).split(";")[0]
+    return BindError(f"cannot listen on {host}:{port} ({reason}): pass another {option} or --host")
+
+
 def bind_grpc(server: grpc.aio.Server, settings: Settings) -> int:
-    """Add the gRPC port, TLS when configured; returns the bound port."""
+    """Add the gRPC port, TLS when configured; returns the bound port (BindError when it cannot be bound)."""
     address = f"{settings.host}:{settings.grpc_port}"
     creds = server_credentials(settings)
-    return server.add_secure_port(address, creds) if creds is not None else server.add_insecure_port(address)
+    try:
+        return server.add_secure_port(address, creds) if creds is not None else server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpc's "Failed to bind to address ...", whatever the reason
+        raise bind_error(settings.host, settings.grpc_port, "--grpc-port", exc) from exc
 
 
 def transport_summary(settings: Settings) -> str:
@@ -126,21 +155,6 @@ def http_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return ctx
 
 
-def channel_credentials(
-    ca_file: Path | str | None = None, cert_file: Path | str | None = None, key_file: Path | str | None = None,
-    what: str = "",
-) -> grpc.ChannelCredentials:
-    """TLS channel credentials: trust ``ca_file`` (default: the system's roots), present a client certificate
-    when ``cert_file`` and ``key_file`` are given (mTLS)."""
-    if (cert_file is None) != (key_file is None):
-        raise ValueError(f"{what}a client certificate needs both its certificate file and its key file")
-    return grpc.ssl_channel_credentials(
-        root_certificates=read_pem(ca_file, f"{what}CA file") if ca_file else None,
-        private_key=read_pem(key_file, f"{what}key file") if key_file else None,
-        certificate_chain=read_pem(cert_file, f"{what}certificate file") if cert_file else None,
-    )
-
-
 def tfserving_channel(
     settings: Settings, options: Sequence[tuple[str, Any]], target: str | None = None
 ) -> grpc.aio.Channel:
@@ -161,15 +175,6 @@ def tfserving_channel(
 # --- bearer tokens ------------------------------------------------------------------------------------------
 
 
-def valid_token(token: str, what: str) -> str:
-    """``token`` if it can travel in an HTTP/2 header (visible ASCII, no spaces); the error never shows it."""
-    if not token:
-        raise ValueError(f"{what} is empty")
-    if not all(33 <= ord(c) <= 126 for c in token):
-        raise ValueError(f"{what} must be visible ASCII characters without spaces ({len(token)} characters given)")
-    return token
-
-
 def strong_token(token: str, what: str) -> str:
     """``token`` if it is valid and at least ``MIN_TOKEN_CHARS`` long; the error gives lengths, never the token."""
     valid_token(token, what)
@@ -177,20 +182,6 @@ def strong_token(token: str, what: str) -> str:
         raise ValueError(f"{what} is too short: a token needs at least {MIN_TOKEN_CHARS} characters "
                          f"({len(token)} given); generate one with: openssl rand -hex 32")  # fmt: skip
     return token
-
-
-def read_token_file(path: Path | str, what: str = "token file") -> list[str]:
-    """The tokens in a file, one per line (blank lines and surrounding whitespace ignored)."""
-    try:
-        text = Path(path).read_text(encoding="ascii", errors="strict")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not ASCII"
-        raise ValueError(f"{what}: cannot read {path}: {reason}") from None
-    tokens = [valid_token(line.strip(), f"{what} line {i}") for i, line in enumerate(text.splitlines(), 1)
-              if line.strip()]  # fmt: skip
-    if not tokens:
-        raise ValueError(f"{what}: {path} holds no token")
-    return tokens
 
 
 def configured_tokens(settings: Settings) -> list[str]:
@@ -484,57 +475,3 @@ def install_log_redaction(tokens: Iterable[str] = ()) -> None:
 
         logging.setLogRecordFactory(factory)
         _installed = True
-
-
-# --- clients ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ClientSecurity:
-    """How a client reaches a protected gateway: TLS (``tls``, implied by any file), mTLS (``cert_file`` and
-    ``key_file``), a server name to check instead of the target's host, and a bearer token."""
-
-    tls: bool = False
-    ca_file: Path | str | None = None
-    cert_file: Path | str | None = None
-    key_file: Path | str | None = None
-    server_name: str | None = None
-    token: str | None = field(default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.token is not None:
-            valid_token(self.token, "the token")
-
-    @property
-    def uses_tls(self) -> bool:
-        """Whether the channel is TLS."""
-        return bool(self.tls or self.ca_file or self.cert_file or self.key_file or self.server_name)
-
-    @classmethod
-    def from_env(cls, **kwargs: Any) -> ClientSecurity:
-        """``kwargs``, with the token from ``QUICKDRAW_AUTH_TOKEN`` when none is given and it is set."""
-        if kwargs.get("token") is None and os.environ.get(TOKEN_ENV):
-            kwargs["token"] = os.environ[TOKEN_ENV].strip()
-        return cls(**kwargs)
-
-    def credentials(self) -> grpc.ChannelCredentials | None:
-        """TLS channel credentials, or None for plaintext."""
-        return channel_credentials(self.ca_file, self.cert_file, self.key_file) if self.uses_tls else None
-
-    def options(self) -> list[tuple[str, Any]]:
-        """Channel options this adds (the server name override)."""
-        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
-
-    def metadata(self) -> tuple[tuple[str, str], ...] | None:
-        """Call metadata: the bearer token, if any (sent over plaintext too, e.g. inside a service mesh)."""
-        return ((AUTH_METADATA_KEY, f"Bearer {self.token}"),) if self.token else None
-
-    def channel(self, target: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
-        """A blocking channel to ``target``."""
-        creds, opts = self.credentials(), [*options, *self.options()]
-        return grpc.secure_channel(target, creds, opts) if creds else grpc.insecure_channel(target, opts)
-
-    def aio_channel(self, target: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
-        """An asyncio channel to ``target``."""
-        creds, opts = self.credentials(), [*options, *self.options()]
-        return grpc.aio.secure_channel(target, creds, opts) if creds else grpc.aio.insecure_channel(target, opts)

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+#: The client distribution's sources (quickdraw_client: the generated quickdraw.v1 code, the client), first on
+#: the path like the checkout itself, so that tests use this checkout's copy whatever the venv installed.
+CLIENT_SRC = ROOT / "clients" / "python" / "src"
+if str(CLIENT_SRC) not in sys.path:
+    sys.path.insert(0, str(CLIENT_SRC))
 
 
 def sample_dir() -> Path:

@@ -11,6 +11,7 @@ Runtime: about 4 s, nearly all of it importing TensorFlow for the ``SavedModel``
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 
@@ -96,10 +97,16 @@ def test_the_shipped_savedmodel_keeps_the_contract() -> None:
     labels = read_labels(version_dir)  # from contract.LABELS_PATH
     assert (version_dir / contract.LABELS_PATH).is_file() and len(labels) > 1
     k = min(contract.TOP_K, len(labels))
-    assert sorted(sig.outputs) == sorted(contract.OUTPUTS)
+    # the shipped model has the out-of-class score (issue 18); older exports lack it, which the gateway accepts
+    assert sorted(sig.outputs) == sorted((*contract.OUTPUTS, contract.KNOWN_SCORE))
     for name in contract.OUTPUTS:
         width = len(labels) if name == contract.OUTPUT_KEY else k
         assert (dtype(sig.outputs[name]), shape(sig.outputs[name])) == (contract.OUTPUT_DTYPES[name], (None, width))
+    known = sig.outputs[contract.KNOWN_SCORE]
+    assert (dtype(known), shape(known)) == (contract.OUTPUT_DTYPES[contract.KNOWN_SCORE], (None,))
+    card = json.loads((version_dir / "model_card.json").read_text())
+    assert card[contract.MODEL_CARD_OOD]["score"] == contract.KNOWN_SCORE
+    assert isinstance(card[contract.MODEL_CARD_OOD]["threshold"], float)
     # the labels file is the SavedModel's asset (TensorFlow keeps assets in assets/ under the version directory)
     assert contract.LABELS_PATH.parent.name == "assets"
     assert [a.filename for a in graph.asset_file_def] == [contract.LABELS_PATH.name]

@@ -632,7 +632,8 @@ def dockerfile_copies(path: Path) -> list[str]:
 
 
 #: ``pip install .`` or ``pip install ".[EXTRAS]"``: the group is the extras (None: the base install).
-PIP_INSTALL_PROJECT = re.compile(r"""pip install ["']?\.(?:\[([^\]]*)\])?["']?(?:\s|$)""")
+#: ``pip install [./clients/python] .[EXTRAS]``: the project (with the client distribution it depends on).
+PIP_INSTALL_PROJECT = re.compile(r"""pip install (?:\./clients/python\s+)?["']?\.(?:\[([^\]]*)\])?["']?(?:\s|$)""")
 
 
 def git_files() -> list[str]:

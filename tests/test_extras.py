@@ -74,7 +74,9 @@ def test_an_extra_module_imported_deeper_down_names_its_extra(
     assert err == f"quickdraw render: error: this command needs TensorFlow, which is not installed: {TF_HINT}\n"
 
 
-def test_other_missing_modules_are_not_blamed_on_an_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_other_missing_modules_are_not_blamed_on_an_extra(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import quickdraw.commands.render as render
     from quickdraw.cli import main
 
@@ -82,8 +84,13 @@ def test_other_missing_modules_are_not_blamed_on_an_extra(monkeypatch: pytest.Mo
         raise ModuleNotFoundError("No module named 'aiohttp'", name="aiohttp")
 
     monkeypatch.setattr(render, "run", deep)
+    # one line, naming the module and no extra (issue 19: no tracebacks) ...
+    assert main(["render", "x.ndjson", "--out", "x.npy"]) == 1
+    err = capsys.readouterr().err
+    assert err == "quickdraw render: error: ModuleNotFoundError: No module named 'aiohttp'\n"
+    # ... and the exception itself with --debug
     with pytest.raises(ModuleNotFoundError, match="aiohttp"):
-        main(["render", "x.ndjson", "--out", "x.npy"])
+        main(["render", "x.ndjson", "--out", "x.npy", "--debug"])
 
 
 def test_the_data_commands_and_help_need_no_tensorflow() -> None:

@@ -37,7 +37,8 @@ def test_generated_code_has_no_drift(generated: tuple[Path, str]) -> None:
     assert expected, stdout
     committed = {
         p.relative_to(ROOT)
-        for p in ROOT.glob("quickdraw/**/*")
+        for pattern in ("quickdraw/**/*", "clients/python/src/**/*")
+        for p in ROOT.glob(pattern)
         if p.name.endswith(("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"))
     }
     assert committed == expected, "run `make protos` and commit the result"

@@ -46,10 +46,11 @@ def test_every_example_is_run_or_says_why_not() -> None:
     print(f"\nREADME.md: {len(found)} sh/python blocks, {len(run)} run, {len(skipped)} not run:")
     for b in skipped:
         print(f"  line {b.line} ({b.lang}): {b.not_run}")
-    assert len(run) >= 7, "the README's runnable examples went missing"
+    assert len(run) >= 9, "the README's runnable examples went missing"
     assert all(b.output is None or b.not_run is None for b in found), "an output under a block that is not run"
     langs = {b.lang for b in blocks()}
-    assert langs <= {*RUN_LANGS, "go", "ts"}, f"blocks in a language no test runs: {langs}"
+    # go and ts: tests/test_stubs.py; yaml: a manifest (tests/test_deploy.py validates the repository's own)
+    assert langs <= {*RUN_LANGS, "go", "ts", "yaml"}, f"blocks in a language no test runs: {langs}"
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,8 @@ def workdir(tmp_path_factory: pytest.TempPathFactory, sample: Path) -> Path:
 
 def env() -> dict[str, str]:
     out = dict(os.environ)
-    out["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [out.get("PYTHONPATH")])])
+    paths = [str(ROOT), str(ROOT / "clients" / "python" / "src")]  # this checkout's server and client code
+    out["PYTHONPATH"] = os.pathsep.join([*paths, *filter(None, [out.get("PYTHONPATH")])])
     out["PYTHONUNBUFFERED"] = "1"
     return out
 
@@ -146,4 +148,4 @@ def test_the_examples_run_and_print_what_the_readme_shows(served: tuple[int, int
             pattern = shape(localise(block.output, grpc_port, http_port))
             assert pattern.fullmatch(out), (f"README.md line {block.line}: the output does not have the shape shown\n"
                                             f"--- shown\n{block.output}\n--- got\n{out}")  # fmt: skip
-    assert ran >= 7
+    assert ran >= 9

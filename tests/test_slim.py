@@ -54,11 +54,14 @@ NOT_YET = ("The tfserving gateway still imports TensorFlow: expected until the v
 
 
 def packaged_sources(dest: Path) -> Path:
-    """Copy what ``pip install .`` needs (pyproject.toml, README.md, the packages it names) to ``dest``."""
+    """Copy what ``pip install ./clients/python .`` needs (pyproject.toml, README.md, the packages it names, the
+    client distribution it depends on) to ``dest``."""
     include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
     dest.mkdir(parents=True)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, dest / name)
+    shutil.copytree(ROOT / "clients" / "python", dest / "clients" / "python",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build"))  # fmt: skip
     for pattern in include["include"]:
         package = pattern.rstrip("*")
         shutil.copytree(ROOT / package, dest / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -74,7 +77,8 @@ def slim_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     started = time.monotonic()
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    done = subprocess.run([*pip, str(src)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([*pip, str(src / "clients" / "python"), str(src)], capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
     if done.returncode != 0 and any(s in done.stderr for s in OFFLINE):
         pytest.skip(f"pip reaches no package index from here: {done.stderr.strip().splitlines()[-1][:300]}")
     assert done.returncode == 0, f"pip install (no extras) failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"

@@ -455,7 +455,14 @@ def test_tf_serving_api_on_the_gateway_rejects_like_tf_serving_with_field_detail
 # (GetInputValues) and tensorflow/core/framework/function.cc (FunctionCallFrame::SetArgs, Session::Run's feeds).
 # service/tfserving_api.py's docstring lists the same.
 
-SIGNATURE_OUTPUTS = "{probabilities,top_k_indices,top_k_labels,top_k_scores}"  # a std::set<string>, joined
+
+
+def _signature_outputs() -> str:
+    """The shipped signature's output keys as TF Serving lists them: a std::set<string>, joined."""
+    from tensorflow.core.protobuf import meta_graph_pb2
+
+    sig = meta_graph_pb2.SignatureDef.FromString(shipped_signature_defs()["serving_default"])
+    return "{" + ",".join(sorted(sig.outputs)) + "}"
 
 
 def shipped_signature_defs() -> dict[str, bytes]:
@@ -510,7 +517,7 @@ def _predict_mistakes() -> dict[str, tuple[str, object, grpc.StatusCode, str]]:
         "dtype_invalid": ("saved_model/util.cc", invalid, bad, "tensor parsing error: image"),
         "content_short": ("saved_model/util.cc", short, bad, "tensor parsing error: image"),
         "unknown_output": ("predict_util.cc", unknown_out, bad, "output tensor alias not found in signature: logits "
-                           f"Outputs expected to be in the set {SIGNATURE_OUTPUTS}."),
+                           f"Outputs expected to be in the set {_signature_outputs()}."),
         "duplicate_output": ("predict_util.cc", twice, bad, "duplicate output tensor alias: top_k_scores"),
         "float_input": ("framework/function.cc", predict_request(images.astype(np.float32)), bad,
                         "Expects arg[0] to be uint8 but float is provided"),

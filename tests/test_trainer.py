@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from doodle.contract import KNOWN_SCORE, MODEL_CARD_OOD
 from trainer.data import BitmapData, Split, SplitSpec
 
 CLASSES = "cat,dog,apple"
@@ -118,7 +119,18 @@ def test_export_layout_and_signature(tiny_model: Path) -> None:
     assert card["architecture"] == "qdnet" and card["parameters"] > 0
     # the exported widths: three classes, so top-k outputs of three (doodle.contract.TOP_K is 5)
     assert card["outputs"] == {"probabilities": "float32 [batch, C]", "top_k_scores": "float32 [batch, 3]",
-                               "top_k_indices": "int32 [batch, 3]", "top_k_labels": "string [batch, 3]"}
+                               "top_k_indices": "int32 [batch, 3]", "top_k_labels": "string [batch, 3]",
+                               KNOWN_SCORE: "float32 [batch]"}
+    # out-of-class: the score chosen on validation, its threshold, and a split by whole classes
+    ood = card[MODEL_CARD_OOD]
+    assert ood["score"] == KNOWN_SCORE and ood["operating_point"] == {"known_kept": 0.95, "measured_on": "validation"}
+    assert isinstance(ood["threshold"], float)
+    parts = [set(ood["split"][f"{s}_classes"]) for s in ("train", "val", "test")]
+    assert all(parts) and not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert not set().union(*parts) & {"apple", "cat", "dog"}
+    assert card["calibration"]["temperature"] > 0
+    out = fn(image=tf.zeros([4, 28, 28, 1], tf.uint8))
+    assert out[KNOWN_SCORE].dtype == tf.float32 and out[KNOWN_SCORE].shape == (4,)
     assert fn.structured_outputs["top_k_indices"].shape.as_list() == [None, 3]
     for key in ("test_top1", "test_top3", "val_top1"):
         assert 0.0 <= card["metrics"][key] <= 1.0
@@ -131,7 +143,10 @@ def test_evaluate_and_predict(tiny_model: Path, sample: Path, tmp_path: Path) ->
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["version"] == 2 and set(report["per_class_accuracy"]) == {"apple", "cat", "dog"}
     assert np.array(report["confusion_matrix"]).sum() == report["drawings"] > 0
-    for png in ("confusion.png", "curves.png"):
+    assert 0.0 <= report["calibration"]["ece_after"] <= 1.0 and report["calibration"]["temperature"] > 0
+    assert 0.0 <= report["out_of_class"]["auroc"] <= 1.0 and 0.0 <= report["out_of_class"]["fpr_at_95_tpr"] <= 1.0
+    assert report["out_of_class"]["score"] == KNOWN_SCORE
+    for png in ("confusion.png", "curves.png", "reliability.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = quickdraw("predict", "--model", str(tiny_model), str(sample / "simplified" / "cat.ndjson"),
                       "--limit", "4").splitlines()
@@ -165,8 +180,15 @@ def test_shipped_model_serves_batches_of_1_7_128() -> None:
     for n in (1, 7, 128):
         out = fn(image=tf.zeros([n, 28, 28, 1], tf.uint8))
         assert out["probabilities"].shape == (n, 29)
+        assert out[KNOWN_SCORE].shape == (n,) and out[KNOWN_SCORE].dtype == tf.float32
     card = json.loads((shipped / "model_card.json").read_text())
     assert card["metrics"]["test_top1"] >= 0.91
+    assert isinstance(card[MODEL_CARD_OOD]["threshold"], float)
+    split = card[MODEL_CARD_OOD]["split"]
+    parts = [set(split[f"{s}_classes"]) for s in ("train", "val", "test")]
+    assert all(parts) and not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert not set().union(*parts) & set(card["classes"])  # whole unknown classes, none of the model's own
+    assert card["calibration"]["temperature"] > 0 and card["metrics"]["test_ece"] <= 0.03
     assert len(card["classes"]) == 29 and card["data"]
     size = sum(p.stat().st_size for p in shipped.rglob("*") if p.is_file())
     assert size < 5 * 1024 * 1024

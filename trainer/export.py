@@ -38,7 +38,9 @@ from doodle.contract import (
     INPUT_DTYPE,
     INPUT_KEY,
     INPUT_SHAPE,
+    KNOWN_SCORE,
     LABELS_PATH,
+    MODEL_CARD_OOD,
     OUTPUT_DTYPES,
     OUTPUT_KEY,
     OUTPUTS,
@@ -58,28 +60,57 @@ WARMUP_BATCH_SIZES = (1, 8, 32, 128)
 CARD_FILE = "model_card.json"
 
 
-class ServingModule(tf.Module):
-    """The exported graph: uint8 images in, probabilities and the top classes out."""
+#: How each out-of-class score is computed from the logits z and the temperature T (see trainer.ood.SCORES).
+SCORE_KINDS = ("msp", "energy", "max_logit")
 
-    def __init__(self, model: keras.Model, labels: Sequence[str], labels_path: Path) -> None:
+
+class ServingModule(tf.Module):
+    """The exported graph: uint8 images in, calibrated probabilities, the top classes and a known-score out.
+
+    ``probabilities`` are ``softmax(logits / temperature)`` (temperature 1: the plain softmax); with ``score``
+    set the signature also gives ``KNOWN_SCORE`` float32 [n] (higher = more like a known class).
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        labels: Sequence[str],
+        labels_path: Path,
+        temperature: float = 1.0,
+        score: str | None = None,
+    ) -> None:
         super().__init__()
+        if score is not None and score not in SCORE_KINDS:
+            raise ValueError(f"unknown score {score!r}; one of {SCORE_KINDS}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, not {temperature}")
         self.model = model
         self.labels_asset = tf.saved_model.Asset(str(labels_path))
         self.labels = tf.constant(list(labels))
         self.k = min(TOP_K, len(labels))
+        self.temperature = float(temperature)
+        self.score = score
 
     @tf.function(input_signature=[tf.TensorSpec(INPUT_SHAPE, tf.as_dtype(INPUT_DTYPE), name=INPUT_KEY)])
     def serve(self, image: tf.Tensor) -> dict[str, tf.Tensor]:
         """Classify a batch of 28x28 uint8 bitmaps."""
         logits = tf.cast(self.model(tf.cast(image, tf.float32), training=False), tf.float32)
-        probabilities = tf.nn.softmax(logits, axis=-1)
+        scaled = logits / self.temperature if self.temperature != 1.0 else logits
+        probabilities = tf.nn.softmax(scaled, axis=-1)
         scores, indices = tf.math.top_k(probabilities, k=self.k)
-        return {
+        out = {
             OUTPUT_KEY: probabilities,
             TOP_K_SCORES: scores,
             TOP_K_INDICES: indices,
             TOP_K_LABELS: tf.gather(self.labels, indices),
         }
+        if self.score == "msp":
+            out[KNOWN_SCORE] = scores[:, 0]
+        elif self.score == "energy":
+            out[KNOWN_SCORE] = self.temperature * tf.reduce_logsumexp(scaled, axis=-1)
+        elif self.score == "max_logit":
+            out[KNOWN_SCORE] = tf.reduce_max(logits, axis=-1)
+        return out
 
 
 @dataclass(slots=True)
@@ -103,6 +134,10 @@ class ModelCard:
     tensorflow_version: str
     keras_version: str
     machine: dict[str, Any]
+    #: How the exported probabilities are calibrated (temperature scaling fitted on validation).
+    calibration: dict[str, Any] | None = None
+    #: The out-of-class decision, written under ``MODEL_CARD_OOD`` (score, method, threshold, class split).
+    ood: dict[str, Any] | None = None
 
     @classmethod
     def build(
@@ -119,6 +154,7 @@ class ModelCard:
         """Collect the card's facts from a finished training run."""
         from trainer.data import Split
 
+        k = min(TOP_K, len(data.labels))
         return cls(
             name=MODEL_NAME,
             version=None,
@@ -133,8 +169,8 @@ class ModelCard:
                 "convention": "numpy_bitmap: strokes 255 on background 0, drawing centred",
             },
             outputs={
-                name: f"{OUTPUT_DTYPES[name]} [batch, {'C' if name == OUTPUT_KEY else min(TOP_K, len(data.labels))}]"
-                for name in OUTPUTS
+                **{name: f"{OUTPUT_DTYPES[name]} [batch, {'C' if name == OUTPUT_KEY else k}]" for name in OUTPUTS},
+                KNOWN_SCORE: f"{OUTPUT_DTYPES[KNOWN_SCORE]} [batch]",
             },
             data={
                 "data_dir": str(cfg.data_dir),
@@ -167,9 +203,18 @@ def next_version(base: Path) -> int:
 
 
 def export_model(
-    model: keras.Model, labels: Sequence[str], base: Path, card: ModelCard, version: int | None = None
+    model: keras.Model,
+    labels: Sequence[str],
+    base: Path,
+    card: ModelCard,
+    version: int | None = None,
+    temperature: float = 1.0,
+    score: str | None = None,
 ) -> Path:
-    """Write ``base/<version>/`` atomically and return it. Refuses to overwrite an existing version."""
+    """Write ``base/<version>/`` atomically and return it. Refuses to overwrite an existing version.
+
+    ``temperature`` divides the logits before the softmax; ``score`` adds the ``KNOWN_SCORE`` output.
+    """
     base.mkdir(parents=True, exist_ok=True)
     version = version or next_version(base)
     final = base / str(version)
@@ -180,19 +225,32 @@ def export_model(
     try:
         labels_path = scratch / LABELS_PATH.name
         labels_path.write_text("".join(f"{label}\n" for label in labels))
-        module = ServingModule(model, labels, labels_path)
+        module = ServingModule(model, labels, labels_path, temperature, score)
         tf.saved_model.save(module, str(tmp), signatures={SIGNATURE_NAME: module.serve.get_concrete_function()})
         if not (tmp / LABELS_PATH).is_file():  # TensorFlow copies assets into assets/, where the gateway reads them
             raise RuntimeError(f"the labels asset is not at {LABELS_PATH} in the exported SavedModel")
         write_warmup_requests(tmp / "assets.extra" / "tf_serving_warmup_requests")
         card.version = version
-        (tmp / CARD_FILE).write_text(json.dumps(asdict(card), indent=1) + "\n")
+        (tmp / CARD_FILE).write_text(json.dumps(card_dict(card), indent=1) + "\n")
         os.rename(tmp, final)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def card_dict(card: ModelCard) -> dict[str, Any]:
+    """The card as written: the out-of-class entry under ``MODEL_CARD_OOD``, absent fields left out."""
+    d = asdict(card)
+    ood = d.pop("ood")
+    if d["calibration"] is None:
+        d.pop("calibration")
+    if ood is not None:
+        d[MODEL_CARD_OOD] = ood
+    else:
+        d["outputs"].pop(KNOWN_SCORE, None)
+    return d
 
 
 def write_warmup_requests(path: Path, batch_sizes: Sequence[int] = WARMUP_BATCH_SIZES) -> None:

@@ -117,3 +117,53 @@ def make_dataset(
 def as_numpy_images(ds: tf.data.Dataset) -> np.ndarray:
     """All images of a (small) dataset as one array, for tests and plots."""
     return np.concatenate([x.numpy() for x, _ in ds])
+
+
+def make_extra_dataset(
+    images: np.ndarray,
+    targets: np.ndarray,
+    batch_size: int,
+    *,
+    augment: Augment = NO_AUGMENT,
+    seed: int = 0,
+    epoch: int = 0,
+    shard: int = 0,
+    num_shards: int = 1,
+) -> tf.data.Dataset:
+    """An endless stream of (float32 images [b, 28, 28, 1], int32 targets [b]) from arrays held in memory.
+
+    For outlier exposure: ``images`` are rendered drawings, ``targets`` a class id or -1 for an unknown
+    class. Each pass is a permutation seeded by (seed, epoch, pass); shard ``shard`` of ``num_shards``
+    takes every ``num_shards``-th batch, as ``BitmapData.batches`` does.
+    """
+    n = len(images)
+    if n < batch_size * num_shards:
+        raise ValueError(f"{n} extra drawings are fewer than one batch of {batch_size} per shard")
+
+    def gen():
+        rounds = 0
+        while True:
+            perm = np.random.default_rng([seed, epoch, 7919, rounds]).permutation(n)
+            for b in range(n // (batch_size * num_shards)):
+                sl = perm[(b * num_shards + shard) * batch_size : (b * num_shards + shard + 1) * batch_size]
+                yield images[sl], targets[sl].astype(np.int32)
+            rounds += 1
+
+    ds = tf.data.Dataset.from_generator(
+        gen,
+        output_signature=(
+            tf.TensorSpec([None, BITMAP_SIDE, BITMAP_SIDE, 1], tf.uint8),
+            tf.TensorSpec([None], tf.int32),
+        ),
+    )
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    options.autotune.enabled = False
+    ds = ds.with_options(options)
+    if augment.enabled:
+        base = tf.constant([seed + 104729, epoch * 1_000_003 + shard], dtype=tf.int64)
+        return ds.enumerate().map(
+            lambda i, xy: (random_affine(tf.cast(xy[0], tf.float32), augment, base + tf.stack([i, i])), xy[1]),
+            num_parallel_calls=1,
+        )
+    return ds.map(lambda x, y: (tf.cast(x, tf.float32), y))

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,9 +24,9 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from trainer import models
+from trainer import models, ood
 from trainer.data import BitmapData, Split, SplitSpec
-from trainer.pipeline import NO_AUGMENT, Augment, make_dataset
+from trainer.pipeline import NO_AUGMENT, Augment, make_dataset, make_extra_dataset
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +47,28 @@ class Recipe:
     tta: tuple[str, ...] = ()
     #: Decoupled weight decay (AdamW); batch-norm parameters and biases are exempt.
     weight_decay: float = 0.0
+    #: Outlier exposure (Hendrycks et al. 2019): weight of the cross-entropy to the uniform distribution on
+    #: drawings of unknown classes; 0 turns it off.
+    oe_weight: float = 0.0
+    #: Extra drawings a step (global): unknown classes' and doodle-rendered known ones, beside ``batch_size``.
+    oe_batch_size: int = 0
 
 
 #: ``seed`` keeps the starting point's recipe (Adam 1e-4, batch 512, 10 epochs, no augmentation).
 RECIPES: dict[str, Recipe] = {
     "seed": Recipe(10, 512, 1e-4, "constant", 0.0, False),
     "qdnet": Recipe(
-        24, 256, 2e-3, "cosine", 0.1, True, precision="mixed_bfloat16", tta=models.TTA_VIEWS, weight_decay=0.05
+        24,
+        256,
+        2e-3,
+        "cosine",
+        0.1,
+        True,
+        precision="mixed_bfloat16",
+        tta=models.TTA_VIEWS,
+        weight_decay=0.05,
+        oe_weight=0.5,
+        oe_batch_size=64,
     ),
 }
 
@@ -79,10 +94,17 @@ class TrainConfig:
     version: int | None = None
     evaluate: bool = True
     split: SplitSpec = field(default_factory=SplitSpec)
+    #: Start from the weights of an exported version (fine-tuning) instead of a random initialisation.
+    init_from: Path | None = None
+    #: Outlier exposure on or off (None: the recipe's, i.e. on when its ``oe_weight`` is positive).
+    outlier_exposure: bool | None = None
+    oe_weight: float | None = None
+    oe_batch_size: int | None = None
 
     def recipe(self) -> Recipe:
         """The architecture's recipe with this run's overrides applied."""
         base = RECIPES[self.arch]
+        oe = self.outlier_exposure
         return Recipe(
             epochs=self.epochs if self.epochs is not None else base.epochs,
             batch_size=self.batch_size or base.batch_size,
@@ -93,6 +115,8 @@ class TrainConfig:
             precision=self.precision or base.precision,
             tta=base.tta if self.tta is None else self.tta,
             weight_decay=base.weight_decay,
+            oe_weight=0.0 if oe is False else (self.oe_weight or base.oe_weight or (0.5 if oe else 0.0)),
+            oe_batch_size=0 if oe is False else (self.oe_batch_size or base.oe_batch_size or (64 if oe else 0)),
         )
 
 
@@ -163,6 +187,19 @@ def train(cfg: TrainConfig) -> TrainResult:
     if steps == 0:
         raise ValueError(f"batch size {global_bs} is larger than the training split ({data.count(Split.TRAIN)})")
     num_classes = data.num_classes
+    outliers = ood.outlier_data(cfg.data_dir, data, ood.cache_dir())
+    oe_on = recipe.oe_weight > 0 and recipe.oe_batch_size > 0 and bool((outliers.train_targets < 0).any())
+    if recipe.oe_weight > 0 and not oe_on:
+        log.warning(
+            "outlier exposure is on but %s has no drawings of unknown classes: training without it", cfg.data_dir
+        )
+    if oe_on and chief:
+        log.info(
+            "outlier exposure: %d drawings (%d unknown classes, -1 target) beside the known batches",
+            len(outliers.train_images),
+            len(outliers.split["train"]),
+        )
+    oe_per_replica = recipe.oe_batch_size // workers if oe_on else 0
     keras.utils.set_random_seed(cfg.seed)
     keras.config.set_dtype_policy(recipe.precision)
 
@@ -181,6 +218,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             optimizer = keras.optimizers.Adam(_schedule(recipe, steps))
         optimizer.build(model.trainable_variables)
         epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        init_digest = None
+        if cfg.init_from is not None:
+            restore_exported_weights(model, cfg.init_from, recipe.tta)
+            init_digest = weights_digest(model)
     loss_fn = keras.losses.CategoricalCrossentropy(
         from_logits=True, label_smoothing=recipe.label_smoothing, reduction="none"
     )
@@ -201,19 +242,32 @@ def train(cfg: TrainConfig) -> TrainResult:
                 elapsed_before = float(saved.get("train_seconds", 0.0))
             log.info("resumed from %s at epoch %d", latest, int(epoch_var.numpy()))
 
+    oe_weight = float(recipe.oe_weight)
+
     @tf.function
-    def train_step(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        def step_fn(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def train_step(x: tf.Tensor, y: tf.Tensor, xo: tf.Tensor, yo: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        def step_fn(x: tf.Tensor, y: tf.Tensor, xo: tf.Tensor, yo: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            b = tf.shape(x)[0]
             with tf.GradientTape() as tape:
-                logits = tf.cast(model(x, training=True), tf.float32)
+                logits_all = tf.cast(model(tf.concat([x, xo], axis=0), training=True), tf.float32)
+                logits = logits_all[:b]
                 per_example = loss_fn(tf.one_hot(y, num_classes), logits)
                 loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_bs)
+                if oe_per_replica:
+                    # Outlier exposure: known drawings rendered by doodle keep their label; unknown ones (-1)
+                    # are pulled towards the uniform distribution (cross-entropy to uniform, weighted).
+                    lo = logits_all[b:]
+                    unknown = tf.cast(yo < 0, tf.float32)
+                    to_uniform = tf.reduce_logsumexp(lo, axis=-1) - tf.reduce_mean(lo, axis=-1)
+                    labelled = loss_fn(tf.one_hot(tf.maximum(yo, 0), num_classes), lo)
+                    extra = unknown * oe_weight * to_uniform + (1.0 - unknown) * labelled
+                    loss += tf.nn.compute_average_loss(extra, global_batch_size=global_bs)
             grads = tape.gradient(loss, model.trainable_variables)
             optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
             correct = tf.reduce_sum(tf.cast(tf.argmax(logits, -1, output_type=tf.int32) == y, tf.float32))
             return loss, correct
 
-        loss, correct = strategy.run(step_fn, args=(x, y))
+        loss, correct = strategy.run(step_fn, args=(x, y, xo, yo))
         return (
             strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None),
             strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None),
@@ -224,8 +278,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     start_epoch = int(epoch_var.numpy())
     t_start = time.perf_counter()
     for epoch in range(start_epoch, recipe.epochs):
-        dist = strategy.distribute_datasets_from_function(
-            lambda ctx, epoch=epoch: make_dataset(
+
+        def dataset_fn(ctx: tf.distribute.InputContext, epoch: int = epoch) -> tf.data.Dataset:
+            known = make_dataset(
                 data,
                 Split.TRAIN,
                 ctx.get_per_replica_batch_size(global_bs),
@@ -236,12 +291,29 @@ def train(cfg: TrainConfig) -> TrainResult:
                 shard=ctx.input_pipeline_id,
                 num_shards=ctx.num_input_pipelines,
             )
-        )
+            if oe_per_replica:
+                extra = make_extra_dataset(
+                    outliers.train_images,
+                    outliers.train_targets,
+                    oe_per_replica,
+                    augment=augment,
+                    seed=cfg.seed,
+                    epoch=epoch,
+                    shard=ctx.input_pipeline_id,
+                    num_shards=ctx.num_input_pipelines,
+                )
+            else:
+                extra = tf.data.Dataset.from_tensors(
+                    (tf.zeros([0, *models.INPUT_SHAPE[1:]], tf.float32), tf.zeros([0], tf.int32))
+                ).repeat()
+            return tf.data.Dataset.zip(known, extra).map(lambda k, e: (*k, *e))
+
+        dist = strategy.distribute_datasets_from_function(dataset_fn)
         t0 = time.perf_counter()
         loss_sum = correct = seen = 0.0
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{recipe.epochs}", unit="step", disable=None if chief else True)
-        for x, y in dist:
-            loss, right = train_step(x, y)
+        for x, y, xo, yo in dist:
+            loss, right = train_step(x, y, xo, yo)
             n = per_replica_bs * workers
             loss_sum += float(loss) * n
             correct += float(right)
@@ -290,6 +362,18 @@ def train(cfg: TrainConfig) -> TrainResult:
     keras.config.set_dtype_policy("float32")
     served = models.for_inference(models.as_float32(model, num_classes, cfg.arch), recipe.tta)
     metrics: dict[str, Any] = {}
+    # Calibration and the out-of-class score are chosen on validation only (known val rows, unknown val classes).
+    val_logits, val_labels = split_logits(served, data, Split.VAL)
+    temperature = ood.fit_temperature(val_logits, val_labels)
+    method = "outlier exposure" if oe_on else "none (no outlier data)"
+    ood_card, choice = ood.choose_score(
+        served_logits(served), val_logits, outliers, cfg.data_dir, ood.cache_dir(), temperature, method
+    )
+    if chief:
+        tqdm.write(
+            f"calibration: T = {temperature:.4f} (fitted on validation); out-of-class score: "
+            f"{ood_card['score_kind']} (validation: {choice})"
+        )
     if cfg.evaluate:
         test = evaluate_split(served, data, Split.TEST)
         val = evaluate_split(served, data, Split.VAL)
@@ -301,16 +385,51 @@ def train(cfg: TrainConfig) -> TrainResult:
             "val_top3": val["top3"],
             "val_n": val["n"],
         }
+        test_logits, test_labels = split_logits(served, data, Split.TEST)
+        metrics["test_ece_uncalibrated"] = ood.expected_calibration_error(ood.softmax(test_logits), test_labels)
+        metrics["test_ece"] = ood.expected_calibration_error(ood.softmax(test_logits, temperature), test_labels)
+        test_unknown = ood.load_unknown(cfg.data_dir, outliers.split["test"], ood.cache_dir())
+        if len(test_unknown):
+            kind = ood_card["score_kind"]
+            known_s = ood.known_score(test_logits, kind, temperature)
+            unknown_s = ood.known_score(served_logits(served)(test_unknown.images), kind, temperature)
+            metrics["test_out_of_class"] = ood.ood_summary(known_s, unknown_s, ood_card["threshold"])
         if chief:
-            tqdm.write(f"test: top-1 {test['top1']:.4f}  top-3 {test['top3']:.4f}  ({test['n']} drawings)")
+            tqdm.write(
+                f"test: top-1 {test['top1']:.4f}  top-3 {test['top3']:.4f}  ({test['n']} drawings); ECE "
+                f"{metrics['test_ece_uncalibrated']:.4f} -> {metrics['test_ece']:.4f} calibrated"
+            )
+            if "test_out_of_class" in metrics:
+                tqdm.write(f"test out-of-class: {metrics['test_out_of_class']}")
     card = ModelCard.build(cfg, recipe, data, model, history, train_seconds, workers, metrics)
+    if cfg.init_from is not None:
+        card.recipe |= {"init_from": str(cfg.init_from), "init_weights_sha256": init_digest}
+    n_unknown = int((outliers.train_targets < 0).sum()) if oe_on else 0
+    card.recipe |= {
+        "outlier_exposure": {
+            "unknown_drawings": n_unknown,
+            "known_drawings_rendered_by_doodle": len(outliers.train_targets) - n_unknown if oe_on else 0,
+        }
+    }
+    card.calibration = {"method": "temperature scaling", "temperature": temperature, "fitted_on": "validation"}
+    card.ood = {k: v for k, v in ood_card.items() if k != "score_kind"}
     if chief:
-        export_dir: Path | None = export_model(served, data.labels, cfg.out, card, version=cfg.version)
+        export_dir: Path | None = export_model(
+            served,
+            data.labels,
+            cfg.out,
+            card,
+            version=cfg.version,
+            temperature=temperature,
+            score=ood_card["score_kind"],
+        )
     else:
         # Every worker must take part in saving (it may run collectives); non-chiefs write to a scratch
         # directory that is removed at once, so exactly one export is written.
         scratch = Path(tempfile.mkdtemp(prefix="export-worker-"))
-        export_model(served, data.labels, scratch, card, version=1)
+        export_model(
+            served, data.labels, scratch, card, version=1, temperature=temperature, score=ood_card["score_kind"]
+        )
         shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         export_dir = None
@@ -351,6 +470,48 @@ def evaluate_split(
         result["predicted"] = np.concatenate(preds) if preds else np.zeros(0, np.int64)
         result["labels"] = np.concatenate(labels) if labels else np.zeros(0, np.int32)
     return result
+
+
+def split_logits(
+    model: keras.Model, data: BitmapData, split: Split, batch_size: int = 512
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits float32 [n, C] and labels of a whole split, in the split's order."""
+    logits, labels = [], []
+    for x, y in data.batches(split, batch_size, shuffle=False):
+        logits.append(np.asarray(_predict_logits(model, tf.constant(x)), dtype=np.float32))
+        labels.append(y)
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+def served_logits(model: keras.Model, batch_size: int = 512) -> Callable[[np.ndarray], np.ndarray]:
+    """A function of uint8 images [n, 28, 28, 1] to the model's logits, batch by batch."""
+
+    def fn(images: np.ndarray) -> np.ndarray:
+        out = [
+            np.asarray(_predict_logits(model, tf.constant(images[i : i + batch_size])), dtype=np.float32)
+            for i in range(0, len(images), batch_size)
+        ]
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+    return fn
+
+
+def restore_exported_weights(model: keras.Model, version_dir: Path, tta: tuple[str, ...]) -> None:
+    """Load an exported version's weights into ``model`` (same architecture and classes), for fine-tuning."""
+    from trainer.export import latest_version_dir
+
+    path = latest_version_dir(Path(version_dir)) / "variables" / "variables"
+    # The export's object graph is ServingModule.model -> (TestTimeAugment.inner ->) the network.
+    errors = []
+    for wrapper in (models.TestTimeAugment(model, tta or models.TTA_VIEWS), model):
+        try:
+            tf.train.Checkpoint(model=wrapper).read(str(path)).assert_existing_objects_matched()
+        except (AssertionError, ValueError, tf.errors.OpError) as exc:
+            errors.append(str(exc).splitlines()[0])
+            continue
+        log.info("initialised from %s", path)
+        return
+    raise ValueError(f"cannot load the weights of {path} into a {model.name} model: {errors}")
 
 
 def _predict_logits(model: keras.Model, x: tf.Tensor) -> tf.Tensor:

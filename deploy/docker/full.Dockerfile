@@ -19,6 +19,8 @@ ARG EXTRAS=tf
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
+# The client distribution the project depends on (quickdraw-client: the generated quickdraw.v1 code, the client).
+COPY clients/python/ clients/python/
 COPY doodle/ doodle/
 COPY quickdraw/ quickdraw/
 COPY service/ service/
@@ -27,7 +29,7 @@ COPY loadtest/ loadtest/
 RUN --mount=type=cache,target=/root/.cache/pip \
     python -m venv /opt/venv \
  && /opt/venv/bin/pip install --upgrade pip \
- && /opt/venv/bin/pip install ".[${EXTRAS}]" \
+ && /opt/venv/bin/pip install ./clients/python ".[${EXTRAS}]" \
  && /opt/venv/bin/pip uninstall --yes pip \
  && find /opt/venv -name __pycache__ -type d -prune -exec rm -rf {} +
 

@@ -21,6 +21,8 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
+# The client distribution the project depends on (quickdraw-client: the generated quickdraw.v1 code, the client).
+COPY clients/python/ clients/python/
 COPY doodle/ doodle/
 COPY quickdraw/ quickdraw/
 COPY service/ service/
@@ -30,7 +32,7 @@ COPY loadtest/ loadtest/
 RUN --mount=type=cache,target=/root/.cache/pip \
     python -m venv /opt/venv \
  && /opt/venv/bin/pip install --upgrade pip \
- && /opt/venv/bin/pip install . \
+ && /opt/venv/bin/pip install ./clients/python . \
  && /opt/venv/bin/pip uninstall --yes pip \
  && find /opt/venv -name __pycache__ -type d -prune -exec rm -rf {} +
 

@@ -1,24 +1,31 @@
-"""Helpers shared by several subcommands: default paths, loading drawings from any file, and the options that
-reach a gateway protected by TLS, mTLS or a bearer token."""
+"""Helpers shared by several subcommands: default paths (the model directory, resolved from the project when
+the working directory has none), loading drawings from any file, and (from the client distribution) the options
+that reach a gateway protected by TLS, mTLS or a bearer token."""
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from doodle import Drawing, decode_image, drawing_to_bitmap
 from doodle.errors import DoodleError
 from doodle.formats import open_bitmaps, read_binary, read_ndjson, read_stroke3
+from quickdraw_client.cli import (  # one implementation, in the client distribution
+    UsageError,
+    add_security_options,
+    check_files,
+    client_security,
+)
+from quickdraw_client.files import Item
 
-if TYPE_CHECKING:
-    from service.security import ClientSecurity
+__all__ = ["UsageError", "add_security_options", "check_files", "client_security"]
 
 ROOT = Path(__file__).resolve().parents[2]
+#: The model directory every command defaults to, relative to the working directory or else to the project.
+DEFAULT_MODEL_DIR = Path("models") / "quickdraw"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
@@ -63,27 +70,34 @@ def iter_file_bitmaps(path: Path, limit: int | None = None) -> Iterator[tuple[st
             yield name, item
 
 
-def add_security_options(p: argparse.ArgumentParser) -> None:
-    """TLS, mTLS and bearer-token options for commands that call the gateway."""
-    g = p.add_argument_group(
-        "security", "a gateway with TLS, mTLS or a bearer token (any --tls-* option turns TLS on); the token comes "
-        "from --token-file or the QUICKDRAW_AUTH_TOKEN environment variable, never from the command line",
-    )
-    g.add_argument("--tls", action="store_true", help="use TLS, trusting the system's root CAs")
-    g.add_argument("--tls-ca-file", type=Path, metavar="PEM", help="CA certificates to verify the gateway with")
-    g.add_argument("--tls-cert-file", type=Path, metavar="PEM", help="client certificate (mTLS), with --tls-key-file")
-    g.add_argument("--tls-key-file", type=Path, metavar="PEM", help="private key of --tls-cert-file")
-    g.add_argument("--tls-server-name", metavar="NAME", help="name to verify in the gateway's certificate instead "
-                   "of the target's host")  # fmt: skip
-    g.add_argument("--token-file", type=Path, metavar="FILE", help="file whose first line is the bearer token")
+def read_for_classify(path: Path, limit: int | None = None) -> Iterator[Item]:
+    """``quickdraw classify``'s reader with the server package: every format :func:`iter_file_items` reads (the
+    client's own reader has no ``.bin`` or ``.npz``), as (name, drawing, raw)."""
+    for name, item in iter_file_items(path, limit):
+        if isinstance(item, Drawing):
+            yield name, item.google_strokes(), item.raw
+        else:
+            yield name, item, False
 
 
-def client_security(args: argparse.Namespace) -> ClientSecurity:
-    """The ClientSecurity the options of :func:`add_security_options` ask for (ValueError when they are wrong)."""
-    from service.security import ClientSecurity, read_token_file
+def resolve_model_dir(given: Path | None, option: str, env: str | None = None) -> Path:
+    """The model base directory a command should use, absolute.
 
-    token = read_token_file(args.token_file, "--token-file")[0] if args.token_file else None
-    security = ClientSecurity.from_env(tls=args.tls, ca_file=args.tls_ca_file, cert_file=args.tls_cert_file,
-                                       key_file=args.tls_key_file, server_name=args.tls_server_name, token=token)
-    security.credentials()  # reads the PEM files now, so a wrong path is reported before any call
-    return security
+    ``given`` (an option or ``env``) is used as it is, relative to the working directory, and must exist. The
+    default, ``models/quickdraw``, is looked for in the working directory and then in the project the package
+    runs from (a checkout, as after ``make run``), so the command works from any directory. A UsageError says
+    exactly what to pass when neither has it.
+    """
+    how = f"pass {option} PATH" + (f" or set {env}" if env else "")
+    if given is not None:
+        path = given.expanduser()
+        if not path.is_dir():
+            where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+            raise UsageError(f"{option} {given}: no such directory{where}: {how}, the directory holding the model's "
+                             "version folders (1/, 2/, ...)")  # fmt: skip
+        return path.resolve()
+    for base in (Path.cwd(), ROOT):
+        if (base / DEFAULT_MODEL_DIR).is_dir():
+            return (base / DEFAULT_MODEL_DIR).resolve()
+    raise UsageError(f"no model at {DEFAULT_MODEL_DIR} (relative to {Path.cwd()}, nor in {ROOT}): {how}, the "
+                     "directory holding the model's version folders (1/, 2/, ...)")  # fmt: skip

@@ -40,9 +40,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--target", default="localhost:50051", help="HOST:PORT to load (default: localhost:50051)")
-    p.add_argument("--api", choices=["quickdraw", "tfserving"], default="quickdraw",
-                   help="quickdraw.v1.Classifier (default), or TF Serving's PredictionService/Predict (bitmaps; "
-                        "works against TF Serving itself and against the gateway)")  # fmt: skip
+    p.add_argument("--api", choices=["quickdraw", "tfserving", "v2"], default="quickdraw",
+                   help="quickdraw.v1.Classifier (default), TF Serving's PredictionService/Predict (bitmaps; "
+                        "works against TF Serving itself and against the gateway), or v2: the Open Inference "
+                        "Protocol's ModelInfer (KServe v2; bitmaps; the gateway, Triton ...)")  # fmt: skip
     p.add_argument("--data", type=Path, nargs="+", default=[DEFAULT_DATA],
                    help=f"data directory (numpy_bitmap/, simplified/) or .npy/.ndjson files (default: {DEFAULT_DATA})")
     p.add_argument("--kinds", default="bitmap",

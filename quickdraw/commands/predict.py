@@ -25,8 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("files", type=Path, nargs="+", metavar="FILE")
-    p.add_argument("--model", type=Path, default=Path("models/quickdraw"),
-                   help="version directory or base directory (highest version) (default: %(default)s)")
+    p.add_argument("--model", type=Path, default=None,
+                   help="version directory or base directory (highest version) (default: models/quickdraw, in the "
+                        "working directory or else in the project)")  # fmt: skip
     p.add_argument("--limit", type=int, default=None, metavar="N", help="at most N drawings per file")
     p.add_argument("--top", type=int, default=3, help="how many classes to print (default: 3)")
     p.set_defaults(func=run)
@@ -40,10 +41,14 @@ def format_top(labels: list[str], probs: np.ndarray, k: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Load the model once, then classify file by file in batches."""
+    from quickdraw.commands.common import check_files, resolve_model_dir
+
     require("tensorflow", "quickdraw predict")
+    check_files(args.files)
+    model_dir = resolve_model_dir(args.model, "--model")
     from trainer.evaluate import LoadedModel
 
-    model = LoadedModel(args.model)
+    model = LoadedModel(model_dir)
     for path in args.files:
         items = list(iter_file_bitmaps(path, args.limit))
         for start in range(0, len(items), BATCH):

@@ -1,9 +1,18 @@
-"""``quickdraw serve``: run the gRPC gateway. Every setting is an option here and a ``QUICKDRAW_*`` variable."""
+"""``quickdraw serve``: run the gRPC gateway. Every setting is an option here and a ``QUICKDRAW_*`` variable.
+
+Before anything slow, it checks what a newcomer gets wrong, each reported in one line (``quickdraw.cli``): a port
+in use ("port 50051 is in use: stop the other server or pass --grpc-port"), and a model directory that is not
+there. The default ``--model-dir`` (``models/quickdraw``) is looked for in the working directory, then in the
+project the package runs from, so ``quickdraw serve`` works from any directory of a checkout. TensorFlow (the
+embedded backend) is imported once, without its C++ log lines unless ``--log-level debug`` (``quickdraw.quiet``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import sys
 import types
 import typing
@@ -72,12 +81,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             continue
         default = info.default
         shown = default.value if hasattr(default, "value") else default
+        kind = _option_type(info.annotation)
+        if name == "log_level":  # --log-level debug works as well as DEBUG
+            kind["type"] = str.upper
         p.add_argument(
             f"--{name.replace('_', '-')}",
             dest=name,
             default=None,
             help=f"{info.description} (env {ENV_PREFIX}{name.upper()}; default: {shown})".replace("%", "%%"),
-            **_option_type(info.annotation),
+            **kind,
         )
     p.set_defaults(func=run)
 
@@ -86,7 +98,10 @@ def run(args: argparse.Namespace) -> int:
     """Build the settings, run the app until a signal, exit 0."""
     from pydantic import ValidationError
 
-    from service.settings import Settings
+    from quickdraw import quiet
+    from quickdraw.commands.common import UsageError, resolve_model_dir
+    from service.security import port_in_use
+    from service.settings import ENV_PREFIX, Settings
 
     given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     try:
@@ -96,8 +111,21 @@ def run(args: argparse.Namespace) -> int:
             field = ".".join(str(x) for x in e["loc"]) or "settings"
             print(f"quickdraw serve: --{field.replace('_', '-')}: {e['msg']}", file=sys.stderr)
         return 2
+    chosen = "model_dir" in given or f"{ENV_PREFIX}MODEL_DIR" in os.environ
     if settings.backend == "embedded":  # the tfserving backend needs no TensorFlow in this process
         require("tensorflow", "quickdraw serve --backend embedded")
+        model_dir = resolve_model_dir(settings.model_dir if chosen else None, "--model-dir", f"{ENV_PREFIX}MODEL_DIR")
+        settings = settings.model_copy(update={"model_dir": model_dir})
+    elif not chosen:  # the tfserving backend reads only the labels there: the project's, from any directory
+        with contextlib.suppress(UsageError):
+            settings = settings.model_copy(update={"model_dir": resolve_model_dir(None, "--model-dir")})
+    for port, option in ((settings.grpc_port, "--grpc-port"), (settings.http_port, "--http-port")):
+        if port_in_use(settings.host, port):  # now, not after TensorFlow's import (App.start says it again if lost)
+            raise UsageError(f"port {port} is in use: stop the other server or pass {option}")
+    debug = settings.log_level == "DEBUG"
+    quiet.configure(debug)
+    if settings.backend == "embedded":
+        quiet.import_tensorflow(debug)  # once, here; App.start finds it imported
     from service.app import App
 
     def ready(app: App) -> None:

@@ -49,6 +49,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workdir", type=Path, default=None,
                    help="checkpoints, TensorBoard logs and history (default: runs/<arch>)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --workdir")
+    p.add_argument("--init-from", type=Path, default=None, metavar="MODEL_DIR",
+                   help="start from the weights of an exported version (same architecture and classes): fine-tune")
+    p.add_argument("--oe-weight", type=float, default=None,
+                   help="weight of the outlier-exposure loss (cross-entropy to uniform; default: the recipe's)")
+    p.add_argument("--oe-batch-size", type=int, default=None,
+                   help="outlier-exposure drawings a step, beside --batch-size (default: the recipe's)")
+    p.add_argument("--no-outlier-exposure", dest="outlier_exposure", action="store_const", const=False, default=None,
+                   help="do not train on the unknown classes of --data's simplified/ and raw/ (outlier exposure)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("QUICKDRAW_TRAIN_THREADS", "0")),
                    help="TensorFlow intra-op threads (default: all cores)")
     p.set_defaults(func=run)
@@ -69,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
         data_dir=args.data, out=args.out, workdir=args.workdir, classes=args.classes, per_class=args.per_class,
         arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
         augment=args.augment, precision=args.precision, tta=None if args.tta is None else TTA_CHOICES[args.tta],
-        seed=args.seed, resume=args.resume, version=args.version,
+        seed=args.seed, resume=args.resume, version=args.version, init_from=args.init_from,
+        outlier_exposure=args.outlier_exposure, oe_weight=args.oe_weight, oe_batch_size=args.oe_batch_size,
     )
     result = train(cfg)
     if result.export_dir is not None:

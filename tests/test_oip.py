@@ -1,0 +1,390 @@
+"""The Open Inference Protocol (KServe v2) on the gateway, through clients nobody here wrote: ``tritonclient``'s gRPC
+and HTTP clients (PyPI), against real gateways on the embedded backend and on the tfserving backend (the TF
+Serving stand-in), checked against the offline SavedModel.
+
+Also: the classification extension against the custom API's top-3, Triton's error codes through tritonclient,
+the other input forms (PNG, strokes JSON), Triton's ModelStreamInfer, the HTTP side's JSON and binary data, and
+that ``make protos`` reproduces the committed descriptor set. 57-75 s on 2 shared cores (most of it starting two
+gateways, TensorFlow and the stand-in).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import queue
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from harness import SHIPPED_MODEL, RunningGateway
+from PIL import Image
+
+from doodle.formats import open_bitmaps
+from quickdraw.v1 import classifier_pb2 as pb
+from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
+from service.backends import find_versions
+
+tritongrpc = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc,http] is in the dev extra")
+tritonhttp = pytest.importorskip("tritonclient.http", reason="tritonclient[grpc,http] is in the dev extra")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not find_versions(SHIPPED_MODEL), reason=f"no SavedModel under {SHIPPED_MODEL} (the shipped model is missing)"
+)
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT.parent / "shared" / "quickdraw"
+MODEL = "quickdraw"
+
+
+def sample_bitmaps(n: int) -> np.ndarray:
+    """``n`` real bitmaps, round-robin over the sample classes."""
+    files = sorted((SAMPLE / "numpy_bitmap").glob("*.npy"))
+    if not files:
+        pytest.skip(f"Quick, Draw! sample data not found at {SAMPLE}")
+    per = -(-n // len(files))
+    rows = np.concatenate([np.asarray(open_bitmaps(f)[:per]) for f in files])[:n]
+    return rows.reshape(-1, 28, 28, 1).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return sample_bitmaps(1000)
+
+
+@pytest.fixture(scope="module")
+def offline(images: np.ndarray) -> np.ndarray:
+    """The offline SavedModel's probabilities for the 1,000 sample bitmaps."""
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(SHIPPED_MODEL / str(find_versions(SHIPPED_MODEL)[-1])))
+    return loaded.signatures["serving_default"](image=tf.constant(images))["probabilities"].numpy()
+
+
+@pytest.fixture(scope="module")
+def embedded() -> Iterator[RunningGateway]:
+    with RunningGateway(max_batch_delay_ms=1.0, max_drawings_per_request=64) as gw:
+        yield gw
+
+
+@pytest.fixture(scope="module")
+def tfserving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+    from tfserving_standin import TFServingStandIn
+
+    base = tmp_path_factory.mktemp("oip-models") / MODEL
+    base.mkdir()
+    shipped = SHIPPED_MODEL / str(find_versions(SHIPPED_MODEL)[-1])
+    for v in (1, 2):
+        (base / str(v)).symlink_to(shipped.resolve(), target_is_directory=True)
+    with (
+        TFServingStandIn(base) as standin,
+        RunningGateway(backend="tfserving", tfserving_target=standin.target, model_dir=base, max_batch_delay_ms=1.0,
+                       max_drawings_per_request=64, tfserving_status_poll_s=0.2) as gw,
+    ):  # fmt: skip
+        yield gw
+
+
+@pytest.fixture(params=["embedded", "tfserving"])
+def gateway(request: pytest.FixtureRequest) -> RunningGateway:
+    return request.getfixturevalue(request.param)
+
+
+def grpc_client(gw: RunningGateway) -> tritongrpc.InferenceServerClient:
+    return tritongrpc.InferenceServerClient(gw.target)
+
+
+def http_client(gw: RunningGateway) -> tritonhttp.InferenceServerClient:
+    return tritonhttp.InferenceServerClient(f"127.0.0.1:{gw.app.http_port}", connection_timeout=30, network_timeout=60)
+
+
+def infer_probs(client: object, module: object, batch: np.ndarray, **kwargs: object) -> tuple[np.ndarray, object]:
+    inp = module.InferInput("image", list(batch.shape), "UINT8")  # type: ignore[attr-defined]
+    inp.set_data_from_numpy(batch)
+    result = client.infer(MODEL, [inp], **kwargs)  # type: ignore[attr-defined]
+    return result.as_numpy("probabilities"), result
+
+
+# --- acceptance: 1,000 bitmaps in batches of 1 and 64, both clients, both backends ------------------------------
+
+
+@pytest.mark.parametrize("client_kind", ["grpc", "http"])
+def test_tritonclient_gets_the_offline_probabilities(
+    gateway: RunningGateway, client_kind: str, images: np.ndarray, offline: np.ndarray
+) -> None:
+    module = tritongrpc if client_kind == "grpc" else tritonhttp
+    client = grpc_client(gateway) if client_kind == "grpc" else http_client(gateway)
+    default = gateway.app._gateway.model.default_version  # type: ignore[union-attr]
+    for size in (1, 64):
+        got = []
+        for start in range(0, len(images), size):
+            probs, result = infer_probs(client, module, images[start : start + size])
+            got.append(probs)
+        assert result.get_response()  # type: ignore[attr-defined]
+        np.testing.assert_allclose(np.concatenate(got), offline, atol=1e-5, err_msg=f"batches of {size}")
+        response = result.get_response()  # type: ignore[attr-defined]
+        version = response.model_version if client_kind == "grpc" else response["model_version"]
+        assert version == str(default)
+    client.close()
+    metrics = gateway.scrape()
+    method = "ModelInfer" if client_kind == "grpc" else "http:ModelInfer"
+    assert metrics[f'quickdraw_request_duration_seconds_count{{code="OK",method="{method}"}}'] >= 1016
+
+
+def test_typed_contents_and_json_data_equal_raw(embedded: RunningGateway, images: np.ndarray,
+                                                offline: np.ndarray) -> None:  # fmt: skip
+    """tritonclient.grpc sends raw_input_contents; a hand-made request with ``uint_contents``, and the HTTP client's
+    JSON ``data`` (binary_data=False), give the same answer."""
+    from service import oip
+
+    batch = images[:5]
+    req = oip.ModelInferRequest(model_name=MODEL)
+    t = req.inputs.add(name="image", datatype="UINT8", shape=[5, 28, 28, 1])
+    t.contents.uint_contents.extend(batch.reshape(-1).tolist())
+    with grpc.insecure_channel(embedded.target) as ch:
+        resp = oip.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=30)
+    assert [o.name for o in resp.outputs] == ["probabilities"] and list(resp.outputs[0].shape) == [5, 29]
+    np.testing.assert_allclose(np.frombuffer(resp.raw_output_contents[0], "<f4").reshape(5, 29), offline[:5],
+                               atol=1e-5)  # fmt: skip
+    client = http_client(embedded)
+    inp = tritonhttp.InferInput("image", [5, 28, 28, 1], "UINT8")
+    inp.set_data_from_numpy(batch, binary_data=False)
+    out = tritonhttp.InferRequestedOutput("probabilities", binary_data=False)
+    result = client.infer(MODEL, [inp], outputs=[out])
+    assert "data" in result.get_response()["outputs"][0]
+    np.testing.assert_allclose(result.as_numpy("probabilities"), offline[:5], atol=1e-5)
+
+
+# --- the classification extension ------------------------------------------------------------------------------
+
+
+def test_classification_top3_matches_the_custom_apis_top3(gateway: RunningGateway, images: np.ndarray) -> None:
+    batch = images[:64]
+    with grpc.insecure_channel(gateway.target) as ch:
+        drawings = [pb.Drawing(bitmap=pb.Bitmap(pixels=b.tobytes())) for b in batch]
+        custom = pb_grpc.ClassifierStub(ch).Classify(pb.ClassifyRequest(drawings=drawings, top_k=3), timeout=30)
+    want = [[(p.index, p.label) for p in pred.top] for pred in custom.predictions]
+    for module, client in ((tritongrpc, grpc_client(gateway)), (tritonhttp, http_client(gateway))):
+        inp = module.InferInput("image", list(batch.shape), "UINT8")
+        inp.set_data_from_numpy(batch)
+        result = client.infer(MODEL, [inp], outputs=[module.InferRequestedOutput("probabilities", class_count=3)])
+        got = result.as_numpy("probabilities")
+        assert got.shape == (64, 3)
+        parsed = [[e.decode().split(":") for e in row] for row in got]
+        assert [[(int(i), label) for _, i, label in row] for row in parsed] == want, module.__name__
+        scores = [[p.score for p in pred.top] for pred in custom.predictions]
+        np.testing.assert_allclose([[float(s) for s, _, _ in row] for row in parsed], scores, atol=1e-6)
+
+
+# --- errors through tritonclient -------------------------------------------------------------------------------
+
+
+def _png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image.reshape(28, 28)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+ERRORS = {  # mistake: (gRPC code, HTTP status, words of the message)
+    "wrong shape": ("INVALID_ARGUMENT", "400", "unexpected shape for input 'image' for model 'quickdraw'. "
+                                              "Expected [-1,28,28,1], got [2,28,28]"),
+    "wrong datatype": ("INVALID_ARGUMENT", "400", "inference input 'image' data-type is 'FP32', but model "
+                                                  "'quickdraw' expects 'UINT8'"),
+    "unknown input": ("INVALID_ARGUMENT", "400", "unexpected inference input 'pixels' for model 'quickdraw'"),
+    "unknown model": ("NOT_FOUND", "404", "Request for unknown model: 'sketches' is not found"),
+    "unknown version": ("NOT_FOUND", "404", "Request for unknown model: 'quickdraw' version 9 is not found"),
+    "over-limit batch": ("INVALID_ARGUMENT", "400", "inference request batch-size must be <= 64 for 'quickdraw'"),
+    "undecodable image": ("INVALID_ARGUMENT", "400", "inputs[encoded_image][1]"),
+    "unknown output": ("INVALID_ARGUMENT", "400", "unexpected inference output 'logits' for model 'quickdraw'"),
+}  # fmt: skip
+
+
+def _mistake(module: object, mistake: str, images: np.ndarray) -> tuple[str, list[object], dict[str, object]]:
+    m = module
+    model, kwargs, outputs = MODEL, {}, None
+    if mistake == "wrong shape":
+        inp = m.InferInput("image", [2, 28, 28], "UINT8")  # type: ignore[attr-defined]
+        inp.set_data_from_numpy(images[:2].reshape(2, 28, 28))
+    elif mistake == "wrong datatype":
+        inp = m.InferInput("image", [2, 28, 28, 1], "FP32")  # type: ignore[attr-defined]
+        inp.set_data_from_numpy(images[:2].astype(np.float32))
+    elif mistake == "over-limit batch":
+        inp = m.InferInput("image", [65, 28, 28, 1], "UINT8")  # type: ignore[attr-defined]
+        inp.set_data_from_numpy(images[:65])
+    elif mistake == "undecodable image":
+        inp = m.InferInput("encoded_image", [2], "BYTES")  # type: ignore[attr-defined]
+        inp.set_data_from_numpy(np.array([_png(images[0]), b"\x89PNG\r\n\x1a\n not a png"], dtype=object))
+    else:
+        name = "pixels" if mistake == "unknown input" else "image"
+        inp = m.InferInput(name, [2, 28, 28, 1], "UINT8")  # type: ignore[attr-defined]
+        inp.set_data_from_numpy(images[:2])
+        model = "sketches" if mistake == "unknown model" else MODEL
+        if mistake == "unknown version":
+            kwargs["model_version"] = "9"
+        if mistake == "unknown output":
+            outputs = [m.InferRequestedOutput("logits")]  # type: ignore[attr-defined]
+    if outputs is not None:
+        kwargs["outputs"] = outputs
+    return model, [inp], kwargs
+
+
+@pytest.mark.parametrize("mistake", list(ERRORS))
+def test_errors_reach_tritonclient_with_the_protocols_code(embedded: RunningGateway, images: np.ndarray,
+                                                           mistake: str) -> None:  # fmt: skip
+    code, http_status, words = ERRORS[mistake]
+    for module, client, want in ((tritongrpc, grpc_client(embedded), f"StatusCode.{code}"),
+                                 (tritonhttp, http_client(embedded), http_status)):  # fmt: skip
+        model, inputs, kwargs = _mistake(module, mistake, images)
+        with pytest.raises(InferenceServerException) as err:
+            client.infer(model, inputs, **kwargs)
+        assert err.value.status() == want, (module.__name__, err.value)
+        assert words in err.value.message(), (module.__name__, err.value.message())
+    # field-level details, as the other APIs give (through a plain gRPC call: tritonclient keeps only the message)
+    if mistake == "wrong datatype":
+        from google.rpc import error_details_pb2
+        from grpc_status import rpc_status
+
+        from service import oip
+
+        req = oip.ModelInferRequest(model_name=MODEL)
+        req.inputs.add(name="image", datatype="FP32", shape=[1, 28, 28, 1])
+        req.raw_input_contents.append(np.zeros(784, np.float32).tobytes())
+        with grpc.insecure_channel(embedded.target) as ch, pytest.raises(grpc.RpcError) as rpc_err:
+            oip.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=10)
+        status = rpc_status.from_call(rpc_err.value)
+        assert status is not None
+        detail = error_details_pb2.BadRequest()
+        status.details[0].Unpack(detail)
+        assert detail.field_violations[0].field == "inputs[image].datatype"
+
+
+# --- health, metadata, versions --------------------------------------------------------------------------------
+
+
+def test_health_and_metadata_through_tritonclient(gateway: RunningGateway) -> None:
+    model = gateway.app._gateway.model  # type: ignore[union-attr]
+    for client in (grpc_client(gateway), http_client(gateway)):
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready(MODEL)
+        assert client.is_model_ready(MODEL, str(model.versions[0]))
+        assert not client.is_model_ready(MODEL, "99")
+        server = client.get_server_metadata()
+        meta = client.get_model_metadata(MODEL)
+        if isinstance(server, dict):  # HTTP: JSON
+            extensions, versions = server["extensions"], meta["versions"]
+            inputs, outputs = meta["inputs"], meta["outputs"]
+            pairs = [(t["name"], t["datatype"], list(t["shape"])) for t in inputs]
+            out = [(t["name"], t["datatype"], list(t["shape"])) for t in outputs]
+        else:
+            extensions, versions = list(server.extensions), list(meta.versions)
+            pairs = [(t.name, t.datatype, list(t.shape)) for t in meta.inputs]
+            out = [(t.name, t.datatype, list(t.shape)) for t in meta.outputs]
+        assert "classification" in extensions
+        assert versions == [str(v) for v in model.versions]
+        want = [("image", "UINT8", [-1, 28, 28, 1]), ("encoded_image", "BYTES", [-1]), ("strokes", "BYTES", [-1])]
+        assert pairs == want
+        assert out[0] == ("probabilities", "FP32", [-1, len(model.labels)])
+
+
+def test_versions_map_to_model_version(tfserving: RunningGateway, images: np.ndarray) -> None:
+    client = grpc_client(tfserving)
+    for version in ("1", "2"):
+        _, result = infer_probs(client, tritongrpc, images[:2], model_version=version)
+        assert result.get_response().model_version == version
+    _, result = infer_probs(client, tritongrpc, images[:2])  # the backend's choice: the version that answered
+    assert result.get_response().model_version == "2"
+
+
+# --- the other input forms, the stream, binary HTTP ------------------------------------------------------------
+
+
+def test_png_and_strokes_inputs_classify_as_the_custom_api(embedded: RunningGateway, images: np.ndarray) -> None:
+    pngs = [_png(img) for img in images[:3]]
+    strokes = [{"strokes": [{"x": [10, 200, 120], "y": [20, 30, 220]}, {"x": [50, 60], "y": [200, 10]}]},
+               {"strokes": [{"x": [5, 250], "y": [128, 128]}], "coordinates": "SIMPLIFIED"}]  # fmt: skip
+    with grpc.insecure_channel(embedded.target) as ch:
+        stub = pb_grpc.ClassifierStub(ch)
+        want_png = stub.Classify(pb.ClassifyRequest(drawings=[pb.Drawing(image=pb.EncodedImage(data=p)) for p in pngs],
+                                                    top_k=3), timeout=30)  # fmt: skip
+        from google.protobuf import json_format
+
+        want_strokes = stub.Classify(
+            pb.ClassifyRequest(drawings=[pb.Drawing(strokes=json_format.ParseDict(s, pb.Strokes())) for s in strokes],
+                               top_k=3), timeout=30)  # fmt: skip
+    for module, client in ((tritongrpc, grpc_client(embedded)), (tritonhttp, http_client(embedded))):
+        for name, values, want in (("encoded_image", pngs, want_png),
+                                   ("strokes", [json.dumps(s).encode() for s in strokes], want_strokes)):  # fmt: skip
+            inp = module.InferInput(name, [len(values)], "BYTES")
+            inp.set_data_from_numpy(np.array(values, dtype=object))
+            result = client.infer(MODEL, [inp], outputs=[module.InferRequestedOutput("probabilities", class_count=3)])
+            got = [[int(e.decode().split(":")[1]) for e in row] for row in result.as_numpy("probabilities")]
+            assert got == [[p.index for p in pred.top] for pred in want.predictions], (module.__name__, name)
+
+
+def test_model_stream_infer_answers_each_request(embedded: RunningGateway, images: np.ndarray,
+                                                 offline: np.ndarray) -> None:  # fmt: skip
+    answers: queue.Queue[tuple[object, object]] = queue.Queue()
+    client = grpc_client(embedded)
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    for i in range(20):
+        inp = tritongrpc.InferInput("image", [1, 28, 28, 1], "UINT8")
+        inp.set_data_from_numpy(images[i : i + 1])
+        client.async_stream_infer(MODEL, [inp], request_id=str(i))
+    bad = tritongrpc.InferInput("image", [1, 28, 28, 1], "FP32")
+    bad.set_data_from_numpy(images[:1].astype(np.float32))
+    client.async_stream_infer(MODEL, [bad], request_id="bad")
+    got: dict[str, np.ndarray] = {}
+    errors = []
+    for _ in range(21):
+        result, error = answers.get(timeout=30)
+        if error is not None:
+            errors.append(error)
+        else:
+            got[result.get_response().id] = result.as_numpy("probabilities")  # type: ignore[attr-defined]
+    client.stop_stream()
+    assert len(errors) == 1 and "data-type is 'FP32'" in str(errors[0])
+    np.testing.assert_allclose(np.concatenate([got[str(i)] for i in range(20)]), offline[:20], atol=1e-5)
+    assert embedded.scrape()['quickdraw_request_duration_seconds_count{code="OK",method="ModelStreamInfer"}'] >= 20
+
+
+def test_http_v2_routes_and_binary_data(embedded: RunningGateway, images: np.ndarray, offline: np.ndarray) -> None:
+    import urllib.error
+    import urllib.request
+
+    base = f"http://127.0.0.1:{embedded.app.http_port}/v2"
+    version = embedded.app._gateway.model.default_version  # type: ignore[union-attr]
+    for path, status in (("/health/live", 200), ("/health/ready", 200), ("/models/quickdraw/ready", 200),
+                         (f"/models/quickdraw/versions/{version}", 200), ("/models/nope", 404),
+                         ("/models/quickdraw/versions/9/ready", 404)):  # fmt: skip
+        try:
+            code = urllib.request.urlopen(base + path, timeout=10).status
+        except urllib.error.HTTPError as exc:
+            code = exc.code
+            assert "error" in json.loads(exc.read())
+        assert code == status, path
+    header = json.dumps({"inputs": [{"name": "image", "shape": [2, 28, 28, 1], "datatype": "UINT8",
+                                     "parameters": {"binary_data_size": 2 * 784}}],
+                         "outputs": [{"name": "probabilities",
+                                      "parameters": {"binary_data": True}}]}).encode()  # fmt: skip
+    url = f"{base}/models/quickdraw/versions/{version}/infer"
+    req = urllib.request.Request(url, data=header + images[:2].tobytes(),
+                                 headers={"Inference-Header-Content-Length": str(len(header)),
+                                          "Content-Type": "application/octet-stream"})  # fmt: skip
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        body = resp.read()
+        n = int(resp.headers["Inference-Header-Content-Length"])
+    doc = json.loads(body[:n])
+    assert doc["model_version"] == str(version)
+    assert doc["outputs"][0]["parameters"]["binary_data_size"] == 2 * 29 * 4
+    np.testing.assert_allclose(np.frombuffer(body[n:], "<f4").reshape(2, 29), offline[:2], atol=1e-5)
+
+
+def test_make_protos_reproduces_the_descriptor_set(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rel = Path("service") / "oip" / "oip.binpb"
+    assert (tmp_path / rel).read_bytes() == (ROOT / rel).read_bytes(), f"{rel} is stale: run `make protos`"
