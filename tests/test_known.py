@@ -161,9 +161,15 @@ def mixed_gateway(request: pytest.FixtureRequest, mixed_model: Path) -> Iterator
 
 
 @pytest.fixture(scope="module")
-def cats(sample: Path) -> np.ndarray:
-    """The first 25 cats of numpy_bitmap, uint8 [25, 28, 28, 1]."""
-    return np.asarray(open_bitmaps(sample / "numpy_bitmap" / "cat.npy")[:25]).reshape(-1, 28, 28, 1)
+def cats(sample: Path, known_model: Path) -> np.ndarray:
+    """25 cats of numpy_bitmap, uint8 [25, 28, 28, 1]: the first one, then the first the fixture model calls
+    unknown (at ``THRESHOLD``), then the next ones in file order. Which cat that is depends on the shipped model
+    the fixture wraps; the tests compare with the offline SavedModel, so they do not depend on it."""
+    pool = np.asarray(open_bitmaps(sample / "numpy_bitmap" / "cat.npy")[:400]).reshape(-1, 28, 28, 1)
+    scores = offline_outputs(known_model / "1", pool)[KNOWN]
+    unknown = int(np.flatnonzero(scores < THRESHOLD)[0])
+    rest = [i for i in range(1, len(pool)) if i != unknown]
+    return pool[[0, unknown, *rest[:23]]]
 
 
 @pytest.fixture(scope="module")

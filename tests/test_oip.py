@@ -146,7 +146,9 @@ def test_typed_contents_and_json_data_equal_raw(embedded: RunningGateway, images
     t.contents.uint_contents.extend(batch.reshape(-1).tolist())
     with grpc.insecure_channel(embedded.target) as ch:
         resp = oip.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=30)
-    assert [o.name for o in resp.outputs] == ["probabilities"] and list(resp.outputs[0].shape) == [5, 29]
+    # probabilities first; known_score too when the model exports it (issue 18)
+    assert resp.outputs[0].name == "probabilities" and list(resp.outputs[0].shape) == [5, 29]
+    assert [o.name for o in resp.outputs][1:] in ([], ["known_score"])
     np.testing.assert_allclose(np.frombuffer(resp.raw_output_contents[0], "<f4").reshape(5, 29), offline[:5],
                                atol=1e-5)  # fmt: skip
     client = http_client(embedded)

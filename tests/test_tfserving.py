@@ -84,6 +84,16 @@ def offline() -> object:
     return tf.saved_model.load(str(SHIPPED_MODEL / str(find_versions(SHIPPED_MODEL)[-1])))
 
 
+def shipped_extra_outputs() -> tuple[str, ...]:
+    """``known_score`` when the shipped model exports it (issue 18), else nothing."""
+    from tensorflow.core.protobuf import meta_graph_pb2
+
+    from doodle import contract
+
+    sig = meta_graph_pb2.SignatureDef.FromString(shipped_signature_defs()[contract.SIGNATURE_NAME])
+    return (contract.KNOWN_SCORE,) if contract.KNOWN_SCORE in sig.outputs else ()
+
+
 def offline_probs(loaded: object, images: np.ndarray) -> np.ndarray:
     import tensorflow as tf
 
@@ -163,14 +173,15 @@ def test_gateway_predictions_through_tfserving_equal_the_offline_model(
                 got[i, s.index] = s.score
         np.testing.assert_allclose(got, want, atol=1e-5)
         assert resp.model_version == 2
-        assert standin.seen[-1].outputs == ("probabilities",)  # 29 classes wanted: TF Serving's top-k has 5
+        # 29 classes wanted: TF Serving's top-k has 5 (and the out-of-class score when the model has one)
+        assert standin.seen[-1].outputs == ("probabilities", *shipped_extra_outputs())
         # top_k 3: the batch asks TF Serving for its top-k outputs alone; the answers are the model's best 3
         seen = len(standin.seen)
         top3 = client.classify_request(
             pb.ClassifyRequest(drawings=[pb.Drawing(bitmap=pb.Bitmap(pixels=im.tobytes())) for im in images],
                                top_k=3)
         )  # fmt: skip
-        assert {s.outputs for s in standin.seen[seen:]} == {("top_k_scores", "top_k_indices")}
+        assert {s.outputs for s in standin.seen[seen:]} == {("top_k_scores", "top_k_indices", *shipped_extra_outputs())}
         want_top = np.argsort(-want, axis=1, kind="stable")[:, :3]
         for i, p in enumerate(top3.predictions):
             assert [s.index for s in p.top] == want_top[i].tolist()
@@ -405,7 +416,8 @@ def test_tf_serving_client_pointed_at_the_gateway_gets_the_offline_probabilities
         # the other outputs of the signature, and output_filter
         req = predict_request(images[:4])
         resp = stub.Predict(req, timeout=30)
-        assert sorted(resp.outputs) == ["probabilities", "top_k_indices", "top_k_labels", "top_k_scores"]
+        assert sorted(resp.outputs) == sorted(["probabilities", "top_k_indices", "top_k_labels", "top_k_scores",
+                                               *shipped_extra_outputs()])
         offline_all = offline.signatures["serving_default"](image=__import__("tensorflow").constant(images[:4]))  # type: ignore[attr-defined]
         np.testing.assert_array_equal(to_numpy(resp.outputs["top_k_indices"]), offline_all["top_k_indices"].numpy())
         assert list(resp.outputs["top_k_labels"].string_val) == list(offline_all["top_k_labels"].numpy().reshape(-1))
