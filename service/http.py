@@ -31,7 +31,9 @@ routes need ``Authorization: Bearer <token>`` (the same tokens as gRPC; 401 othe
 files do not. With ``http_tls`` the port speaks TLS, and with mTLS configured the API routes also need a
 verified client certificate. An error is the gRPC call's status as JSON,
 ``{"error": {"code": 400, "status": "INVALID_ARGUMENT", "message": ..., "details": [google.rpc.BadRequest]}}``,
-sent with the HTTP status that ``service.errors.http_status`` maps its code to.
+sent with the HTTP status that ``service.errors.http_status`` maps its code to. Its field violations name the
+fields as the body spelled them (``topK`` or ``top_k``: :func:`respelled`), where the gRPC call's use proto names,
+and a value of the wrong JSON type is described in JSON terms (``service.jsonwalk``).
 """
 
 from __future__ import annotations

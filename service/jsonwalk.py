@@ -7,7 +7,9 @@ as numbers or strings, floats as numbers or the strings "NaN", "Infinity" and "-
 (standard or URL-safe, padding optional), enums by name or number, and the well-known wrappers as their bare
 values. Each value ParseDict would refuse, or overflow on, is a :class:`FieldViolation` with its path in the
 JSON's own field names (``drawings[2].strokes.strokes[0].x[5]``) and what was expected and found (the value
-clipped to ``VALUE_CHARS``).
+clipped to ``VALUE_CHARS``), in JSON terms: a string where a message belongs is ``expected an object like
+{"data": "<base64>"}, got a string`` (the example built from the descriptor). :func:`respell` names a proto
+field path (validation's) as a body spelled the fields.
 
 The walk accepts everything ParseDict accepts (its quirks too: ``1.5`` is enum 1, ``"1e3"`` an int64 of 1000,
 ``[]`` an empty message), so that ParseDict stays the parser and the walk only names what is wrong. Arrays
