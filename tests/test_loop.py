@@ -143,7 +143,7 @@ def test_json_body_just_under_its_limit(gw: AttackedGateway) -> None:
     with measured(gw, f"loop: JSON body of {len(body)} bytes (limit {JSON_BODY_FACTOR * MAX_MESSAGE_BYTES})") as cost:
         status, _, answer = request(gw.http_port, "POST", "/v1/classify", body, JSON, timeout=120)
     fields = [v["field"] for d in answer["error"]["details"] for v in d.get("fieldViolations", [])]
-    assert (status, answer["error"]["status"], fields) == (400, "INVALID_ARGUMENT", ["top_k"])
+    assert (status, answer["error"]["status"], fields) == (400, "INVALID_ARGUMENT", ["topK"])  # as the body spells it
     cost.assert_bounds(ACCEPTED_CPU_BOUND_S)
 
 

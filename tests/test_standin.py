@@ -34,6 +34,7 @@ from tensorflow_serving.apis import (  # noqa: E402
     prediction_service_pb2_grpc,
 )
 from tensorflow_serving.config import model_server_config_pb2  # noqa: E402
+from test_tfserving import shipped_extra_outputs  # noqa: E402
 from tfserving_standin import ServingError, TFServingStandIn, policy, read_text_proto  # noqa: E402
 
 from quickdraw.tfserving_schema import batching_parameters_pb2, monitoring_config_pb2  # noqa: E402
@@ -142,8 +143,10 @@ def test_predict_errors_are_tf_servings(stubs: tuple[Any, Any]) -> None:
         "value provided. Inputs expected to be in the request {images}, or default input alias set: ",
     )
     code, msg = failure(lambda: predict.Predict(request(outputs=("logits",)), timeout=30))
+    outputs = ",".join(sorted(["probabilities", "top_k_indices", "top_k_labels", "top_k_scores",
+                               *shipped_extra_outputs()]))  # fmt: skip
     assert (code, msg) == (C.INVALID_ARGUMENT, "output tensor alias not found in signature: logits Outputs expected to "
-                           "be in the set {probabilities,top_k_indices,top_k_labels,top_k_scores}.")  # fmt: skip
+                           f"be in the set {{{outputs}}}.")  # fmt: skip
     assert failure(lambda: predict.Predict(request(outputs=("top_k_labels", "top_k_labels")), timeout=30)) == (
         C.INVALID_ARGUMENT, "duplicate output tensor alias: top_k_labels")  # fmt: skip
     wrong_type = request()
