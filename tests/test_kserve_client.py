@@ -15,8 +15,8 @@ and ModelInfer, and the SDK's generated ``GRPCInferenceServiceStub`` for ModelMe
 for it). It sends 64 sample bitmaps in one ModelInfer as UINT8 [64,28,28,1] (raw contents, then typed
 ``uint_contents``), and an unknown model. The probabilities must equal the offline SavedModel's within 1e-5.
 
-Runtime on 2 shared cores (load 1-4): 27-58 s on a first run with no pip cache (the virtualenv: 8-45 s, 57
-distributions, 231 MiB before its first imports write bytecode, built while the gateway starts); 13-19 s cached (the
+Runtime on 2 shared cores (load 1-4): 19-58 s on a first run with no pip cache (the virtualenv: 8-45 s, 57
+distributions, 231 MiB before its first imports write bytecode, built while the gateway starts); 11-19 s cached (the
 gateway's start and TensorFlow's load for the offline answer). Against a plain ``pip install kserve`` the lean
 install saves ~50 MiB and 9 distributions, and about as much time (8 s against 10 s, measured at load 1).
 """
