@@ -13,7 +13,8 @@ A ``quickdraw serve`` process (embedded backend, free ports) serves the shipped 
 virtualenv (``kserve_side``, below, sent as source) uses ``kserve.InferenceGRPCClient`` for liveness, readiness
 and ModelInfer, and the SDK's generated ``GRPCInferenceServiceStub`` for ModelMetadata (the client has no method
 for it). It sends 64 sample bitmaps in one ModelInfer as UINT8 [64,28,28,1] (raw contents, then typed
-``uint_contents``), and an unknown model. The probabilities must equal the offline SavedModel's within 1e-5.
+``uint_contents``), and an unknown model. The outputs (``probabilities``, and ``known_score`` when the shipped
+model has it) must equal the offline SavedModel's within 1e-5.
 
 Runtime on 2 shared cores (load 1-4): 19-58 s on a first run with no pip cache (the virtualenv: 8-45 s, 57
 distributions, 231 MiB before its first imports write bytecode, built while the gateway starts); 11-19 s cached (the
@@ -177,10 +178,9 @@ def kserve_side(target: str, images_path: str, out_path: str) -> None:
             sent = request("quickdraw", binary).to_grpc()
             report[f"{form}_request_has_raw_contents"] = len(sent.raw_input_contents) == 1
             response = await client.infer(request("quickdraw", binary))
-            out = response.outputs[0]
             report[form] = {"model_name": response.model_name, "model_version": response.model_version,
-                            "output": [out.name, out.datatype, list(out.shape)]}  # fmt: skip
-            probs[form] = out.as_numpy()
+                            "outputs": [[o.name, o.datatype, list(o.shape)] for o in response.outputs]}  # fmt: skip
+            probs.update({f"{form}/{o.name}": o.as_numpy() for o in response.outputs})
         np.savez(out_path, **probs)
         try:
             await client.infer(request("sketches", True))
@@ -203,13 +203,15 @@ def sample_bitmaps(n: int) -> np.ndarray:
     return rows.reshape(-1, 28, 28, 1).astype(np.uint8)
 
 
-def offline_probabilities(images: np.ndarray) -> tuple[np.ndarray, int]:
-    """The offline SavedModel's probabilities (the highest version, as the gateway serves) and that version."""
+def offline_outputs(images: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
+    """The offline SavedModel's outputs (the highest version, as the gateway serves) and that version:
+    ``probabilities``, and ``known_score`` when the model makes the out-of-class decision."""
     import tensorflow as tf
 
     version = find_versions(SHIPPED_MODEL)[-1]
     loaded = tf.saved_model.load(str(SHIPPED_MODEL / str(version)))
-    return loaded.signatures["serving_default"](image=tf.constant(images))["probabilities"].numpy(), version
+    got = loaded.signatures["serving_default"](image=tf.constant(images))
+    return {name: got[name].numpy() for name in ("probabilities", "known_score") if name in got}, version
 
 
 def test_kserve_sdk_grpc_client_gets_the_offline_probabilities(tmp_path: Path) -> None:
@@ -237,19 +239,22 @@ def test_kserve_sdk_grpc_client_gets_the_offline_probabilities(tmp_path: Path) -
     assert report["kserve"].startswith(str(venv)), report["kserve"]  # the SDK from PyPI, not something else
 
     assert report["live"] is True and report["ready"] is True and report["model_ready"] is True
-    offline, version = offline_probabilities(images)
+    offline, version = offline_outputs(images)
+    classes = offline["probabilities"].shape[1]
     meta = report["metadata"]
     assert meta["name"] == MODEL and meta["versions"] == [str(version)], meta
     assert ["image", "UINT8", [-1, 28, 28, 1]] in meta["inputs"], meta
-    assert meta["outputs"][0] == ["probabilities", "FP32", [-1, offline.shape[1]]], meta
+    shapes = {"probabilities": [-1, classes], "known_score": [-1]}  # known_score: with an out-of-class model
+    assert meta["outputs"] == [[name, "FP32", shapes[name]] for name in offline], meta
 
     probs = np.load(tmp_path / "probs.npz")
     assert report["raw_request_has_raw_contents"] is True and report["typed_request_has_raw_contents"] is False
     for form in ("raw", "typed"):
-        assert report[form] == {"model_name": MODEL, "model_version": str(version),
-                                "output": ["probabilities", "FP32", [BATCH, offline.shape[1]]]}, form  # fmt: skip
-        assert probs[form].dtype == np.float32
-        np.testing.assert_allclose(probs[form], offline, atol=1e-5, err_msg=f"{form} contents")
+        outputs = [[name, "FP32", [BATCH, *shapes[name][1:]]] for name in offline]
+        assert report[form] == {"model_name": MODEL, "model_version": str(version), "outputs": outputs}, form
+        for name, want in offline.items():
+            assert probs[f"{form}/{name}"].dtype == np.float32
+            np.testing.assert_allclose(probs[f"{form}/{name}"], want, atol=1e-5, err_msg=f"{name}, {form} contents")
     assert metrics['quickdraw_request_duration_seconds_count{code="OK",method="ModelInfer"}'] >= 2
 
     unknown = report["unknown_model"]
@@ -257,6 +262,8 @@ def test_kserve_sdk_grpc_client_gets_the_offline_probabilities(tmp_path: Path) -
     assert "Request for unknown model: 'sketches' is not found" in unknown["details"], unknown
     print(
         f"kserve client script {client_s:.1f} s; test {time.monotonic() - started:.1f} s; "
-        f"max |gateway - offline| {np.abs(probs['raw'] - offline).max():.2e}; unknown model: {unknown['code']} "
+        f"outputs {list(offline)}; max |gateway - offline| "
+        f"{max(np.abs(probs[f'{f}/{n}'] - w).max() for f in ('raw', 'typed') for n, w in offline.items()):.2e}; "
+        f"unknown model: {unknown['code']} "
         f"{unknown['details']!r}"
     )
