@@ -78,11 +78,13 @@ def test_no_versionless_call_fails_from_version_skew_in_any_phase(rows: list[reh
 
 
 def test_pinned_calls_follow_the_version_directory(rows: list[rehearsal.Row]) -> None:
-    """Pinned to version 2: NOT_FOUND before it exists and after it is removed, OK while every replica has it."""
+    """Pinned to version 2: NOT_FOUND before it exists and after it is removed, never while every replica has it.
+    (A pinned call may still miss its 2 s deadline on this loaded machine, as a versionless one may: such calls are
+    neither OK nor NOT_FOUND, and stay in the table.)"""
     steady, moved, killed = by_event(rows, "1"), by_event(rows, "3"), by_event(rows, "5")
-    assert steady.pinned_not_found == steady.pinned
-    assert moved.pinned_ok == moved.pinned
-    assert killed.pinned_not_found == killed.pinned
+    assert steady.pinned_ok == 0 and steady.pinned_not_found > 0
+    assert moved.pinned_not_found == 0 and moved.pinned_ok > 0
+    assert killed.pinned_ok == 0 and killed.pinned_not_found > 0
 
 
 def test_stable_label_moves_versionless_answers_to_v2_and_back(rows: list[rehearsal.Row]) -> None:
