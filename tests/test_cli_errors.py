@@ -73,9 +73,14 @@ def test_port_in_use_is_one_line(option: str, listening: int, tmp_path: Path) ->
 
 def test_grpc_bind_failure_names_the_port(listening: int) -> None:
     """The same message when the port is taken between the check and the bind (App.start's own bind)."""
-    server = grpc.aio.server()
-    with pytest.raises(BindError, match=rf"^port {listening} is in use: stop the other server or pass --grpc-port$"):
+    import asyncio
+
+    async def bind() -> None:  # a grpc.aio server belongs to a running event loop, as in App.start
+        server = grpc.aio.server()
         bind_grpc(server, Settings(host="127.0.0.1", grpc_port=listening))
+
+    with pytest.raises(BindError, match=rf"^port {listening} is in use: stop the other server or pass --grpc-port$"):
+        asyncio.run(bind())
 
 
 def test_missing_model_dir_is_one_line(tmp_path: Path) -> None:

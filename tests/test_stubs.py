@@ -51,15 +51,16 @@ def stubs(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def generated() -> set[str]:
-    """``scripts/stubs.py --protoc``, then ``make stubs``'s own run through buf; the files both wrote."""
+    """``make stubs``'s own run through buf (it installs buf and the TypeScript plugin from npm when it can), then
+    ``scripts/stubs.py --protoc`` with the same plugins; the files both wrote."""
+    through_buf = stubs()
+    wrote = {str(p.relative_to(STUBS)) for p in STUBS.rglob("*") if p.is_file() and p.suffix in (".go", ".ts")}
     through_protoc = stubs("--protoc")
     assert through_protoc.returncode in (0, 1), through_protoc.stderr
     wrote_protoc = {str(p.relative_to(STUBS)) for p in STUBS.rglob("*") if p.is_file() and p.suffix in (".go", ".ts")}
-    through_buf = stubs()
     if through_buf.returncode != 0 and not wrote_protoc:
         pytest.skip(f"no stub could be generated here: {through_buf.stderr.strip()[-500:]}")
     assert through_buf.returncode == 0, through_buf.stderr
-    wrote = {str(p.relative_to(STUBS)) for p in STUBS.rglob("*") if p.is_file() and p.suffix in (".go", ".ts")}
     assert wrote == wrote_protoc, (wrote, wrote_protoc)  # protoc and buf run the same plugins
     skipped = [line for line in through_buf.stderr.splitlines() if "skipped" in line]
     print(f"\nstubs: {sorted(wrote)}; skipped: {skipped}")
