@@ -13,27 +13,19 @@ The gateway's side of the protocol is ``service.oip.core`` (shared by gRPC and H
 
 from __future__ import annotations
 
-from importlib import resources
 from typing import Any
 
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf import message_factory
 from google.protobuf.message import Message
+
+from service.tfs import load_pool
 
 #: The compiled descriptor set, beside this module (``make protos`` writes it).
 DESCRIPTOR_SET = "oip.binpb"
 
 
-def _load_pool() -> descriptor_pool.DescriptorPool:
-    """A new pool holding every file of the descriptor set (imports first)."""
-    data = resources.files(__name__).joinpath(DESCRIPTOR_SET).read_bytes()
-    pool = descriptor_pool.DescriptorPool()
-    for file in descriptor_pb2.FileDescriptorSet.FromString(data).file:
-        pool.Add(file)
-    return pool
-
-
 #: The private pool: the protocol's messages as the gateway knows them.
-POOL = _load_pool()
+POOL = load_pool(__name__, DESCRIPTOR_SET)
 
 
 def message_class(full_name: str) -> type[Message]:

@@ -28,9 +28,10 @@ from google.protobuf.message import Message
 DESCRIPTOR_SET = "tfserving.binpb"
 
 
-def _load_pool() -> descriptor_pool.DescriptorPool:
-    """A new pool holding every file of the descriptor set (which lists imports before their importers)."""
-    data = resources.files(__name__).joinpath(DESCRIPTOR_SET).read_bytes()
+def load_pool(package: str, descriptor_set: str) -> descriptor_pool.DescriptorPool:
+    """A new private pool holding every file of ``package``'s descriptor set (which lists imports before their
+    importers); also what service.oip loads the Open Inference Protocol with."""
+    data = resources.files(package).joinpath(descriptor_set).read_bytes()
     pool = descriptor_pool.DescriptorPool()
     for file in descriptor_pb2.FileDescriptorSet.FromString(data).file:
         pool.Add(file)
@@ -38,7 +39,7 @@ def _load_pool() -> descriptor_pool.DescriptorPool:
 
 
 #: The private pool: TF Serving's and TensorFlow's messages as the gateway knows them.
-POOL = _load_pool()
+POOL = load_pool(__name__, DESCRIPTOR_SET)
 
 
 def message_class(full_name: str) -> type[Message]:
