@@ -20,7 +20,16 @@ import numpy as np
 from grpc_status import rpc_status
 
 from service import oip, wire
-from service.api import STREAM_WINDOW, Observed, _deadline, _unary, parse_message, service_error
+from service.api import (
+    STREAM_WINDOW,
+    STREAM_WINDOW_BYTES,
+    ByteWindow,
+    Observed,
+    _deadline,
+    _unary,
+    parse_message,
+    service_error,
+)
 from service.errors import FieldViolation, InvalidArgument, ServiceError, Unavailable, to_rpc_status
 from service.metrics import Metrics
 from service.oip.core import CLASSIFICATION, InferAnswer, InferCall, InputTensor, OutputRequest, Surface
@@ -156,7 +165,8 @@ class InferenceService:
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
-        """Each request answered as soon as it is ready (at most ``STREAM_WINDOW`` at once per stream); a failed
+        """Each request answered as soon as it is ready (at most ``STREAM_WINDOW`` messages and
+        ``STREAM_WINDOW_BYTES`` of them held per stream, as ClassifyStream: ``ByteWindow``); a failed
         one is answered with ``error_message`` (and counted by its code), the stream goes on."""
         if self.surface._gateway is None:
             refusal = Unavailable("the model is still loading; retry shortly")
@@ -165,11 +175,11 @@ class InferenceService:
             await context.abort_with_status(rpc_status.to_status(to_rpc_status(refusal)))
             return
         answers: asyncio.Queue[Any] = asyncio.Queue()
-        window = asyncio.Semaphore(STREAM_WINDOW)
+        window = ByteWindow(STREAM_WINDOW, STREAM_WINDOW_BYTES)
         deadline = _deadline(context)
         tasks: set[asyncio.Task[None]] = set()
 
-        async def one(raw: bytes) -> None:
+        async def one(raw: bytes, size: int) -> None:
             ident = ""
             with Observed(self.metrics, "ModelStreamInfer", deadline) as call:
                 try:
@@ -181,13 +191,13 @@ class InferenceService:
                         ident = oip.ModelInferRequest.FromString(raw).id
                     answer = oip.ModelStreamInferResponse(error_message=err.message)
                     answer.infer_response.id = ident
-            answers.put_nowait(answer)
+            answers.put_nowait((answer, size))
 
         async def read() -> None:
             try:
                 async for raw in request_iterator:
-                    await window.acquire()
-                    task = asyncio.get_running_loop().create_task(one(raw))
+                    await window.acquire(len(raw))
+                    task = asyncio.get_running_loop().create_task(one(raw, len(raw)))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 if tasks:
@@ -197,9 +207,10 @@ class InferenceService:
 
         reader = asyncio.get_running_loop().create_task(read())
         try:
-            while (answer := await answers.get()) is not None:
+            while (item := await answers.get()) is not None:
+                answer, size = item
                 yield answer
-                window.release()
+                await window.release(size)
         finally:
             reader.cancel()
             for task in list(tasks):
