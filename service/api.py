@@ -102,6 +102,7 @@ class Gateway:
         decoder: DecodePool | None = None,
         max_preprocessing_calls: int = 16,
         versionless: bool = False,
+        renderer: DecodePool | None = None,
     ) -> None:
         self.model = model
         #: Calls that name no version go to the backend as ``ANY_VERSION`` (it picks, and says which answered)
@@ -115,6 +116,8 @@ class Gateway:
         self._pool = ThreadPoolExecutor(max_workers=preprocess_threads, thread_name_prefix="preprocess")
         #: Decodes images in worker processes under a time budget (None: in the preprocessing thread itself).
         self.decoder = decoder
+        #: Renders strokes in worker processes under a time budget (None: in the preprocessing thread itself).
+        self.renderer = renderer
         #: Most calls handed to the preprocessing threads at once (running or waiting for a thread).
         self.max_preprocessing_calls = max_preprocessing_calls
         self._preprocessing = 0
@@ -128,11 +131,12 @@ class Gateway:
         out = np.empty((len(req.drawings), 28, 28, 1), np.uint8)
         problems: list[Any] = []
         decode = decode_image if self.decoder is None else functools.partial(self.decoder.decode, deadline_s=deadline_s)
+        draw = None if self.renderer is None else functools.partial(self.renderer.render, deadline_s=deadline_s)
         for i, d in enumerate(req.drawings):
             if deadline_s is not None and time.monotonic() >= deadline_s:
                 raise DeadlineExceeded(f"deadline exceeded while rendering drawing {i} of {len(req.drawings)}")
             try:
-                out[i, :, :, 0] = render(i, d, self.limits, decode)
+                out[i, :, :, 0] = render(i, d, self.limits, decode, draw)
             except InvalidArgument as exc:
                 problems.extend(exc.violations)
         if problems:
@@ -304,10 +308,11 @@ class Gateway:
         )
 
     async def close(self) -> None:
-        """Stop the decode workers, then the preprocessing threads (a render in progress finishes first), in
-        threads: never on the event loop."""
-        if self.decoder is not None:
-            await asyncio.to_thread(self.decoder.close)
+        """Stop the decode and render workers, then the preprocessing threads (a render in progress finishes first),
+        in threads: never on the event loop."""
+        for pool in (self.decoder, self.renderer):
+            if pool is not None:
+                await asyncio.to_thread(pool.close)
         await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
 
 

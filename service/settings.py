@@ -250,6 +250,19 @@ class Settings(BaseSettings):
         "the caller's deadline cuts it shorter",
     )
     image_decode_workers: int = Field(2, ge=1, description="worker processes that decode images")
+    stroke_render_budget_ms: float = Field(
+        2000.0,
+        gt=0.0,
+        description="longest one drawing's strokes may take to simplify and render (in a worker process, killed and "
+        "replaced past it; the largest legal drawing takes about 350 ms on one core); the caller's deadline cuts it "
+        "shorter",
+    )
+    stroke_render_workers: int = Field(
+        2,
+        ge=0,
+        description="worker processes that render strokes (off the gateway's GIL, which the event loop needs); 0: "
+        "render on the preprocessing threads",
+    )
     preprocess_threads: int = Field(2, ge=1, description="threads that decode images and render strokes")
     json_parse_workers: int = Field(
         1, ge=1, description="worker processes that parse JSON API bodies over 1 MiB (json.loads would hold the "

@@ -393,16 +393,22 @@ def validate(req: pb.ClassifyRequest, limits: Limits) -> ClassifyIn:
 
 # --- rendering ---------------------------------------------------------------------------------------------
 
+#: Renders one drawing's strokes given as flat x, y, per-stroke point counts and whether they are raw.
+StrokeRenderer = Callable[[NDArray[np.float64], NDArray[np.float64], NDArray[np.int64], bool], NDArray[np.uint8]]
+
 
 def render(
     index: int,
     drawing: BitmapIn | ImageIn | StrokesIn,
     limits: Limits,
     decode: Callable[[bytes, ImageLimits], NDArray[np.uint8]] = decode_image,
+    draw: StrokeRenderer | None = None,
 ) -> NDArray[np.uint8]:
     """The 28x28 uint8 bitmap for one valid drawing; raises InvalidArgument if it cannot be decoded.
 
-    ``decode`` decodes images (the gateway's runs them in worker processes under a time budget).
+    ``decode`` decodes images and ``draw`` renders strokes given as flat x, y and per-stroke counts (the
+    gateway's run in worker processes under a time budget; ``service.decode``); without ``draw`` strokes are
+    rendered here.
     """
     if isinstance(drawing, BitmapIn):
         return np.frombuffer(drawing.pixels, dtype=np.uint8).reshape(BITMAP_SIDE, BITMAP_SIDE)
@@ -417,6 +423,8 @@ def render(
                     max_jpeg_scans=limits.max_jpeg_scans,
                 ),
             )
+        if draw is not None:
+            return draw(drawing.strokes.x, drawing.strokes.y, drawing.strokes.nx, drawing.raw)
         strokes = tuple(drawing.strokes.for_render())
         return drawing_to_bitmap(Drawing(word="", strokes=strokes, raw=drawing.raw))
     except DoodleError as exc:
