@@ -169,3 +169,20 @@ def test_a_model_without_known_score_still_loads_in_evaluate(exported: dict[str,
     np.testing.assert_allclose(score, probs.max(axis=1))  # the max probability stands in for the missing score
     card = json.loads((exported["old"] / "model_card.json").read_text())
     assert MODEL_CARD_OOD not in card and KNOWN_SCORE not in card["outputs"]
+
+
+def test_energy_hinges_on_hand_made_logits() -> None:
+    """The energy loss (``--oe-loss energy``): known drawings pay under m_in, unknown ones over m_out."""
+    import tensorflow as tf
+
+    from trainer.train import ENERGY_MARGINS, OE_LOSSES, TrainConfig, energy_hinges
+
+    m_in, m_out = 6.0, 3.0
+    known = np.array([[9.0, 0.0, 0.0], [np.log(4.0 / 3.0)] * 3], np.float32)  # logsumexp ~9.0 and 4 (= log(4))
+    other = np.array([[0.0, 0.0, 0.0], [5.0, 5.0, 5.0]], np.float32)  # logsumexp log(3) and 5 + log(3)
+    below, above = (t.numpy() for t in energy_hinges(tf.constant(known), tf.constant(other), m_in, m_out))
+    np.testing.assert_allclose(below, [0.0, (m_in - np.log(4.0)) ** 2], rtol=1e-5)
+    np.testing.assert_allclose(above, [0.0, (5.0 + np.log(3.0) - m_out) ** 2], rtol=1e-5)
+    assert TrainConfig(data_dir=Path(".")).recipe().oe_loss == "uniform"
+    energy = TrainConfig(data_dir=Path("."), oe_loss="energy").recipe()
+    assert (energy.oe_loss, energy.oe_margins) == ("energy", ENERGY_MARGINS) and "energy" in OE_LOSSES

@@ -31,6 +31,13 @@ from trainer.pipeline import NO_AUGMENT, Augment, make_dataset, make_extra_datas
 log = logging.getLogger(__name__)
 
 
+#: Outlier-exposure losses (``Recipe.oe_loss``).
+OE_LOSSES = ("uniform", "energy")
+#: The energy loss's margins on logsumexp(logits) (known above the first, unknown below the second); chosen on
+#: validation for this model's logit scale (label smoothing keeps known drawings' logsumexp about 3-6).
+ENERGY_MARGINS = (6.0, 3.0)
+
+
 @dataclass(frozen=True, slots=True)
 class Recipe:
     """Optimisation settings that go with an architecture."""
@@ -52,6 +59,12 @@ class Recipe:
     oe_weight: float = 0.0
     #: Extra drawings a step (global): unknown classes' and doodle-rendered known ones, beside ``batch_size``.
     oe_batch_size: int = 0
+    #: The outlier-exposure loss: "uniform" (cross-entropy to the uniform distribution, Hendrycks et al. 2019) or
+    #: "energy" (squared hinges on logsumexp(logits), Liu et al. 2020 "Energy-based Out-of-distribution
+    #: Detection": known drawings pushed above ``oe_margins[0]``, unknown ones below ``oe_margins[1]``; the
+    #: known drawings' hinge also weighted by ``oe_weight``).
+    oe_loss: str = "uniform"
+    oe_margins: tuple[float, float] = ENERGY_MARGINS
 
 
 #: ``seed`` keeps the starting point's recipe (Adam 1e-4, batch 512, 10 epochs, no augmentation).
@@ -100,6 +113,7 @@ class TrainConfig:
     outlier_exposure: bool | None = None
     oe_weight: float | None = None
     oe_batch_size: int | None = None
+    oe_loss: str | None = None
 
     def recipe(self) -> Recipe:
         """The architecture's recipe with this run's overrides applied."""
@@ -117,6 +131,8 @@ class TrainConfig:
             weight_decay=base.weight_decay,
             oe_weight=0.0 if oe is False else (self.oe_weight or base.oe_weight or (0.5 if oe else 0.0)),
             oe_batch_size=0 if oe is False else (self.oe_batch_size or base.oe_batch_size or (64 if oe else 0)),
+            oe_loss=self.oe_loss or base.oe_loss,
+            oe_margins=base.oe_margins,
         )
 
 
@@ -160,6 +176,16 @@ def weights_digest(model: keras.Model) -> str:
     for w in model.weights:
         h.update(np.ascontiguousarray(keras.ops.convert_to_numpy(w)).tobytes())
     return h.hexdigest()
+
+
+def energy_hinges(
+    known_logits: tf.Tensor, other_logits: tf.Tensor, m_in: float, m_out: float
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """The energy loss's per-example squared hinges (Liu et al. 2020, with E = -logsumexp(logits)):
+    ``relu(m_in - logsumexp(known))**2`` and ``relu(logsumexp(other) - m_out)**2`` (applied to the unknown ones)."""
+    below = tf.square(tf.nn.relu(m_in - tf.reduce_logsumexp(known_logits, axis=-1)))
+    above = tf.square(tf.nn.relu(tf.reduce_logsumexp(other_logits, axis=-1) - m_out))
+    return below, above
 
 
 def _schedule(recipe: Recipe, steps_per_epoch: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
@@ -243,6 +269,10 @@ def train(cfg: TrainConfig) -> TrainResult:
             log.info("resumed from %s at epoch %d", latest, int(epoch_var.numpy()))
 
     oe_weight = float(recipe.oe_weight)
+    if recipe.oe_loss not in OE_LOSSES:
+        raise ValueError(f"unknown outlier-exposure loss {recipe.oe_loss!r}; one of {OE_LOSSES}")
+    energy_oe = recipe.oe_loss == "energy"
+    m_in, m_out = (float(m) for m in recipe.oe_margins)
 
     @tf.function
     def train_step(x: tf.Tensor, y: tf.Tensor, xo: tf.Tensor, yo: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -260,7 +290,12 @@ def train(cfg: TrainConfig) -> TrainResult:
                     unknown = tf.cast(yo < 0, tf.float32)
                     to_uniform = tf.reduce_logsumexp(lo, axis=-1) - tf.reduce_mean(lo, axis=-1)
                     labelled = loss_fn(tf.one_hot(tf.maximum(yo, 0), num_classes), lo)
-                    extra = unknown * oe_weight * to_uniform + (1.0 - unknown) * labelled
+                    if energy_oe:
+                        below, above = energy_hinges(logits, lo, m_in, m_out)
+                        extra = unknown * oe_weight * above + (1.0 - unknown) * labelled
+                        loss += oe_weight * tf.nn.compute_average_loss(below, global_batch_size=global_bs)
+                    else:
+                        extra = unknown * oe_weight * to_uniform + (1.0 - unknown) * labelled
                     loss += tf.nn.compute_average_loss(extra, global_batch_size=global_bs)
             grads = tape.gradient(loss, model.trainable_variables)
             optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))

@@ -53,6 +53,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="start from the weights of an exported version (same architecture and classes): fine-tune")
     p.add_argument("--oe-weight", type=float, default=None,
                    help="weight of the outlier-exposure loss (cross-entropy to uniform; default: the recipe's)")
+    p.add_argument("--oe-loss", choices=("uniform", "energy"), default=None,
+                   help="outlier-exposure loss: cross-entropy to uniform, or energy margins on logsumexp(logits) "
+                   "(Liu et al. 2020) (default: the recipe's)")
     p.add_argument("--oe-batch-size", type=int, default=None,
                    help="outlier-exposure drawings a step, beside --batch-size (default: the recipe's)")
     p.add_argument("--no-outlier-exposure", dest="outlier_exposure", action="store_const", const=False, default=None,
@@ -79,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         augment=args.augment, precision=args.precision, tta=None if args.tta is None else TTA_CHOICES[args.tta],
         seed=args.seed, resume=args.resume, version=args.version, init_from=args.init_from,
         outlier_exposure=args.outlier_exposure, oe_weight=args.oe_weight, oe_batch_size=args.oe_batch_size,
+        oe_loss=args.oe_loss,
     )
     result = train(cfg)
     if result.export_dir is not None:
