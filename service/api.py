@@ -33,7 +33,7 @@ from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
 from service import wire
 from service.backends import ANY_VERSION, Answered, ModelDescription, OutOfClassInfo, Scores, TopK
 from service.batching import Batcher
-from service.decode import DecodePool
+from service.decode import WorkerPool
 from service.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -99,10 +99,10 @@ class Gateway:
         metrics: Metrics,
         backend_name: str,
         preprocess_threads: int = 2,
-        decoder: DecodePool | None = None,
+        decoder: WorkerPool | None = None,
         max_preprocessing_calls: int = 16,
         versionless: bool = False,
-        renderer: DecodePool | None = None,
+        renderer: WorkerPool | None = None,
     ) -> None:
         self.model = model
         #: Calls that name no version go to the backend as ``ANY_VERSION`` (it picks, and says which answered)

@@ -34,7 +34,7 @@ from service.api import SERVICE_NAME, ClassifierService, Gateway
 from service.backends import Backend, ModelDescription
 from service.backends.embedded import EmbeddedBackend
 from service.batching import BackendHealth, Batcher, BatcherConfig
-from service.decode import DecodePool
+from service.decode import WorkerPool
 from service.http import HttpLimits, HttpServer
 from service.jsonparse import JsonParsePool
 from service.lograte import LogRate
@@ -152,8 +152,8 @@ class App:
         self._batcher: Batcher | None = None
         self._gateway: Gateway | None = None
         self._json_parser: JsonParsePool | None = None
-        self._decoder: DecodePool | None = None
-        self._renderer: DecodePool | None = None
+        self._decoder: WorkerPool | None = None
+        self._renderer: WorkerPool | None = None
         self._stopping = False
         #: Stop stages that had not finished when the grace period ran out ("start": a start abandoned on a signal).
         self.left_behind: list[str] = []
@@ -250,11 +250,11 @@ class App:
         limits = Limits(s.max_drawings_per_request, s.max_top_k, s.max_strokes, s.max_points, s.max_raw_coordinate,
                         s.max_image_bytes, s.max_image_pixels, num_classes=len(model.labels),
                         max_jpeg_scans=s.max_jpeg_scans)
-        decoder = self._decoder = DecodePool(s.image_decode_workers, s.image_decode_budget_ms)
+        decoder = self._decoder = WorkerPool(s.image_decode_workers, s.image_decode_budget_ms)
         await asyncio.to_thread(decoder.start)
         renderer = None
         if s.stroke_render_workers:
-            renderer = self._renderer = DecodePool(s.stroke_render_workers, s.stroke_render_budget_ms, "stroke_render")
+            renderer = self._renderer = WorkerPool(s.stroke_render_workers, s.stroke_render_budget_ms, "stroke_render")
             await asyncio.to_thread(renderer.start)
         if s.http_api:  # after the decoder: its forkserver preloads the decoder for every worker it forks
             self._json_parser = JsonParsePool(s.json_parse_workers)
@@ -359,7 +359,7 @@ class App:
         if self._batcher is not None:
             await self._bounded("batcher", self._batcher.close(), end)
         if self._gateway is not None:
-            await self._bounded("preprocessing and decode pools", self._gateway.close(), end)
+            await self._bounded("preprocessing, decode and render pools", self._gateway.close(), end)
         else:
             for name, pool in (("decode pool", self._decoder), ("render pool", self._renderer)):
                 if pool is not None:

@@ -103,7 +103,7 @@ def _warm_up() -> None:
 
 
 class _Worker:
-    """One decode process and the gateway's end of its pipe."""
+    """One worker process and the gateway's end of its pipe."""
 
     def __init__(self, ctx: Any, what: str = "image decode") -> None:
         self.conn, child = ctx.Pipe(duplex=True)
@@ -133,7 +133,7 @@ class _Worker:
             self.kill()
 
 
-class DecodePool:
+class WorkerPool:
     """A few worker processes; :meth:`decode` and :meth:`render` are called from the gateway's preprocessing
     threads. ``setting`` is the prefix of the settings that size it (``image_decode`` for images, whose
     refusals are ``ImageDecodeError``; ``stroke_render`` for strokes, whose refusals are ``WorkRefused``), named

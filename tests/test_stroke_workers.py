@@ -28,7 +28,7 @@ from doodle import Drawing, drawing_to_bitmap
 from quickdraw.v1 import classifier_pb2 as pb
 from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
 from service.backends import find_versions
-from service.decode import DecodePool, WorkRefused
+from service.decode import WorkerPool, WorkRefused
 
 SAMPLE = Path(os.environ.get("QUICKDRAW_SAMPLE_DIR", Path(__file__).resolve().parents[2] / "shared" / "quickdraw"))
 #: The gateway's budget in these tests: far over a normal drawing's few ms, far under the zigzag's ~350 ms.
@@ -65,14 +65,14 @@ def flat(strokes: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 @pytest.fixture(scope="module")
-def pool() -> Iterator[DecodePool]:
-    p = DecodePool(1, BUDGET_MS, "stroke_render")
+def pool() -> Iterator[WorkerPool]:
+    p = WorkerPool(1, BUDGET_MS, "stroke_render")
     p.start()
     yield p
     p.close()
 
 
-def test_workers_render_what_doodle_renders(pool: DecodePool) -> None:
+def test_workers_render_what_doodle_renders(pool: WorkerPool) -> None:
     drawings = real_drawings()
     for strokes, raw in drawings:
         local = drawing_to_bitmap(Drawing(word="", strokes=tuple(strokes), raw=raw))
@@ -80,7 +80,7 @@ def test_workers_render_what_doodle_renders(pool: DecodePool) -> None:
     print(f"[render] {len(drawings)} real drawings rendered in a worker equal doodle's in-process bitmaps")
 
 
-def test_an_overrun_is_refused_naming_the_budget_and_the_worker_replaced(pool: DecodePool) -> None:
+def test_an_overrun_is_refused_naming_the_budget_and_the_worker_replaced(pool: WorkerPool) -> None:
     t0 = time.perf_counter()
     drawing_to_bitmap(Drawing(word="", strokes=tuple(zigzag()), raw=True))
     local_s = time.perf_counter() - t0
