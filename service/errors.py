@@ -148,6 +148,16 @@ MAX_VIOLATIONS = 100
 MAX_FIELD_CHARS = 200
 MAX_DESCRIPTION_CHARS = 300
 MAX_MESSAGE_CHARS = 1000
+#: Most bytes of the serialized google.rpc.Status (gRPC's ``grpc-status-details-bin`` trailer, which repeats the
+#: message). gRPC's PROTOCOL-HTTP2.md suggests clients limit trailers to 8 KiB, and gRPC core's default soft limit
+#: (``grpc.max_metadata_size``) rejects trailers past 8 KiB at random: 100 violations of 250 bad bitmaps made an
+#: 8.6 KB trailer that a default client sometimes got as RESOURCE_EXHAUSTED ("Stream removed") instead of the
+#: INVALID_ARGUMENT. This leaves room for ``grpc-message`` (at most ``MAX_MESSAGE_CHARS``, percent-encoded).
+MAX_STATUS_BYTES = 4096
+#: What one more listed violation costs in the BadRequest beyond its own fields (tag and length bytes), and the
+#: room kept for the Any wrapper and the closing "and N more" violation.
+_VIOLATION_OVERHEAD_BYTES = 4
+_DETAIL_ROOM_BYTES = 200
 
 
 def clip(text: str, limit: int) -> str:
@@ -158,34 +168,42 @@ def clip(text: str, limit: int) -> str:
     return text[: max(0, limit - len(note))] + note
 
 
-def capped_violations(violations: Sequence[FieldViolation]) -> list[FieldViolation]:
-    """At most ``MAX_VIOLATIONS`` violations, each clipped; the rest summed up in a last one."""
-    out = [FieldViolation(clip(v.field, MAX_FIELD_CHARS), clip(v.description, MAX_DESCRIPTION_CHARS))
-           for v in violations[:MAX_VIOLATIONS]]  # fmt: skip
-    if len(violations) > MAX_VIOLATIONS:
-        out.append(FieldViolation("", f"and {len(violations) - MAX_VIOLATIONS} more violations not listed "
-                                      f"(at most {MAX_VIOLATIONS} are)"))  # fmt: skip
-    return out
-
-
 def to_rpc_status(error: ServiceError) -> status_pb2.Status:
     """The ``google.rpc.Status`` for an error, with a ``BadRequest`` detail for field violations.
 
-    Bounded whatever the request held: at most ``MAX_VIOLATIONS`` violations, each text clipped.
+    Bounded whatever the request held: each text clipped, and at most ``MAX_VIOLATIONS`` violations, fewer where
+    they would take the status past ``MAX_STATUS_BYTES``; the rest are counted in one last violation.
     """
-    status = status_pb2.Status(code=_CODES[error.code][0], message=clip(error.message, MAX_MESSAGE_CHARS))
+    status = status_pb2.Status(code=_CODES[error.code][0], message=_clip_utf8(clip(error.message, MAX_MESSAGE_CHARS)))
     if isinstance(error, InvalidArgument):
-        detail = any_pb2.Any()
-        detail.Pack(
-            error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                    for v in capped_violations(error.violations)
-                ]
+        budget = MAX_STATUS_BYTES - status.ByteSize() - _DETAIL_ROOM_BYTES
+        listed: list[error_details_pb2.BadRequest.FieldViolation] = []
+        for v in error.violations[:MAX_VIOLATIONS]:
+            fv = error_details_pb2.BadRequest.FieldViolation(
+                field=clip(v.field, MAX_FIELD_CHARS), description=clip(v.description, MAX_DESCRIPTION_CHARS)
             )
-        )
+            budget -= fv.ByteSize() + _VIOLATION_OVERHEAD_BYTES
+            if budget < 0:
+                break
+            listed.append(fv)
+        rest = len(error.violations) - len(listed)
+        if rest:
+            listed.append(error_details_pb2.BadRequest.FieldViolation(
+                description=f"and {rest} more violations not listed (at most {MAX_VIOLATIONS}, in at most "
+                            f"{MAX_STATUS_BYTES} bytes, are)"))  # fmt: skip
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.BadRequest(field_violations=listed))
         status.details.append(detail)
     return status
+
+
+def _clip_utf8(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``text`` cut to at most ``limit`` bytes of UTF-8 (a message of multi-byte characters may not fill the
+    trailers with ``MAX_MESSAGE_CHARS`` characters of up to 4 bytes each)."""
+    data = text.encode("utf-8")
+    if len(data) <= limit:
+        return text
+    return data[:limit].decode("utf-8", "ignore")
 
 
 def http_status(error: ServiceError) -> int:
