@@ -487,12 +487,9 @@ class ClassifierService(GatewaySlot, pb_grpc.ClassifierServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ClassifyStreamResponse]:
         metrics = self.metrics
-        answers: asyncio.Queue[tuple[pb.ClassifyStreamResponse, int] | None] = asyncio.Queue()
-        window = ByteWindow(STREAM_WINDOW, STREAM_WINDOW_BYTES)
         deadline = _deadline(context)
-        tasks: set[asyncio.Task[None]] = set()
 
-        async def one(msg: pb.ClassifyStreamRequest | bytes, size: int) -> None:
+        async def one(msg: pb.ClassifyStreamRequest | bytes) -> pb.ClassifyStreamResponse:
             ident = ""
             with Observed(metrics, "ClassifyStream", deadline) as call:
                 try:
@@ -501,38 +498,64 @@ class ClassifierService(GatewaySlot, pb_grpc.ClassifierServicer):
                         ident = _utf8(raw_id, "id")
                     else:
                         ident, request = msg.id, msg.request
-                    answer = pb.ClassifyStreamResponse(id=ident, response=await gateway.classify(request, deadline))
+                    return pb.ClassifyStreamResponse(id=ident, response=await gateway.classify(request, deadline))
                 except Exception as exc:
                     err = service_error(exc)
                     call.fail(err)
-                    answer = pb.ClassifyStreamResponse(id=ident, error=to_rpc_status(err))
-            answers.put_nowait((answer, size))  # bounded: the window holds this message until it is sent
+                    return pb.ClassifyStreamResponse(id=ident, error=to_rpc_status(err))
 
-        async def read() -> None:
-            try:
-                async for msg in request_iterator:
-                    size = len(msg) if isinstance(msg, bytes) else msg.ByteSize()
-                    await window.acquire(size)
-                    task = asyncio.get_running_loop().create_task(one(msg, size))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                if tasks:
-                    await asyncio.gather(*list(tasks), return_exceptions=True)
-            finally:
-                answers.put_nowait(None)
+        def size_of(msg: pb.ClassifyStreamRequest | bytes) -> int:
+            return len(msg) if isinstance(msg, bytes) else msg.ByteSize()
 
-        reader = asyncio.get_running_loop().create_task(read())
+        async for answer in windowed_answers(request_iterator, size_of, one):
+            yield answer
+
+
+A = TypeVar("A")
+R = TypeVar("R")
+
+
+async def windowed_answers(
+    request_iterator: AsyncIterator[A], size_of: Callable[[A], int], answer: Callable[[A], Awaitable[R]]
+) -> AsyncIterator[R]:
+    """A request stream's messages answered concurrently, each answer yielded once it is ready.
+
+    At most ``STREAM_WINDOW`` messages and ``STREAM_WINDOW_BYTES`` (``size_of``) are held per stream, read but not
+    yet answered on the wire (``ByteWindow``); reading waits for room. ``answer`` must answer every message,
+    errors included (it must not raise). Used by ClassifyStream and the OIP's ModelStreamInfer.
+    """
+    answers: asyncio.Queue[tuple[R, int] | None] = asyncio.Queue()
+    window = ByteWindow(STREAM_WINDOW, STREAM_WINDOW_BYTES)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(msg: A, size: int) -> None:
+        answers.put_nowait((await answer(msg), size))  # bounded: the window holds this message until it is sent
+
+    async def read() -> None:
         try:
-            while (item := await answers.get()) is not None:
-                answer, size = item
-                yield answer  # returns once gRPC has taken it (flow control permitting)
-                await window.release(size)
+            async for msg in request_iterator:
+                size = size_of(msg)
+                await window.acquire(size)
+                task = asyncio.get_running_loop().create_task(one(msg, size))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.gather(*list(tasks), return_exceptions=True)
         finally:
-            reader.cancel()
-            for task in list(tasks):
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            answers.put_nowait(None)
+
+    reader = asyncio.get_running_loop().create_task(read())
+    try:
+        while (item := await answers.get()) is not None:
+            result, size = item
+            yield result  # returns once gRPC has taken it (flow control permitting)
+            await window.release(size)
+    finally:
+        reader.cancel()
+        for task in list(tasks):
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
 
 
 def _stream_parts(raw: Wire) -> tuple[bytes, Wire]:

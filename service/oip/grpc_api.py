@@ -10,7 +10,6 @@ every output in ``raw_output_contents``, as Triton does. Latency is recorded by 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,14 +20,12 @@ from grpc_status import rpc_status
 
 from service import oip, wire
 from service.api import (
-    STREAM_WINDOW,
-    STREAM_WINDOW_BYTES,
-    ByteWindow,
     Observed,
     _deadline,
     _unary,
     parse_message,
     service_error,
+    windowed_answers,
 )
 from service.errors import FieldViolation, InvalidArgument, ServiceError, Unavailable, to_rpc_status
 from service.metrics import Metrics
@@ -166,7 +163,7 @@ class InferenceService:
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
         """Each request answered as soon as it is ready (at most ``STREAM_WINDOW`` messages and
-        ``STREAM_WINDOW_BYTES`` of them held per stream, as ClassifyStream: ``ByteWindow``); a failed
+        ``STREAM_WINDOW_BYTES`` of them held per stream: ``windowed_answers``, shared with ClassifyStream); a failed
         one is answered with ``error_message`` (and counted by its code), the stream goes on."""
         if self.surface._gateway is None:
             refusal = Unavailable("the model is still loading; retry shortly")
@@ -174,16 +171,13 @@ class InferenceService:
                 call.fail(refusal)
             await context.abort_with_status(rpc_status.to_status(to_rpc_status(refusal)))
             return
-        answers: asyncio.Queue[Any] = asyncio.Queue()
-        window = ByteWindow(STREAM_WINDOW, STREAM_WINDOW_BYTES)
         deadline = _deadline(context)
-        tasks: set[asyncio.Task[None]] = set()
 
-        async def one(raw: bytes, size: int) -> None:
+        async def one(raw: bytes) -> Any:
             ident = ""
             with Observed(self.metrics, "ModelStreamInfer", deadline) as call:
                 try:
-                    answer = oip.ModelStreamInferResponse(infer_response=await self._infer(raw, deadline))
+                    return oip.ModelStreamInferResponse(infer_response=await self._infer(raw, deadline))
                 except Exception as exc:
                     err: ServiceError = service_error(exc)
                     call.fail(err)
@@ -191,32 +185,10 @@ class InferenceService:
                         ident = oip.ModelInferRequest.FromString(raw).id
                     answer = oip.ModelStreamInferResponse(error_message=err.message)
                     answer.infer_response.id = ident
-            answers.put_nowait((answer, size))
+                    return answer
 
-        async def read() -> None:
-            try:
-                async for raw in request_iterator:
-                    await window.acquire(len(raw))
-                    task = asyncio.get_running_loop().create_task(one(raw, len(raw)))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                if tasks:
-                    await asyncio.gather(*list(tasks), return_exceptions=True)
-            finally:
-                answers.put_nowait(None)
-
-        reader = asyncio.get_running_loop().create_task(read())
-        try:
-            while (item := await answers.get()) is not None:
-                answer, size = item
-                yield answer
-                await window.release(size)
-        finally:
-            reader.cancel()
-            for task in list(tasks):
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+        async for answer in windowed_answers(request_iterator, len, one):
+            yield answer
 
 
 def add_to_server(server: grpc.aio.Server, metrics: Metrics) -> Surface:
