@@ -9,7 +9,6 @@ from __future__ import annotations
 import fcntl
 import io
 import os
-import pty
 import shutil
 import struct
 import subprocess
@@ -36,29 +35,33 @@ def test_render_out_has_the_mode_a_new_file_gets(sample: Path, tmp_path: Path) -
     out = tmp_path / "cat.npy"
     for umask, mode in ((0o022, 0o644), (0o077, 0o600)):
         proc = subprocess.run([*quickdraw_cmd(), "render", str(sample / "simplified" / "cat.ndjson"), "--limit", "3",
-                               "--out", str(out)], env=env(), capture_output=True, text=True,
-                              preexec_fn=lambda m=umask: os.umask(m))  # type: ignore[misc]  # fmt: skip
+                               "--out", str(out)], env=env(), capture_output=True, text=True, umask=umask)  # fmt: skip
         assert proc.returncode == 0, proc.stderr
         assert out.stat().st_mode & 0o777 == mode, oct(out.stat().st_mode)
 
 
 def run_on_terminal(argv: list[str], columns: int = 80) -> bytes:
-    """What a terminal of ``columns`` columns receives from ``argv`` (stdout and stderr), byte for byte."""
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: its own terminal, of a real size (tqdm draws nothing on a 0-column one)
-        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
-        os.execve(argv[0], argv, env())
+    """What a terminal of ``columns`` columns receives from ``argv`` (stdout and stderr), byte for byte.
+
+    The child is started by ``subprocess`` on a pseudo-terminal's slave side, not by ``pty.fork()``: a fork that
+    runs Python in the child (``pty.fork``, ``preexec_fn``) can abort there while earlier tests' gRPC threads are
+    alive (CI saw ``epoll_wait error: Bad file descriptor``, exit -6), and ``subprocess`` runs none.
+    """
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))  # tqdm draws nothing at 0
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env(), start_new_session=True)
+    os.close(slave)
     out = b""
     while True:
         try:
-            chunk = os.read(fd, 65536)
-        except OSError:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: every holder of the slave side has closed it
             break
         if not chunk:
             break
         out += chunk
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, out
+    os.close(master)
+    assert proc.wait(timeout=60) == 0, out
     return out
 
 
