@@ -10,7 +10,7 @@ from doodle.drawing import BITMAP_PIXELS, BITMAP_SIDE, Bitmap, Drawing, Stroke, 
 from doodle.errors import DoodleError, DrawingFormatError, EmptyDrawingError, ImageDecodeError
 from doodle.image import ImageLimits, decode_image
 from doodle.normalize import simplify, simplify_strokes
-from doodle.raster import drawing_to_bitmap, rasterize
+from doodle.raster import drawing_to_bitmap, flat_strokes_to_bitmap, rasterize
 
 __all__ = [
     "BITMAP_PIXELS",
@@ -25,6 +25,7 @@ __all__ = [
     "Stroke",
     "decode_image",
     "drawing_to_bitmap",
+    "flat_strokes_to_bitmap",
     "rasterize",
     "simplify",
     "simplify_strokes",

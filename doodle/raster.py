@@ -70,3 +70,15 @@ def drawing_to_bitmap(drawing: Drawing) -> NDArray[np.uint8]:
     """The model's 28x28 input for any vector drawing: raw ones are simplified first."""
     strokes = simplify_strokes(drawing.strokes) if drawing.raw else drawing.strokes
     return rasterize(strokes)
+
+
+def flat_strokes_to_bitmap(
+    x: NDArray[np.float64], y: NDArray[np.float64], counts: NDArray[np.int64], raw: bool
+) -> NDArray[np.uint8]:
+    """:func:`drawing_to_bitmap` of one drawing given as flat coordinates and per-stroke point counts (as the
+    gateway holds a request's strokes, and sends them to its render workers); empty strokes are skipped. Raises
+    ``EmptyDrawingError`` when no stroke has a point."""
+    cuts = np.cumsum(counts)[:-1]
+    strokes = tuple(np.stack((sx, sy), axis=1) for sx, sy in zip(np.split(x, cuts), np.split(y, cuts), strict=True)
+                    if len(sx))  # fmt: skip
+    return drawing_to_bitmap(Drawing(word="", strokes=strokes, raw=raw))

@@ -32,7 +32,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from doodle import BITMAP_SIDE, DoodleError, Drawing, ImageDecodeError, ImageLimits, decode_image, drawing_to_bitmap
+from doodle import BITMAP_SIDE, DoodleError, ImageDecodeError, ImageLimits, decode_image, flat_strokes_to_bitmap
 from service.errors import DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -52,22 +52,11 @@ class WorkRefused(DoodleError):
         super().__init__(reason)
 
 
-def render_strokes(
-    x: NDArray[np.float64], y: NDArray[np.float64], counts: NDArray[np.int64], raw: bool
-) -> NDArray[np.uint8]:
-    """The 28x28 bitmap of one drawing given as flat coordinates and per-stroke point counts (raw: simplified
-    first); empty strokes are skipped. Raises ``doodle.EmptyDrawingError`` when no stroke has a point."""
-    cuts = np.cumsum(counts)[:-1]
-    strokes = tuple(np.stack((sx, sy), axis=1) for sx, sy in zip(np.split(x, cuts), np.split(y, cuts), strict=True)
-                    if len(sx))  # fmt: skip
-    return drawing_to_bitmap(Drawing(word="", strokes=strokes, raw=raw))
-
-
 def _work(job: tuple[Any, ...]) -> NDArray[np.uint8]:
     """One job: ``("image", bytes, ImageLimits)`` or ``("strokes", x, y, counts, raw)``."""
     if job[0] == "image":
         return decode_image(job[1], job[2])
-    return render_strokes(job[1], job[2], job[3], job[4])
+    return flat_strokes_to_bitmap(job[1], job[2], job[3], job[4])
 
 
 def _serve(conn: Connection) -> None:
@@ -99,7 +88,7 @@ def _warm_up() -> None:
         buf = io.BytesIO()
         Image.new("L", (64, 64), 255).save(buf, format=fmt)
         decode_image(buf.getvalue())
-    render_strokes(np.array([0.0, 90.0, 10.0]), np.array([0.0, 50.0, 70.0]), np.array([3]), True)
+    flat_strokes_to_bitmap(np.array([0.0, 90.0, 10.0]), np.array([0.0, 50.0, 70.0]), np.array([3]), True)
 
 
 class _Worker:
@@ -190,7 +179,7 @@ class WorkerPool:
         raw: bool,
         deadline_s: float | None = None,
     ) -> NDArray[np.uint8]:
-        """:func:`render_strokes` in a worker, as :meth:`decode` (its refusals are ``WorkRefused``)."""
+        """:func:`doodle.flat_strokes_to_bitmap` in a worker, as :meth:`decode` (its refusals are ``WorkRefused``)."""
         return self._run(("strokes", x, y, counts, raw), deadline_s)
 
     def _run(self, job: tuple[Any, ...], deadline_s: float | None) -> NDArray[np.uint8]:

@@ -32,10 +32,9 @@ from pydantic import (
 from doodle import (
     BITMAP_PIXELS,
     BITMAP_SIDE,
-    Drawing,
     ImageLimits,
     decode_image,
-    drawing_to_bitmap,
+    flat_strokes_to_bitmap,
 )
 from doodle.errors import DoodleError
 from quickdraw.v1 import classifier_pb2 as pb
@@ -167,17 +166,6 @@ class StrokeArrays:
         values, counts = self.axis(name)
         start = int(counts[:j].sum())
         return values[start : start + int(counts[j])]
-
-    def for_render(self) -> list[NDArray[np.float64]]:
-        """The non-empty strokes as (n, 2) or (n, 3) arrays (x, y[, t]), as ``doodle.strokes_from_google`` makes."""
-        xs = np.split(self.x, np.cumsum(self.nx)[:-1])
-        ys = np.split(self.y, np.cumsum(self.ny)[:-1])
-        ts = np.split(self.t_ms, np.cumsum(self.nt)[:-1]) if self.nt.any() else [self.t_ms[:0]] * len(xs)
-        return [
-            np.ascontiguousarray(np.stack((x, y, t) if len(t) else (x, y), axis=1))
-            for x, y, t in zip(xs, ys, ts, strict=True)
-            if len(x)
-        ]
 
 
 _AXES = ("x", "y", "t_ms")
@@ -408,7 +396,7 @@ def render(
 
     ``decode`` decodes images and ``draw`` renders strokes given as flat x, y and per-stroke counts (the
     gateway's run in worker processes under a time budget; ``service.decode``); without ``draw`` strokes are
-    rendered here.
+    rendered here, by the same ``doodle.flat_strokes_to_bitmap``.
     """
     if isinstance(drawing, BitmapIn):
         return np.frombuffer(drawing.pixels, dtype=np.uint8).reshape(BITMAP_SIDE, BITMAP_SIDE)
@@ -423,10 +411,7 @@ def render(
                     max_jpeg_scans=limits.max_jpeg_scans,
                 ),
             )
-        if draw is not None:
-            return draw(drawing.strokes.x, drawing.strokes.y, drawing.strokes.nx, drawing.raw)
-        strokes = tuple(drawing.strokes.for_render())
-        return drawing_to_bitmap(Drawing(word="", strokes=strokes, raw=drawing.raw))
+        return (draw or flat_strokes_to_bitmap)(drawing.strokes.x, drawing.strokes.y, drawing.strokes.nx, drawing.raw)
     except DoodleError as exc:
         field = f"drawings[{index}].image.data" if isinstance(drawing, ImageIn) else f"drawings[{index}].strokes"
         raise InvalidArgument([FieldViolation(field, str(getattr(exc, "reason", exc)))]) from None
