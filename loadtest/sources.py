@@ -91,6 +91,6 @@ def load_pool(paths: Sequence[Path], kinds: Sequence[str] = ("bitmap",), size: i
             d = strokes[i % len(strokes)]
             drawings.append(pb.Drawing(strokes=pb.Strokes(strokes=[
                 pb.Stroke(x=s[:, 0].tolist(), y=s[:, 1].tolist()) for s in d.strokes
-            ])))  # fmt: skip
+            ], coordinates=pb.Strokes.RAW if d.raw else pb.Strokes.SIMPLIFIED)))  # fmt: skip
     arr = np.stack(bitmaps) if bitmaps else np.zeros((0, 28, 28), np.uint8)
     return Pool(arr.astype(np.uint8), tuple(drawings))
