@@ -34,11 +34,13 @@ from PIL import Image
 
 from doodle import BITMAP_SIDE, DoodleError, ImageDecodeError, ImageLimits, decode_image, flat_strokes_to_bitmap
 from service.errors import DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
+from service.lifetime import die_with_parent
 
 log = logging.getLogger(__name__)
 
-#: Modules the forkserver imports once, so that each worker it forks starts ready to decode.
-PRELOAD = ["service.decode"]
+#: Modules the forkserver imports once: its guard, which ends it with the gateway, and the decoder, so that each
+#: worker it forks starts ready to decode.
+PRELOAD = ["service.forkserver_preload", "service.decode"]
 #: How long a new worker may take to report ready.
 STARTUP_S = 30.0
 
@@ -61,6 +63,7 @@ def _work(job: tuple[Any, ...]) -> NDArray[np.uint8]:
 
 def _serve(conn: Connection) -> None:
     """A worker's loop: do each job it is sent (:func:`_work`); answer 784 bytes or the refusal."""
+    die_with_parent()  # SIGKILL when the forkserver ends, which it does with the gateway
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the gateway decides when workers stop
     _warm_up()
     conn.send("ready")

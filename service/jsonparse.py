@@ -23,6 +23,7 @@ from typing import Any
 
 from quickdraw.v1 import classifier_pb2 as pb
 from service.errors import FieldViolation, InvalidArgument, PayloadTooLarge, ServiceError
+from service.lifetime import die_with_parent
 from service.validation import Limits
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class JsonParsePool:
     def start(self) -> None:
         """Start every worker and wait until each has imported the parser (blocking: call it on a thread)."""
         ctx = multiprocessing.get_context("forkserver")
-        self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx)
+        self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=die_with_parent)
         for future in [self._pool.submit(_ready) for _ in range(self.workers)]:
             future.result(timeout=60)
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -59,3 +63,47 @@ def old_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("old") / "quickdraw"
     model_without_known_score(base / "1")
     return base
+
+
+#: Processes the suite started that were still alive at its end (filled by ``no_process_outlives_the_suite``).
+_SURVIVORS: dict[int, str] = {}
+
+
+def _own_machinery() -> set[int]:
+    """This pytest process's own multiprocessing helpers (forkserver, resource tracker): they end with it."""
+    import multiprocessing.forkserver
+    import multiprocessing.resource_tracker
+
+    pids = {getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None),
+            getattr(multiprocessing.resource_tracker._resource_tracker, "_pid", None)}  # fmt: skip
+    return {p for p in pids if p is not None}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_outlives_the_suite() -> Iterator[None]:
+    """pytest adopts every orphan of the processes the tests start (it is their subreaper, so a leaked forkserver
+    or worker cannot escape to PID 1); at the end no child may be alive but pytest's own multiprocessing helpers.
+    Any survivor is named, killed, and fails the run."""
+    from procs import children
+
+    from service.lifetime import become_subreaper
+
+    become_subreaper()
+    yield
+    deadline = time.monotonic() + 5.0  # a gateway killed by the last test may still be ending its workers
+    while (left := {p: c for p, c in children(os.getpid()).items() if p not in _own_machinery()}) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.1)
+    _SURVIVORS.update(left)
+    for pid in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    assert not left, "processes started by the suite outlived it (killed now): " + "; ".join(
+        f"{p} {c}" for p, c in left.items()
+    )
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say how many processes the suite left alive (0, or the fixture above has failed the run and named them)."""
+    terminalreporter.write_line(f"processes started by the suite and alive at its end: {len(_SURVIVORS)}")

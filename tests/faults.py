@@ -35,6 +35,9 @@ from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts" / "reliability"
 LATE_S = 0.1
+#: A call sent this long before a fault may still be on its way to the server when the fault lands (loopback,
+#: a loaded 2-core machine): tests judge calls sent in this window neither "before" nor "after" the fault.
+IN_TRANSIT_S = 0.02
 
 
 @dataclass
@@ -47,6 +50,24 @@ class Tally:
     lost: int = 0
     #: (send time since start, latency s, code, model version or 0) for every answered call
     calls: list[tuple[float, float, str, int]] = field(default_factory=list)
+    #: For each event of :func:`open_load`, by its scheduled time: (started, returned) on the load clock, in
+    #: seconds since the first call was due. For a signal, "returned" is when ``kill(2)`` had delivered it.
+    fired: dict[float, tuple[float, float]] = field(default_factory=dict)
+
+    def delivered(self, at: float) -> float:
+        """When the event scheduled at ``at`` had been delivered (its function returned), on the load clock."""
+        assert at in self.fired, f"the event at {at} s never ran: {self.fired}"
+        return self.fired[at][1]
+
+    def sent_before(self, at: float) -> list[tuple[float, float, str, int]]:
+        """The answered calls sent before the event at ``at`` started, and in transit no longer then."""
+        start = self.fired[at][0] if at in self.fired else self.delivered(at)
+        return [c for c in self.calls if c[0] < start - IN_TRANSIT_S]
+
+    def sent_after(self, at: float, settle_s: float = 0.0) -> list[tuple[float, float, str, int]]:
+        """The answered calls sent ``settle_s`` or more after the event at ``at`` was delivered."""
+        end = self.delivered(at) + settle_s
+        return [c for c in self.calls if c[0] >= end]
 
     def latencies(self, code: str = "OK", since: float = 0.0, until: float = float("inf")) -> np.ndarray:
         """Latencies (s) of the calls answered with ``code`` that were sent in [since, until)."""
@@ -105,16 +126,33 @@ def open_load(
     version: int | None = None,
     requests: Sequence[pb.ClassifyRequest] | None = None,
 ) -> Tally:
-    """Calls due at ``rate``/s for ``duration_s`` whatever happens; ``events`` run at their times (in a thread).
+    """Calls due at ``rate``/s for ``duration_s`` whatever happens; ``events`` run at their times on the same clock
+    (in a thread), and ``Tally.fired`` records when each ran.
 
     The calls classify one bitmap each, or cycle through ``requests``."""
     tally = Tally(name)
     payloads = bitmaps()
 
+    timers: list[threading.Timer] = []
+
+    def fire(at: float, fn: Callable[[], None], t0: float) -> None:
+        started = time.monotonic() - t0
+        try:
+            fn()
+        finally:
+            tally.fired[at] = (started, time.monotonic() - t0)
+
     async def main() -> None:
         async with grpc.aio.insecure_channel(target) as ch:
             stub = pb_grpc.ClassifierStub(ch)
+            # One clock for the calls and the faults: t0 is when the first call is due, and every event is
+            # scheduled from it (not from before the channel opened, which once put a signal 150 ms early).
             t0 = time.monotonic()
+            for at, fn in (events or {}).items():
+                timer = threading.Timer(max(0.0, t0 + at - time.monotonic()), fire, args=(at, fn, t0))
+                timer.daemon = True
+                timers.append(timer)
+                timer.start()
             tasks = []
 
             async def one(i: int, due: float) -> None:
@@ -141,11 +179,9 @@ def open_load(
                 tasks.append(asyncio.get_running_loop().create_task(one(i, due)))
             await asyncio.gather(*tasks)
 
-    timers = [threading.Timer(at, fn) for at, fn in (events or {}).items()]
-    for t in timers:
-        t.start()
     # This process has TensorFlow loaded (hundreds of thousands of objects): a full garbage collection stalls the
-    # load's event loop for ~180 ms, long enough to count an answered call as lost. Not during the load.
+    # load's event loop for ~180 ms, long enough to count an answered call as lost. Before the clock starts, and
+    # not during the load.
     gc.collect()
     gc.disable()
     try:
