@@ -123,24 +123,30 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 def test_gzip_json_bomb_is_refused_before_it_is_read(plain: AttackedGateway) -> None:
     body = gzip.compress(bomb(), 9)
     assert len(body) < 12_000
+    answers = []
     with measured(plain, f"gzip JSON bomb ({len(body)} bytes, compression off)", requests=5) as cost:
-        for _ in range(5):
+        for _ in range(5):  # the body is compressed once, before the clock starts: no client work is timed
             t0 = time.monotonic()
             status, _, answer = request(plain.http_port, "POST", "/v1/classify", body,
                                         {**JSON, "Content-Encoding": "gzip"})  # fmt: skip
-            assert time.monotonic() - t0 < 0.5
-    assert status == 415 and answer["error"]["status"] == "INVALID_ARGUMENT"
-    assert "http_request_compression" in answer["error"]["message"]
+            answers.append((status, answer, time.monotonic() - t0))
+    for status, answer, took in answers:  # every one, not the last
+        assert took < 0.5, f"refused in {took * 1000:.0f} ms"
+        assert status == 415 and answer["error"]["status"] == "INVALID_ARGUMENT", (status, answer)
+        assert "http_request_compression" in answer["error"]["message"], answer
     cost.assert_bounds()
 
 
 def test_gzip_json_bomb_with_compression_on_is_refused_by_the_count(guarded: AttackedGateway) -> None:
     body = gzip.compress(bomb(), 9)
+    answers = []
     with measured(guarded, f"gzip JSON bomb ({len(body)} bytes, compression on)", requests=3) as cost:
         for _ in range(3):
             status, _, answer = request(guarded.http_port, "POST", "/v1/classify", body,
                                         {**JSON, **AUTH, "Content-Encoding": "gzip"})  # fmt: skip
-    assert status == 400 and "max_strokes=256" in answer["error"]["message"], answer
+            answers.append((status, answer))
+    for status, answer in answers:
+        assert status == 400 and "max_strokes=256" in answer["error"]["message"], answer
     cost.assert_bounds()
 
 

@@ -216,11 +216,22 @@ def test_slow_image_overruns_the_budget_and_strokes_stay_prompt(
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
 def test_normal_images_classify_as_their_decoded_pixels(stub: pb_grpc.ClassifierStub, fmt: str) -> None:
-    """The image and the bitmap doodle.decode_image makes of it get identical answers: the same pixels."""
+    """The image and the bitmap doodle.decode_image makes of it get identical answers: the same pixels.
+
+    These images decode in ~1 ms, 40x under the module gateway's small budget; but a worker that a busy 2-core
+    machine does not schedule for 40 ms overruns it all the same. Such a refusal names the budget, so it is told
+    apart and the call asked again (twice at most, and printed): what this test checks is the answer, not the
+    machine's scheduling (the budget itself is tested with the slow image above)."""
+    budget = f"decoding took longer than image_decode_budget_ms={BUDGET_MS}"
     for seed in range(3):
         data = doodle_png(side=560, fmt=fmt, seed=seed)
         bitmap = pb.Drawing(bitmap=pb.Bitmap(pixels=decode_image(data).tobytes()))
         a = classify(stub, image(data), bitmap)
+        for _ in range(2):
+            if a.violations != [(FIELD, budget)]:
+                break
+            print(f"[attack] a {fmt} of 560 px overran the {BUDGET_MS} ms budget on a busy machine; asked again")
+            a = classify(stub, image(data), bitmap)
         assert a.code == grpc.StatusCode.OK and a.response is not None, a
         via_image, via_bitmap = a.response.predictions
         assert via_image == via_bitmap

@@ -11,24 +11,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from faults import bitmaps
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import SHIPPED_MODEL, RunningGateway
-from numpy.typing import NDArray
 
 from service.api import SERVICE_NAME
 from service.app import LIVENESS_SERVICE
-from service.backends import ModelDescription, find_versions, read_labels
+from service.backends import find_versions
 from service.backends.embedded import EmbeddedBackend
 from service.client import QuickDrawClient
 from service.errors import NotFound
@@ -41,36 +39,29 @@ pytestmark = [
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 BITMAP = np.zeros((28, 28), np.uint8)
+#: A cat from the sample that the shipped model calls a cat (its first such drawing; a square without the sample).
+CAT = np.frombuffer(bitmaps(1)[0], np.uint8).reshape(28, 28)
 
 
-class ThreadBackend:
-    """A backend whose batches run on a thread that blocks while ``wedged`` is clear (a stuck TensorFlow run)."""
-
-    name = "stuck"
+class WedgeableBackend(EmbeddedBackend):
+    """The real embedded backend (the shipped SavedModel, TensorFlow on its own threads), with a gate: while
+    ``unwedged`` is clear, each batch's thread blocks before it runs, as a stuck TensorFlow run does."""
 
     def __init__(self, settings: Settings) -> None:
-        self.labels = read_labels(SHIPPED_MODEL / str(find_versions(SHIPPED_MODEL)[-1]))
-        self.pool = ThreadPoolExecutor(max_workers=settings.max_concurrent_batches)
+        super().__init__(settings.model_dir, settings.model_name, max_batch_size=settings.max_batch_size,
+                         concurrency=settings.max_concurrent_batches, warmup=False)  # fmt: skip
         self.unwedged = threading.Event()
         self.unwedged.set()
         self.batches = 0
 
-    async def start(self) -> ModelDescription:
-        return ModelDescription("quickdraw", (1,), self.labels)
-
-    def _run(self, n: int) -> NDArray[np.float32]:
+    def _run(self, images, version):  # type: ignore[no-untyped-def]
         self.batches += 1
         self.unwedged.wait()
-        return np.full((n, len(self.labels)), 1.0 / len(self.labels), np.float32)
-
-    def predict(
-        self, images: NDArray[np.uint8], version: int, deadline_s: float | None = None
-    ) -> asyncio.Future[NDArray[np.float32]]:
-        return asyncio.get_running_loop().run_in_executor(self.pool, self._run, len(images))
+        return super()._run(images, version)
 
     async def close(self) -> None:
         self.unwedged.set()
-        self.pool.shutdown(wait=True)
+        await super().close()
 
 
 def health(target: str, service: str) -> int:
@@ -96,16 +87,17 @@ def classify_error(client: QuickDrawClient, **kw: object) -> grpc.RpcError:
 
 
 def test_a_wedged_backend_turns_readiness_then_liveness_not_serving_and_both_come_back() -> None:
-    backend: list[ThreadBackend] = []
+    backend: list[WedgeableBackend] = []
 
-    def factory(settings: Settings) -> ThreadBackend:
-        backend.append(ThreadBackend(settings))
+    def factory(settings: Settings) -> WedgeableBackend:
+        backend.append(WedgeableBackend(settings))
         return backend[0]
 
     settings = {"backend_timeout_ms": 300, "backend_wedged_after_timeouts": 3, "max_queue_wait_ms": 0, "warmup": False}
     with RunningGateway(backend_factory=factory, **settings) as gw, QuickDrawClient(gw.target, max_attempts=1) as c:
         assert statuses(gw.target) == (SERVING, SERVING, SERVING)
-        assert c.classify([BITMAP], timeout_s=10)  # type: ignore[list-item]
+        [answer] = c.classify([CAT], timeout_s=10)  # type: ignore[list-item]
+        assert answer.model_version == 1 and answer.top[0][0] == "cat", answer  # the real model answered
         backend[0].unwedged.clear()
         t0 = time.monotonic()
         err = classify_error(c)
@@ -123,11 +115,12 @@ def test_a_wedged_backend_turns_readiness_then_liveness_not_serving_and_both_com
         assert statuses(gw.target) == (NOT_SERVING, NOT_SERVING, NOT_SERVING)  # still wedged, still saying so
         backend[0].unwedged.set()  # the thread returns
         eventually(lambda: statuses(gw.target) == (SERVING, SERVING, SERVING))
-        assert len(c.classify([BITMAP], timeout_s=10)) == 1  # type: ignore[list-item]
+        [again] = c.classify([CAT], timeout_s=10)  # type: ignore[list-item]
+        assert again.top == answer.top and again.model_version == 1, again
 
 
 def test_a_dead_collector_turns_health_not_serving_and_calls_fail_fast() -> None:
-    with RunningGateway(backend_factory=ThreadBackend, warmup=False) as gw, QuickDrawClient(
+    with RunningGateway(backend_factory=WedgeableBackend, warmup=False) as gw, QuickDrawClient(
         gw.target, max_attempts=1
     ) as c:  # fmt: skip
         assert statuses(gw.target) == (SERVING, SERVING, SERVING)

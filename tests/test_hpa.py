@@ -104,8 +104,42 @@ def test_disabled_direction_and_bounds() -> None:
     assert h.evaluate(3000, 3, {}) == 3  # no metric value: no change
 
 
+def _value(h: HPA, per_replica: float, replicas: int) -> dict[str, float]:
+    """Each metric's value as the HPA reads it when every replica carries ``per_replica`` x its target."""
+    out = {}
+    for m in h.metrics:
+        v = per_replica * m.target
+        out[m.name] = v * replicas if (m.source == "External" and m.target_type == "AverageValue") else v
+    return out
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "deploy" / "k8s" / "base").glob("*hpa.yaml")), ids=lambda p: p.name)
-def test_the_shipped_hpas_parse(path: Path) -> None:
+def test_the_shipped_hpas_scale_as_their_targets_say(path: Path) -> None:
+    """Each shipped HPA, read from deploy/ and driven by the HPA algorithm: at its target it holds; at 3x its
+    target it scales up within its policies; held there it reaches maxReplicas and no further; with no load it
+    comes back to minReplicas only after its scale-down stabilisation window, and never below."""
     h = HPA.from_manifest(yaml.safe_load(path.read_text()), window_scale=0.1)
-    assert h.metrics and h.min_replicas <= h.max_replicas
+    assert h.metrics and 1 <= h.min_replicas < h.max_replicas
     assert all(p["periodSeconds"] > 0 for p in h.scale_up["policies"] + h.scale_down["policies"])
+    lo = h.min_replicas
+    assert h.evaluate(0, lo, _value(h, 1.0, lo)) == lo, "at its target an HPA holds"
+    up_window = h.scale_up["stabilizationWindowSeconds"]
+    now, n, trail = 0.0, lo, []
+    for _ in range(int(up_window) + 200):  # 3x per replica whatever the count: up to the maximum, then stay
+        now += 1.0
+        n = h.evaluate(now, n, _value(h, 3.0, n))
+        trail.append((now, n))
+    first_up = next(t for t, r in trail if r > lo)
+    assert up_window - 1.0 <= first_up <= up_window + 2.0, f"scaled up at {first_up:.0f} s (window {up_window})"
+    counts = [r for _, r in trail]
+    assert counts == sorted(counts) and n == h.max_replicas and max(counts) == h.max_replicas, trail[-5:]
+    window = h.scale_down["stabilizationWindowSeconds"]
+    idle_from = now + 1.0
+    down: list[tuple[float, int]] = []
+    for _ in range(int(window) + 400):
+        now += 1.0
+        n = h.evaluate(now, n, _value(h, 0.0, n))
+        down.append((now, n))
+    assert n == lo and min(r for _, r in down) == lo, down[-5:]
+    first_drop = next(t for t, r in down if r < h.max_replicas)
+    assert first_drop - idle_from >= window - 1.0, f"scaled down {first_drop - idle_from:.0f} s into idle ({window})"

@@ -36,8 +36,10 @@ pytestmark = [
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 #: The gateway's bound on calls in preprocessing here; the overload test sends 5x as many at once.
 PREPROCESSING_CALLS = 2
-#: Accepted work may cost what it costs; these tests bound health latency (and RSS), not CPU.
-ACCEPTED_CPU_BOUND_S = 60.0
+#: The gateway's CPU for the largest legal strokes request (256 x 256 raw strokes, gRPC or JSON): measured
+#: 0.73 s (gRPC) and 0.83 s (JSON) on 2026-12-05 (`pytest -s tests/test_loop.py`), most of it serializing and
+#: copying; the rendering is in worker processes. The bound leaves 2.4x.
+LARGEST_STROKES_CPU_BOUND_S = 2.0
 JSON = {"Content-Type": "application/json"}
 
 
@@ -81,7 +83,7 @@ def test_raw_strokes_grpc(gw: AttackedGateway, stub: pb_grpc.ClassifierStub) -> 
         answer = stub.Classify(req, timeout=120)
         print(f"[loop] Classify of {req.ByteSize()} bytes answered in {time.monotonic() - t0:.2f} s", file=sys.stderr)
     assert len(answer.predictions) == 256
-    cost.assert_bounds(ACCEPTED_CPU_BOUND_S)
+    cost.assert_bounds(LARGEST_STROKES_CPU_BOUND_S)
 
 
 def test_raw_strokes_json(gw: AttackedGateway) -> None:
@@ -95,7 +97,7 @@ def test_raw_strokes_json(gw: AttackedGateway) -> None:
         status, _, answer = request(gw.http_port, "POST", "/v1/classify", body, JSON, timeout=120)
         print(f"[loop] JSON API call answered in {time.monotonic() - t0:.2f} s", file=sys.stderr)
     assert status == 200 and len(answer["predictions"]) == 256, (status, str(answer)[:300])
-    cost.assert_bounds(ACCEPTED_CPU_BOUND_S)
+    cost.assert_bounds(LARGEST_STROKES_CPU_BOUND_S)
 
 
 def largest_png(limits: Limits | None = None) -> bytes:
@@ -121,7 +123,7 @@ def test_largest_png(gw: AttackedGateway, stub: pb_grpc.ClassifierStub) -> None:
     with measured(gw, f"loop: PNG of {len(png)} bytes and {Limits().max_image_pixels} pixels") as cost:
         answer = stub.Classify(req, timeout=60)
     assert len(answer.predictions) == 1
-    cost.assert_bounds(ACCEPTED_CPU_BOUND_S)
+    cost.assert_bounds()  # CPU within CPU_BOUND_S (measured: PNG 40 ms, JSON body 230 ms, overload 11 ms/call)
 
 
 def largest_json_body(limit: int = JSON_BODY_FACTOR * MAX_MESSAGE_BYTES) -> bytes:
@@ -144,7 +146,7 @@ def test_json_body_just_under_its_limit(gw: AttackedGateway) -> None:
         status, _, answer = request(gw.http_port, "POST", "/v1/classify", body, JSON, timeout=120)
     fields = [v["field"] for d in answer["error"]["details"] for v in d.get("fieldViolations", [])]
     assert (status, answer["error"]["status"], fields) == (400, "INVALID_ARGUMENT", ["topK"])  # as the body spells it
-    cost.assert_bounds(ACCEPTED_CPU_BOUND_S)
+    cost.assert_bounds()  # CPU within CPU_BOUND_S (measured: PNG 40 ms, JSON body 230 ms, overload 11 ms/call)
 
 
 def test_overload_is_refused_before_preprocessing(gw: AttackedGateway, stub: pb_grpc.ClassifierStub) -> None:
@@ -176,7 +178,7 @@ def test_overload_is_refused_before_preprocessing(gw: AttackedGateway, stub: pb_
     print(f"[loop] 5x overload: {ok} accepted, {refused} refused; gateway CPU per accepted call "
           f"{per_accepted * 1000:.1f} ms, per refused call {per_refused * 1000:.2f} ms", file=sys.stderr)
     assert per_refused < per_accepted / 10
-    cost.assert_bounds(ACCEPTED_CPU_BOUND_S)
+    cost.assert_bounds()  # CPU within CPU_BOUND_S (measured: PNG 40 ms, JSON body 230 ms, overload 11 ms/call)
 
 
 def test_deadline_passed_in_preprocessing_is_deadline_exceeded(gw: AttackedGateway,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,20 +28,11 @@ STANDIN = Path(os.environ.get("QUICKDRAW_REHEARSAL_STANDIN", ROOT / "tests" / "t
 ARTIFACT = ROOT / "test-artifacts" / "rehearsal-short.json"
 
 
-def standin_has_tfserving_flags() -> bool:
-    """The stand-in takes tensorflow_model_server's flags (--model_config_file ...)."""
-    out = subprocess.run([sys.executable, str(STANDIN), "--help"], capture_output=True, text=True, timeout=120)
-    return "--model_config_file" in out.stdout and "--rest_api_port" in out.stdout
-
-
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 
 @pytest.fixture(scope="module")
 def rows() -> list[rehearsal.Row]:
-    if not standin_has_tfserving_flags():
-        pytest.skip("tests/tfserving_standin.py lacks tensorflow_model_server's flags (--model_config_file, "
-                    "--rest_api_port): branch i14-standin is not merged yet")  # fmt: skip
     opts = rehearsal.Options(
         rate_per_s=30, deadline_s=2.0, pinned_every=10, phase_s=7, short=True, prometheus=False, standin=STANDIN
     )
