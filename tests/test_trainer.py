@@ -192,3 +192,42 @@ def test_shipped_model_serves_batches_of_1_7_128() -> None:
     assert len(card["classes"]) == 29 and card["data"]
     size = sum(p.stat().st_size for p in shipped.rglob("*") if p.is_file())
     assert size < 5 * 1024 * 1024
+
+
+def re_measure(version_dir: Path, sample: Path) -> tuple[dict[str, object], float, float, int]:
+    """Run an exported SavedModel again, through its serving signature, on exactly the test rows its card names:
+    (card, top-1, ECE of its probabilities, rows)."""
+    import tensorflow as tf
+
+    from trainer import ood
+
+    card = json.loads((version_dir / "model_card.json").read_text())
+    fn = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+    images, labels = [], []
+    for index, name in enumerate(card["classes"]):
+        start, stop = card["data"]["rows"]["test"][name]
+        rows = np.load(sample / "numpy_bitmap" / f"{name}.npy", mmap_mode="r")[start:stop]
+        images.append(np.asarray(rows, np.uint8).reshape(-1, 28, 28, 1))
+        labels += [index] * len(rows)
+    x, y = np.concatenate(images), np.array(labels)
+    probs = np.concatenate([fn(image=tf.constant(x[i : i + 512]))["probabilities"].numpy()
+                            for i in range(0, len(x), 512)])  # fmt: skip
+    return card, float((probs.argmax(axis=1) == y).mean()), ood.expected_calibration_error(probs, y), len(y)
+
+
+@pytest.mark.parametrize("which", ["shipped", "tiny"])
+def test_the_card_agrees_with_a_re_measurement(which: str, sample: Path, request: pytest.FixtureRequest) -> None:
+    """The card's test top-1 and ECE are not taken on trust: the shipped model, and the one trained here, are run
+    again on the test rows their cards name, and both figures measured here must equal the card's."""
+    from conftest import ROOT
+
+    version = ROOT / "models" / "quickdraw" / "1" if which == "shipped" else request.getfixturevalue("tiny_model") / "2"
+    card, top1, ece, n = re_measure(version, sample)
+    metrics = card["metrics"]
+    print(f"\n{which}: re-measured on {n} test rows: top-1 {top1:.4f} (card {metrics['test_top1']:.4f}), "
+          f"ECE {ece:.4f} (card {metrics['test_ece']:.4f})")
+    assert n == metrics["test_n"]
+    assert top1 == pytest.approx(metrics["test_top1"], abs=1e-3)
+    assert ece == pytest.approx(metrics["test_ece"], abs=2e-3)
+    if which == "shipped":
+        assert top1 >= 0.91 and ece <= 0.03
