@@ -11,7 +11,7 @@ export QUICKDRAW_SAMPLE_DIR ?= $(abspath ../shared/quickdraw)
 # The browser test drives this Chromium (Debian's package) with Playwright; nothing downloads a browser.
 export QUICKDRAW_CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install browser run train test lint protos stubs bench reliability rehearsal soak images image-test clean help
+.PHONY: install browser go-toolchain run train test lint protos stubs bench reliability rehearsal soak images image-test clean help
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' \
@@ -37,6 +37,19 @@ browser: ## install Debian's chromium for the browser test when it is missing (a
 	      chromium fonts-dejavu-core >/dev/null; } || echo "browser: apt-get failed: the browser test will skip"; \
 	fi
 
+GO_PACKAGES := golang-go protoc-gen-go protoc-gen-go-grpc golang-google-grpc-dev golang-github-golang-protobuf-1-5-dev
+
+go-toolchain: ## install Debian's Go toolchain, protoc plugins and grpc-go for the Go client example (as root; else it skips)
+	@if command -v go >/dev/null 2>&1 && command -v protoc-gen-go-grpc >/dev/null 2>&1 \
+	    && [ -d /usr/share/gocode/src/google.golang.org/grpc ]; then :; \
+	elif [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "go-toolchain: no go, protoc-gen-go-grpc or grpc-go, and apt-get needs root: the Go example test will skip"; \
+	else \
+	  echo "go-toolchain: installing Debian's $(GO_PACKAGES)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      $(GO_PACKAGES) >/dev/null; } || echo "go-toolchain: apt-get failed: the Go example test will skip"; \
+	fi
+
 run: $(STAMP) ## start the gateway on the shipped model (gRPC :50051; playground, JSON API and metrics on :8080)
 	$(BIN)/quickdraw serve $(ARGS)
 
@@ -49,7 +62,7 @@ train: $(STAMP) ## retrain the shipped model on the sample data (next version un
 	  --out models/quickdraw --workdir runs/oe $(ARGS)
 	$(BIN)/quickdraw evaluate models/quickdraw --data $(QUICKDRAW_SAMPLE_DIR)
 
-test: $(STAMP) browser ## ruff, then the whole test suite (the browser test uses Debian's chromium)
+test: $(STAMP) browser go-toolchain ## ruff, then the whole test suite (the browser test uses Debian's chromium, the Go example Debian's Go)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
