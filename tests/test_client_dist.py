@@ -26,7 +26,11 @@ from test_slim import OFFLINE
 
 pytestmark = pytest.mark.slow
 
-INSTALL_WITHIN_S = 60.0
+#: What installing the client brings, at most: quickdraw-client, grpcio, grpcio-status, protobuf,
+#: googleapis-common-protos, numpy, typing-extensions, and the venv's own pip and setuptools (9), plus 3 to spare.
+#: The install time is printed, not bounded: it is the package index's and the network's, not the client's
+#: (a bound of 60 s was one a slow mirror could fail).
+MAX_DISTRIBUTIONS = 12
 VENV_UNDER_MB = 150
 #: Distributions that must not come with the client.
 HEAVY = {"tensorflow", "tensorflow-cpu", "tensorflow-serving-api", "keras", "tensorboard", "quickdraw-service",
@@ -68,7 +72,7 @@ def client_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert "quickdraw-client" in dists
     heavy = HEAVY & {d.replace("_", "-") for d in dists}
     assert not heavy, f"installing the client brought {sorted(heavy)}"
-    assert took < INSTALL_WITHIN_S, f"the client took {took:.1f} s to install (limit {INSTALL_WITHIN_S} s)"
+    assert len(dists) <= MAX_DISTRIBUTIONS, f"the client brought {len(dists)} distributions: {dists}"
     assert size_mb < VENV_UNDER_MB, f"the client's virtualenv is {size_mb} MB (limit {VENV_UNDER_MB} MB)"
     return venv
 
