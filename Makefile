@@ -18,6 +18,8 @@ PIP_INSTALL  = $(BIN)/python -m pip install $$(test -t 1 || echo --quiet)
 export QUICKDRAW_SAMPLE_DIR ?= $(abspath ../shared/quickdraw)
 # The browser test drives this Chromium (Debian's package) with Playwright; nothing downloads a browser.
 export QUICKDRAW_CHROMIUM ?= /usr/bin/chromium
+# mkdocs-material prints a banner about its successor on every build unless told not to.
+export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: install install-dev browser run train test docs docs-serve dist lint protos stubs bench reliability rehearsal \
 	soak images image-test clean help
