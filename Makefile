@@ -87,7 +87,7 @@ lint: $(TEST_STAMP) ## ruff only
 protos: $(TEST_STAMP) ## regenerate the Python code for protos/ and the TF Serving descriptor set (reproducible)
 	$(BIN)/python scripts/gen_protos.py
 
-stubs: $(TEST_STAMP) ## Go and TypeScript client stubs under build/stubs (buf and protoc plugins; README, Other languages)
+stubs: $(TEST_STAMP) ## Go and TypeScript client stubs under build/stubs (buf and protoc plugins; docs/clients.md)
 	$(BIN)/python scripts/stubs.py
 
 bench: $(TEST_STAMP) ## benchmarks: each compares two things in one run and prints ratios
