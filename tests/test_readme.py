@@ -129,7 +129,9 @@ def run_block(block: Block, cwd: Path, grpc_port: int, http_port: int) -> str:
 
 
 def test_the_banner_example_works_as_printed(served: tuple[int, int, str], workdir: Path) -> None:
-    _, _, banner = served
+    _, http_port, banner = served
+    for route in ("/metrics", "/v1/classify", "/openapi.json", "/v2"):  # where everything is, as the pages show it
+        assert f"localhost:{http_port}{route}" in banner or f"127.0.0.1:{http_port}{route}" in banner, banner
     command = banner.split("try: ", 1)[1].strip()
     # make run: .venv/bin is not on PATH, and the banner says so; with it on PATH (an activated venv), plain quickdraw
     found = shutil.which("quickdraw")
