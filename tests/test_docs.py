@@ -122,3 +122,40 @@ def test_serve_help_is_short_and_help_all_lists_every_option() -> None:
     absent = [o for o in options if not re.search(rf"{o}[\s,=\]]", full)]
     assert not absent, f"--help-all misses {absent}"
     assert len(full.splitlines()) > len(short.splitlines())
+
+
+def reliability_row(name: str) -> dict:
+    data = json.loads(reliability_report.DATA.read_text())
+    return next(r for r in data["rows"] if r["name"] == name)
+
+
+#: Figures a page quotes from RELIABILITY.md's tallies: (page, the sentence's pattern, the row, its keys in order).
+RELIABILITY_QUOTES = [
+    ("docs/tfserving.md", r"admitted calls' p99 was (\d+) ms against (\d+) ms at half load", "overload-5x",
+     ("p99_admitted_ms", "p99_normal_ms")),
+    ("docs/limits.md", r"got ([\d,]+) accepted, then stuck; gateway RSS \+([\d.]+) MiB", "unread-stream",
+     ("stream_messages_accepted", "rss_growth_mib")),
+]  # fmt: skip
+#: Figures a page quotes from BENCHMARKS.md (hand-written from `make bench` runs): each must be there as quoted.
+BENCHMARK_QUOTES = {
+    "docs/tfserving.md": ["620 vs 268 calls/s", "**2.32x**", "5.07 vs 4.72 ms", "| images/s | 394 |", "**2.12x**",
+                          "1,260 images/s", "266 at batch 1", "**98%**", "**2.34x**"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("page", "pattern", "row", "keys"), RELIABILITY_QUOTES)
+def test_figures_quoted_from_reliability_are_its_tallies(page: str, pattern: str, row: str, keys: tuple) -> None:
+    text = " ".join((ROOT / page).read_text().split())
+    m = re.search(pattern, text)
+    assert m, f"{page} no longer quotes {row} as {pattern!r}: update the pattern here or the page"
+    tally = reliability_row(row)
+    quoted = [float(g.replace(",", "")) for g in m.groups()]
+    actual = [float(tally[k]) for k in keys]
+    assert quoted == actual, f"{page} quotes {quoted}; the tallies say {actual}"
+
+
+@pytest.mark.parametrize("page", sorted(BENCHMARK_QUOTES))
+def test_figures_quoted_from_benchmarks_are_there(page: str) -> None:
+    bench = (ROOT / "BENCHMARKS.md").read_text()
+    missing = [q for q in BENCHMARK_QUOTES[page] if q not in bench]
+    assert not missing, f"{page} quotes figures BENCHMARKS.md no longer has: {missing}"
