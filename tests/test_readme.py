@@ -160,3 +160,16 @@ def test_the_examples_run_and_print_what_the_pages_show(served: tuple[int, int, 
             assert pattern.fullmatch(out), (f"{block.where}: the output does not have the shape shown\n"
                                             f"--- shown\n{block.output}\n--- got\n{out}")  # fmt: skip
     assert ran >= RUN_BEFORE_THE_DOCS
+
+
+def test_the_banner_the_pages_show_is_the_real_one(served: tuple[int, int, str]) -> None:
+    grpc_port, http_port, banner = served
+    fence = re.compile(r"^```\n(quickdraw gateway ready:.*?)^```", re.M | re.S)
+    shown = [(page, m.group(1)) for page in pages() for m in fence.finditer(page.read_text())]
+    assert shown, "no page shows the ready banner any more"
+    real = banner[banner.index("quickdraw gateway ready:") :].replace("127.0.0.1", "localhost")
+    real = real.replace("gRPC on localhost:", "gRPC on 0.0.0.0:")  # the test binds 127.0.0.1; make run all addresses
+    for page, text in shown:
+        pattern = shape(localise(text, grpc_port, http_port))
+        assert pattern.fullmatch(real), f"{page.name}: the banner shown\n{text}\n--- is not the real one\n{real}"
+
