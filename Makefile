@@ -1,30 +1,48 @@
 # Two commands matter: `make run` starts the service, `make test` runs the checks.
-# Every target installs what it needs into .venv first; nothing is reinstalled while
-# pyproject.toml is unchanged (the install stamp is named after its hash).
+# Every target installs what it needs into .venv first, in two steps with a stamp each (named after the hash of
+# the pyproject files, so nothing is reinstalled while they are unchanged): serving (the project with the tf
+# extra for the embedded backend, and the client) for `make run`; then the dev extra (pytest, ruff, playwright,
+# mkdocs, ...) for `make test`, so `make test` after `make run` adds only the rest. pip shows its progress when
+# make runs in a terminal and is quiet otherwise (CI logs).
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 HASH   := $(shell cat pyproject.toml clients/python/pyproject.toml | (sha256sum 2>/dev/null || shasum -a 256) | cut -c1-16)
-STAMP  := $(VENV)/.installed-$(HASH)
+# The extras each step installs (tests/test_install.py checks that the serving set holds no dev-only package).
+RUN_EXTRAS  := tf
+TEST_EXTRAS := tf,dev
+RUN_STAMP   := $(VENV)/.installed-run-$(HASH)
+TEST_STAMP  := $(VENV)/.installed-dev-$(HASH)
+PIP_INSTALL  = $(BIN)/python -m pip install $$(test -t 1 || echo --quiet)
 export QUICKDRAW_SAMPLE_DIR ?= $(abspath ../shared/quickdraw)
 # The browser test drives this Chromium (Debian's package) with Playwright; nothing downloads a browser.
 export QUICKDRAW_CHROMIUM ?= /usr/bin/chromium
+# mkdocs-material prints a banner about its successor on every build unless told not to.
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: install browser go-toolchain run train test lint protos stubs bench reliability rehearsal soak images image-test clean help
+.PHONY: install install-dev browser go-toolchain run train test docs docs-serve dist lint protos stubs bench \
+	reliability rehearsal soak images image-test clean help
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' \
 	  '{name[NR] = $$1; text[NR] = $$2; if (length($$1) > w) w = length($$1)} \
 	   END {for (i = 1; i <= NR; i++) printf "  make %-*s  %s\n", w, name[i], text[i]}'
 
-install: $(STAMP) ## create .venv and install the project (only when pyproject.toml changed)
+install: $(RUN_STAMP) ## create .venv and install what serving needs: the project with the tf extra, and the client
 
-$(STAMP): pyproject.toml clients/python/pyproject.toml
+install-dev: $(TEST_STAMP) ## install also the dev extra (tests, lint, docs); make test does this
+
+$(RUN_STAMP): pyproject.toml clients/python/pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ./clients/python -e '.[tf,dev]'
-	@rm -f $(VENV)/.installed-*
+	$(PIP_INSTALL) --upgrade pip
+	$(PIP_INSTALL) -e ./clients/python -e '.[$(RUN_EXTRAS)]'
+	@rm -f $(VENV)/.installed-run-* $(VENV)/.installed-[0-9a-f]*
+	@touch $@
+
+$(TEST_STAMP): $(RUN_STAMP)
+	$(PIP_INSTALL) -e ./clients/python -e '.[$(TEST_EXTRAS)]'
+	@rm -f $(VENV)/.installed-dev-*
 	@touch $@
 
 browser: ## install Debian's chromium for the browser test when it is missing (as root, with apt-get; else the test skips)
@@ -50,10 +68,10 @@ go-toolchain: ## install Debian's Go toolchain, protoc plugins and grpc-go for t
 	      $(GO_PACKAGES) >/dev/null; } || echo "go-toolchain: apt-get failed: the Go example test will skip"; \
 	fi
 
-run: $(STAMP) ## start the gateway on the shipped model (gRPC :50051; playground, JSON API and metrics on :8080)
+run: $(RUN_STAMP) ## start the gateway on the shipped model (gRPC :50051; playground, JSON API and metrics on :8080)
 	$(BIN)/quickdraw serve $(ARGS)
 
-train: $(STAMP) ## retrain the shipped model on the sample data (next version under models/quickdraw), then evaluate it
+train: $(RUN_STAMP) ## retrain the shipped model on the sample data (next version under models/quickdraw), then evaluate it
 	@# stage 1: the qdnet recipe on the known classes alone (runs/base); stage 2: 4 epochs of outlier exposure from it
 	rm -rf runs/base
 	$(BIN)/quickdraw train --data $(QUICKDRAW_SAMPLE_DIR) --no-outlier-exposure --out runs/base --version 1 \
@@ -62,36 +80,46 @@ train: $(STAMP) ## retrain the shipped model on the sample data (next version un
 	  --out models/quickdraw --workdir runs/oe $(ARGS)
 	$(BIN)/quickdraw evaluate models/quickdraw --data $(QUICKDRAW_SAMPLE_DIR)
 
-test: $(STAMP) browser go-toolchain ## ruff, then the whole test suite (the browser test uses Debian's chromium, the Go example Debian's Go)
+test: $(TEST_STAMP) browser go-toolchain ## ruff, the docs site (mkdocs --strict: no broken link), then the whole test suite (the browser test uses Debian's chromium, the Go example Debian's Go)
 	$(BIN)/ruff check .
+	$(BIN)/mkdocs build --strict --quiet --site-dir build/site
 	$(BIN)/python -m pytest
 
-lint: $(STAMP) ## ruff only
+docs: $(TEST_STAMP) ## build the docs site into build/site (mkdocs --strict); open build/site/index.html
+	$(BIN)/mkdocs build --strict --site-dir build/site
+
+docs-serve: $(TEST_STAMP) ## serve the docs on http://localhost:8000 with live reload
+	$(BIN)/mkdocs serve
+
+dist: $(RUN_STAMP) ## wheels of the service and of the client (clients/python) into dist/
+	$(BIN)/python -m pip wheel --no-deps --wheel-dir dist ./clients/python .
+
+lint: $(TEST_STAMP) ## ruff only
 	$(BIN)/ruff check .
 
-protos: $(STAMP) ## regenerate the Python code for protos/ and the TF Serving descriptor set (reproducible)
+protos: $(TEST_STAMP) ## regenerate the Python code for protos/ and the TF Serving descriptor set (reproducible)
 	$(BIN)/python scripts/gen_protos.py
 
-stubs: $(STAMP) ## Go and TypeScript client stubs under build/stubs (buf and protoc plugins; README, Other languages)
+stubs: $(TEST_STAMP) ## Go and TypeScript client stubs under build/stubs (buf and protoc plugins; docs/clients.md)
 	$(BIN)/python scripts/stubs.py
 
-bench: $(STAMP) ## benchmarks: each compares two things in one run and prints ratios
+bench: $(TEST_STAMP) ## benchmarks: each compares two things in one run and prints ratios
 	$(BIN)/python -m benchmarks
 
-reliability: $(STAMP) ## the fault tests (real processes, every call counted), then RELIABILITY.md from their tallies
+reliability: $(TEST_STAMP) ## the fault tests (real processes, every call counted), then RELIABILITY.md from their tallies
 	$(BIN)/python -m pytest -q tests/test_reliability.py
 	$(BIN)/python scripts/reliability_report.py
 
-rehearsal: $(STAMP) ## 3 TF Serving stand-ins, 2 gateways, Prometheus under load: roll-out, label moves, rollback, kills (< 10 min)
+rehearsal: $(TEST_STAMP) ## 3 TF Serving stand-ins, 2 gateways, Prometheus under load: roll-out, label moves, rollback, kills (< 10 min)
 	$(BIN)/python scripts/rehearsal.py $(ARGS)
 
-soak: $(STAMP) ## ten minutes of steady load on a real gateway: no errors, RSS growth under 5% (SOAK_DURATION_S)
+soak: $(TEST_STAMP) ## ten minutes of steady load on a real gateway: no errors, RSS growth under 5% (SOAK_DURATION_S)
 	$(BIN)/python scripts/soak.py
 
 images: ## build the container images with podman (as root: apt-get installs podman, debootstrap, runc if missing)
 	scripts/images.sh
 
-image-test: $(STAMP) ## run the slim gateway image against the TF Serving stand-in: serve, classify, health, drain, sizes
+image-test: $(TEST_STAMP) ## run the slim gateway image against the TF Serving stand-in: serve, classify, health, drain, sizes
 	$(BIN)/python scripts/image_test.py
 
 clean: ## remove the virtualenv, caches and build outputs

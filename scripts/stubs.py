@@ -10,7 +10,7 @@
 buf and protoc-gen-es come from npm (pinned below) into ``build/npm/`` when npm is there and they are not; the Go
 plugins come from the system (``apt-get install protoc-gen-go protoc-gen-go-grpc``, or ``go install``). A plugin
 that is missing is skipped and named; with no buf at all, the same plugins run through grpcio-tools' protoc
-(``--protoc``, the commands README.md shows). Exits 0 when every available plugin generated its files.
+(``--protoc``, the commands docs/clients.md shows). Exits 0 when every available plugin generated its files.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ OUT = ROOT / "build" / "stubs"
 NPM_PREFIX = ROOT / "build" / "npm"
 #: npm packages `make stubs` installs when missing (pinned: the generated code depends on the versions).
 NPM_PACKAGES = ("@bufbuild/buf@1.75.0", "@bufbuild/protoc-gen-es@2.17.0")
-#: What README.md's TypeScript example needs besides the stubs (installed with them; tests/test_stubs.py runs it).
+#: What docs/clients.md's TypeScript example needs besides the stubs (installed with them; tests/test_stubs.py runs it).
 NPM_EXAMPLE_PACKAGES = ("@bufbuild/protobuf@2.17.0", "@connectrpc/connect@2.3.0", "@connectrpc/connect-node@2.3.0",
                         "@types/node@20", "typescript@5.9.3")
 PROTO = "quickdraw/v1/classifier.proto"

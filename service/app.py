@@ -184,7 +184,7 @@ class App:
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 0),
-            # Security: see README "Security". Compressed requests are refused by gRPC core (UNIMPLEMENTED) unless
+            # Security: see docs/security.md. Compressed requests are refused by gRPC core (UNIMPLEMENTED) unless
             # allowed; connections must finish their handshake in time, idle ones close, and they are capped.
             ("grpc.compression_enabled_algorithms_bitset", 0b111 if s.grpc_request_compression else 0b001),
             ("grpc.server_handshake_timeout_ms", int(s.grpc_handshake_timeout_s * 1000)),

@@ -7,6 +7,7 @@ its ``--help`` text, so the documentation cannot drift from the code.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,6 +18,20 @@ from doodle.contract import SIGNATURE_NAME
 
 ENV_PREFIX = "QUICKDRAW_"
 MiB = 1024 * 1024
+_SECTION = re.compile(r"^\s*# --- (.+?) -+\s*$")
+_FIELD = re.compile(r"^    ([a-z][a-z0-9_]*): ")
+
+
+def setting_sections() -> dict[str, str]:
+    """Each setting's section ("listening", "request limits", ...), from the ``# --- name ---`` comments that group
+    the fields below, in source order: ``quickdraw serve --help`` and the configuration reference group by them."""
+    section, out = "other", {}
+    for line in Path(__file__).read_text().splitlines():
+        if m := _SECTION.match(line):
+            section = m.group(1)
+        elif m := _FIELD.match(line):
+            out.setdefault(m.group(1), section)
+    return out
 
 
 class Settings(BaseSettings):
@@ -61,7 +76,7 @@ class Settings(BaseSettings):
     )  # fmt: skip
     max_grpc_connections: int = Field(
         2000, ge=1, description="most open gRPC connections; beyond it new connections are closed at once "
-        "(kept below the file-descriptor limit, see README Security)",
+        "(kept below the file-descriptor limit, see docs/security.md)",
     )  # fmt: skip
     grpc_max_streams_per_connection: int = Field(
         1000, ge=1, description="most calls in flight on one gRPC connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS); "

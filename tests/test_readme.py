@@ -1,16 +1,18 @@
-"""README.md's examples run: every ``sh`` and ``python`` block, in order, against a live ``quickdraw serve``.
+"""The examples of README.md and of the docs pages run: every ``sh`` and ``python`` block, in order
+(``readme_blocks.pages``), against a live ``quickdraw serve``.
 
 The gateway is a real ``quickdraw serve`` process (embedded backend, the shipped model) on free ports; its ready
 banner's example is run as printed. The blocks run in a scratch directory laid out like a fresh clone after
 ``make``: ``.venv`` (this interpreter's virtualenv) and ``../shared/quickdraw`` (the sample), so the README's
-relative paths work and what the examples write (``cat.npy``, ``doodle.png``) lands there. Shell blocks run
+relative paths work and what the examples write (``cat.npy``, ``doodle.png``) lands there (run from a checkout,
+they land in its root, where .gitignore names them). Shell blocks run
 with ``bash -e``; Python blocks with this interpreter; this checkout comes first on PYTHONPATH. The one
 rewrite: the default ports (``localhost:50051``, ``localhost:8080``, and ``classify`` without ``--target``)
-become the test gateway's. Each block's output must have the shape of the output block the README shows under
+become the test gateway's. Each block's output must have the shape of the output block the page shows under
 it (``readme_blocks.shape``). Blocks marked ``<!-- not run: why -->`` are counted and their reasons printed.
 
-Runtime: about 30-40 s on two cores (the gateway's start and TensorFlow's import in two blocks take most).
-``QUICKDRAW_README_PRINT=1`` prints each block's real output (to regenerate the README's).
+Runtime: about 40-50 s on two cores (the gateway's start and TensorFlow's import in two blocks take most).
+``QUICKDRAW_README_PRINT=1`` prints each block's real output (to regenerate the pages').
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 import pytest
 from faults import free_port
 from harness import SHIPPED_MODEL
-from readme_blocks import Block, blocks, shape
+from readme_blocks import NOT_RUN_PAGES, README, Block, blocks, pages, shape
 
 from service.backends import find_versions
 
@@ -39,14 +41,21 @@ PRINT = os.environ.get("QUICKDRAW_README_PRINT") == "1"
 pytestmark = pytest.mark.skipif(not find_versions(SHIPPED_MODEL), reason=f"no SavedModel under {SHIPPED_MODEL}")
 
 
+#: How many examples ran from README.md alone before the docs pages existed; they all run from the pages now.
+RUN_BEFORE_THE_DOCS = 9
+
+
 def test_every_example_is_run_or_says_why_not() -> None:
     found = [b for b in blocks() if b.lang in RUN_LANGS]
     run = [b for b in found if b.not_run is None]
     skipped = [b for b in found if b.not_run is not None]
-    print(f"\nREADME.md: {len(found)} sh/python blocks, {len(run)} run, {len(skipped)} not run:")
+    print(f"\n{len(pages())} pages: {len(found)} sh/python blocks, {len(run)} run, {len(skipped)} not run:")
     for b in skipped:
-        print(f"  line {b.line} ({b.lang}): {b.not_run}")
-    assert len(run) >= 9, "the README's runnable examples went missing"
+        print(f"  {b.where} ({b.lang}): {b.not_run}")
+    for name, why in NOT_RUN_PAGES.items():
+        print(f"  docs/{name}: not run: {why}")
+    assert len(run) >= RUN_BEFORE_THE_DOCS, "runnable examples went missing"
+    assert any(b.path == README for b in run), "README.md's own examples went missing"
     assert all(b.output is None or b.not_run is None for b in found), "an output under a block that is not run"
     langs = {b.lang for b in blocks()}
     # go and ts: tests/test_stubs.py; yaml: a manifest (tests/test_deploy.py validates the repository's own)
@@ -113,14 +122,16 @@ def run_block(block: Block, cwd: Path, grpc_port: int, http_port: int) -> str:
     code = localise(block.code, grpc_port, http_port)
     cmd = ["bash", "-e", "-o", "pipefail", "-c", code] if block.lang == "sh" else [sys.executable, "-c", code]
     proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S)
-    where = f"README.md line {block.line} ({block.lang})"
+    where = f"{block.where} ({block.lang})"
     assert proc.returncode == 0, f"{where} failed ({proc.returncode}):\n{code}\n--- stdout\n{proc.stdout}\n" \
                                  f"--- stderr\n{proc.stderr[-3000:]}"  # fmt: skip
     return proc.stdout
 
 
 def test_the_banner_example_works_as_printed(served: tuple[int, int, str], workdir: Path) -> None:
-    _, _, banner = served
+    _, http_port, banner = served
+    for route in ("/metrics", "/v1/classify", "/openapi.json", "/v2"):  # where everything is, as the pages show it
+        assert f"localhost:{http_port}{route}" in banner or f"127.0.0.1:{http_port}{route}" in banner, banner
     command = banner.split("try: ", 1)[1].strip()
     # make run: .venv/bin is not on PATH, and the banner says so; with it on PATH (an activated venv), plain quickdraw
     found = shutil.which("quickdraw")
@@ -132,7 +143,7 @@ def test_the_banner_example_works_as_printed(served: tuple[int, int, str], workd
     assert re.match(r"cat\.ndjson:1 +cat \d\.\d\d", proc.stdout), proc.stdout
 
 
-def test_the_examples_run_and_print_what_the_readme_shows(served: tuple[int, int, str], workdir: Path) -> None:
+def test_the_examples_run_and_print_what_the_pages_show(served: tuple[int, int, str], workdir: Path) -> None:
     grpc_port, http_port, _ = served
     ran = 0
     for block in blocks():
@@ -142,10 +153,23 @@ def test_the_examples_run_and_print_what_the_readme_shows(served: tuple[int, int
         out = run_block(block, workdir, grpc_port, http_port)
         ran += 1
         if PRINT:  # regenerating: show every output, check none
-            print(f"\n=== README.md line {block.line} ({time.monotonic() - t0:.1f} s)\n{out}", end="")
+            print(f"\n=== {block.where} ({time.monotonic() - t0:.1f} s)\n{out}", end="")
             continue
         if block.output is not None:
             pattern = shape(localise(block.output, grpc_port, http_port))
-            assert pattern.fullmatch(out), (f"README.md line {block.line}: the output does not have the shape shown\n"
+            assert pattern.fullmatch(out), (f"{block.where}: the output does not have the shape shown\n"
                                             f"--- shown\n{block.output}\n--- got\n{out}")  # fmt: skip
-    assert ran >= 9
+    assert ran >= RUN_BEFORE_THE_DOCS
+
+
+def test_the_banner_the_pages_show_is_the_real_one(served: tuple[int, int, str]) -> None:
+    grpc_port, http_port, banner = served
+    fence = re.compile(r"^```\n(quickdraw gateway ready:.*?)^```", re.M | re.S)
+    shown = [(page, m.group(1)) for page in pages() for m in fence.finditer(page.read_text())]
+    assert shown, "no page shows the ready banner any more"
+    real = banner[banner.index("quickdraw gateway ready:") :].replace("127.0.0.1", "localhost")
+    real = real.replace("gRPC on localhost:", "gRPC on 0.0.0.0:")  # the test binds 127.0.0.1; make run all addresses
+    for page, text in shown:
+        pattern = shape(localise(text, grpc_port, http_port))
+        assert pattern.fullmatch(real), f"{page.name}: the banner shown\n{text}\n--- is not the real one\n{real}"
+

@@ -94,7 +94,7 @@ def test_slow_backend_gives_deadline_exceeded_at_the_callers_deadline() -> None:
     assert dict(tally.codes) == {"DEADLINE_EXCEEDED": tally.sent}, report(tally)
     lat = tally.latencies("DEADLINE_EXCEEDED")
     assert lat.min() >= 0.28 and np.percentile(lat, 99) <= 0.3 + 0.1, (lat.min(), lat.max())
-    tally.save("TF Serving answers in 1.5 s; callers' deadline is 300 ms", CMD.format(k="slow"),
+    tally.save("TF Serving stand-in answers in 1.5 s (injected); callers' deadline is 300 ms", CMD.format(k="slow"),
                p50_ms=round(float(np.median(lat)) * 1000, 1))  # fmt: skip
 
 
@@ -147,7 +147,8 @@ def test_overload_at_5x_capacity_sheds_fast_and_keeps_admitted_latency() -> None
     assert p99_shed < 0.05, "excess calls must be refused at once"
     assert max(depth) <= 16, "the queue must stay bounded"
     assert rss1 - rss0 < 100, "memory must stay bounded"
-    over.save("offered 5x capacity (190/s against ~38/s) after 5 s at 0.5x", CMD.format(k="overload"),
+    over.save("offered 5x capacity (190/s against ~38/s: a TF Serving stand-in with an injected 100 ms delay) "
+              "after 5 s at 0.5x", CMD.format(k="overload"),
               p99_normal_ms=round(p99_normal * 1000), p99_admitted_ms=round(p99_admitted * 1000),
               p99_shed_ms=round(p99_shed * 1000, 1), queue_max=max(depth),
               rss_growth_mib=round(rss1 - rss0, 1))  # fmt: skip
@@ -223,7 +224,7 @@ def test_hot_reload_tfserving_follows_version_availability(tmp_path: Path) -> No
     versions = [v for _, _, _, v in sorted(tally.calls)]
     assert tally.lost == 0 and dict(tally.codes) == {"OK": tally.sent}, report(tally)
     assert versions[0] == 1 and versions[-1] == 2
-    tally.save("TF Serving backend: version 2 becomes AVAILABLE, then version 1 is unloaded, mid-load",
+    tally.save("TF Serving backend (stand-in): version 2 becomes AVAILABLE, then version 1 is unloaded, mid-load",
                CMD.format(k="tfserving"))  # fmt: skip
 
 
@@ -264,7 +265,8 @@ def test_sigterm_with_a_slow_backend_answers_every_accepted_call_within_the_grac
     assert before and all(c == "OK" for c in before), "every call accepted before the signal must be answered"
     assert all(t >= at - IN_TRANSIT_S and lat < 0.5 for t, lat in refused), (at, refused)  # refused after, at once
     assert tally.codes["UNAVAILABLE"] > 0, "the fault did not happen"
-    tally.save("SIGTERM mid-load while TF Serving answers in 1.5 s (grace 5 s)", CMD.format(k="sigterm_with"),
+    tally.save("SIGTERM mid-load while the TF Serving stand-in answers in 1.5 s (injected delay; grace 5 s)",
+               CMD.format(k="sigterm_with"),
                exit_code=code, exit_after_signal_s=round(took, 2), in_flight_answered=len(before))  # fmt: skip
 
 
@@ -285,7 +287,8 @@ def test_wedged_backend_fails_calls_at_the_backend_timeout() -> None:
     assert "OK" not in tally.codes and set(tally.codes) <= {"INTERNAL", "DEADLINE_EXCEEDED"}, report(tally)
     lat = np.array([lat for _, lat, _, _ in tally.calls])
     assert lat.max() <= 3.0 + LATE_S, lat.max()
-    tally.save("TF Serving wedged (never answers); backend_timeout_ms 1000, callers' deadline 3 s",
+    tally.save("TF Serving stand-in wedged (an injected 10 min delay: never answers); backend_timeout_ms 1000, "
+               "callers' deadline 3 s",
                CMD.format(k="wedged"), p50_ms=round(float(np.median(lat)) * 1000),
                max_ms=round(float(lat.max()) * 1000))  # fmt: skip
 
@@ -318,7 +321,8 @@ def test_overload_of_stroke_requests_at_5x_sheds_fast() -> None:
           f"{p99_shed * 1000:.0f} ms; served {over.codes['OK'] / 5:.0f}/s; RSS {rss0:.0f} -> {rss1:.0f} MiB")
     assert p99_admitted <= ADMITTED_BOUND_S, (p99_admitted, ADMITTED_BOUND_S)  # as for bitmaps, above
     assert p99_shed < 0.1, "excess calls must be refused at once"
-    over.save("offered 5x capacity of stroke requests (190/s against ~38/s) after 3 s at 0.5x",
+    over.save("offered 5x capacity of stroke requests (190/s against ~38/s: a TF Serving stand-in with an injected "
+              "100 ms delay) after 3 s at 0.5x",
               CMD.format(k="strokes"), p99_normal_ms=round(p99_normal * 1000),
               p99_admitted_ms=round(p99_admitted * 1000), p99_shed_ms=round(p99_shed * 1000, 1),
               rss_growth_mib=round(rss1 - rss0, 1))  # fmt: skip

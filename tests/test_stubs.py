@@ -1,5 +1,5 @@
-"""Other languages: ``make stubs`` generates Go and TypeScript stubs, and README.md's Go and TypeScript examples,
-built on them, classify against a live gateway and print what the README shows.
+"""Other languages: ``make stubs`` generates Go and TypeScript stubs, and the Go and TypeScript examples of
+docs/clients.md, built on them, classify against a live gateway and print what the page shows.
 
 What runs depends on the machine, and each part skips naming what is missing: the stubs need grpcio-tools (dev
 extra) and at least one plugin (protoc-gen-go and protoc-gen-go-grpc from the system; protoc-gen-es and buf
@@ -81,7 +81,7 @@ def expected_top(gw: RunningGateway) -> list[str]:
 
 def check_output(out: str, gw: RunningGateway) -> None:
     shown = example("ts").output
-    assert shown is not None, "README.md shows no output under the TypeScript example"
+    assert shown is not None, "docs/clients.md shows no output under the TypeScript example"
     assert shape(shown).fullmatch(out), f"--- shown\n{shown}\n--- got\n{out}"
     labels = [line.rsplit(" ", 1)[0] for line in out.splitlines()]
     assert labels == [line.rsplit(" ", 1)[0] for line in expected_top(gw)]  # the labels the Python client gets

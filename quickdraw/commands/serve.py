@@ -23,6 +23,26 @@ from quickdraw.extras import require
 
 EXAMPLE = "{quickdraw} classify --target {target} ../shared/quickdraw/simplified/cat.ndjson"
 
+#: The options ``quickdraw serve --help`` shows; ``--help-all`` shows every setting, grouped as in
+#: service/settings.py, and docs/reference/configuration.md (generated) describes each. Every option works either way.
+COMMON_OPTIONS = (
+    "host", "grpc_port", "http_port", "http_api", "backend", "model_dir", "tfserving_target", "tfserving_version_label",
+    "max_batch_size", "max_batch_delay_ms", "max_concurrent_batches", "max_queue_wait_ms", "log_level",
+    "shutdown_grace_s", "tls_cert_file", "tls_key_file", "tls_client_ca_file", "http_tls", "auth_token_file",
+    "tfserving_tls_ca_file", "tfserving_tls_server_name",
+)  # fmt: skip
+
+
+class _HelpAll(argparse.Action):
+    """``--help-all``: the help with every option shown, then exit."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        for action in parser._actions:
+            if hasattr(action, "full_help"):
+                action.help = action.full_help
+        parser.print_help()
+        parser.exit()
+
 
 def _quickdraw_command() -> str:
     """How to run this ``quickdraw`` from the working directory: ``quickdraw`` when that is the one on PATH, else
@@ -55,7 +75,7 @@ def _option_type(annotation: Any) -> dict[str, Any]:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the subcommand, one option per setting (generated from service.settings)."""
-    from service.settings import ENV_PREFIX, Settings
+    from service.settings import ENV_PREFIX, Settings, setting_sections
 
     # Secrets are never options: a command line is visible to every user of the machine (ps, /proc).
     env_only = [n for n, i in Settings.model_fields.items() if (i.json_schema_extra or {}).get("env_only")]  # type: ignore[union-attr]
@@ -74,8 +94,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "--shutdown-grace-s, then the process exits 0.\n\n"
             "Secrets are environment variables only, never options (a command line is visible to every user):\n"
             + "".join(f"  {ENV_PREFIX}{n.upper()}: {Settings.model_fields[n].description}\n" for n in env_only)
+            + f"\nThis lists the most-used options; --help-all lists all {len(Settings.model_fields) - len(env_only)}, "
+            "grouped,\nand the configuration reference (docs/reference/configuration.md) describes each."
         ),
     )
+    p.add_argument("--help-all", action=_HelpAll, nargs=0, help="show every option, grouped, and exit")
+    sections = setting_sections()
+    groups: dict[str, argparse._ArgumentGroup] = {}
     for name, info in Settings.model_fields.items():
         if name in env_only:
             continue
@@ -84,13 +109,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         kind = _option_type(info.annotation)
         if name == "log_level":  # --log-level debug works as well as DEBUG
             kind["type"] = str.upper
-        p.add_argument(
+        section = sections.get(name, "other")
+        if section not in groups:
+            groups[section] = p.add_argument_group(f"{section} options")
+        full_help = f"{info.description} (env {ENV_PREFIX}{name.upper()}; default: {shown})".replace("%", "%%")
+        action = groups[section].add_argument(
             f"--{name.replace('_', '-')}",
             dest=name,
             default=None,
-            help=f"{info.description} (env {ENV_PREFIX}{name.upper()}; default: {shown})".replace("%", "%%"),
+            help=full_help if name in COMMON_OPTIONS else argparse.SUPPRESS,
             **kind,
         )
+        action.full_help = full_help  # type: ignore[attr-defined]
     p.set_defaults(func=run)
 
 
@@ -131,9 +161,13 @@ def run(args: argparse.Namespace) -> int:
     def ready(app: App) -> None:
         host = "localhost" if settings.host in ("0.0.0.0", "::", "[::]") else settings.host
         target = f"{host}:{app.grpc_port}"
+        http = f"http{'s' if settings.http_tls else ''}://{host}:{app.http_port}"
+        api = (f"  playground: {http}/\n"
+               f"  JSON API: {http}/v1/classify, described by {http}/openapi.json\n"
+               f"  Open Inference Protocol (KServe v2): {http}/v2, and inference.GRPCInferenceService on gRPC\n")
         print(f"quickdraw gateway ready: gRPC on {settings.host}:{app.grpc_port}, "
               f"metrics on http://{host}:{app.http_port}/metrics\n"
-              + (f"  playground: http://{host}:{app.http_port}/\n" if settings.http_api else "")
+              + (api if settings.http_api else "")
               + f"  try: {EXAMPLE.format(quickdraw=_quickdraw_command(), target=target)}", flush=True)
 
     configure_logging(settings.log_level)
