@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -57,6 +58,15 @@ TRAINER = "trainer"
 GPU_NODE_SELECTOR = K8S / "components" / "gpu-node-selector"
 #: Seconds the gateway's grace period keeps beyond preStop + drain + cleanup (gateway-deployment.yaml's sum).
 SHUTDOWN_MARGIN_S = 5.0
+#: The pod (and namespace) label the gateway's NetworkPolicy lets call its gRPC port.
+CLIENT_LABEL = "quickdraw-client"
+#: The optional components a platform team opts into (deploy/README.md, "Optional components").
+OPTIONAL_COMPONENTS = ["tls", "cert-manager", "gateway-api", "prometheus-operator"]
+#: Where the runbooks are served (docs/runbooks.md on the documentation site); every alert's runbook_url is this
+#: plus "#" and the alert's name in lower case.
+RUNBOOK_BASE = "https://quickdraw.example.com/runbooks/"
+#: The init container that seeds the model volume (deploy/k8s/components/model-loader).
+MODEL_LOADER = "model-loader"
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
@@ -116,6 +126,17 @@ def prestop_sleep_s(c: dict[str, Any]) -> float:
     return float(cmd[1])
 
 
+def settings_of(named: dict[str, str], tmp_path: Path) -> Settings:
+    """The gateway's Settings from a manifest's QUICKDRAW_* values ($(POD_NAMESPACE) expanded as the kubelet does).
+    The token file lives in a Secret mounted at run time: here a file with a fresh token stands in for it."""
+    values = {k: v.replace("$(POD_NAMESPACE)", "quickdraw") for k, v in named.items()}
+    if "auth_token_file" in values:
+        stand_in = tmp_path / "tokens"
+        stand_in.write_text(secrets.token_hex(32) + "\n")
+        values["auth_token_file"] = str(stand_in)
+    return Settings(**values)
+
+
 def adapter_rules() -> list[tuple[str, dict[str, Any]]]:
     """(kind, rule) for every prometheus-adapter rule: kind is "pods" (rules) or "external" (externalRules)."""
     cfg = load_yaml(PROM / "adapter" / "config.yaml")
@@ -148,6 +169,11 @@ def rule_groups() -> list[tuple[Path, dict[str, Any]]]:
 
 def recording_rules() -> list[dict[str, Any]]:
     return [r for _, r in rule_groups() if "record" in r]
+
+
+def gateway_recording_rules() -> list[dict[str, Any]]:
+    """The recording rules over the gateway's own series (the live test scrapes a gateway, not TF Serving)."""
+    return [r for r in recording_rules() if ":tensorflow:" not in r["expr"]]
 
 
 def gateway_series_names() -> set[str]:
@@ -304,7 +330,7 @@ def test_tfserving_deployment() -> None:
     assert init["image"] == container(find(cpu, "Deployment", "quickdraw-gateway"), "gateway")["image"]
 
 
-def test_gateway_deployment_matches_its_settings() -> None:
+def test_gateway_deployment_matches_its_settings(tmp_path: Path) -> None:
     """Env names are real settings, ports and probes match them, the grace period covers the drain."""
     fields = set(Settings.model_fields)
     for target in TARGETS:
@@ -317,7 +343,7 @@ def test_gateway_deployment_matches_its_settings() -> None:
         not_settings = sorted(set(named) - fields)
         assert not not_settings, f"QUICKDRAW_* variables that are no setting: {not_settings}"
         # the values are valid settings too ($(POD_NAMESPACE) is expanded by the kubelet)
-        settings = Settings(**{k: v.replace("$(POD_NAMESPACE)", "quickdraw") for k, v in named.items()})
+        settings = settings_of(named, tmp_path)
         assert settings.backend == "tfserving" and settings.max_connection_age_s > 0
         assert env["QUICKDRAW_BACKEND"] == "tfserving"
         assert env["QUICKDRAW_TFSERVING_TARGET"].startswith("dns:///tfserving-headless.")
@@ -357,8 +383,14 @@ def test_network_policies() -> None:
         [peer] = rule["from"]
         assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
         assert "namespaceSelector" in peer
-    open_rule = next(r for r in gw["spec"]["ingress"] if "from" not in r)
-    assert [p["port"] for p in open_rule["ports"]] == ["grpc"], "only the gRPC port is open to every client"
+    assert all("from" in r for r in gw["spec"]["ingress"]), "no port is open to every pod in the cluster"
+    grpc_rule = next(r for r in gw["spec"]["ingress"] if any(p["port"] == "grpc" for p in r["ports"]))
+    for peer in grpc_rule["from"]:  # named callers: pods (and, across namespaces, namespaces) with the label
+        assert peer["podSelector"]["matchLabels"] == {CLIENT_LABEL: "true"}, peer
+        assert peer.get("namespaceSelector", {"matchLabels": {CLIENT_LABEL: "true"}}) == {
+            "matchLabels": {CLIENT_LABEL: "true"}}, peer
+    [job] = [o for o in render("../loadtest") if o["kind"] == "Job"]
+    assert job["spec"]["template"]["metadata"]["labels"][CLIENT_LABEL] == "true", "the load test may call"
 
 
 def test_hpas_read_metrics_the_adapter_serves() -> None:
@@ -470,7 +502,7 @@ def test_tfserving_keeps_two_replicas_and_its_pdb_never_evicts_the_last(target: 
     assert pdb_disruptions_allowed(pdb, high) <= 1, "GPU replicas start slowly: one eviction at a time"
 
 
-def test_gateway_grace_period_is_prestop_plus_drain_plus_margin() -> None:
+def test_gateway_grace_period_is_prestop_plus_drain_plus_margin(tmp_path: Path) -> None:
     """Fix 3: terminationGracePeriodSeconds = preStop sleep + QUICKDRAW_SHUTDOWN_GRACE_S + CLEANUP_S + margin,
     rounded up, from the rendered env and preStop (gateway-deployment.yaml writes the same sum), and the drain
     outlasts the slowest call the gateway admits: decode budget + queue wait + QUICKDRAW_BACKEND_TIMEOUT_MS."""
@@ -480,7 +512,7 @@ def test_gateway_grace_period_is_prestop_plus_drain_plus_margin() -> None:
         dep = find(render(target), "Deployment", "quickdraw-gateway")
         c = container(dep, "gateway")
         named = {k.removeprefix(ENV_PREFIX).lower(): v for k, v in env_of(c).items() if k.startswith(ENV_PREFIX)}
-        s = Settings(**{k: v.replace("$(POD_NAMESPACE)", "quickdraw") for k, v in named.items()})
+        s = settings_of(named, tmp_path)
         assert {"shutdown_grace_s", "backend_timeout_ms"} <= set(named), "both set in the manifest, not defaulted"
         longest_call_s = (s.image_decode_budget_ms + s.max_queue_wait_ms + s.backend_timeout_ms) / 1000
         assert s.shutdown_grace_s >= longest_call_s, (s.shutdown_grace_s, longest_call_s)
@@ -517,7 +549,12 @@ def test_model_volume_is_read_only_for_servers_and_written_by_the_trainer() -> N
             vol, mounts = model_mounts(spec)
             if vol is None:
                 continue
-            assert vol["persistentVolumeClaim"].get("readOnly") is True, (target, name)
+            # The servers' containers mount it read-only. Only the model loader (an init container that seeds an
+            # empty volume, before TF Serving starts) may write it, and the pod's volume is writable only for it.
+            loader = [(c, m) for c, m in mounts if c == MODEL_LOADER]
+            mounts = [(c, m) for c, m in mounts if c != MODEL_LOADER]
+            assert vol["persistentVolumeClaim"].get("readOnly") is (not loader), (target, name, loader)
+            assert not loader or name == "Deployment/tfserving", (target, name)
             assert mounts and all(m.get("readOnly") is True and "subPath" not in m for _, m in mounts), (name, mounts)
             [(cname, mount)] = mounts
             c = next(x for x in spec["containers"] if x["name"] == cname)
@@ -593,6 +630,219 @@ def test_no_node_selector_needs_gpu_feature_discovery(tmp_path: Path) -> None:
     opted = dict(pod_specs(render_dir(top)))
     assert discovery_labels(opted["Deployment/tfserving"]) == {"nvidia.com/gpu.present"}
     assert not discovery_labels(opted["Deployment/quickdraw-gateway"])
+
+
+# --- day one: model loader, Secrets, images, optional components ------------------------------------------------
+
+#: Kinds from CRDs (cert-manager, Gateway API, Prometheus operator): kubernetes-validate ships only the core API's
+#: schemas, so these are checked by the tests below (references, names, generated content), not by a schema.
+CRD_KINDS = {"Certificate": "cert-manager.io/v1", "Issuer": "cert-manager.io/v1",
+             "Gateway": "gateway.networking.k8s.io/v1", "GRPCRoute": "gateway.networking.k8s.io/v1",
+             "PodMonitor": "monitoring.coreos.com/v1", "PrometheusRule": "monitoring.coreos.com/v1"}  # fmt: skip
+
+
+def render_with_components(overlay: str, components: list[str], tmp_path: Path) -> list[dict[str, Any]]:
+    """An overlay with opt-in components added, as a platform team would add them (kustomize wants relative paths)."""
+    top = tmp_path / f"with-{overlay.replace('/', '-')}"
+    top.mkdir()
+    top.joinpath("kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S / overlay, top)],
+        "components": [os.path.relpath(K8S / "components" / c, top) for c in components],
+    }))  # fmt: skip
+    return render_dir(top)
+
+
+def secret_refs(spec: dict[str, Any]) -> set[str]:
+    """Secrets a pod spec mounts or reads into its environment."""
+    names = {v["secret"]["secretName"] for v in spec.get("volumes", []) if "secret" in v}
+    for c in spec.get("initContainers", []) + spec["containers"]:
+        for e in c.get("env", []):
+            if "secretKeyRef" in e.get("valueFrom", {}):
+                names.add(e["valueFrom"]["secretKeyRef"]["name"])
+    return names
+
+
+def documented_secrets() -> set[str]:
+    """Secrets deploy/README.md tells the operator to create (`kubectl ... create secret KIND NAME`)."""
+    return set(re.findall(r"create secret \w+ ([a-z0-9-]+)", (DEPLOY / "README.md").read_text()))
+
+
+def check_secrets_and_loader(objs: list[dict[str, Any]], target: str) -> None:
+    """Every Secret a pod needs is rendered, issued by a Certificate, or documented; TF Serving's pod seeds the
+    model volume with the model loader and serves it read-only."""
+    issued = {o["spec"]["secretName"] for o in objs if o["kind"] == "Certificate"}
+    rendered = {o["metadata"]["name"] for o in objs if o["kind"] == "Secret"}
+    for name, spec in pod_specs(objs):
+        missing = secret_refs(spec) - issued - rendered - documented_secrets()
+        assert not missing, f"{target} {name}: Secrets neither defined nor documented: {sorted(missing)}"
+    gw = find(objs, "Deployment", "quickdraw-gateway")
+    assert "quickdraw-gateway-auth" in secret_refs(gw["spec"]["template"]["spec"]), "the token Secret is mounted"
+    env = env_of(container(gw, "gateway"))
+    auth_mount = next(m for m in container(gw, "gateway")["volumeMounts"] if m["name"] == "auth")
+    assert auth_mount["readOnly"] and Path(env["QUICKDRAW_AUTH_TOKEN_FILE"]).parent == Path(auth_mount["mountPath"])
+    tfs = find(objs, "Deployment", "tfserving")
+    spec = tfs["spec"]["template"]["spec"]
+    [loader] = [c for c in spec.get("initContainers", []) if c["name"] == MODEL_LOADER]
+    assert loader["image"] == container(gw, "gateway")["image"], "the loader copies from the gateway's own image"
+    [target_mount] = [m for m in loader["volumeMounts"] if m["name"] == "models"]
+    assert not target_mount.get("readOnly")
+    serving = next(m for m in container(tfs, "tfserving")["volumeMounts"] if m["name"] == "models")
+    assert serving["readOnly"] is True, "TF Serving mounts the model read-only"
+    loader_env = env_of(loader)
+    base_path = re.search(r'base_path:\s*"([^"]+)"', (DEPLOY / "tfserving" / "models.config").read_text()).group(1)  # type: ignore[union-attr]
+    fills = Path(loader_env["MODEL_TARGET_DIR"]).relative_to(target_mount["mountPath"])
+    assert fills == Path(base_path).relative_to(serving["mountPath"]), "the loader fills TF Serving's base_path"
+
+
+@pytest.mark.parametrize("overlay", ["overlays/gpu", "overlays/cpu"])
+def test_each_overlay_renders_with_its_secrets_model_loader_and_monitors(overlay: str, tmp_path: Path) -> None:
+    """Each overlay as shipped, and with every optional component (tls, cert-manager, gateway-api,
+    prometheus-operator): core objects validate against the Kubernetes schemas, CRD objects have their API
+    version, Secrets are defined or documented, TF Serving's pod carries the model loader and mounts the model
+    read-only, the monitors select the pods' metrics ports, the route reaches the gateway's gRPC port."""
+    import kubernetes_validate
+
+    check_secrets_and_loader(render(overlay), overlay)
+    objs = render_with_components(overlay, OPTIONAL_COMPONENTS, tmp_path)
+    errors = []
+    for o in objs:
+        if o["kind"] in CRD_KINDS:
+            assert o["apiVersion"] == CRD_KINDS[o["kind"]], o["apiVersion"]
+            assert o["metadata"]["namespace"] == "quickdraw", o["metadata"]
+            continue
+        try:
+            kubernetes_validate.validate(o, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            errors.append(f"{o['kind']}/{o['metadata']['name']}: {e.message} at {list(e.path)}")
+    assert not errors, "\n".join(errors)
+    assert {o["kind"] for o in objs} >= set(CRD_KINDS), sorted({o["kind"] for o in objs})
+    check_secrets_and_loader(objs, f"{overlay} + components")
+    # tls: the gateway serves the Secret's certificate; probes ask grpc.health.v1 over TLS with the same services
+    gw = find(objs, "Deployment", "quickdraw-gateway")
+    c = container(gw, "gateway")
+    env = env_of(c)
+    tls_mount = next(m for m in c["volumeMounts"] if m["name"] == "tls")
+    assert "quickdraw-gateway-tls" in secret_refs(gw["spec"]["template"]["spec"])
+    for key in ("QUICKDRAW_TLS_CERT_FILE", "QUICKDRAW_TLS_KEY_FILE"):
+        assert Path(env[key]).parent == Path(tls_mount["mountPath"]), key
+    from service.app import LIVENESS_SERVICE
+
+    for probe, service in (("startupProbe", ""), ("readinessProbe", ""), ("livenessProbe", LIVENESS_SERVICE)):
+        assert "grpc" not in c[probe], probe
+        command = c[probe]["exec"]["command"]
+        assert command[-1] == service and tls_mount["mountPath"] in command[2], probe
+        compile(command[2], probe, "exec")  # the probe's Python parses
+    cert = find(objs, "Certificate", "quickdraw-gateway-tls")
+    assert "quickdraw-gateway.quickdraw.svc" in cert["spec"]["dnsNames"]
+    # Prometheus operator: one PodMonitor per scrape job, on a port the selected pods have
+    pods = {d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]: d
+            for d in objs if d["kind"] == "Deployment"}  # fmt: skip
+    monitors = [o for o in objs if o["kind"] == "PodMonitor"]
+    assert {m["metadata"]["name"] for m in monitors} == {"quickdraw-gateway", "tfserving"}
+    for m in monitors:
+        dep = pods[m["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]]
+        ports = {p["name"] for x in dep["spec"]["template"]["spec"]["containers"] for p in x.get("ports", [])}
+        assert {e["port"] for e in m["spec"]["podMetricsEndpoints"]} <= ports, (m["metadata"]["name"], ports)
+    [rule] = [o for o in objs if o["kind"] == "PrometheusRule"]
+    assert rule["spec"]["groups"] == [g for p in sorted((PROM / "rules").glob("*.yml")) for g in load_yaml(p)["groups"]]
+    # Gateway API: the route sends the gateway's services to its Service's gRPC port, and the policy lets the
+    # proxies in
+    route = find(objs, "GRPCRoute", "quickdraw-gateway")
+    svc = find(objs, "Service", "quickdraw-gateway")
+    for rule_ in route["spec"]["rules"]:
+        for ref in rule_["backendRefs"]:
+            assert ref["name"] == "quickdraw-gateway" and ref["port"] in [p["port"] for p in svc["spec"]["ports"]]
+    services = {m["method"]["service"] for r in route["spec"]["rules"] for m in r["matches"]}
+    from service.api import SERVICE_NAME
+
+    assert SERVICE_NAME in services and "grpc.health.v1.Health" not in services
+    policy = find(objs, "NetworkPolicy", "quickdraw-gateway")
+    grpc_rule = next(r for r in policy["spec"]["ingress"] if any(p["port"] == "grpc" for p in r["ports"]))
+    assert any("podSelector" not in peer for peer in grpc_rule["from"]), "the Gateway API proxies may call"
+
+
+def test_model_loader_seeds_an_empty_volume_atomically(tmp_path: Path) -> None:
+    """The model loader's own script, run here with sh: it copies every version into an empty volume through a
+    temporary directory and a rename, two loaders racing leave one complete copy and no temporary directory, and
+    a volume that already holds a version (the trainer's) is left as it is."""
+    if not shutil.which("sh"):
+        pytest.skip("no sh to run the loader's script with")
+    spec = find(render("overlays/gpu"), "Deployment", "tfserving")["spec"]["template"]["spec"]
+    [loader] = [c for c in spec["initContainers"] if c["name"] == MODEL_LOADER]
+    assert loader["command"] == ["/bin/sh", "-c"]
+    script = loader["args"][0]
+    src = tmp_path / "image" / "quickdraw"
+    for v in ("1", "2"):
+        (src / v / "variables").mkdir(parents=True)
+        (src / v / "saved_model.pb").write_bytes(os.urandom(4096))
+        (src / v / "variables" / "variables.data-00000-of-00001").write_bytes(os.urandom(65536))
+    (src / "README").write_text("not a version")
+
+    def start(dst: Path, pod: str) -> subprocess.Popen[str]:
+        env = {"PATH": os.environ["PATH"], "HOSTNAME": pod, "MODEL_SOURCE_DIR": str(src), "MODEL_TARGET_DIR": str(dst)}
+        return subprocess.Popen(["sh", "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)  # fmt: skip
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    dst = tmp_path / "volume" / "quickdraw"
+    racers = [start(dst, f"tfserving-{i}") for i in range(2)]
+    outs = [(p.communicate(timeout=60)[0], p.returncode) for p in racers]
+    assert all(rc == 0 for _, rc in outs), outs
+    assert sorted(p.name for p in dst.iterdir()) == ["1", "2"], "every version, no temporary directory left"
+    assert files(dst) == {k: v for k, v in files(src).items() if k != "README"}
+    again = start(dst, "tfserving-2")
+    assert again.communicate(timeout=60)[0].count("nothing to do") == 1 and again.returncode == 0
+    trained = tmp_path / "trained" / "quickdraw"
+    (trained / "7").mkdir(parents=True)
+    p = start(trained, "tfserving-3")
+    assert p.communicate(timeout=60)[0] and p.returncode == 0
+    assert [x.name for x in trained.iterdir()] == ["7"], "a volume with a version is not seeded again"
+    empty = tmp_path / "empty-image"
+    empty.mkdir()
+    src = empty
+    p = start(tmp_path / "nothing" / "quickdraw", "tfserving-4")
+    out = p.communicate(timeout=60)[0]
+    assert p.returncode != 0 and "no version" in out, out
+
+
+def test_images_and_storage_class_are_set_in_one_place() -> None:
+    """The gateway and full images come from components/images alone (gpu overlay, load-test and trainer Jobs,
+    TF Serving's model loader all run the same build); the model volume's storage class is set once, in the gpu
+    overlay, and named in deploy/README.md."""
+    component = load_yaml(K8S / "components" / "images" / "kustomization.yaml")
+    wanted = {i["name"]: f"{i['newName']}:{i['newTag']}" for i in component["images"]}
+    for k in kustomizations():
+        if k.parent != K8S / "components" / "images":
+            named = {i["name"] for i in load_yaml(k).get("images", [])}
+            assert not named & set(wanted), f"{k.relative_to(ROOT)} sets {named & set(wanted)}: only components/images"
+    used = set()
+    for target in ("overlays/gpu", "../loadtest", TRAINER):
+        for _, spec in pod_specs(render(target)):
+            for c in spec.get("initContainers", []) + spec["containers"]:
+                if not c["image"].startswith("tensorflow/serving:"):
+                    assert c["image"] in wanted.values(), (target, c["name"], c["image"])
+                    used.add(c["image"])
+    assert used == set(wanted.values())
+    pvc = find(render("overlays/gpu"), "PersistentVolumeClaim", MODELS_CLAIM)
+    cls = pvc["spec"]["storageClassName"]
+    assert f"`{cls}`" in (DEPLOY / "README.md").read_text(), "deploy/README.md names the storage class to set"
+    assert "storageClassName" not in json.dumps(render("base")), "the class is the overlay's one setting"
+
+
+def test_prometheus_operator_component_is_generated_from_deploy_prometheus() -> None:
+    """components/prometheus-operator/generated.yaml is what scripts/gen_prometheus_operator.py makes of
+    deploy/prometheus now (not stale)."""
+    import importlib.util
+
+    path = ROOT / "scripts" / "gen_prometheus_operator.py"
+    spec = importlib.util.spec_from_file_location("gen_prometheus_operator", path)
+    assert spec and spec.loader
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert gen.OUT.read_text() == gen.render(), "stale: run python scripts/gen_prometheus_operator.py"
 
 
 # --- containers -------------------------------------------------------------------------------------------------
@@ -827,6 +1077,43 @@ def test_dashboard_uses_the_recording_rules() -> None:
     assert len(ids) == len(set(ids))
 
 
+def test_alerts_are_namespace_agnostic_and_link_their_runbooks() -> None:
+    """No alert or recording rule names a namespace; every alert's runbook_url is its section of
+    docs/runbooks.md (anchor: the alert's name in lower case), and every section there is an alert's."""
+    runbooks = (ROOT / "docs" / "runbooks.md").read_text()
+    sections = set(re.findall(r"^## (\w+)\s*$", runbooks, flags=re.M))
+    alerts = [r for _, r in rule_groups() if "alert" in r]
+    for _, r in rule_groups():
+        assert "namespace=" not in re.sub(r"\s", "", r["expr"]), r.get("alert", r.get("record"))
+    for a in alerts:
+        assert a["annotations"]["runbook_url"] == f"{RUNBOOK_BASE}#{a['alert'].lower()}", a["alert"]
+        section = runbooks.split(f"## {a['alert']}\n", 1)[1].split("\n## ", 1)[0]
+        for part in ("**Means:**", "**First checks:**", "**Mitigation:**"):
+            assert part in section, (a["alert"], part)
+    assert sections == {a["alert"] for a in alerts}
+    [shedding] = [a for a in alerts if a["alert"] == "QuickdrawRejectingCalls"]
+    assert shedding["labels"]["severity"] != "page" and "ratio" in shedding["expr"]
+
+
+def test_dashboard_charts_the_autoscalers_inputs_and_tfserving() -> None:
+    """The autoscaling row charts what the HPAs read (the gateway's CPU per pod, as prometheus-adapter computes
+    quickdraw_gateway_cpu_cores; the outstanding batches of the TF Serving HPA), not calls in flight; TF Serving's
+    own latency and batching, and DCGM's GPU utilisation, have panels."""
+    dash = json.loads((DEPLOY / "grafana" / "quickdraw.json").read_text())
+    exprs = " ".join(t["expr"] for p in dash["panels"] for t in p.get("targets", []))
+    recorded = {r["record"]: r["expr"] for r in recording_rules()}
+    used = set(re.findall(r"[a-z_]+:[a-z0-9_]+:[a-z0-9_]+", exprs))
+    cpu_series = {name for name in used if "process_cpu_seconds_total" in recorded.get(name, "")}
+    [adapter_cpu] = [r for kind, r in adapter_rules() if adapter_name(r) == "quickdraw_gateway_cpu_cores"]
+    assert cpu_series and "process_cpu_seconds_total" in adapter_cpu["seriesQuery"], cpu_series
+    assert "job:quickdraw_inflight_batches:sum" in used  # the TF Serving HPA's input
+    assert "job:quickdraw_inflight_requests:avg_per_pod" not in used, "no HPA reads calls in flight"
+    tfs = {n for n in used if ":tensorflow:serving:" in recorded.get(n, "")}
+    assert any("request_latency" in recorded[n] for n in tfs) and any("queuing_latency" in recorded[n] for n in tfs)
+    assert any("processed_batch_size" in recorded[n] for n in tfs)
+    assert "DCGM_FI_DEV_GPU_UTIL" in exprs
+
+
 # --- a real Prometheus scraping a real gateway ------------------------------------------------------------------
 
 
@@ -852,7 +1139,7 @@ def test_loadtest_job_runs_quickdraw_commands_that_parse() -> None:
 
     [job] = [o for o in render("../loadtest") if o["kind"] == "Job"]
     spec = job["spec"]["template"]["spec"]
-    gw_image = container(find(render("overlays/cpu"), "Deployment", "quickdraw-gateway"), "gateway")["image"]
+    gw_image = container(find(render("overlays/gpu"), "Deployment", "quickdraw-gateway"), "gateway")["image"]
     commands = []
     for c in spec["initContainers"] + spec["containers"]:
         assert c["image"] == gw_image and "command" not in c, c["name"]  # the image's ENTRYPOINT: quickdraw
@@ -959,11 +1246,13 @@ def test_adapter_rule_promql_returns_a_value(prometheus_on_gateway: tuple[str, s
             result = wait_for(base, promql)
 
 
-@pytest.mark.parametrize("index", range(len(recording_rules())), ids=[r["record"] for r in recording_rules()])
+@pytest.mark.parametrize("index", range(len(gateway_recording_rules())),
+                         ids=[r["record"] for r in gateway_recording_rules()])  # fmt: skip
 def test_recording_rule_promql_returns_a_value(prometheus_on_gateway: tuple[str, str], index: int) -> None:
-    """Each recording rule's expression answers with finite values, and Prometheus records it under its name."""
+    """Each recording rule over the gateway's series answers with finite values, and Prometheus records it under
+    its name (TF Serving's rules need a TF Serving: promtool checks them)."""
     base, _ = prometheus_on_gateway
-    rule = recording_rules()[index]
+    rule = gateway_recording_rules()[index]
     result = wait_for(base, rule["expr"])
     assert all(s["metric"].get("namespace") == "quickdraw" for s in result), result
     recorded = wait_for(base, rule["record"])
