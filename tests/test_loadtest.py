@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -165,3 +166,107 @@ def test_stroke_drawings_say_whether_they_are_raw(sample: Path) -> None:
     assert {d.strokes.coordinates for d in simplified.drawings} == {pb.Strokes.SIMPLIFIED}
     for d in (*raw.drawings, *simplified.drawings):
         validate(pb.ClassifyRequest(drawings=[d]), Limits())  # raises InvalidArgument on a refused drawing
+
+
+# --- gating CI: goodput, p95, thresholds, unreachable targets, the HTML report ----------------------------------
+
+
+def loadtest_cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    """``quickdraw loadtest`` as a user runs it, in its own process."""
+    return subprocess.run([sys.executable, "-m", "quickdraw", "loadtest", "--no-progress", *args],
+                          capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def gateway() -> Iterator[object]:
+    """A real gateway (the shipped model, embedded backend) on free ports."""
+    from harness import SHIPPED_MODEL, RunningGateway
+
+    from service.backends import find_versions
+
+    if not find_versions(SHIPPED_MODEL):
+        pytest.skip(f"no SavedModel under {SHIPPED_MODEL}")
+    with RunningGateway() as gw:
+        yield gw
+
+
+def test_fail_on_a_threshold_the_real_gateway_misses_exits_non_zero(
+    gateway: object, sample: Path, tmp_path: Path
+) -> None:
+    """Against a real gateway, 'p99>1ms' is crossed (no real call over gRPC takes under a millisecond at p99 here):
+    the command exits 3 and says what was measured; the console shows goodput (ok/s), p95, mean and err%; the JSON
+    report has them, and report.html beside it is one self-contained page holding the same numbers."""
+    out = loadtest_cli("--target", gateway.target, "--data", str(sample / "numpy_bitmap" / "cat.npy"),  # type: ignore[attr-defined]
+                       "--rate", "40", "--duration-s", "1", "--warmup-s", "0.3",
+                       "--fail-on", "p99>1ms,errors>1%", "--out", str(tmp_path / "report.json"))  # fmt: skip
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert "FAILED: run 1 (40/s): p99>1ms crossed: p99 = " in out.stderr, out.stderr
+    assert "errors>1%" not in out.stderr, "no call failed: only the latency condition is crossed"
+    head = out.stdout.splitlines()[0].split()
+    for column in ("calls/s", "ok/s", "mean", "p95", "err%", "late"):
+        assert column in head, head
+    report = json.loads((tmp_path / "report.json").read_text())
+    [run] = report["runs"]
+    assert run["calls"] > 0 and run["errors"] == 0 and run["error_pct"] == 0
+    assert run["goodput_calls_per_s"] == pytest.approx(run["throughput_calls_per_s"])
+    assert run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"] and run["p99_ms"] > 1.0
+    row = out.stdout.splitlines()[1]
+    for shown in (f"{run['goodput_calls_per_s']:.1f}", f"{run['p95_ms']:.2f}", f"{run['mean_ms']:.2f}"):
+        assert shown in row, (shown, row)
+    page = (tmp_path / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<script" not in page and "http://" not in page.replace(
+        'xmlns="http://www.w3.org/2000/svg"', "")
+    for text in ("Latency histogram", "Latency distribution", "Status code distribution", "<svg",
+                 f"{run['p95_ms']:.2f} ms", f"{run['p99_ms']:.2f} ms", f"{run['goodput_calls_per_s']:.1f} calls/s",
+                 f"<td>OK</td><td>{run['calls']}</td>"):  # fmt: skip
+        assert text in page, text
+    assert sum(b["count"] for b in run["latency_histogram"]) == run["calls"]
+
+
+def test_thresholds_pass_and_bad_expressions_are_refused(sample: Path) -> None:
+    """Conditions the run meets exit 0 and say so; a malformed expression is refused before any load (exit 2),
+    naming the part and what was expected."""
+    with Server(StallingClassifier(stall_after_s=1e9)) as server:
+        out = loadtest_cli("--target", f"127.0.0.1:{server.port}", "--data", str(sample / "numpy_bitmap" / "cat.npy"),
+                           "--concurrency", "2", "--duration-s", "0.5", "--warmup-s", "0.1",
+                           "--fail-on", "p99>5s, errors>0, goodput<1")  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "passed: p99>5s, errors>0, goodput<1" in out.stdout
+    for bad, says in (("p99>100", "a latency needs a unit"), ("p42>1ms", "unknown metric 'p42'"),
+                      ("p99=1ms", "expected METRIC>VALUE"), ("errors>1ms", "errors take a percentage")):  # fmt: skip
+        out = loadtest_cli("--target", "127.0.0.1:1", "--fail-on", bad, timeout_s=60)
+        assert out.returncode == 2 and says in out.stderr, (bad, out.stderr)
+
+
+def test_an_unreachable_target_fails_fast_with_its_reason(sample: Path) -> None:
+    """A port nobody listens on, and a host name that does not resolve: exit 1 within seconds, saying why."""
+    with socket.socket() as s:  # a port that was free a moment ago: refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cases = ((f"127.0.0.1:{port}", "connection refused"), ("no-such-host.invalid:50051", "cannot resolve"))
+    for target, reason in cases:
+        started = time.monotonic()
+        out = loadtest_cli("--target", target, "--data", str(sample / "numpy_bitmap" / "cat.npy"), timeout_s=60)
+        took = time.monotonic() - started
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert f"cannot reach {target}: " in out.stderr and reason in out.stderr, out.stderr
+        assert took < 15, f"{took:.1f} s to give up on {target}"  # the old wait was 30 s
+
+
+def test_fail_on_grammar() -> None:
+    """Units and operators as documented in --help."""
+    from loadtest.thresholds import parse
+
+    [p99, errs, count, good, mx] = parse("p99>0.1s, errors>1%,errors>0 ,goodput<50/s,max>250ms")
+    assert (p99.metric, p99.op, p99.value) == ("p99", ">", 100.0)
+    assert errs.percent and errs.value == 1.0 and not count.percent
+    assert (good.metric, good.op, good.value) == ("goodput", "<", 50.0) and mx.value == 250.0
+    run = {"p99_ms": 150.0, "error_pct": 0.5, "errors": 3, "goodput_calls_per_s": 40.0, "max_ms": 200.0}
+    assert [t.crossed(run) for t in (p99, errs, count, good, mx)] == [True, False, True, True, False]
+
+
+def test_help_explains_late_sends_goodput_and_fail_on() -> None:
+    out = subprocess.run([sys.executable, "-m", "quickdraw", "loadtest", "--help"], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)  # fmt: skip
+    for text in ("late sends", "goodput", "--fail-on", "p99>100ms", "exit status", "--connect-timeout-s"):
+        assert text in out.stdout, text
