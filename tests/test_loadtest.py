@@ -230,8 +230,12 @@ def test_thresholds_pass_and_bad_expressions_are_refused(sample: Path) -> None:
         out = loadtest_cli("--target", f"127.0.0.1:{server.port}", "--data", str(sample / "numpy_bitmap" / "cat.npy"),
                            "--concurrency", "2", "--duration-s", "0.5", "--warmup-s", "0.1",
                            "--fail-on", "p99>5s, errors>0, goodput<1")  # fmt: skip
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "passed: p99>5s, errors>0, goodput<1" in out.stdout
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "passed: p99>5s, errors>0, goodput<1" in out.stdout
+        slo = loadtest_cli("--target", f"127.0.0.1:{server.port}", "--data", str(sample / "numpy_bitmap" / "cat.npy"),
+                           "--sweep-concurrency", "1", "--duration-s", "0.3", "--warmup-s", "0.1",
+                           "--slo-p99-ms", "0.001")  # fmt: skip
+    assert slo.returncode == 3 and "FAILED: no run met p99 <= 0.001 ms" in slo.stderr, slo.stdout + slo.stderr
     for bad, says in (("p99>100", "a latency needs a unit"), ("p42>1ms", "unknown metric 'p42'"),
                       ("p99=1ms", "expected METRIC>VALUE"), ("errors>1ms", "errors take a percentage")):  # fmt: skip
         out = loadtest_cli("--target", "127.0.0.1:1", "--fail-on", bad, timeout_s=60)
