@@ -218,7 +218,8 @@ def test_fail_on_a_threshold_the_real_gateway_misses_exits_non_zero(
         'xmlns="http://www.w3.org/2000/svg"', "")
     for text in ("Latency histogram", "Latency distribution", "Status code distribution", "<svg",
                  f"{run['p95_ms']:.2f} ms", f"{run['p99_ms']:.2f} ms", f"{run['goodput_calls_per_s']:.1f} calls/s",
-                 f"<td>OK</td><td>{run['calls']}</td>"):  # fmt: skip
+                 f"<td>OK</td><td>{run['calls']}</td>",
+                 "FAILED --fail-on: run 1 (40/s): p99&gt;1ms crossed"):  # fmt: skip
         assert text in page, text
     assert sum(b["count"] for b in run["latency_histogram"]) == run["calls"]
 

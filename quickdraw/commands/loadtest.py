@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 from quickdraw.commands.common import add_security_options, client_security
@@ -166,12 +167,13 @@ def run(args: argparse.Namespace) -> int:
     print(table(results))
     notes = [n for n in (late_note(results),) if n]
     for note in notes:
-        print(note)
+        print(textwrap.fill(note, width=110, subsequent_indent="  "))
     status = 0 if all(r["errors"] == 0 for r in results) else 1
     if args.slo_p99_ms is not None:
         best = best_under_slo(results, args.slo_p99_ms)
         if best is None:
             print(f"FAILED: no run met p99 <= {args.slo_p99_ms:g} ms without errors", file=sys.stderr)
+            notes.append(f"FAILED: no run met p99 <= {args.slo_p99_ms:g} ms without errors")
             status = EXIT_THRESHOLD
         else:
             print(f"highest throughput with p99 <= {args.slo_p99_ms:g} ms: {best['throughput_calls_per_s']:.1f} "
@@ -180,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
         crossed = thresholds.failures(limits, results)
         for line in crossed:
             print(f"FAILED: {line}", file=sys.stderr)
+            notes.append(f"FAILED --fail-on: {line}")
         if crossed:
             status = EXIT_THRESHOLD
         else:
