@@ -762,6 +762,47 @@ def test_each_overlay_renders_with_its_secrets_model_loader_and_monitors(overlay
     assert any("podSelector" not in peer for peer in grpc_rule["from"]), "the Gateway API proxies may call"
 
 
+def test_tls_probes_ask_grpc_health_over_tls_of_a_real_gateway(tmp_path: Path) -> None:
+    """The tls component's exec probes, run as written (paths and port pointed at a test gateway), answer from a
+    real gateway serving TLS with a certificate for the names cert-manager's Certificate lists: exit 0 for startup,
+    readiness and liveness; and they fail closed against a CA that did not sign the gateway's certificate."""
+    import sys
+
+    from test_security import _write_cert, _write_key, issue, make_ca
+
+    if not find_versions(SHIPPED_MODEL):
+        pytest.skip(f"no SavedModel under {SHIPPED_MODEL}")
+    gw_dep = find(render_with_components("overlays/gpu", ["tls", "cert-manager"], tmp_path), "Deployment",
+                  "quickdraw-gateway")  # fmt: skip
+    c = container(gw_dep, "gateway")
+    mount = next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == "tls")
+    certificate = next(d for d in yaml.safe_load_all((K8S / "components" / "cert-manager" / "certificates.yaml")
+                       .read_text()) if d["metadata"]["name"] == "quickdraw-gateway-tls")  # fmt: skip
+    ca, rogue = make_ca("quickdraw-ca"), make_ca("rogue")
+    key, cert = issue(ca, "quickdraw-gateway", server=True, names=tuple(certificate["spec"]["dnsNames"]))
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    _write_key(tls / "tls.key", key)
+    _write_cert(tls / "tls.crt", cert)
+    _write_cert(tls / "ca.crt", ca[1])
+    env = env_of(c)
+    assert env["QUICKDRAW_TLS_CERT_FILE"] == f"{mount}/tls.crt" and env["QUICKDRAW_TLS_KEY_FILE"] == f"{mount}/tls.key"
+    with RunningGateway(tls_cert_file=tls / "tls.crt", tls_key_file=tls / "tls.key", warmup=False) as gw:
+
+        def probe(name: str) -> subprocess.CompletedProcess[str]:
+            cmd = c[name]["exec"]["command"]
+            assert cmd[:2] == ["python", "-c"] and "127.0.0.1:50051" in cmd[2]
+            code = cmd[2].replace(mount, str(tls)).replace("127.0.0.1:50051", gw.target)
+            return subprocess.run([sys.executable, "-c", code, *cmd[3:]], capture_output=True, text=True, timeout=60)
+
+        for name in ("startupProbe", "readinessProbe", "livenessProbe"):
+            done = probe(name)
+            assert done.returncode == 0, (name, done.stderr[-2000:])
+        _write_cert(tls / "ca.crt", rogue[1])
+        done = probe("readinessProbe")
+        assert done.returncode != 0, "a certificate the CA did not sign must fail the probe"
+
+
 def test_model_loader_seeds_an_empty_volume_atomically(tmp_path: Path) -> None:
     """The model loader's own script, run here with sh: it copies every version into an empty volume through a
     temporary directory and a rename, two loaders racing leave one complete copy and no temporary directory, and
