@@ -417,24 +417,38 @@ def _stats_totals(stats: object) -> dict[str, int]:
     return totals
 
 
-def test_model_config_and_statistics_through_tritonclient(embedded: RunningGateway, images: np.ndarray) -> None:
-    """tritonclient's get_model_config and get_inference_statistics answer over gRPC and HTTP (what perf_analyzer
-    and Model Analyzer ask first), and the statistics count what the gateway did: 3 gRPC calls of 2 drawings, one
-    HTTP call of 4, and one refused call (a wrong shape) move the counts by exactly that."""
+@pytest.fixture(scope="module")
+def served() -> Iterator[object]:
+    """A ``quickdraw serve`` process (embedded backend, the shipped model, free ports; ~5 s to start)."""
+    from faults import gateway
+
+    with gateway("--backend", "embedded", "--model-dir", str(SHIPPED_MODEL), "--max-drawings-per-request", "64") as gw:
+        yield gw
+
+
+def test_model_config_and_statistics_through_tritonclient(served: object, images: np.ndarray) -> None:
+    """Against a ``quickdraw serve`` process, tritonclient's get_model_config and get_inference_statistics answer
+    over gRPC and HTTP (what perf_analyzer and Model Analyzer ask first), and the statistics count what the gateway
+    did: 3 gRPC calls of 2 drawings, one HTTP call of 4, and one refused call (a wrong shape) move the counts by
+    exactly that."""
     from tritonclient.grpc import model_config_pb2
 
-    model = embedded.app._gateway.model  # type: ignore[union-attr]
-    g, h = grpc_client(embedded), http_client(embedded)
+    g = tritongrpc.InferenceServerClient(served.target)  # type: ignore[attr-defined]
+    h = tritonhttp.InferenceServerClient(f"127.0.0.1:{served.http_port}", connection_timeout=30,  # type: ignore[attr-defined]
+                                         network_timeout=60)  # fmt: skip
+    meta = h.get_model_metadata(MODEL)
+    versions, labels = [int(v) for v in meta["versions"]], meta["outputs"][0]["shape"][1]
     config = g.get_model_config(MODEL).config
     assert (config.name, config.max_batch_size, config.platform) == (MODEL, 64, "tensorflow_savedmodel")
     assert [(i.name, i.data_type, list(i.dims), i.optional) for i in config.input] == [
         ("image", model_config_pb2.TYPE_UINT8, [28, 28, 1], False),
         ("encoded_image", model_config_pb2.TYPE_STRING, [1], True),
         ("strokes", model_config_pb2.TYPE_STRING, [1], True)]  # fmt: skip
-    assert (config.output[0].name, list(config.output[0].dims)) == ("probabilities", [len(model.labels)])
+    assert (config.output[0].name, list(config.output[0].dims)) == ("probabilities", [labels])
     assert config.HasField("dynamic_batching")
-    assert list(config.version_policy.specific.versions) == list(model.versions)
-    as_json = h.get_model_config(MODEL, str(model.default_version))
+    assert list(config.version_policy.specific.versions) == versions
+    default = int(config.parameters["default_version"].string_value)
+    as_json = h.get_model_config(MODEL, str(default))
     assert as_json["max_batch_size"] == 64 and as_json["input"][0]["data_type"] == "TYPE_UINT8"
     assert as_json["input"][0]["dims"] == [28, 28, 1]
     for client in (g, h):
@@ -460,8 +474,8 @@ def test_model_config_and_statistics_through_tritonclient(embedded: RunningGatew
     assert (delta["inference_count"], delta["execution_count"], delta["success"], delta["fail"]) == (10, 4, 4, 1)
     assert delta["batch_2"] == 3
     assert 0 < delta["phases_ns"] <= delta["success_ns"], "the phases are parts of each successful call"
-    per_version = h.get_inference_statistics(MODEL, str(model.default_version))["model_stats"]
-    assert [s["version"] for s in per_version] == [str(model.default_version)]
+    per_version = h.get_inference_statistics(MODEL, str(default))["model_stats"]
+    assert [s["version"] for s in per_version] == [str(default)]
     assert per_version[0]["last_inference"] > 1_600_000_000_000  # ms since the epoch
 
 
