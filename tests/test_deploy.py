@@ -726,6 +726,8 @@ def test_each_overlay_renders_with_its_secrets_model_loader_and_monitors(overlay
     assert "quickdraw-gateway-tls" in secret_refs(gw["spec"]["template"]["spec"])
     for key in ("QUICKDRAW_TLS_CERT_FILE", "QUICKDRAW_TLS_KEY_FILE"):
         assert Path(env[key]).parent == Path(tls_mount["mountPath"]), key
+    named = {k.removeprefix(ENV_PREFIX).lower() for k in env if k.startswith(ENV_PREFIX)}
+    assert named <= set(Settings.model_fields), sorted(named - set(Settings.model_fields))
     from service.app import LIVENESS_SERVICE
 
     for probe, service in (("startupProbe", ""), ("readinessProbe", ""), ("livenessProbe", LIVENESS_SERVICE)):
