@@ -1153,7 +1153,7 @@ def test_dashboard_charts_the_autoscalers_inputs_and_tfserving() -> None:
     assert "job:quickdraw_inflight_requests:avg_per_pod" not in used, "no HPA reads calls in flight"
     tfs = {n for n in used if ":tensorflow:serving:" in recorded.get(n, "")}
     assert any("request_latency" in recorded[n] for n in tfs) and any("queuing_latency" in recorded[n] for n in tfs)
-    assert any("processed_batch_size" in recorded[n] for n in tfs)
+    assert any("wrapped_run_count" in recorded[n] for n in tfs)
     assert "DCGM_FI_DEV_GPU_UTIL" in exprs
 
 
