@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -172,7 +173,7 @@ def recording_rules() -> list[dict[str, Any]]:
 
 
 def gateway_recording_rules() -> list[dict[str, Any]]:
-    """The recording rules over the gateway's own series (the live test scrapes a gateway, not TF Serving)."""
+    """The recording rules over the gateway's own series (TF Serving's have a live test of their own)."""
     return [r for r in recording_rules() if ":tensorflow:" not in r["expr"]]
 
 
@@ -1293,10 +1294,89 @@ def test_adapter_rule_promql_returns_a_value(prometheus_on_gateway: tuple[str, s
                          ids=[r["record"] for r in gateway_recording_rules()])  # fmt: skip
 def test_recording_rule_promql_returns_a_value(prometheus_on_gateway: tuple[str, str], index: int) -> None:
     """Each recording rule over the gateway's series answers with finite values, and Prometheus records it under
-    its name (TF Serving's rules need a TF Serving: promtool checks them)."""
+    its name (TF Serving's: test_tfserving_recording_rules_answer_from_tf_servings_metrics)."""
     base, _ = prometheus_on_gateway
     rule = gateway_recording_rules()[index]
     result = wait_for(base, rule["expr"])
     assert all(s["metric"].get("namespace") == "quickdraw" for s in result), result
     recorded = wait_for(base, rule["record"])
     assert recorded, rule["record"]
+
+
+def test_tfserving_recording_rules_answer_from_tf_servings_metrics(promtool: Path, tmp_path: Path) -> None:
+    """The dashboard's TF Serving rules, evaluated by a real Prometheus scraping the TF Serving stand-in
+    (tests/tfserving_standin.py: TF Serving's metric names, units and exposition) through the tfserving scrape job
+    and relabelling of deploy/prometheus/prometheus.yml, with deploy/tfserving's batching and monitoring config,
+    while Predict calls arrive: each answers a finite value under its name, latencies in seconds."""
+    from google.protobuf import text_format
+    from tfserving_standin import TFServingStandIn
+
+    from quickdraw.tfserving_schema import batching_parameters_pb2, monitoring_config_pb2
+    from service import tfs
+    from service.tensors import from_numpy
+
+    if not find_versions(SHIPPED_MODEL):
+        pytest.skip(f"no SavedModel under {SHIPPED_MODEL}")
+    rules = [r for r in recording_rules() if ":tensorflow:" in r["expr"]]
+    assert rules
+    batching = text_format.Parse((DEPLOY / "tfserving" / "batching.config").read_text(),
+                                 batching_parameters_pb2.BatchingParameters())  # fmt: skip
+    monitoring = text_format.Parse((DEPLOY / "tfserving" / "monitoring.config").read_text(),
+                                   monitoring_config_pb2.MonitoringConfig())  # fmt: skip
+    rest = free_port()
+    pod = "tfserving-7c9d8b6f5-abcde"
+    config = load_yaml(PROM / "prometheus.yml")
+    target = (f"127.0.0.1:{rest}", pod_meta_labels("tfserving", "http", pod))
+    live = with_static_discovery(config, {"tfserving": target})
+    live["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    live["rule_files"] = [str(PROM / f) for f in config["rule_files"]]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(live, sort_keys=False))
+    port = free_port()
+    stop = threading.Event()
+    with TFServingStandIn(SHIPPED_MODEL, batching_parameters=batching, rest_api_port=rest,
+                          monitoring_config=monitoring, enable_model_warmup=False) as standin:  # fmt: skip
+
+        def load() -> None:
+            import grpc
+
+            with grpc.insecure_channel(standin.target) as ch:
+                stub = tfs.PredictionServiceStub(ch)
+                rows = np.zeros((4, 28, 28, 1), np.uint8)
+                while not stop.is_set():
+                    req = tfs.PredictRequest(output_filter=["probabilities"])
+                    req.model_spec.name = "quickdraw"
+                    req.inputs["image"].CopyFrom(from_numpy(rows))
+                    stub.Predict(req, timeout=10)
+
+        threads = [threading.Thread(target=load, daemon=True) for _ in range(2)]
+        for t in threads:
+            t.start()
+        with (tmp_path / "prometheus.log").open("w") as log:
+            server = subprocess.Popen(
+                [str(promtool / "prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}",
+                 f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            base = f"http://127.0.0.1:{port}"
+            try:
+                deadline = time.monotonic() + 60
+                while True:
+                    assert server.poll() is None, (tmp_path / "prometheus.log").read_text()[-3000:]
+                    with contextlib.suppress(OSError):
+                        if query(base, 'up{job="tfserving"} == 1'):
+                            break
+                    assert time.monotonic() < deadline, "Prometheus never scraped the stand-in"
+                    time.sleep(0.5)
+                for rule in rules:
+                    [sample] = wait_for(base, rule["expr"])
+                    value = float(sample["value"][1])
+                    assert sample["metric"]["namespace"] == "quickdraw" and value > 0, (rule["record"], sample)
+                    if "seconds" in rule["record"]:
+                        assert value < 10, (rule["record"], value, "microseconds not converted")
+                    assert wait_for(base, rule["record"]), rule["record"]
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join(timeout=30)
+                server.terminate()
+                server.wait(timeout=30)
