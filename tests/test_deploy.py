@@ -8,13 +8,23 @@
 - The rendered objects hang together: probes, ports, labels, grace periods, GPU scheduling, HPA metrics.
 - What a platform team would otherwise trip on: no ``replicas`` in a Deployment an HPA manages; TF Serving keeps
   2 replicas and its PodDisruptionBudget never lets the last go; the gateway's grace period is the sum of its
-  preStop, drain and a named margin; the model volume is read-only for every server and written only by the
-  trainer Job; no nodeSelector needs GPU feature discovery unless opted in; the gateway HPA scales on CPU.
-- ``promtool check config``, ``check rules`` and ``test rules`` pass. promtool comes from Debian's ``prometheus``
+  preStop, drain and a named margin; the model volume is read-only for every server container and written only
+  by the model loader (an init container that seeds an empty volume; its script is run here on real
+  directories, two copies racing) and the trainer Job; no nodeSelector needs GPU feature discovery unless opted
+  in; the gateway HPA scales on CPU.
+- Day one: each overlay renders with its Secrets (defined, issued by cert-manager, or created by a command in
+  deploy/README.md), its model loader and, with every optional component (tls, cert-manager, gateway-api,
+  prometheus-operator), validates (CRD kinds have no schema in kubernetes-validate: their references are
+  checked instead); the tls component's exec probes pass against a real TLS gateway; images and the storage
+  class are set in one place; the prometheus-operator component is what scripts/gen_prometheus_operator.py
+  makes of deploy/prometheus now.
+- ``promtool check config``, ``check rules`` and ``test rules`` pass; every alert links its docs/runbooks.md
+  section and names no namespace. promtool comes from Debian's ``prometheus``
   package, installed here when missing (as root, with apt); without it these tests skip and say why.
 - A real Prometheus, started on a free port, scrapes a real gateway (``RunningGateway``) under load through
   the scrape job and relabelling of deploy/prometheus/prometheus.yml, evaluates the recording rules, and
-  answers every recording rule's and every prometheus-adapter rule's PromQL, read from the files.
+  answers every recording rule's and every prometheus-adapter rule's PromQL, read from the files; another
+  scrapes the TF Serving stand-in and answers TF Serving's recording rules.
 """
 
 from __future__ import annotations
