@@ -244,7 +244,8 @@ def test_thresholds_pass_and_bad_expressions_are_refused(sample: Path) -> None:
 
 
 def test_an_unreachable_target_fails_fast_with_its_reason(sample: Path) -> None:
-    """A port nobody listens on, and a host name that does not resolve: exit 1 within seconds, saying why."""
+    """A port nobody listens on, a host name that does not resolve, and a port that takes TCP but never speaks
+    gRPC: exit 1 within seconds (--connect-timeout-s), saying why."""
     with socket.socket() as s:  # a port that was free a moment ago: refused
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -256,6 +257,13 @@ def test_an_unreachable_target_fails_fast_with_its_reason(sample: Path) -> None:
         assert out.returncode == 1, out.stdout + out.stderr
         assert f"cannot reach {target}: " in out.stderr and reason in out.stderr, out.stderr
         assert took < 15, f"{took:.1f} s to give up on {target}"  # the old wait was 30 s
+    with socket.socket() as mute:  # takes TCP connections (the kernel's backlog) but never speaks HTTP/2
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)
+        target = f"127.0.0.1:{mute.getsockname()[1]}"
+        out = loadtest_cli("--target", target, "--data", str(sample / "numpy_bitmap" / "cat.npy"),
+                           "--connect-timeout-s", "1", timeout_s=60)  # fmt: skip
+    assert out.returncode == 1 and "no gRPC connection within 1 s (in plaintext)" in out.stderr, out.stderr
 
 
 def test_fail_on_grammar() -> None:
