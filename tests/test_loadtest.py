@@ -243,6 +243,40 @@ def test_thresholds_pass_and_bad_expressions_are_refused(sample: Path) -> None:
         assert out.returncode == 2 and says in out.stderr, (bad, out.stderr)
 
 
+class FailingClassifier(StallingClassifier):
+    """Answers at once, but every tenth call fails UNAVAILABLE."""
+
+    def __init__(self) -> None:
+        super().__init__(stall_after_s=1e9)
+
+    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        answer = await super().Classify(request, context)
+        if self.calls % 10 == 0:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "every tenth call fails")
+        return answer
+
+
+def test_errors_show_as_a_percentage_and_fail_the_run_unless_a_condition_allows_them(sample: Path) -> None:
+    """A tenth of the calls fail: the console shows err% near 10 and goodput below throughput; with --fail-on
+    conditions on latency only, the errors still fail the run (exit 1); 'errors>50%' lets it pass (exit 0) and
+    'errors>1%' fails it (exit 3)."""
+    data = str(sample / "numpy_bitmap" / "cat.npy")
+    with Server(FailingClassifier()) as server:
+        target = f"127.0.0.1:{server.port}"
+        common = ("--target", target, "--data", data, "--concurrency", "2", "--duration-s", "0.5", "--warmup-s", "0")
+        latency_only = loadtest_cli(*common, "--fail-on", "p99>5s")
+        allowed = loadtest_cli(*common, "--fail-on", "errors>50%")
+        refused = loadtest_cli(*common, "--fail-on", "errors>1%")
+    assert latency_only.returncode == 1, latency_only.stdout + latency_only.stderr
+    assert allowed.returncode == 0 and "passed: errors>50%" in allowed.stdout, allowed.stdout + allowed.stderr
+    assert refused.returncode == 3 and "errors>1% crossed: errors = " in refused.stderr, refused.stderr
+    head, row = latency_only.stdout.splitlines()[:2]
+    cols = dict(zip(head.replace(" ms", "_ms").split()[1:], row.split()[2:], strict=False))  # "2 callers": 2 words
+    calls_s, ok_s, err_pct = float(cols["calls/s"]), float(cols["ok/s"]), float(cols["err%"].rstrip("%"))
+    assert 8.0 <= err_pct <= 12.0 and ok_s == pytest.approx(calls_s * (1 - err_pct / 100), rel=0.02), row
+    assert "UNAVAILABLE" in row
+
+
 def test_an_unreachable_target_fails_fast_with_its_reason(sample: Path) -> None:
     """A port nobody listens on, a host name that does not resolve, and a port that takes TCP but never speaks
     gRPC: exit 1 within seconds (--connect-timeout-s), saying why."""
