@@ -826,6 +826,8 @@ def test_model_loader_seeds_an_empty_volume_atomically(tmp_path: Path) -> None:
     [loader] = [c for c in spec["initContainers"] if c["name"] == MODEL_LOADER]
     assert loader["command"] == ["/bin/sh", "-c"]
     script = loader["args"][0]
+    # The kubelet expands $(NAME) in args and turns $$ into $: the script must not rely on either.
+    assert "$(" not in script and "$$" not in script
     src = tmp_path / "image" / "quickdraw"
     for v in ("1", "2"):
         (src / v / "variables").mkdir(parents=True)
