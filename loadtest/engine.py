@@ -9,6 +9,13 @@ Latency is recorded in microseconds in HdrHistograms.
   calls have been answered. Each call's latency runs from its *intended* send time, so a call that was due
   during a stall and sent late still counts the whole wait: coordinated omission is corrected.
 
+A *late send* (open loop) is a call sent more than ``LATE_SEND_S`` after it was due: the generator could not keep
+to the schedule (its CPU, or ``max_outstanding`` calls already in flight). Its latency still runs from when it
+was due, so the wait counts; many late sends mean the generator, not only the server, limited the load.
+
+Before any load, :func:`check_reachable` connects to the target within ``connect_timeout_s`` and raises
+:class:`Unreachable` naming the reason (refused, no such host, timed out, no gRPC answer).
+
 Calls in the warm-up period are made but not recorded. Every call has a deadline (``timeout_s``); errors are
 counted by gRPC status code. ``security`` reaches a gateway with TLS, mTLS or a bearer token. The TF Serving
 API is called with ``service.tfs``'s messages and stub (no TensorFlow is loaded).
@@ -19,7 +26,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import random
+import re
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -35,6 +45,8 @@ from service import oip, tfs
 from service.security import ClientSecurity
 
 HIGHEST_US = 3_600_000_000  # an hour: nothing real is slower
+#: Open loop: a call sent later than this after its due time is a late send.
+LATE_SEND_S = 0.001
 Progress = Callable[["RunStats"], None]
 
 
@@ -59,6 +71,7 @@ class LoadConfig:
     top_k: int = 3
     seed: int = 0
     security: ClientSecurity = field(default_factory=ClientSecurity)  # TLS, mTLS, token
+    connect_timeout_s: float = 5.0  # the first connection: longer, and the target is unreachable
 
     @property
     def mode(self) -> str:
@@ -115,6 +128,16 @@ class RunStats:
     def throughput(self) -> float:
         """Answered calls per second (OK or not)."""
         return self.calls / self.elapsed_s
+
+    @property
+    def goodput(self) -> float:
+        """Calls answered OK per second."""
+        return self.codes.get("OK", 0) / self.elapsed_s
+
+    @property
+    def error_pct(self) -> float:
+        """Recorded calls that did not end OK, in percent of all recorded calls (0 when none was recorded)."""
+        return 100.0 * self.errors / self.calls if self.calls else 0.0
 
     def percentile_ms(self, p: float) -> float:
         """Latency at percentile ``p`` (0-100), in ms."""
@@ -250,6 +273,56 @@ async def _unary(call: Awaitable[object]) -> str:
         return _code(exc)
 
 
+# --- reaching the target ------------------------------------------------------------------------------------
+
+
+class Unreachable(OSError):
+    """The target could not be reached; the message names the reason."""
+
+
+def host_port(target: str) -> tuple[str, int] | None:
+    """(host, port) of a plain ``host:port`` or ``dns:///host:port`` target; None for other gRPC target forms
+    (``ipv4:a,b``, ``unix:``, ...), which are only checked through gRPC itself."""
+    m = re.fullmatch(r"(?:dns:(?://[^/]*)?/)?(\[[^\]]+\]|[^:/\[\]]+):(\d+)", target)
+    if m is None:
+        return None
+    return m.group(1).strip("[]"), int(m.group(2))
+
+
+async def check_reachable(cfg: LoadConfig) -> None:
+    """Connect to the target once, within ``cfg.connect_timeout_s``; raise :class:`Unreachable` with the reason
+    (name resolution, refused, timed out; a port that takes TCP but never completes a gRPC connection: TLS on one
+    side only, or not a gRPC server)."""
+    limit = cfg.connect_timeout_s
+    where = host_port(cfg.target)
+    if where is not None:
+        host, port = where
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), limit)
+        except socket.gaierror as exc:
+            raise Unreachable(f"cannot resolve {host!r}: {exc.strerror or exc}") from exc
+        except TimeoutError as exc:
+            raise Unreachable(f"no TCP connection to {host}:{port} within {limit:g} s (a firewall, or a host that "
+                              "is down)") from exc  # fmt: skip
+        except ConnectionRefusedError as exc:
+            raise Unreachable(f"connection refused: nothing listens on {host}:{port}") from exc
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise Unreachable(f"TCP connection to {host}:{port} failed: {reason}") from exc
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    channel = cfg.security.aio_channel(cfg.target)
+    try:
+        await asyncio.wait_for(channel.channel_ready(), limit)
+    except TimeoutError as exc:
+        tls = "with TLS" if cfg.security.uses_tls else "in plaintext"
+        raise Unreachable(f"no gRPC connection within {limit:g} s ({tls}): the port answers TCP but not gRPC "
+                          "(TLS on one side only? not a gRPC server?)") from exc  # fmt: skip
+    finally:
+        await channel.close()
+
+
 # --- the loops -----------------------------------------------------------------------------------------------
 
 
@@ -268,7 +341,7 @@ async def run_load(cfg: LoadConfig, pool: Pool, progress: Progress | None = None
     ]  # fmt: skip
     stats = RunStats(cfg)
     try:
-        await asyncio.gather(*(asyncio.wait_for(ch.channel_ready(), 30) for ch in channels))
+        await asyncio.gather(*(asyncio.wait_for(ch.channel_ready(), cfg.connect_timeout_s) for ch in channels))
         callers, closers = build_callers(cfg, pool, channels)
         t0 = time.monotonic()
         stats.started_s = t0 + cfg.warmup_s
@@ -347,7 +420,7 @@ async def _open(
         if wait > 0:
             await asyncio.sleep(wait)
         await room.acquire()
-        if time.monotonic() - due > 0.001 and due >= stats.started_s:
+        if time.monotonic() - due > LATE_SEND_S and due >= stats.started_s:
             stats.late_sends += 1
         task = asyncio.get_running_loop().create_task(one(callers[k % len(callers)], due))
         tasks.add(task)
@@ -361,6 +434,7 @@ def percentiles(stats: RunStats) -> dict[str, float]:
     return {
         "p50_ms": stats.percentile_ms(50),
         "p90_ms": stats.percentile_ms(90),
+        "p95_ms": stats.percentile_ms(95),
         "p99_ms": stats.percentile_ms(99),
         "p99.9_ms": stats.percentile_ms(99.9),
         "max_ms": stats.histogram.get_max_value() / 1000.0 if stats.calls else float("nan"),
@@ -376,6 +450,26 @@ def timeline(stats: RunStats) -> list[dict[str, float]]:
          "p99_ms": h.get_value_at_percentile(99) / 1000.0 if c else float("nan")}
         for i, (c, e, h) in enumerate(stats.seconds)
     ]  # fmt: skip
+
+
+#: Buckets of the latency histogram in the reports: log-spaced between the fastest and the slowest call.
+HISTOGRAM_BUCKETS = 20
+
+
+def latency_histogram(stats: RunStats, buckets: int = HISTOGRAM_BUCKETS) -> list[dict[str, float]]:
+    """Counts of calls by latency (ms), in log-spaced buckets from the fastest call to the slowest: each bucket
+    is ``{"le_ms": its upper bound, "count": calls in it}``."""
+    if not stats.calls:
+        return []
+    lo = max(1, stats.histogram.get_min_value())
+    hi = max(lo + 1, stats.histogram.get_max_value())
+    bounds = [lo * (hi / lo) ** ((i + 1) / buckets) for i in range(buckets)]
+    counts = [0] * buckets
+    for item in stats.histogram.get_recorded_iterator():
+        v = item.value_iterated_to
+        i = next((j for j, b in enumerate(bounds) if v <= b * 1.0000001), buckets - 1)
+        counts[i] += item.count_added_in_this_iter_step
+    return [{"le_ms": b / 1000.0, "count": c} for b, c in zip(bounds, counts, strict=True)]
 
 
 def drawings_per_s(stats: RunStats) -> float:
@@ -398,11 +492,15 @@ def summary(stats: RunStats) -> dict[str, object]:
         "duration_s": round(stats.elapsed_s, 3),
         "calls": stats.calls,
         "throughput_calls_per_s": stats.throughput,
+        "goodput_calls_per_s": stats.goodput,
         "drawings_per_s": drawings_per_s(stats),
         "errors": stats.errors,
+        "error_pct": stats.error_pct,
         "codes": dict(sorted(stats.codes.items())),
         "late_sends": stats.late_sends,
+        "late_send_pct": 100.0 * stats.late_sends / stats.calls if stats.calls else 0.0,
         **percentiles(stats),
+        "latency_histogram": latency_histogram(stats),
         "timeline": timeline(stats),
     }
 

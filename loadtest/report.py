@@ -10,18 +10,38 @@ from typing import Any
 
 
 def table(runs: Sequence[dict[str, Any]]) -> str:
-    """One line per run: load, throughput, percentiles, errors."""
-    head = (f"{'load':>16} {'calls/s':>9} {'drawings/s':>10} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
-            f"{'p99.9 ms':>9} {'max ms':>8}  errors")  # fmt: skip
+    """One line per run: load, throughput and goodput, latency (mean and percentiles), errors, late sends.
+
+    ``calls/s`` counts every answered call, OK or not; ``ok/s`` (goodput) and ``drawings/s`` only those answered
+    OK. ``err%`` is the share of calls that did not end OK; ``late`` the open loop's late sends (:func:`late_note`).
+    """
+    head = (f"{'load':>16} {'calls/s':>9} {'ok/s':>9} {'drawings/s':>10} {'mean ms':>8} {'p50 ms':>8} {'p90 ms':>8} "
+            f"{'p95 ms':>8} {'p99 ms':>8} {'p99.9 ms':>9} {'max ms':>8} {'err%':>6} {'late':>6}  errors")  # fmt: skip
     lines = [head]
     for r in runs:
         load = f"{r['offered_rate']:.0f}/s {r['arrival']}" if r["mode"] == "open" else f"{r['concurrency']} callers"
         errs = ", ".join(f"{k} {v}" for k, v in r["codes"].items() if k != "OK") or "0"
+        late = f"{r['late_sends']}" if r["mode"] == "open" else "-"
         lines.append(
-            f"{load:>16} {r['throughput_calls_per_s']:9.1f} {r['drawings_per_s']:10.1f} {r['p50_ms']:8.2f} "
-            f"{r['p90_ms']:8.2f} {r['p99_ms']:8.2f} {r['p99.9_ms']:9.2f} {r['max_ms']:8.1f}  {errs}"
+            f"{load:>16} {r['throughput_calls_per_s']:9.1f} {r['goodput_calls_per_s']:9.1f} "
+            f"{r['drawings_per_s']:10.1f} {r['mean_ms']:8.2f} {r['p50_ms']:8.2f} {r['p90_ms']:8.2f} "
+            f"{r['p95_ms']:8.2f} {r['p99_ms']:8.2f} "
+            f"{r['p99.9_ms']:9.2f} {r['max_ms']:8.1f} {r['error_pct']:5.1f}% {late:>6}  {errs}"
         )
     return "\n".join(lines)
+
+
+def late_note(runs: Sequence[dict[str, Any]]) -> str | None:
+    """What the late sends of open-loop runs mean, when there were any (None otherwise)."""
+    late = [(r, r["late_sends"]) for r in runs if r["mode"] == "open" and r["late_sends"]]
+    if not late:
+        return None
+    worst = max(late, key=lambda x: x[0]["late_send_pct"])[0]
+    return (f"late sends: {sum(n for _, n in late)} calls were sent more than 1 ms after they were due (worst run: "
+            f"{worst['late_send_pct']:.0f}% of its calls). The load generator fell behind its schedule (its CPU, or "
+            "its cap on calls in flight). Their latency is still measured from when they were due (coordinated "
+            "omission corrected), so the percentiles include the wait; but the offered rate was not fully "
+            "applied: give the generator more CPU or --channels, or lower --rate.")  # fmt: skip
 
 
 def best_under_slo(runs: Sequence[dict[str, Any]], slo_p99_ms: float) -> dict[str, Any] | None:

@@ -794,14 +794,19 @@ def _take_stroke_arrays(
 async def _json_errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """aiohttp's own refusals under /v1/ (no such route, wrong method) as JSON errors like every other."""
+    """aiohttp's own refusals (no such route, wrong method, a body too large) as JSON errors like every other, on
+    every path: under /v2 in the Open Inference Protocol's error object (``service.oip_http.error_response``'s
+    shape: ``{"error": message, "code": NAME, "details": []}``), elsewhere in /v1's."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
-        if not request.path.startswith("/v1/") or exc.status < 400:
+        if exc.status < 400:
             raise
         code = _HTTP_TO_GRPC.get(exc.status, grpc.StatusCode.UNKNOWN)
-        body = {"error": {"code": exc.status, "status": code.name, "message": f"{exc.reason}: {request.method} "
-                          f"{request.path}", "details": []}}
-        return web.json_response(body, status=exc.status, headers={k: v for k, v in exc.headers.items()
-                                                                    if k.lower() == "allow"})
+        message = f"{exc.reason}: {request.method} {request.path}"
+        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+        if request.path == "/v2" or request.path.startswith("/v2/"):
+            return web.json_response({"error": message, "code": code.name, "details": []}, status=exc.status,
+                                     headers=headers)  # fmt: skip
+        body = {"error": {"code": exc.status, "status": code.name, "message": message, "details": []}}
+        return web.json_response(body, status=exc.status, headers=headers)

@@ -6,6 +6,8 @@ Routes (``service.http`` registers them beside its own; the model and its errors
   for orchestrators' probes);
 - ``GET /v2``: server metadata; ``GET /v2/models/quickdraw[/versions/N]``: model metadata;
   ``GET /v2/models/quickdraw[/versions/N]/ready``: 200 when ready, else 503 (400 for an unknown model);
+- ``GET /v2/models/quickdraw[/versions/N]/config``: Triton's model configuration (JSON);
+  ``GET /v2/models/quickdraw[/versions/N]/stats`` and ``GET /v2/models/stats``: Triton's inference statistics;
 - ``POST /v2/models/quickdraw[/versions/N]/infer``: inference, in the protocol's JSON, with the binary tensor
   data extension: a body of ``Inference-Header-Content-Length`` bytes of JSON followed by each input that has a
   ``binary_data_size`` parameter, in order; outputs asked for with ``binary_data`` (or, with none named, the
@@ -14,7 +16,9 @@ Routes (``service.http`` registers them beside its own; the model and its errors
 
 Errors are ``{"error": "<message>"}`` (the protocol's error object) with the HTTP status of the gRPC code
 (``service.errors.http_status``: 400 INVALID_ARGUMENT, 404 NOT_FOUND, 503 UNAVAILABLE ...); the gateway's
-field violations ride along in ``details``. The API routes take the same Host/Origin checks, credentials, body
+field violations ride along in ``details``. A path under ``/v2`` that names no route (or a method a route does not
+take) gets the same JSON error object (``service.http``'s error middleware), never aiohttp's text/plain. The API
+routes take the same Host/Origin checks, credentials, body
 limits and ``X-Server-Timeout`` deadline as ``/v1/classify``, and are counted as ``http:ModelInfer``,
 ``http:ModelMetadata`` and so on.
 """
@@ -68,6 +72,9 @@ def add_routes(app: web.Application, server: Any) -> None:
         app.router.add_get(base, routes.model_metadata)
         app.router.add_get(base + "/ready", routes.model_ready)
         app.router.add_post(base + "/infer", routes.infer)
+        app.router.add_get(base + "/config", routes.model_config)
+        app.router.add_get(base + "/stats", routes.model_statistics)
+    app.router.add_get("/v2/models/stats", routes.model_statistics)  # every model's
 
 
 class _Routes:
@@ -129,6 +136,21 @@ class _Routes:
             return web.json_response({"name": info["model"], "ready": ready}, status=200 if ready else 503)
 
         return await self._observed("ModelReady", request, True, answer)
+
+    async def model_config(self, request: web.Request) -> web.StreamResponse:
+        async def answer(call: Observed) -> web.StreamResponse:
+            info = request.match_info
+            return web.json_response(self.surface.model_config(info["model"], info.get("version", "")))
+
+        return await self._observed("ModelConfig", request, True, answer)
+
+    async def model_statistics(self, request: web.Request) -> web.StreamResponse:
+        async def answer(call: Observed) -> web.StreamResponse:
+            info = request.match_info
+            stats = self.surface.model_statistics(info.get("model", ""), info.get("version", ""))
+            return web.json_response({"model_stats": stats})
+
+        return await self._observed("ModelStatistics", request, True, answer)
 
     async def infer(self, request: web.Request) -> web.StreamResponse:
         async def answer(call: Observed) -> web.StreamResponse:

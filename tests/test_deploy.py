@@ -8,22 +8,34 @@
 - The rendered objects hang together: probes, ports, labels, grace periods, GPU scheduling, HPA metrics.
 - What a platform team would otherwise trip on: no ``replicas`` in a Deployment an HPA manages; TF Serving keeps
   2 replicas and its PodDisruptionBudget never lets the last go; the gateway's grace period is the sum of its
-  preStop, drain and a named margin; the model volume is read-only for every server and written only by the
-  trainer Job; no nodeSelector needs GPU feature discovery unless opted in; the gateway HPA scales on CPU.
-- ``promtool check config``, ``check rules`` and ``test rules`` pass. promtool comes from Debian's ``prometheus``
+  preStop, drain and a named margin; the model volume is read-only for every server container and written only
+  by the model loader (an init container that seeds an empty volume; its script is run here on real
+  directories, two copies racing) and the trainer Job; no nodeSelector needs GPU feature discovery unless opted
+  in; the gateway HPA scales on CPU.
+- Day one: each overlay renders with its Secrets (defined, issued by cert-manager, or created by a command in
+  deploy/README.md), its model loader and, with every optional component (tls, cert-manager, gateway-api,
+  prometheus-operator), validates (CRD kinds have no schema in kubernetes-validate: their references are
+  checked instead); the tls component's exec probes pass against a real TLS gateway; images and the storage
+  class are set in one place; the prometheus-operator component is what scripts/gen_prometheus_operator.py
+  makes of deploy/prometheus now.
+- ``promtool check config``, ``check rules`` and ``test rules`` pass; every alert links its docs/runbooks.md
+  section and names no namespace. promtool comes from Debian's ``prometheus``
   package, installed here when missing (as root, with apt); without it these tests skip and say why.
 - A real Prometheus, started on a free port, scrapes a real gateway (``RunningGateway``) under load through
   the scrape job and relabelling of deploy/prometheus/prometheus.yml, evaluates the recording rules, and
-  answers every recording rule's and every prometheus-adapter rule's PromQL, read from the files.
+  answers every recording rule's and every prometheus-adapter rule's PromQL, read from the files; another
+  scrapes the TF Serving stand-in and answers TF Serving's recording rules.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -57,6 +69,15 @@ TRAINER = "trainer"
 GPU_NODE_SELECTOR = K8S / "components" / "gpu-node-selector"
 #: Seconds the gateway's grace period keeps beyond preStop + drain + cleanup (gateway-deployment.yaml's sum).
 SHUTDOWN_MARGIN_S = 5.0
+#: The pod (and namespace) label the gateway's NetworkPolicy lets call its gRPC port.
+CLIENT_LABEL = "quickdraw-client"
+#: The optional components a platform team opts into (deploy/README.md, "Optional components").
+OPTIONAL_COMPONENTS = ["tls", "cert-manager", "gateway-api", "prometheus-operator"]
+#: Where the runbooks are served (docs/runbooks.md on the documentation site); every alert's runbook_url is this
+#: plus "#" and the alert's name in lower case.
+RUNBOOK_BASE = "https://quickdraw.example.com/runbooks/"
+#: The init container that seeds the model volume (deploy/k8s/components/model-loader).
+MODEL_LOADER = "model-loader"
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
@@ -116,6 +137,17 @@ def prestop_sleep_s(c: dict[str, Any]) -> float:
     return float(cmd[1])
 
 
+def settings_of(named: dict[str, str], tmp_path: Path) -> Settings:
+    """The gateway's Settings from a manifest's QUICKDRAW_* values ($(POD_NAMESPACE) expanded as the kubelet does).
+    The token file lives in a Secret mounted at run time: here a file with a fresh token stands in for it."""
+    values = {k: v.replace("$(POD_NAMESPACE)", "quickdraw") for k, v in named.items()}
+    if "auth_token_file" in values:
+        stand_in = tmp_path / "tokens"
+        stand_in.write_text(secrets.token_hex(32) + "\n")
+        values["auth_token_file"] = str(stand_in)
+    return Settings(**values)
+
+
 def adapter_rules() -> list[tuple[str, dict[str, Any]]]:
     """(kind, rule) for every prometheus-adapter rule: kind is "pods" (rules) or "external" (externalRules)."""
     cfg = load_yaml(PROM / "adapter" / "config.yaml")
@@ -148,6 +180,11 @@ def rule_groups() -> list[tuple[Path, dict[str, Any]]]:
 
 def recording_rules() -> list[dict[str, Any]]:
     return [r for _, r in rule_groups() if "record" in r]
+
+
+def gateway_recording_rules() -> list[dict[str, Any]]:
+    """The recording rules over the gateway's own series (TF Serving's have a live test of their own)."""
+    return [r for r in recording_rules() if ":tensorflow:" not in r["expr"]]
 
 
 def gateway_series_names() -> set[str]:
@@ -304,7 +341,7 @@ def test_tfserving_deployment() -> None:
     assert init["image"] == container(find(cpu, "Deployment", "quickdraw-gateway"), "gateway")["image"]
 
 
-def test_gateway_deployment_matches_its_settings() -> None:
+def test_gateway_deployment_matches_its_settings(tmp_path: Path) -> None:
     """Env names are real settings, ports and probes match them, the grace period covers the drain."""
     fields = set(Settings.model_fields)
     for target in TARGETS:
@@ -317,7 +354,7 @@ def test_gateway_deployment_matches_its_settings() -> None:
         not_settings = sorted(set(named) - fields)
         assert not not_settings, f"QUICKDRAW_* variables that are no setting: {not_settings}"
         # the values are valid settings too ($(POD_NAMESPACE) is expanded by the kubelet)
-        settings = Settings(**{k: v.replace("$(POD_NAMESPACE)", "quickdraw") for k, v in named.items()})
+        settings = settings_of(named, tmp_path)
         assert settings.backend == "tfserving" and settings.max_connection_age_s > 0
         assert env["QUICKDRAW_BACKEND"] == "tfserving"
         assert env["QUICKDRAW_TFSERVING_TARGET"].startswith("dns:///tfserving-headless.")
@@ -357,8 +394,14 @@ def test_network_policies() -> None:
         [peer] = rule["from"]
         assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
         assert "namespaceSelector" in peer
-    open_rule = next(r for r in gw["spec"]["ingress"] if "from" not in r)
-    assert [p["port"] for p in open_rule["ports"]] == ["grpc"], "only the gRPC port is open to every client"
+    assert all("from" in r for r in gw["spec"]["ingress"]), "no port is open to every pod in the cluster"
+    grpc_rule = next(r for r in gw["spec"]["ingress"] if any(p["port"] == "grpc" for p in r["ports"]))
+    for peer in grpc_rule["from"]:  # named callers: pods (and, across namespaces, namespaces) with the label
+        assert peer["podSelector"]["matchLabels"] == {CLIENT_LABEL: "true"}, peer
+        assert peer.get("namespaceSelector", {"matchLabels": {CLIENT_LABEL: "true"}}) == {
+            "matchLabels": {CLIENT_LABEL: "true"}}, peer
+    [job] = [o for o in render("../loadtest") if o["kind"] == "Job"]
+    assert job["spec"]["template"]["metadata"]["labels"][CLIENT_LABEL] == "true", "the load test may call"
 
 
 def test_hpas_read_metrics_the_adapter_serves() -> None:
@@ -470,7 +513,7 @@ def test_tfserving_keeps_two_replicas_and_its_pdb_never_evicts_the_last(target: 
     assert pdb_disruptions_allowed(pdb, high) <= 1, "GPU replicas start slowly: one eviction at a time"
 
 
-def test_gateway_grace_period_is_prestop_plus_drain_plus_margin() -> None:
+def test_gateway_grace_period_is_prestop_plus_drain_plus_margin(tmp_path: Path) -> None:
     """Fix 3: terminationGracePeriodSeconds = preStop sleep + QUICKDRAW_SHUTDOWN_GRACE_S + CLEANUP_S + margin,
     rounded up, from the rendered env and preStop (gateway-deployment.yaml writes the same sum), and the drain
     outlasts the slowest call the gateway admits: decode budget + queue wait + QUICKDRAW_BACKEND_TIMEOUT_MS."""
@@ -480,7 +523,7 @@ def test_gateway_grace_period_is_prestop_plus_drain_plus_margin() -> None:
         dep = find(render(target), "Deployment", "quickdraw-gateway")
         c = container(dep, "gateway")
         named = {k.removeprefix(ENV_PREFIX).lower(): v for k, v in env_of(c).items() if k.startswith(ENV_PREFIX)}
-        s = Settings(**{k: v.replace("$(POD_NAMESPACE)", "quickdraw") for k, v in named.items()})
+        s = settings_of(named, tmp_path)
         assert {"shutdown_grace_s", "backend_timeout_ms"} <= set(named), "both set in the manifest, not defaulted"
         longest_call_s = (s.image_decode_budget_ms + s.max_queue_wait_ms + s.backend_timeout_ms) / 1000
         assert s.shutdown_grace_s >= longest_call_s, (s.shutdown_grace_s, longest_call_s)
@@ -517,7 +560,12 @@ def test_model_volume_is_read_only_for_servers_and_written_by_the_trainer() -> N
             vol, mounts = model_mounts(spec)
             if vol is None:
                 continue
-            assert vol["persistentVolumeClaim"].get("readOnly") is True, (target, name)
+            # The servers' containers mount it read-only. Only the model loader (an init container that seeds an
+            # empty volume, before TF Serving starts) may write it, and the pod's volume is writable only for it.
+            loader = [(c, m) for c, m in mounts if c == MODEL_LOADER]
+            mounts = [(c, m) for c, m in mounts if c != MODEL_LOADER]
+            assert vol["persistentVolumeClaim"].get("readOnly") is (not loader), (target, name, loader)
+            assert not loader or name == "Deployment/tfserving", (target, name)
             assert mounts and all(m.get("readOnly") is True and "subPath" not in m for _, m in mounts), (name, mounts)
             [(cname, mount)] = mounts
             c = next(x for x in spec["containers"] if x["name"] == cname)
@@ -593,6 +641,264 @@ def test_no_node_selector_needs_gpu_feature_discovery(tmp_path: Path) -> None:
     opted = dict(pod_specs(render_dir(top)))
     assert discovery_labels(opted["Deployment/tfserving"]) == {"nvidia.com/gpu.present"}
     assert not discovery_labels(opted["Deployment/quickdraw-gateway"])
+
+
+# --- day one: model loader, Secrets, images, optional components ------------------------------------------------
+
+#: Kinds from CRDs (cert-manager, Gateway API, Prometheus operator): kubernetes-validate ships only the core API's
+#: schemas, so these are checked by the tests below (references, names, generated content), not by a schema.
+CRD_KINDS = {"Certificate": "cert-manager.io/v1", "Issuer": "cert-manager.io/v1",
+             "Gateway": "gateway.networking.k8s.io/v1", "GRPCRoute": "gateway.networking.k8s.io/v1",
+             "PodMonitor": "monitoring.coreos.com/v1", "PrometheusRule": "monitoring.coreos.com/v1"}  # fmt: skip
+
+
+def render_with_components(overlay: str, components: list[str], tmp_path: Path) -> list[dict[str, Any]]:
+    """An overlay with opt-in components added, as a platform team would add them (kustomize wants relative paths)."""
+    top = tmp_path / f"with-{overlay.replace('/', '-')}"
+    top.mkdir()
+    top.joinpath("kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S / overlay, top)],
+        "components": [os.path.relpath(K8S / "components" / c, top) for c in components],
+    }))  # fmt: skip
+    return render_dir(top)
+
+
+def secret_refs(spec: dict[str, Any]) -> set[str]:
+    """Secrets a pod spec mounts or reads into its environment."""
+    names = {v["secret"]["secretName"] for v in spec.get("volumes", []) if "secret" in v}
+    for c in spec.get("initContainers", []) + spec["containers"]:
+        for e in c.get("env", []):
+            if "secretKeyRef" in e.get("valueFrom", {}):
+                names.add(e["valueFrom"]["secretKeyRef"]["name"])
+    return names
+
+
+def documented_secrets() -> set[str]:
+    """Secrets deploy/README.md tells the operator to create (`kubectl ... create secret KIND NAME`)."""
+    return set(re.findall(r"create secret \w+ ([a-z0-9-]+)", (DEPLOY / "README.md").read_text()))
+
+
+def check_secrets_and_loader(objs: list[dict[str, Any]], target: str) -> None:
+    """Every Secret a pod needs is rendered, issued by a Certificate, or documented; TF Serving's pod seeds the
+    model volume with the model loader and serves it read-only."""
+    issued = {o["spec"]["secretName"] for o in objs if o["kind"] == "Certificate"}
+    rendered = {o["metadata"]["name"] for o in objs if o["kind"] == "Secret"}
+    for name, spec in pod_specs(objs):
+        missing = secret_refs(spec) - issued - rendered - documented_secrets()
+        assert not missing, f"{target} {name}: Secrets neither defined nor documented: {sorted(missing)}"
+    gw = find(objs, "Deployment", "quickdraw-gateway")
+    assert "quickdraw-gateway-auth" in secret_refs(gw["spec"]["template"]["spec"]), "the token Secret is mounted"
+    env = env_of(container(gw, "gateway"))
+    auth_mount = next(m for m in container(gw, "gateway")["volumeMounts"] if m["name"] == "auth")
+    assert auth_mount["readOnly"] and Path(env["QUICKDRAW_AUTH_TOKEN_FILE"]).parent == Path(auth_mount["mountPath"])
+    tfs = find(objs, "Deployment", "tfserving")
+    spec = tfs["spec"]["template"]["spec"]
+    [loader] = [c for c in spec.get("initContainers", []) if c["name"] == MODEL_LOADER]
+    assert loader["image"] == container(gw, "gateway")["image"], "the loader copies from the gateway's own image"
+    [target_mount] = [m for m in loader["volumeMounts"] if m["name"] == "models"]
+    assert not target_mount.get("readOnly")
+    serving = next(m for m in container(tfs, "tfserving")["volumeMounts"] if m["name"] == "models")
+    assert serving["readOnly"] is True, "TF Serving mounts the model read-only"
+    loader_env = env_of(loader)
+    base_path = re.search(r'base_path:\s*"([^"]+)"', (DEPLOY / "tfserving" / "models.config").read_text()).group(1)  # type: ignore[union-attr]
+    fills = Path(loader_env["MODEL_TARGET_DIR"]).relative_to(target_mount["mountPath"])
+    assert fills == Path(base_path).relative_to(serving["mountPath"]), "the loader fills TF Serving's base_path"
+
+
+@pytest.mark.parametrize("overlay", ["overlays/gpu", "overlays/cpu"])
+def test_each_overlay_renders_with_its_secrets_model_loader_and_monitors(overlay: str, tmp_path: Path) -> None:
+    """Each overlay as shipped, and with every optional component (tls, cert-manager, gateway-api,
+    prometheus-operator): core objects validate against the Kubernetes schemas, CRD objects have their API
+    version, Secrets are defined or documented, TF Serving's pod carries the model loader and mounts the model
+    read-only, the monitors select the pods' metrics ports, the route reaches the gateway's gRPC port."""
+    import kubernetes_validate
+
+    check_secrets_and_loader(render(overlay), overlay)
+    objs = render_with_components(overlay, OPTIONAL_COMPONENTS, tmp_path)
+    errors = []
+    for o in objs:
+        if o["kind"] in CRD_KINDS:
+            assert o["apiVersion"] == CRD_KINDS[o["kind"]], o["apiVersion"]
+            assert o["metadata"]["namespace"] == "quickdraw", o["metadata"]
+            continue
+        try:
+            kubernetes_validate.validate(o, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            errors.append(f"{o['kind']}/{o['metadata']['name']}: {e.message} at {list(e.path)}")
+    assert not errors, "\n".join(errors)
+    assert {o["kind"] for o in objs} >= set(CRD_KINDS), sorted({o["kind"] for o in objs})
+    check_secrets_and_loader(objs, f"{overlay} + components")
+    # tls: the gateway serves the Secret's certificate; probes ask grpc.health.v1 over TLS with the same services
+    gw = find(objs, "Deployment", "quickdraw-gateway")
+    c = container(gw, "gateway")
+    env = env_of(c)
+    tls_mount = next(m for m in c["volumeMounts"] if m["name"] == "tls")
+    assert "quickdraw-gateway-tls" in secret_refs(gw["spec"]["template"]["spec"])
+    for key in ("QUICKDRAW_TLS_CERT_FILE", "QUICKDRAW_TLS_KEY_FILE"):
+        assert Path(env[key]).parent == Path(tls_mount["mountPath"]), key
+    named = {k.removeprefix(ENV_PREFIX).lower() for k in env if k.startswith(ENV_PREFIX)}
+    assert named <= set(Settings.model_fields), sorted(named - set(Settings.model_fields))
+    from service.app import LIVENESS_SERVICE
+
+    for probe, service in (("startupProbe", ""), ("readinessProbe", ""), ("livenessProbe", LIVENESS_SERVICE)):
+        assert "grpc" not in c[probe], probe
+        command = c[probe]["exec"]["command"]
+        assert command[-1] == service and tls_mount["mountPath"] in command[2], probe
+        compile(command[2], probe, "exec")  # the probe's Python parses
+    cert = find(objs, "Certificate", "quickdraw-gateway-tls")
+    assert "quickdraw-gateway.quickdraw.svc" in cert["spec"]["dnsNames"]
+    # Prometheus operator: one PodMonitor per scrape job, on a port the selected pods have
+    pods = {d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]: d
+            for d in objs if d["kind"] == "Deployment"}  # fmt: skip
+    monitors = [o for o in objs if o["kind"] == "PodMonitor"]
+    assert {m["metadata"]["name"] for m in monitors} == {"quickdraw-gateway", "tfserving"}
+    for m in monitors:
+        dep = pods[m["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]]
+        ports = {p["name"] for x in dep["spec"]["template"]["spec"]["containers"] for p in x.get("ports", [])}
+        assert {e["port"] for e in m["spec"]["podMetricsEndpoints"]} <= ports, (m["metadata"]["name"], ports)
+    [rule] = [o for o in objs if o["kind"] == "PrometheusRule"]
+    assert rule["spec"]["groups"] == [g for p in sorted((PROM / "rules").glob("*.yml")) for g in load_yaml(p)["groups"]]
+    # Gateway API: the route sends the gateway's services to its Service's gRPC port, and the policy lets the
+    # proxies in
+    route = find(objs, "GRPCRoute", "quickdraw-gateway")
+    svc = find(objs, "Service", "quickdraw-gateway")
+    for rule_ in route["spec"]["rules"]:
+        for ref in rule_["backendRefs"]:
+            assert ref["name"] == "quickdraw-gateway" and ref["port"] in [p["port"] for p in svc["spec"]["ports"]]
+    services = {m["method"]["service"] for r in route["spec"]["rules"] for m in r["matches"]}
+    from service.api import SERVICE_NAME
+
+    assert SERVICE_NAME in services and "grpc.health.v1.Health" not in services
+    policy = find(objs, "NetworkPolicy", "quickdraw-gateway")
+    grpc_rule = next(r for r in policy["spec"]["ingress"] if any(p["port"] == "grpc" for p in r["ports"]))
+    assert any("podSelector" not in peer for peer in grpc_rule["from"]), "the Gateway API proxies may call"
+
+
+def test_tls_probes_ask_grpc_health_over_tls_of_a_real_gateway(tmp_path: Path) -> None:
+    """The tls component's exec probes, run as written (paths and port pointed at a test gateway), answer from a
+    real gateway serving TLS with a certificate for the names cert-manager's Certificate lists: exit 0 for startup,
+    readiness and liveness; and they fail closed against a CA that did not sign the gateway's certificate."""
+    import sys
+
+    from test_security import _write_cert, _write_key, issue, make_ca
+
+    if not find_versions(SHIPPED_MODEL):
+        pytest.skip(f"no SavedModel under {SHIPPED_MODEL}")
+    gw_dep = find(render_with_components("overlays/gpu", ["tls", "cert-manager"], tmp_path), "Deployment",
+                  "quickdraw-gateway")  # fmt: skip
+    c = container(gw_dep, "gateway")
+    mount = next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == "tls")
+    certificate = next(d for d in yaml.safe_load_all((K8S / "components" / "cert-manager" / "certificates.yaml")
+                       .read_text()) if d["metadata"]["name"] == "quickdraw-gateway-tls")  # fmt: skip
+    ca, rogue = make_ca("quickdraw-ca"), make_ca("rogue")
+    key, cert = issue(ca, "quickdraw-gateway", server=True, names=tuple(certificate["spec"]["dnsNames"]))
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    _write_key(tls / "tls.key", key)
+    _write_cert(tls / "tls.crt", cert)
+    _write_cert(tls / "ca.crt", ca[1])
+    env = env_of(c)
+    assert env["QUICKDRAW_TLS_CERT_FILE"] == f"{mount}/tls.crt" and env["QUICKDRAW_TLS_KEY_FILE"] == f"{mount}/tls.key"
+    with RunningGateway(tls_cert_file=tls / "tls.crt", tls_key_file=tls / "tls.key", warmup=False) as gw:
+
+        def probe(name: str) -> subprocess.CompletedProcess[str]:
+            cmd = c[name]["exec"]["command"]
+            assert cmd[:2] == ["python", "-c"] and "127.0.0.1:50051" in cmd[2]
+            code = cmd[2].replace(mount, str(tls)).replace("127.0.0.1:50051", gw.target)
+            return subprocess.run([sys.executable, "-c", code, *cmd[3:]], capture_output=True, text=True, timeout=60)
+
+        for name in ("startupProbe", "readinessProbe", "livenessProbe"):
+            done = probe(name)
+            assert done.returncode == 0, (name, done.stderr[-2000:])
+        _write_cert(tls / "ca.crt", rogue[1])
+        done = probe("readinessProbe")
+        assert done.returncode != 0, "a certificate the CA did not sign must fail the probe"
+
+
+def test_model_loader_seeds_an_empty_volume_atomically(tmp_path: Path) -> None:
+    """The model loader's own script, run here with sh: it copies every version into an empty volume through a
+    temporary directory and a rename, two loaders racing leave one complete copy and no temporary directory, and
+    a volume that already holds a version (the trainer's) is left as it is."""
+    if not shutil.which("sh"):
+        pytest.skip("no sh to run the loader's script with")
+    spec = find(render("overlays/gpu"), "Deployment", "tfserving")["spec"]["template"]["spec"]
+    [loader] = [c for c in spec["initContainers"] if c["name"] == MODEL_LOADER]
+    assert loader["command"] == ["/bin/sh", "-c"]
+    script = loader["args"][0]
+    # The kubelet expands $(NAME) in args and turns $$ into $: the script must not rely on either.
+    assert "$(" not in script and "$$" not in script
+    src = tmp_path / "image" / "quickdraw"
+    for v in ("1", "2"):
+        (src / v / "variables").mkdir(parents=True)
+        (src / v / "saved_model.pb").write_bytes(os.urandom(4096))
+        (src / v / "variables" / "variables.data-00000-of-00001").write_bytes(os.urandom(65536))
+    (src / "README").write_text("not a version")
+
+    def start(dst: Path, pod: str) -> subprocess.Popen[str]:
+        env = {"PATH": os.environ["PATH"], "HOSTNAME": pod, "MODEL_SOURCE_DIR": str(src), "MODEL_TARGET_DIR": str(dst)}
+        return subprocess.Popen(["sh", "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)  # fmt: skip
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    dst = tmp_path / "volume" / "quickdraw"
+    racers = [start(dst, f"tfserving-{i}") for i in range(2)]
+    outs = [(p.communicate(timeout=60)[0], p.returncode) for p in racers]
+    assert all(rc == 0 for _, rc in outs), outs
+    assert sorted(p.name for p in dst.iterdir()) == ["1", "2"], "every version, no temporary directory left"
+    assert files(dst) == {k: v for k, v in files(src).items() if k != "README"}
+    again = start(dst, "tfserving-2")
+    assert again.communicate(timeout=60)[0].count("nothing to do") == 1 and again.returncode == 0
+    trained = tmp_path / "trained" / "quickdraw"
+    (trained / "7").mkdir(parents=True)
+    p = start(trained, "tfserving-3")
+    assert p.communicate(timeout=60)[0] and p.returncode == 0
+    assert [x.name for x in trained.iterdir()] == ["7"], "a volume with a version is not seeded again"
+    empty = tmp_path / "empty-image"
+    empty.mkdir()
+    src = empty
+    p = start(tmp_path / "nothing" / "quickdraw", "tfserving-4")
+    out = p.communicate(timeout=60)[0]
+    assert p.returncode != 0 and "no version" in out, out
+
+
+def test_images_and_storage_class_are_set_in_one_place() -> None:
+    """The gateway and full images come from components/images alone (gpu overlay, load-test and trainer Jobs,
+    TF Serving's model loader all run the same build); the model volume's storage class is set once, in the gpu
+    overlay, and named in deploy/README.md."""
+    component = load_yaml(K8S / "components" / "images" / "kustomization.yaml")
+    wanted = {i["name"]: f"{i['newName']}:{i['newTag']}" for i in component["images"]}
+    for k in kustomizations():
+        if k.parent != K8S / "components" / "images":
+            named = {i["name"] for i in load_yaml(k).get("images", [])}
+            assert not named & set(wanted), f"{k.relative_to(ROOT)} sets {named & set(wanted)}: only components/images"
+    used = set()
+    for target in ("overlays/gpu", "../loadtest", TRAINER):
+        for _, spec in pod_specs(render(target)):
+            for c in spec.get("initContainers", []) + spec["containers"]:
+                if not c["image"].startswith("tensorflow/serving:"):
+                    assert c["image"] in wanted.values(), (target, c["name"], c["image"])
+                    used.add(c["image"])
+    assert used == set(wanted.values())
+    pvc = find(render("overlays/gpu"), "PersistentVolumeClaim", MODELS_CLAIM)
+    cls = pvc["spec"]["storageClassName"]
+    assert f"`{cls}`" in (DEPLOY / "README.md").read_text(), "deploy/README.md names the storage class to set"
+    assert "storageClassName" not in json.dumps(render("base")), "the class is the overlay's one setting"
+
+
+def test_prometheus_operator_component_is_generated_from_deploy_prometheus() -> None:
+    """components/prometheus-operator/generated.yaml is what scripts/gen_prometheus_operator.py makes of
+    deploy/prometheus now (not stale)."""
+    import importlib.util
+
+    path = ROOT / "scripts" / "gen_prometheus_operator.py"
+    spec = importlib.util.spec_from_file_location("gen_prometheus_operator", path)
+    assert spec and spec.loader
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert gen.OUT.read_text() == gen.render(), "stale: run python scripts/gen_prometheus_operator.py"
 
 
 # --- containers -------------------------------------------------------------------------------------------------
@@ -827,6 +1133,43 @@ def test_dashboard_uses_the_recording_rules() -> None:
     assert len(ids) == len(set(ids))
 
 
+def test_alerts_are_namespace_agnostic_and_link_their_runbooks() -> None:
+    """No alert or recording rule names a namespace; every alert's runbook_url is its section of
+    docs/runbooks.md (anchor: the alert's name in lower case), and every section there is an alert's."""
+    runbooks = (ROOT / "docs" / "runbooks.md").read_text()
+    sections = set(re.findall(r"^## (\w+)\s*$", runbooks, flags=re.M))
+    alerts = [r for _, r in rule_groups() if "alert" in r]
+    for _, r in rule_groups():
+        assert "namespace=" not in re.sub(r"\s", "", r["expr"]), r.get("alert", r.get("record"))
+    for a in alerts:
+        assert a["annotations"]["runbook_url"] == f"{RUNBOOK_BASE}#{a['alert'].lower()}", a["alert"]
+        section = runbooks.split(f"## {a['alert']}\n", 1)[1].split("\n## ", 1)[0]
+        for part in ("**Means:**", "**First checks:**", "**Mitigation:**"):
+            assert part in section, (a["alert"], part)
+    assert sections == {a["alert"] for a in alerts}
+    [shedding] = [a for a in alerts if a["alert"] == "QuickdrawRejectingCalls"]
+    assert shedding["labels"]["severity"] != "page" and "ratio" in shedding["expr"]
+
+
+def test_dashboard_charts_the_autoscalers_inputs_and_tfserving() -> None:
+    """The autoscaling row charts what the HPAs read (the gateway's CPU per pod, as prometheus-adapter computes
+    quickdraw_gateway_cpu_cores; the outstanding batches of the TF Serving HPA), not calls in flight; TF Serving's
+    own latency and batching, and DCGM's GPU utilisation, have panels."""
+    dash = json.loads((DEPLOY / "grafana" / "quickdraw.json").read_text())
+    exprs = " ".join(t["expr"] for p in dash["panels"] for t in p.get("targets", []))
+    recorded = {r["record"]: r["expr"] for r in recording_rules()}
+    used = set(re.findall(r"[a-z_]+:[a-z0-9_]+:[a-z0-9_]+", exprs))
+    cpu_series = {name for name in used if "process_cpu_seconds_total" in recorded.get(name, "")}
+    [adapter_cpu] = [r for kind, r in adapter_rules() if adapter_name(r) == "quickdraw_gateway_cpu_cores"]
+    assert cpu_series and "process_cpu_seconds_total" in adapter_cpu["seriesQuery"], cpu_series
+    assert "job:quickdraw_inflight_batches:sum" in used  # the TF Serving HPA's input
+    assert "job:quickdraw_inflight_requests:avg_per_pod" not in used, "no HPA reads calls in flight"
+    tfs = {n for n in used if ":tensorflow:serving:" in recorded.get(n, "")}
+    assert any("request_latency" in recorded[n] for n in tfs) and any("queuing_latency" in recorded[n] for n in tfs)
+    assert any("wrapped_run_count" in recorded[n] for n in tfs)
+    assert "DCGM_FI_DEV_GPU_UTIL" in exprs
+
+
 # --- a real Prometheus scraping a real gateway ------------------------------------------------------------------
 
 
@@ -852,7 +1195,7 @@ def test_loadtest_job_runs_quickdraw_commands_that_parse() -> None:
 
     [job] = [o for o in render("../loadtest") if o["kind"] == "Job"]
     spec = job["spec"]["template"]["spec"]
-    gw_image = container(find(render("overlays/cpu"), "Deployment", "quickdraw-gateway"), "gateway")["image"]
+    gw_image = container(find(render("overlays/gpu"), "Deployment", "quickdraw-gateway"), "gateway")["image"]
     commands = []
     for c in spec["initContainers"] + spec["containers"]:
         assert c["image"] == gw_image and "command" not in c, c["name"]  # the image's ENTRYPOINT: quickdraw
@@ -959,12 +1302,93 @@ def test_adapter_rule_promql_returns_a_value(prometheus_on_gateway: tuple[str, s
             result = wait_for(base, promql)
 
 
-@pytest.mark.parametrize("index", range(len(recording_rules())), ids=[r["record"] for r in recording_rules()])
+@pytest.mark.parametrize("index", range(len(gateway_recording_rules())),
+                         ids=[r["record"] for r in gateway_recording_rules()])  # fmt: skip
 def test_recording_rule_promql_returns_a_value(prometheus_on_gateway: tuple[str, str], index: int) -> None:
-    """Each recording rule's expression answers with finite values, and Prometheus records it under its name."""
+    """Each recording rule over the gateway's series answers with finite values, and Prometheus records it under
+    its name (TF Serving's: test_tfserving_recording_rules_answer_from_tf_servings_metrics)."""
     base, _ = prometheus_on_gateway
-    rule = recording_rules()[index]
+    rule = gateway_recording_rules()[index]
     result = wait_for(base, rule["expr"])
     assert all(s["metric"].get("namespace") == "quickdraw" for s in result), result
     recorded = wait_for(base, rule["record"])
     assert recorded, rule["record"]
+
+
+def test_tfserving_recording_rules_answer_from_tf_servings_metrics(promtool: Path, tmp_path: Path) -> None:
+    """The dashboard's TF Serving rules, evaluated by a real Prometheus scraping the TF Serving stand-in
+    (tests/tfserving_standin.py: TF Serving's metric names, units and exposition) through the tfserving scrape job
+    and relabelling of deploy/prometheus/prometheus.yml, with deploy/tfserving's batching and monitoring config,
+    while Predict calls arrive: each answers a finite value under its name, latencies in seconds."""
+    from google.protobuf import text_format
+    from tfserving_standin import TFServingStandIn
+
+    from quickdraw.tfserving_schema import batching_parameters_pb2, monitoring_config_pb2
+    from service import tfs
+    from service.tensors import from_numpy
+
+    if not find_versions(SHIPPED_MODEL):
+        pytest.skip(f"no SavedModel under {SHIPPED_MODEL}")
+    rules = [r for r in recording_rules() if ":tensorflow:" in r["expr"]]
+    assert rules
+    batching = text_format.Parse((DEPLOY / "tfserving" / "batching.config").read_text(),
+                                 batching_parameters_pb2.BatchingParameters())  # fmt: skip
+    monitoring = text_format.Parse((DEPLOY / "tfserving" / "monitoring.config").read_text(),
+                                   monitoring_config_pb2.MonitoringConfig())  # fmt: skip
+    rest = free_port()
+    pod = "tfserving-7c9d8b6f5-abcde"
+    config = load_yaml(PROM / "prometheus.yml")
+    target = (f"127.0.0.1:{rest}", pod_meta_labels("tfserving", "http", pod))
+    live = with_static_discovery(config, {"tfserving": target})
+    live["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    live["rule_files"] = [str(PROM / f) for f in config["rule_files"]]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(live, sort_keys=False))
+    port = free_port()
+    stop = threading.Event()
+    with TFServingStandIn(SHIPPED_MODEL, batching_parameters=batching, rest_api_port=rest,
+                          monitoring_config=monitoring, enable_model_warmup=False) as standin:  # fmt: skip
+
+        def load() -> None:
+            import grpc
+
+            with grpc.insecure_channel(standin.target) as ch:
+                stub = tfs.PredictionServiceStub(ch)
+                rows = np.zeros((4, 28, 28, 1), np.uint8)
+                while not stop.is_set():
+                    req = tfs.PredictRequest(output_filter=["probabilities"])
+                    req.model_spec.name = "quickdraw"
+                    req.inputs["image"].CopyFrom(from_numpy(rows))
+                    stub.Predict(req, timeout=10)
+
+        threads = [threading.Thread(target=load, daemon=True) for _ in range(2)]
+        for t in threads:
+            t.start()
+        with (tmp_path / "prometheus.log").open("w") as log:
+            server = subprocess.Popen(
+                [str(promtool / "prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}",
+                 f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            base = f"http://127.0.0.1:{port}"
+            try:
+                deadline = time.monotonic() + 60
+                while True:
+                    assert server.poll() is None, (tmp_path / "prometheus.log").read_text()[-3000:]
+                    with contextlib.suppress(OSError):
+                        if query(base, 'up{job="tfserving"} == 1'):
+                            break
+                    assert time.monotonic() < deadline, "Prometheus never scraped the stand-in"
+                    time.sleep(0.5)
+                for rule in rules:
+                    [sample] = wait_for(base, rule["expr"])
+                    value = float(sample["value"][1])
+                    assert sample["metric"]["namespace"] == "quickdraw" and value > 0, (rule["record"], sample)
+                    if "seconds" in rule["record"]:
+                        assert value < 10, (rule["record"], value, "microseconds not converted")
+                    assert wait_for(base, rule["record"]), rule["record"]
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join(timeout=30)
+                server.terminate()
+                server.wait(timeout=30)

@@ -390,3 +390,116 @@ def test_make_protos_reproduces_the_descriptor_set(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     rel = Path("service") / "oip" / "oip.binpb"
     assert (tmp_path / rel).read_bytes() == (ROOT / rel).read_bytes(), f"{rel} is stale: run `make protos`"
+
+
+# --- Triton's model configuration and statistics extensions; JSON errors on every route ------------------------
+
+
+def _stats_totals(stats: object) -> dict[str, int]:
+    """Sums over every version of a ModelStatistics answer (gRPC message or HTTP JSON), as plain ints."""
+    if not isinstance(stats, dict):
+        from google.protobuf import json_format
+
+        stats = json_format.MessageToDict(stats, preserving_proto_field_name=True)
+    totals = {"inference_count": 0, "execution_count": 0, "success": 0, "fail": 0, "success_ns": 0, "phases_ns": 0,
+              "batch_2": 0}  # fmt: skip
+    for s in stats["model_stats"]:  # type: ignore[index]
+        totals["inference_count"] += int(s.get("inference_count", 0))
+        totals["execution_count"] += int(s.get("execution_count", 0))
+        inf = s.get("inference_stats", {})
+        totals["success"] += int(inf.get("success", {}).get("count", 0))
+        totals["fail"] += int(inf.get("fail", {}).get("count", 0))
+        totals["success_ns"] += int(inf.get("success", {}).get("ns", 0))
+        totals["phases_ns"] += sum(int(inf.get(p, {}).get("ns", 0)) for p in ("compute_input", "compute_infer",
+                                                                                "compute_output"))  # fmt: skip
+        totals["batch_2"] += sum(int(b.get("compute_infer", {}).get("count", 0)) for b in s.get("batch_stats", [])
+                                 if int(b["batch_size"]) == 2)  # fmt: skip
+    return totals
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[object]:
+    """A ``quickdraw serve`` process (embedded backend, the shipped model, free ports; ~5 s to start)."""
+    from faults import gateway
+
+    with gateway("--backend", "embedded", "--model-dir", str(SHIPPED_MODEL), "--max-drawings-per-request", "64") as gw:
+        yield gw
+
+
+def test_model_config_and_statistics_through_tritonclient(served: object, images: np.ndarray) -> None:
+    """Against a ``quickdraw serve`` process, tritonclient's get_model_config and get_inference_statistics answer
+    over gRPC and HTTP (what perf_analyzer and Model Analyzer ask first), and the statistics count what the gateway
+    did: 3 gRPC calls of 2 drawings, one HTTP call of 4, and one refused call (a wrong shape) move the counts by
+    exactly that."""
+    from tritonclient.grpc import model_config_pb2
+
+    g = tritongrpc.InferenceServerClient(served.target)  # type: ignore[attr-defined]
+    h = tritonhttp.InferenceServerClient(f"127.0.0.1:{served.http_port}", connection_timeout=30,  # type: ignore[attr-defined]
+                                         network_timeout=60)  # fmt: skip
+    meta = h.get_model_metadata(MODEL)
+    versions, labels = [int(v) for v in meta["versions"]], meta["outputs"][0]["shape"][1]
+    config = g.get_model_config(MODEL).config
+    assert (config.name, config.max_batch_size, config.platform) == (MODEL, 64, "tensorflow_savedmodel")
+    assert [(i.name, i.data_type, list(i.dims), i.optional) for i in config.input] == [
+        ("image", model_config_pb2.TYPE_UINT8, [28, 28, 1], False),
+        ("encoded_image", model_config_pb2.TYPE_STRING, [1], True),
+        ("strokes", model_config_pb2.TYPE_STRING, [1], True)]  # fmt: skip
+    assert (config.output[0].name, list(config.output[0].dims)) == ("probabilities", [labels])
+    assert config.HasField("dynamic_batching")
+    assert list(config.version_policy.specific.versions) == versions
+    default = int(config.parameters["default_version"].string_value)
+    as_json = h.get_model_config(MODEL, str(default))
+    assert as_json["max_batch_size"] == 64 and as_json["input"][0]["data_type"] == "TYPE_UINT8"
+    assert as_json["input"][0]["dims"] == [28, 28, 1]
+    for client in (g, h):
+        with pytest.raises(InferenceServerException, match="unknown model"):
+            client.get_model_config("nope")
+        with pytest.raises(InferenceServerException, match="unknown model"):
+            client.get_inference_statistics("nope")
+
+    before_g, before_h = _stats_totals(g.get_inference_statistics(MODEL)), _stats_totals(h.get_inference_statistics())
+    assert before_g == before_h, "both protocols report the same counts"
+    for i in range(3):
+        infer_probs(g, tritongrpc, images[2 * i : 2 * i + 2])
+    infer_probs(h, tritonhttp, images[:4])
+    wrong = tritongrpc.InferInput("image", [1, 28, 28], "UINT8")
+    wrong.set_data_from_numpy(images[:1, :, :, 0])
+    with pytest.raises(InferenceServerException, match="unexpected shape"):
+        g.infer(MODEL, [wrong])
+    after_g = _stats_totals(g.get_inference_statistics(MODEL))
+    after_h = _stats_totals(h.get_inference_statistics(MODEL))
+    assert after_g == after_h
+    delta = {k: after_g[k] - before_g[k] for k in after_g}
+    print(f"\nstatistics moved by {delta}")
+    assert (delta["inference_count"], delta["execution_count"], delta["success"], delta["fail"]) == (10, 4, 4, 1)
+    assert delta["batch_2"] == 3
+    assert 0 < delta["phases_ns"] <= delta["success_ns"], "the phases are parts of each successful call"
+    per_version = h.get_inference_statistics(MODEL, str(default))["model_stats"]
+    assert [s["version"] for s in per_version] == [str(default)]
+    assert per_version[0]["last_inference"] > 1_600_000_000_000  # ms since the epoch
+
+
+def test_unknown_routes_answer_json_errors(embedded: RunningGateway) -> None:
+    """Every unknown route (and a wrong method) answers JSON, never aiohttp's text/plain: under /v2 in the same
+    error object as the protocol's other errors, elsewhere in /v1's."""
+    import urllib.error
+    import urllib.request
+
+    base = f"http://127.0.0.1:{embedded.app.http_port}"
+
+    def refused(path: str, method: str = "GET") -> tuple[int, str, dict[str, object]]:
+        req = urllib.request.Request(base + path, method=method, data=b"{}" if method == "POST" else None)
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(req, timeout=10)
+        return info.value.code, info.value.headers["Content-Type"], json.loads(info.value.read())
+
+    _, kind, known = refused("/v2/models/nope")  # the protocol's own error: the shape to match
+    assert kind.startswith("application/json")
+    for path, method, status in (("/v2/nope", "GET", 404), ("/v2/models/quickdraw/nope", "GET", 404),
+                                 ("/v2/models/quickdraw/versions/1/infer/x", "POST", 404),
+                                 ("/v2/health/live", "POST", 405)):  # fmt: skip
+        code, kind, body = refused(path, method)
+        assert code == status and kind.startswith("application/json"), (path, code, kind)
+        assert set(body) == set(known) and isinstance(body["error"], str) and path in body["error"], body
+    code, kind, body = refused("/no/such/route")
+    assert code == 404 and kind.startswith("application/json") and body["error"]["status"] == "NOT_FOUND"  # type: ignore[index]

@@ -2,7 +2,8 @@
 
 ``oip.binpb`` is a ``FileDescriptorSet`` compiled by ``make protos`` from the proto vendored under
 ``protos/third_party/kserve/`` (the protocol's ``open_inference_grpc.proto``, package ``inference``, plus Triton's
-``ModelStreamInfer``). It is added to a private ``DescriptorPool``: ``tritonclient`` and the ``kserve`` SDK
+``ModelStreamInfer``, ``ModelConfig`` and ``ModelStatistics``: ``triton_extensions.proto``). It is added to a
+private ``DescriptorPool``: ``tritonclient`` and the ``kserve`` SDK
 register the same ``inference.*`` names in protobuf's default pool, from files of other names, and a second
 registration there would clash (and tests run a client and the gateway in one process). The classes here are
 not the clients' classes: pass bytes between the two.
@@ -50,6 +51,10 @@ ModelInferRequest: Any = message_class("inference.ModelInferRequest")
 ModelInferResponse: Any = message_class("inference.ModelInferResponse")
 ModelStreamInferResponse: Any = message_class("inference.ModelStreamInferResponse")
 InferParameter: Any = message_class("inference.InferParameter")
+ModelConfigRequest: Any = message_class("inference.ModelConfigRequest")
+ModelConfigResponse: Any = message_class("inference.ModelConfigResponse")
+ModelStatisticsRequest: Any = message_class("inference.ModelStatisticsRequest")
+ModelStatisticsResponse: Any = message_class("inference.ModelStatisticsResponse")
 
 #: Every method of the service as the vendored proto declares it: (name, request class, response class, streaming).
 METHODS: tuple[tuple[str, Any, Any, bool], ...] = tuple(

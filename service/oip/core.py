@@ -35,12 +35,22 @@ violations as details:
   Expected [-1,28,28,1], got [...]. ...``; data of another size: ``input byte size mismatch ...``;
 - an image that does not decode, strokes that break a limit: INVALID_ARGUMENT with the gateway's own message;
 - an unknown output: INVALID_ARGUMENT ``unexpected inference output 'x' for model 'quickdraw'``.
+
+Triton's model configuration and statistics extensions (what perf_analyzer and Model Analyzer ask first):
+:meth:`Surface.model_config` describes the model as a Triton ``ModelConfig`` (dims without the batch dimension,
+``max_batch_size`` the gateway's ``max_drawings_per_request``, ``encoded_image`` and ``strokes`` optional, so
+tools send ``image``), and :meth:`Surface.model_statistics` reports what this surface did, per version, from
+every ModelInfer/ModelStreamInfer and HTTP infer call (:class:`Statistics`): ``inference_count`` drawings
+answered, ``execution_count`` calls answered, success and fail counts with their total nanoseconds, and the
+three phases of a successful call: ``compute_input`` (checks, decoding, rendering), ``compute_infer`` (the
+gateway's batcher queue and the backend: not separable per call, so ``queue`` stays 0) and ``compute_output``.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -79,6 +89,83 @@ NUMPY_TYPES: dict[str, Any] = {
     "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
     "FP32": np.float32, "FP64": np.float64, "BYTES": np.object_,
 }  # fmt: skip
+
+
+#: The protocol's datatypes as Triton's model configuration names them.
+CONFIG_TYPES = {"UINT8": "TYPE_UINT8", "BYTES": "TYPE_STRING", "FP32": "TYPE_FP32"}
+
+
+@dataclass
+class Duration:
+    """Triton's StatisticDuration: how many, and their total nanoseconds."""
+
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int) -> None:
+        """One more, that took ``ns``."""
+        self.count += 1
+        self.ns += ns
+
+    def as_dict(self) -> dict[str, int]:
+        """As Triton's JSON writes it."""
+        return {"count": self.count, "ns": self.ns}
+
+
+#: The phases of InferStatistics, in Triton's order.
+PHASES = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")
+
+
+@dataclass
+class VersionStatistics:
+    """What one model version answered through this surface (Triton's ModelStatistics)."""
+
+    last_inference_ms: int = 0  # wall clock, ms since the epoch, of the last call answered
+    inference_count: int = 0  # drawings answered OK
+    execution_count: int = 0  # calls answered OK
+    phases: dict[str, Duration] = field(default_factory=lambda: {p: Duration() for p in PHASES})
+    #: batch size -> (compute_input, compute_infer, compute_output) of the calls of that many drawings
+    batches: dict[int, tuple[Duration, Duration, Duration]] = field(default_factory=dict)
+
+    def as_dict(self, name: str, version: str) -> dict[str, Any]:
+        """Triton's ModelStatistics as JSON (also what the gRPC side parses into its message)."""
+        return {
+            "name": name, "version": version, "last_inference": self.last_inference_ms,
+            "inference_count": self.inference_count, "execution_count": self.execution_count,
+            "inference_stats": {p: d.as_dict() for p, d in self.phases.items()},
+            "batch_stats": [{"batch_size": n, "compute_input": i.as_dict(), "compute_infer": f.as_dict(),
+                             "compute_output": o.as_dict()} for n, (i, f, o) in sorted(self.batches.items())],
+        }  # fmt: skip
+
+
+class Statistics:
+    """Per-version counts of the inference calls this surface answered (one event loop: no locking)."""
+
+    def __init__(self) -> None:
+        self.versions: dict[int, VersionStatistics] = {}
+
+    def of(self, version: int) -> VersionStatistics:
+        """The statistics of ``version`` (zeros until it answers)."""
+        return self.versions.setdefault(version, VersionStatistics())
+
+    def succeeded(
+        self, version: int, drawings: int, total_ns: int, input_ns: int, infer_ns: int, output_ns: int
+    ) -> None:
+        """A call of ``drawings`` answered OK by ``version``, with the time of each phase."""
+        st = self.of(version)
+        st.last_inference_ms = time.time_ns() // 1_000_000
+        st.inference_count += drawings
+        st.execution_count += 1
+        st.phases["success"].add(total_ns)
+        for phase, ns in (("compute_input", input_ns), ("compute_infer", infer_ns), ("compute_output", output_ns)):
+            st.phases[phase].add(ns)
+        batch = st.batches.setdefault(drawings, (Duration(), Duration(), Duration()))
+        for d, ns in zip(batch, (input_ns, infer_ns, output_ns), strict=True):
+            d.add(ns)
+
+    def failed(self, version: int, total_ns: int) -> None:
+        """A call for ``version`` that ended in an error."""
+        self.of(version).phases["fail"].add(total_ns)
 
 
 def server_version() -> str:
@@ -179,6 +266,8 @@ class Surface(GatewaySlot):
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
+        #: What the inference calls through this surface did, per version (ModelStatistics).
+        self.statistics = Statistics()
         #: Whether the gateway serves now (set by the composition root: the model's versions and the backend).
         self.is_ready: Callable[[], bool] = lambda: self._gateway is not None
 
@@ -230,6 +319,44 @@ class Surface(GatewaySlot):
             },
         }  # fmt: skip
 
+    # --- Triton's model configuration and statistics extensions -------------------------------------------------
+
+    def model_config(self, name: str, version: str) -> dict[str, Any]:
+        """ModelConfig: the model as Triton's model configuration (JSON; the gRPC side parses it into its message).
+        Dims leave out the batch dimension, as with ``max_batch_size`` > 0 in Triton."""
+        self.version(name, version)
+        gateway = self.gateway
+        model = gateway.model
+        inputs = [{"name": n, "data_type": CONFIG_TYPES[d], "format": "FORMAT_NONE", "dims": dims[1:] or [1],
+                   "optional": n != IMAGE} for n, (d, dims) in INPUTS.items()]  # fmt: skip
+        outputs = [{"name": PROBABILITIES, "data_type": "TYPE_FP32", "dims": [len(model.labels)],
+                    "label_filename": "labels.txt"}]  # fmt: skip
+        if model.ood is not None:
+            outputs.append({"name": KNOWN_SCORE, "data_type": "TYPE_FP32", "dims": [1]})
+        return {
+            "name": model.name,
+            "platform": PLATFORM,
+            "backend": "tensorflow",
+            "version_policy": {"specific": {"versions": list(model.versions)}},
+            "max_batch_size": gateway.limits.max_drawings_per_request,
+            "input": inputs,
+            "output": outputs,
+            "dynamic_batching": {},  # the gateway's batcher merges calls into backend batches
+            "parameters": {"default_version": {"string_value": str(model.default_version)},
+                           "inputs": {"string_value": f"exactly one of {', '.join(INPUTS)} per request"}},
+        }  # fmt: skip
+
+    def model_statistics(self, name: str, version: str) -> list[dict[str, Any]]:
+        """ModelStatistics: every served version's (or the one named), of this model (or, with no name, of every
+        model: this one)."""
+        model = self.gateway.model
+        if name == "" and version == "":
+            versions = list(model.versions)
+        else:
+            v = self.version(name, version)
+            versions = list(model.versions) if version == "" or v == ANY_VERSION else [v]
+        return [self.statistics.of(v).as_dict(model.name, str(v)) for v in versions]
+
     # --- versions ----------------------------------------------------------------------------------------------
 
     def version(self, name: str, version: str) -> int:
@@ -257,8 +384,18 @@ class Surface(GatewaySlot):
 
     async def infer(self, call: InferCall, deadline_s: float | None) -> InferAnswer:
         """Check the request as Triton does, run it through the gateway, and build the outputs."""
+        started = time.perf_counter_ns()
         gateway = self.gateway
-        version = self.version(call.model_name, call.model_version)
+        version = self.version(call.model_name, call.model_version)  # unknown models and versions count nowhere
+        counted = gateway.model.default_version if version == ANY_VERSION else version
+        try:
+            return await self._infer(call, deadline_s, version, started)
+        except BaseException:
+            self.statistics.failed(counted, time.perf_counter_ns() - started)
+            raise
+
+    async def _infer(self, call: InferCall, deadline_s: float | None, version: int, started: int) -> InferAnswer:
+        gateway = self.gateway
         prefix = f"[request id: {call.id or '<id_unknown>'}] "
         name = gateway.model.name
         outputs = self._outputs(call, prefix, name)
@@ -300,12 +437,19 @@ class Surface(GatewaySlot):
         backend_k = None if wants_tensor or not top_k else top_k
         if tensor.name == IMAGE:
             images = self._bitmaps(tensor, n, prefix, name)
+            inferring = time.perf_counter_ns()
             answered = await gateway.answer_bitmaps(images, version, deadline_s, backend_k)
         else:
             request = self._drawings(tensor, n)
             prepared = await self._prepare(gateway, request, tensor.name, deadline_s)
+            inferring = time.perf_counter_ns()
             answered = await gateway._answer(prepared.images, version, deadline_s, backend_k)  # as predict() does
-        return InferAnswer(name, str(answered.version), call.id, self._build(outputs, answered, prefix, name))
+        building = time.perf_counter_ns()
+        answer = InferAnswer(name, str(answered.version), call.id, self._build(outputs, answered, prefix, name))
+        done = time.perf_counter_ns()
+        self.statistics.succeeded(answered.version, n, done - started, inferring - started, building - inferring,
+                                  done - building)  # fmt: skip
+        return answer
 
     def _outputs(self, call: InferCall, prefix: str, name: str) -> list[OutputRequest]:
         """The outputs asked for (all when none): known names, and a classification count in range."""

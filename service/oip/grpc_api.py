@@ -2,7 +2,8 @@
 
 ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer, and Triton's ModelStreamInfer
 (each request answered by one ``ModelStreamInferResponse``, with ``error_message`` set instead of failing the
-stream, as Triton does). The model and its errors are ``service.oip.core``'s. ModelInfer takes its request as
+stream, as Triton does), ModelConfig and ModelStatistics (Triton's extensions, for perf_analyzer and Model
+Analyzer). The model and its errors are ``service.oip.core``'s. ModelInfer takes its request as
 bytes, counted on the wire before parsing (:func:`check_infer`), as Predict and Classify do; its answer puts
 every output in ``raw_output_contents``, as Triton does. Latency is recorded by method (``ModelInfer``,
 ``ModelStreamInfer``, ...) and code, as for the other APIs.
@@ -16,6 +17,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 from grpc_status import rpc_status
 
 from service import oip, wire
@@ -146,6 +148,18 @@ class InferenceService:
                 getattr(resp, key).add(**t)
         resp.properties.update(meta["properties"])
         return resp
+
+    @_unary("ModelConfig")
+    async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Triton's model configuration extension (``service.oip.core``: Surface.model_config)."""
+        config = self.surface.model_config(request.name, request.version)
+        return json_format.ParseDict({"config": config}, oip.ModelConfigResponse())
+
+    @_unary("ModelStatistics")
+    async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Triton's statistics extension: what this gateway's inference calls did, per version."""
+        stats = self.surface.model_statistics(request.name, request.version)
+        return json_format.ParseDict({"model_stats": stats}, oip.ModelStatisticsResponse())
 
     @_unary("ModelInfer")
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
