@@ -61,7 +61,7 @@ from google.protobuf import json_format
 from numpy.typing import NDArray
 
 from doodle import BITMAP_SIDE
-from doodle.contract import KNOWN_SCORE, OUTPUT_KEY
+from doodle.contract import KNOWN_SCORE, LABELS_PATH, OUTPUT_KEY
 from quickdraw.v1 import classifier_pb2 as pb
 from service.api import Gateway, GatewaySlot
 from service.backends import ANY_VERSION, Answered, TopK
@@ -330,7 +330,7 @@ class Surface(GatewaySlot):
         inputs = [{"name": n, "data_type": CONFIG_TYPES[d], "format": "FORMAT_NONE", "dims": dims[1:] or [1],
                    "optional": n != IMAGE} for n, (d, dims) in INPUTS.items()]  # fmt: skip
         outputs = [{"name": PROBABILITIES, "data_type": "TYPE_FP32", "dims": [len(model.labels)],
-                    "label_filename": "labels.txt"}]  # fmt: skip
+                    "label_filename": LABELS_PATH.name}]  # fmt: skip
         if model.ood is not None:
             outputs.append({"name": KNOWN_SCORE, "data_type": "TYPE_FP32", "dims": [1]})
         return {
