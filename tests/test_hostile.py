@@ -70,6 +70,10 @@ DEADLINE_S = 10.0
 #: "At once": every call here is refused or answered (a few drawings at most) well under a second; was 5 s, which
 #: would have passed a gateway that stalled for seconds.
 PROMPT_S = 1.0
+#: The same for a call that sends megabytes (a 4 MiB message, a 16 MiB body): the client serializes and writes it
+#: in this process, beside the in-process gateway, so its own share is counted too (one took 1.02 s in a full run
+#: on 2 cores).
+PROMPT_LARGE_S = 2.0
 FUZZ_EXAMPLES = int(os.environ.get("QUICKDRAW_FUZZ_EXAMPLES", "40"))
 FUZZ = settings(
     max_examples=FUZZ_EXAMPLES,
@@ -736,7 +740,7 @@ def test_grpc_message_over_max_message_bytes_is_refused_by_grpc(api: Api, gw: Ru
     t0 = time.perf_counter()
     with pytest.raises(grpc.RpcError) as err:
         list(api.stream(iter([pb.ClassifyStreamRequest(id="big", request=big_image)]), timeout=DEADLINE_S))
-    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.perf_counter() - t0 < PROMPT_S
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.perf_counter() - t0 < PROMPT_LARGE_S
     api.healthy()
     # Under max_message_bytes but over max_image_bytes: our own refusal, naming the setting.
     image = pb.ClassifyRequest(drawings=[pb.Drawing(image=pb.EncodedImage(data=bytes(LIMITS.max_image_bytes + 1)))])
@@ -748,7 +752,7 @@ def test_grpc_message_over_max_message_bytes_is_refused_by_grpc(api: Api, gw: Ru
 def test_http_body_over_the_limit_is_413(api: Api, gw: RunningGateway) -> None:
     """A body over 4 x max_message_bytes is a 413, before it is parsed."""
     status, body, elapsed = api.post(b" " * (4 * gw.settings.max_message_bytes + 1))
-    assert (status, body["error"]["status"]) == (413, "RESOURCE_EXHAUSTED") and elapsed < PROMPT_S
+    assert (status, body["error"]["status"]) == (413, "RESOURCE_EXHAUSTED") and elapsed < PROMPT_LARGE_S
 
 
 def test_http_body_whose_protobuf_is_over_max_message_bytes_is_413_without_stalling_grpc(
@@ -778,7 +782,7 @@ def test_http_body_whose_protobuf_is_over_max_message_bytes_is_413_without_stall
         stop.set()
         pinger.join()
     assert (status, answer["error"]["status"]) == (413, "RESOURCE_EXHAUSTED"), answer
-    assert f"max_message_bytes={limit}" in answer["error"]["message"] and elapsed < PROMPT_S
+    assert f"max_message_bytes={limit}" in answer["error"]["message"] and elapsed < PROMPT_LARGE_S
     assert worst[0] < 3.0, f"health checks waited up to {worst[0]:.2f}s while the body was parsed"
     # An image just over max_message_bytes as protobuf, well under the JSON limit: 413 as gRPC would answer.
     big = json.dumps(json_format.MessageToDict(pb.ClassifyRequest(
@@ -936,7 +940,7 @@ def test_a_million_points(api: Api) -> None:
     assert out.code == grpc.StatusCode.INVALID_ARGUMENT and out.fields == ["drawings[0].strokes.strokes[0]"]
     status, body, elapsed = api.post(json.dumps({"drawings": [{"strokes": {"strokes": [{"x": million,
                                                                                         "y": million}]}}]}).encode())
-    assert (status, body["error"]["status"]) == (413, "RESOURCE_EXHAUSTED") and elapsed < PROMPT_S
+    assert (status, body["error"]["status"]) == (413, "RESOURCE_EXHAUSTED") and elapsed < PROMPT_LARGE_S
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
