@@ -46,6 +46,7 @@ from service.errors import (
     to_rpc_status,
 )
 from service.metrics import Metrics
+from service.streams import StreamSlots
 from service.validation import BitmapIn, ClassifyIn, ImageIn, Kind, Limits, render, validate
 from service.wire import Wire
 
@@ -429,13 +430,14 @@ class ClassifierService(GatewaySlot, pb_grpc.ClassifierServicer):
     """The gRPC adapter over ``Gateway``."""
 
     def __init__(
-        self, metrics: Metrics, max_message_bytes: int, gateway: Gateway | None = None, max_open_streams: int = 1000
-    ) -> None:
+        self, metrics: Metrics, max_message_bytes: int, gateway: Gateway | None = None,
+        streams: StreamSlots | None = None,
+    ) -> None:  # fmt: skip
         self.metrics = metrics
         self._gateway = gateway
         self._max_message_bytes = max_message_bytes
-        self._max_open_streams = max_open_streams
-        self._open_streams = 0
+        #: The open-stream cap this door shares with every other streaming door (service.streams).
+        self.streams = streams or StreamSlots(1000)
 
     @_unary("Classify")
     async def Classify(
@@ -464,23 +466,17 @@ class ClassifierService(GatewaySlot, pb_grpc.ClassifierServicer):
         refusal: ServiceError | None = None
         if gateway is None:
             refusal = Unavailable("the model is still loading; retry shortly")
-        elif self._open_streams >= self._max_open_streams:
-            refusal = ResourceExhausted(
-                f"{self._open_streams} ClassifyStream calls are open, the limit of max_open_streams="
-                f"{self._max_open_streams}; close idle streams, or retry later"
-            )
+        else:
+            refusal = self.streams.refusal("ClassifyStream")
         if refusal is not None or gateway is None:
             refusal = refusal or Unavailable("the model is still loading; retry shortly")
             with Observed(self.metrics, "ClassifyStream") as call:
                 call.fail(refusal)
             await context.abort_with_status(rpc_status.to_status(to_rpc_status(refusal)))
             return
-        self._open_streams += 1
-        try:
+        with self.streams.held():
             async for answer in self._stream(gateway, request_iterator, context):
                 yield answer
-        finally:
-            self._open_streams -= 1
 
     async def _stream(
         self, gateway: Gateway, request_iterator: AsyncIterator[pb.ClassifyStreamRequest | bytes],

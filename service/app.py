@@ -41,6 +41,7 @@ from service.lograte import LogRate
 from service.metrics import Metrics
 from service.oip import grpc_api as oip_grpc
 from service.settings import Settings
+from service.streams import StreamSlots
 from service.validation import Limits
 
 log = logging.getLogger(__name__)
@@ -201,7 +202,8 @@ class App:
         interceptors = security.grpc_interceptors(s, self._auth, self.metrics)
         self._server = grpc.aio.server(options=options, interceptors=interceptors,
                                        maximum_concurrent_rpcs=s.max_concurrent_rpcs)  # fmt: skip
-        service = ClassifierService(self.metrics, s.max_message_bytes, max_open_streams=s.max_open_streams)
+        streams = StreamSlots(s.max_open_streams)  # one cap for every streaming door (service.streams)
+        service = ClassifierService(self.metrics, s.max_message_bytes, streams=streams)
         api.add_to_server(service, self._server)
         names: tuple[str, ...] = (SERVICE_NAME,)
         tfs = None
@@ -210,7 +212,7 @@ class App:
             tfs = tfserving_api.add_to_server(self._server, self.metrics, label)
             names += (tfserving_api.PREDICTION_SERVICE, tfserving_api.MODEL_SERVICE)
         # the Open Inference Protocol (KServe v2): gRPC here, /v2/... on the HTTP port (service.oip_http)
-        self._oip = oip_grpc.add_to_server(self._server, self.metrics)
+        self._oip = oip_grpc.add_to_server(self._server, self.metrics, streams)
         self._oip.is_ready = lambda: self._model_serving and self._backend_state.ready
         self._http.oip = self._oip
         names += (oip_protos.SERVICE,)

@@ -87,8 +87,9 @@ class Settings(BaseSettings):
         "gRPC answers RESOURCE_EXHAUSTED at once",
     )  # fmt: skip
     max_open_streams: int = Field(
-        1000, ge=1, description="most ClassifyStream calls open at once; beyond it a new stream gets "
-        "RESOURCE_EXHAUSTED, leaving room under max_concurrent_rpcs for unary calls and health checks",
+        1000, ge=1, description="most streams open at once, ClassifyStream and the OIP's ModelStreamInfer together; "
+        "beyond it a new stream gets RESOURCE_EXHAUSTED, leaving room under max_concurrent_rpcs for unary calls and "
+        "health checks",
     )  # fmt: skip
     http_keepalive_timeout_s: float = Field(
         15.0, gt=0.0, description="close an HTTP connection that has been idle this long between requests"

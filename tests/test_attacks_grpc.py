@@ -265,12 +265,15 @@ def test_broadcast_predict_is_refused(gw: AttackedGateway) -> None:
 
 
 def test_idle_streams_are_capped(gw: AttackedGateway) -> None:
-    """Idle ClassifyStream calls over 20 connections: each connection carries at most 1,000 streams (HTTP/2
-    SETTINGS_MAX_CONCURRENT_STREAMS) and the gateway keeps at most --max-open-streams open (300 on this
-    gateway; 1,000 by default); the rest get RESOURCE_EXHAUSTED at once, and health still answers."""
+    """Idle streams over 20 connections, half of them ClassifyStream and half the OIP's ModelStreamInfer: each
+    connection carries at most 1,000 streams (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS) and the gateway keeps at
+    most --max-open-streams open, both doors together (300 on this gateway; 1,000 by default); the rest get
+    RESOURCE_EXHAUSTED at once, whichever door they came by, and grpc health and OIP ServerLive still answer
+    while they are open (ModelStreamInfer was once outside the cap: 4,500 idle ones refused every health check)."""
     opened, connections, per_connection = 400, 20, 20
+    methods = ("/quickdraw.v1.Classifier/ClassifyStream", "/inference.GRPCInferenceService/ModelStreamInfer")
 
-    async def main() -> tuple[list[str], float]:
+    async def main() -> tuple[list[tuple[str, str]], float, bytes]:
         channels = [grpc.aio.insecure_channel(gw.target, options=[("grpc.channel_id", i)]) for i in range(connections)]
         never: asyncio.Event = asyncio.Event()
 
@@ -281,29 +284,35 @@ def test_idle_streams_are_capped(gw: AttackedGateway) -> None:
         calls = []
         for i in range(opened):
             ch = channels[i // per_connection]
-            method = ch.stream_stream("/quickdraw.v1.Classifier/ClassifyStream", request_serializer=_identity,
-                                      response_deserializer=_identity)  # fmt: skip
-            calls.append(method(nothing(), timeout=30))
+            method = ch.stream_stream(methods[i % 2], request_serializer=_identity, response_deserializer=_identity)
+            calls.append((methods[i % 2].rsplit("/", 1)[1], method(nothing(), timeout=30)))
         await asyncio.sleep(2.0)
         rss_during = gw.rss_mib()
+        async with grpc.aio.insecure_channel(gw.target) as ch:  # a new client, while every slot is taken
+            live = await ch.unary_unary("/inference.GRPCInferenceService/ServerLive", request_serializer=_identity,
+                                        response_deserializer=_identity)(b"", timeout=5)  # fmt: skip
         outcomes = []
-        for call in calls:
+        for name, call in calls:
             if call.done():
-                outcomes.append((await call.code()).name)
+                outcomes.append((name, (await call.code()).name))
             else:
-                outcomes.append("open")
+                outcomes.append((name, "open"))
                 call.cancel()
         for ch in channels:
             await ch.close()
-        return outcomes, rss_during
+        return outcomes, rss_during, live
 
-    with measured(gw, f"{opened} idle streams over {connections} connections", opened) as cost:
-        outcomes, rss_during = asyncio.run(main())
-    refused = outcomes.count("RESOURCE_EXHAUSTED")
-    print(f"[attack] idle streams: {outcomes.count('open')} open, {refused} refused; RSS with them open "
-          f"{rss_during:.0f} MiB ({(rss_during - cost.rss_before_mib) * 1024 / max(1, outcomes.count('open')):.1f} "
+    with measured(gw, f"{opened} idle streams (both doors) over {connections} connections", opened) as cost:
+        outcomes, rss_during, live = asyncio.run(main())
+    codes = [c for _, c in outcomes]
+    refused = codes.count("RESOURCE_EXHAUSTED")
+    by_door = {name: sum(1 for n, c in outcomes if n == name and c == "open") for name, _ in outcomes}
+    print(f"[attack] idle streams: {codes.count('open')} open ({by_door}), {refused} refused; RSS with them open "
+          f"{rss_during:.0f} MiB ({(rss_during - cost.rss_before_mib) * 1024 / max(1, codes.count('open')):.1f} "
           "KiB per open stream)")  # fmt: skip
-    assert outcomes.count("open") == 300 and refused == opened - 300, outcomes
+    assert codes.count("open") == 300 and refused == opened - 300, outcomes
+    assert all(by_door.values()), f"both doors take slots from the one cap: {by_door}"
+    assert live == b"\x08\x01", f"OIP ServerLive while every stream slot was taken: {live!r}"
     cost.assert_bounds()
 
 

@@ -32,6 +32,7 @@ from service.api import (
 from service.errors import FieldViolation, InvalidArgument, ServiceError, Unavailable, to_rpc_status
 from service.metrics import Metrics
 from service.oip.core import CLASSIFICATION, InferAnswer, InferCall, InputTensor, OutputRequest, Surface
+from service.streams import StreamSlots
 
 #: Most inputs, requested outputs and raw_input_contents entries a ModelInferRequest may hold (one input is used).
 MAX_TENSORS = 16
@@ -114,9 +115,11 @@ def to_response(answer: InferAnswer) -> Any:
 class InferenceService:
     """The servicer; every method's latency is recorded under its own name."""
 
-    def __init__(self, surface: Surface) -> None:
+    def __init__(self, surface: Surface, streams: StreamSlots | None = None) -> None:
         self.surface = surface
         self.metrics = surface.metrics
+        #: The open-stream cap ModelStreamInfer shares with ClassifyStream (service.streams).
+        self.streams = streams or StreamSlots(1000)
 
     @_unary("ServerLive")
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -179,12 +182,23 @@ class InferenceService:
         """Each request answered as soon as it is ready (at most ``STREAM_WINDOW`` messages and
         ``STREAM_WINDOW_BYTES`` of them held per stream: ``windowed_answers``, shared with ClassifyStream); a failed
         one is answered with ``error_message`` (and counted by its code), the stream goes on."""
+        refusal: ServiceError | None = None
         if self.surface._gateway is None:
             refusal = Unavailable("the model is still loading; retry shortly")
+        else:
+            refusal = self.streams.refusal("ModelStreamInfer")
+        if refusal is not None:
             with Observed(self.metrics, "ModelStreamInfer") as call:
                 call.fail(refusal)
             await context.abort_with_status(rpc_status.to_status(to_rpc_status(refusal)))
             return
+        with self.streams.held():
+            async for answer in self._stream_infer(request_iterator, context):
+                yield answer
+
+    async def _stream_infer(self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+                            ) -> AsyncIterator[Any]:  # fmt: skip
+        """The open stream's answers (its slot is held by :meth:`ModelStreamInfer`)."""
         deadline = _deadline(context)
 
         async def one(raw: bytes) -> Any:
@@ -205,10 +219,11 @@ class InferenceService:
             yield answer
 
 
-def add_to_server(server: grpc.aio.Server, metrics: Metrics) -> Surface:
-    """Register ``inference.GRPCInferenceService``; returns the surface to ``attach`` the gateway to once ready."""
+def add_to_server(server: grpc.aio.Server, metrics: Metrics, streams: StreamSlots | None = None) -> Surface:
+    """Register ``inference.GRPCInferenceService``; returns the surface to ``attach`` the gateway to once ready.
+    ``streams``: the open-stream cap shared with the other streaming doors."""
     surface = Surface(metrics)
-    service = InferenceService(surface)
+    service = InferenceService(surface, streams)
     handlers = {}
     for name, request, response, streaming in oip.METHODS:
         method = getattr(service, name)
