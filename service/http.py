@@ -520,6 +520,16 @@ class HttpServer(GatewaySlot):
 
     def _check_body_headers(self, request: web.Request) -> None:
         """Refuse, before reading, a body that is not JSON, is compressed when that is off, or is too long."""
+        self.check_body_encoding(request)
+        if request.content_type != "application/json":
+            sent = request.headers.get("Content-Type")
+            raise UnsupportedMediaType("Content-Type", "the JSON API takes 'Content-Type: application/json'; the "
+                                       "request sent " + (f"{clip_header(sent)!r}" if sent else "none"))
+        self.check_body_length(request)
+
+    def check_body_encoding(self, request: web.Request) -> None:
+        """Every HTTP door's rule for Content-Encoding: 415 for a compressed body while request compression is off,
+        and for an encoding the gateway does not decode."""
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
             if not self.limits.request_compression:
@@ -529,13 +539,32 @@ class HttpServer(GatewaySlot):
             if encoding not in COMPRESSIONS:
                 raise UnsupportedMediaType("Content-Encoding", f"Content-Encoding {clip_header(encoding)!r} is not "
                                            f"supported; use one of: {', '.join(COMPRESSIONS)}, or none")
-        if request.content_type != "application/json":
-            sent = request.headers.get("Content-Type")
-            raise UnsupportedMediaType("Content-Type", "the JSON API takes 'Content-Type: application/json'; the "
-                                       "request sent " + (f"{clip_header(sent)!r}" if sent else "none"))
+
+    def check_body_length(self, request: web.Request) -> None:
+        """413, before reading, for a Content-Length over the body limit."""
         length = request.content_length
         if length is not None and length > self.max_body_bytes:
-            raise self._too_large()
+            raise self.too_large()
+
+    async def read_body(self, request: web.Request) -> bytes:
+        """The body, under the guards every HTTP door's body goes through: ``http_body_timeout_s`` from the
+        headers (408, and the connection closed), CANCELLED when the client leaves mid-body (its doing, not the
+        server's), INVALID_ARGUMENT for a malformed chunked or compressed stream, 413 past the limit."""
+        timeout = self.limits.body_timeout_s
+        try:
+            async with asyncio.timeout(timeout) as scope:
+                return await self._read_body(request)
+        except TimeoutError:
+            if not scope.expired():
+                raise Cancelled("the connection timed out while the request body was sent") from None
+            request.protocol.close()  # no keep-alive: the rest of this body will not be read
+            raise RequestTimeout(f"the request body did not arrive within {timeout:g} s of its headers "
+                                 "(setting http_body_timeout_s)") from None
+        except ConnectionError:  # the client went away mid-body: its doing, not ours
+            raise Cancelled("the client closed the connection before its request body was complete") from None
+        except web.RequestPayloadError as exc:  # malformed chunked encoding, a corrupt gzip stream
+            reason = f"could not be read: {exc}"
+            raise InvalidArgument([FieldViolation("", f"request body {reason}")], f"request body {reason}") from None
 
     async def _read_body(self, request: web.Request) -> bytes:
         """The body, chunk by chunk as it arrives (decompressed in aiohttp's small steps when compression is on,
@@ -545,10 +574,11 @@ class HttpServer(GatewaySlot):
         while chunk := await request.content.readany():
             body += chunk
             if len(body) > self.max_body_bytes:
-                raise self._too_large()
+                raise self.too_large()
         return bytes(body)
 
-    def _too_large(self) -> PayloadTooLarge:
+    def too_large(self) -> PayloadTooLarge:
+        """The 413 for a body over the limit."""
         return PayloadTooLarge(f"request body is over the limit of {self.max_body_bytes} bytes "
                                f"({JSON_BODY_FACTOR} x max_message_bytes={self.max_message_bytes})")
 
@@ -623,21 +653,7 @@ class HttpServer(GatewaySlot):
         for the gateway to count on the wire and parse as it does a gRPC request. At most
         ``max_preprocessing_calls`` bodies are parsed off the loop at once; beyond it RESOURCE_EXHAUSTED.
         """
-        timeout = self.limits.body_timeout_s
-        try:
-            async with asyncio.timeout(timeout) as scope:
-                raw = await self._read_body(request)
-        except TimeoutError:
-            if not scope.expired():
-                raise Cancelled("the connection timed out while the request body was sent") from None
-            request.protocol.close()  # no keep-alive: the rest of this body will not be read
-            raise RequestTimeout(f"the request body did not arrive within {timeout:g} s of its headers "
-                                 "(setting http_body_timeout_s)") from None
-        except ConnectionError:  # the client went away mid-body: its doing, not ours
-            raise Cancelled("the client closed the connection before its request body was complete") from None
-        except web.RequestPayloadError as exc:  # malformed chunked encoding, a corrupt gzip stream
-            reason = f"could not be read: {exc}"
-            raise InvalidArgument([FieldViolation("", f"request body {reason}")], f"request body {reason}") from None
+        raw = await self.read_body(request)
         request[RAW_BODY_KEY] = raw  # field violations are named as this body spells the fields
         check_shape(raw, limits)
         if len(raw) <= INLINE_PARSE_BYTES:

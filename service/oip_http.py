@@ -165,15 +165,12 @@ class _Routes:
         return await self._observed("ModelInfer", request, True, answer)
 
     async def _body(self, request: web.Request) -> bytes:
-        """The body within the HTTP API's limits (compression refused unless allowed, as for /v1/classify)."""
+        """The body through the HTTP server's one set of body guards, as /v1/classify's: the Content-Encoding
+        rule (415), the length (413), the body timeout (408), a client leaving mid-body (CANCELLED)."""
         server = self.server
-        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding not in ("", "identity") and not server.limits.request_compression:
-            raise InvalidArgument([FieldViolation("Content-Encoding header", "request compression is off")])
-        length = request.content_length
-        if length is not None and length > server.max_body_bytes:
-            raise server._too_large()
-        return await server._read_body(request)
+        server.check_body_encoding(request)
+        server.check_body_length(request)
+        return await server.read_body(request)
 
     def _parse(self, request: web.Request, body: bytes, surface: Surface) -> tuple[InferCall, bool]:
         """The body as an ``InferCall``, and whether outputs are wanted as binary data by default."""

@@ -137,6 +137,19 @@ def test_gzip_json_bomb_is_refused_before_it_is_read(plain: AttackedGateway) -> 
     cost.assert_bounds()
 
 
+def test_a_compressed_body_gets_the_same_answer_at_every_http_door(plain: AttackedGateway) -> None:
+    """One Content-Encoding rule for every HTTP door: with request compression off, a gzip body is a 415 naming
+    the setting on /v1 and on /v2 alike (/v2 once answered 400)."""
+    body = gzip.compress(b'{"inputs": []}')
+    answers = {path: request(plain.http_port, "POST", path, body, {**JSON, "Content-Encoding": "gzip"})
+               for path, _ in BODY_DOORS}  # fmt: skip
+    for path, (status, _, answer) in answers.items():
+        # each door answers in its own error shape: /v1 google.rpc.Status as JSON, /v2 the OIP's {"error": text}
+        message = answer["error"]["message"] if path.startswith("/v1") else answer["error"]
+        assert status == 415, (path, status, answer)
+        assert "http_request_compression" in message, (path, answer)
+
+
 def test_gzip_json_bomb_with_compression_on_is_refused_by_the_count(guarded: AttackedGateway) -> None:
     body = gzip.compress(bomb(), 9)
     answers = []
@@ -247,14 +260,21 @@ def test_idle_and_slow_header_connections_are_closed_after_the_header_timeout(gu
     cost.assert_bounds()
 
 
-def _headers(extra: str) -> bytes:
-    return (f"POST /v1/classify HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+#: The HTTP doors that take a body, and the method their calls are counted under: every one goes through the
+#: HTTP server's one set of body guards (HttpServer.read_body).
+BODY_DOORS = [("/v1/classify", "http:Classify"), ("/v2/models/quickdraw/infer", "http:ModelInfer")]
+
+
+def _headers(extra: str, path: str = "/v1/classify") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             f"Authorization: Bearer {TOKEN}\r\n{extra}\r\n").encode()  # fmt: skip
 
 
-def test_never_ending_chunked_body_gets_408_within_the_body_timeout(guarded: AttackedGateway) -> None:
-    with measured(guarded, "chunked body that never ends, body timeout 1 s") as cost:
-        out, first, closed = raw_exchange(guarded.http_port, _headers("Transfer-Encoding: chunked\r\n")
+@pytest.mark.parametrize(("path", "method"), BODY_DOORS, ids=["v1", "v2"])
+def test_never_ending_chunked_body_gets_408_within_the_body_timeout(guarded: AttackedGateway, path: str,
+                                                                    method: str) -> None:  # fmt: skip
+    with measured(guarded, f"chunked body that never ends on {path}, body timeout 1 s") as cost:
+        out, first, closed = raw_exchange(guarded.http_port, _headers("Transfer-Encoding: chunked\r\n", path)
                                           + b"2\r\n{\"\r\n", trickle=b"1\r\n \r\n")  # fmt: skip
     print(f"[attack] never-ending chunked body: {status_of(out)} after {first:.2f} s, closed after {closed:.2f} s")
     assert status_of(out) == 408 and b"http_body_timeout_s" in out
@@ -262,30 +282,38 @@ def test_never_ending_chunked_body_gets_408_within_the_body_timeout(guarded: Att
     cost.assert_bounds()
 
 
-def test_content_length_larger_than_the_body_gets_408_within_the_body_timeout(guarded: AttackedGateway) -> None:
-    with measured(guarded, "Content-Length 1000, 10 bytes sent, body timeout 1 s") as cost:
-        out, first, closed = raw_exchange(guarded.http_port, _headers("Content-Length: 1000\r\n") + b'{"drawings"')
+@pytest.mark.parametrize(("path", "method"), BODY_DOORS, ids=["v1", "v2"])
+def test_content_length_larger_than_the_body_gets_408_within_the_body_timeout(guarded: AttackedGateway, path: str,
+                                                                              method: str) -> None:  # fmt: skip
+    with measured(guarded, f"Content-Length 1000, 10 bytes sent on {path}, body timeout 1 s") as cost:
+        out, first, closed = raw_exchange(guarded.http_port, _headers("Content-Length: 1000\r\n", path)
+                                          + b'{"drawings"')  # fmt: skip
     print(f"[attack] short body: {status_of(out)} after {first:.2f} s, closed after {closed:.2f} s")
     assert status_of(out) == 408
     assert first < GUARD_TIMEOUT_S + 0.5 and closed < GUARD_TIMEOUT_S + 2.5
     cost.assert_bounds()
 
 
-def test_a_client_leaving_mid_body_is_cancelled_not_internal(plain: AttackedGateway) -> None:
-    """Finding 7: clients that leave mid-body are CANCELLED (a client fault), never INTERNAL (which pages)."""
+@pytest.mark.parametrize(("path", "method"), BODY_DOORS, ids=["v1", "v2"])
+def test_a_client_leaving_mid_body_is_cancelled_not_internal(plain: AttackedGateway, path: str, method: str) -> None:
+    """Finding 7: clients that leave mid-body are CANCELLED (a client fault), never INTERNAL (which pages), at
+    every HTTP door that takes a body (/v2 once answered INTERNAL, fault="server", with a traceback each)."""
     leavers = 10
+    cancelled = CANCELLED.replace("http:Classify", method)
+    internal = INTERNAL.replace("http:Classify", method)
     before = plain.scrape()
-    with measured(plain, f"{leavers} clients leaving mid-body", leavers) as cost:
+    with measured(plain, f"{leavers} clients leaving mid-body on {path}", leavers) as cost:
         for _ in range(leavers):
             with socket.create_connection(("127.0.0.1", plain.http_port)) as sock:
-                sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                             b"Content-Length: 100000\r\n\r\n" + b'{"drawings": [' + b" " * 1000)  # fmt: skip
+                sock.sendall(f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                             "Content-Length: 100000\r\n\r\n".encode() + b'{"inputs": [' + b" " * 1000)  # fmt: skip
                 time.sleep(0.05)
         time.sleep(0.3)
     after = plain.scrape()
-    assert after.get(CANCELLED, 0) - before.get(CANCELLED, 0) == leavers, {k: v for k, v in after.items()
+    assert after.get(cancelled, 0) - before.get(cancelled, 0) == leavers, {k: v for k, v in after.items()
                                                                            if "errors" in k}  # fmt: skip
-    assert after.get(INTERNAL, 0) == before.get(INTERNAL, 0)
+    assert after.get(internal, 0) == before.get(internal, 0)
+    assert plain.output().count("Traceback") == 0, plain.output()[-2000:]
     cost.assert_bounds()
 
 
