@@ -300,6 +300,16 @@ def test_versions_map_to_model_version(tfserving: RunningGateway, images: np.nda
     assert result.get_response().model_version == "2"
 
 
+@pytest.mark.parametrize("text", ["\u0661", "+1", "1_0", " 1", "1.0", "9" * 20], ids=["arabic-indic", "plus",
+                                                                                    "underscore", "space", "float",
+                                                                                    "over-int64"])  # fmt: skip
+def test_a_version_is_ascii_digits_and_nothing_else(tfserving: RunningGateway, images: np.ndarray, text: str) -> None:
+    """One version parser (service/versions.py): Python's int() reads '\u0661' and '+1' as 1 and '1_0' as 10;
+    the gateway refuses them as Triton's words say, over gRPC, naming model_version."""
+    with pytest.raises(InferenceServerException, match="version should be an integral value"):
+        infer_probs(grpc_client(tfserving), tritongrpc, images[:1], model_version=text)
+
+
 # --- the other input forms, the stream, binary HTTP ------------------------------------------------------------
 
 

@@ -67,6 +67,7 @@ from service.api import Gateway, GatewaySlot
 from service.backends import ANY_VERSION, Answered, TopK
 from service.errors import FieldViolation, InvalidArgument, NotFound
 from service.metrics import Metrics
+from service.versions import parse_version
 
 #: The inputs: bitmaps as the model takes them, and this service's other forms.
 IMAGE = "image"
@@ -367,15 +368,14 @@ class Surface(GatewaySlot):
             raise NotFound(f"Request for unknown model: '{name}' is not found")
         if version == "":
             return ANY_VERSION if gateway.versionless else model.default_version
-        try:
-            v = int(version)
-        except ValueError:
+        v = parse_version(version)
+        if v is None:
             raise InvalidArgument(
                 [FieldViolation("model_version", f"is {version!r}; expected a version number "
                                                  f"({', '.join(map(str, model.versions))}) or none")],
                 f"failed to get model version from specified version string '{version}', version should be an "
                 "integral value > 0",
-            ) from None  # fmt: skip
+            )  # fmt: skip
         if v not in model.versions:
             raise NotFound(f"Request for unknown model: '{name}' version {v} is not found")
         return v
