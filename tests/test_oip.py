@@ -310,6 +310,19 @@ def test_a_version_is_ascii_digits_and_nothing_else(tfserving: RunningGateway, i
         infer_probs(grpc_client(tfserving), tritongrpc, images[:1], model_version=text)
 
 
+@pytest.mark.parametrize("client_kind", ["grpc", "http"])
+def test_an_output_asked_for_twice_is_refused(tfserving: RunningGateway, images: np.ndarray, client_kind: str) -> None:
+    """Outputs are not built twice: the same output listed twice (1,000 times once made a 156 MB answer from a
+    266 KB request) is INVALID_ARGUMENT before any work, in Triton's words, over gRPC and HTTP."""
+    module = tritongrpc if client_kind == "grpc" else tritonhttp
+    client = grpc_client(tfserving) if client_kind == "grpc" else http_client(tfserving)
+    inp = module.InferInput("image", [2, 28, 28, 1], "UINT8")
+    inp.set_data_from_numpy(images[:2])
+    twice = [module.InferRequestedOutput("probabilities"), module.InferRequestedOutput("probabilities")]
+    with pytest.raises(InferenceServerException, match="output 'probabilities' already exists in request"):
+        client.infer(MODEL, [inp], outputs=twice)
+
+
 # --- the other input forms, the stream, binary HTTP ------------------------------------------------------------
 
 

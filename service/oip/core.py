@@ -34,7 +34,8 @@ violations as details:
 - another shape: INVALID_ARGUMENT ``[request id: <id>] unexpected shape for input 'image' for model 'quickdraw'.
   Expected [-1,28,28,1], got [...]. ...``; data of another size: ``input byte size mismatch ...``;
 - an image that does not decode, strokes that break a limit: INVALID_ARGUMENT with the gateway's own message;
-- an unknown output: INVALID_ARGUMENT ``unexpected inference output 'x' for model 'quickdraw'``.
+- an unknown output: INVALID_ARGUMENT ``unexpected inference output 'x' for model 'quickdraw'``; one asked for
+  twice: INVALID_ARGUMENT ``output 'x' already exists in request`` (so an answer holds each output once).
 
 Triton's model configuration and statistics extensions (what perf_analyzer and Model Analyzer ask first):
 :meth:`Surface.model_config` describes the model as a Triton ``ModelConfig`` (dims without the batch dimension,
@@ -458,7 +459,14 @@ class Surface(GatewaySlot):
         if call.outputs is None or not call.outputs:
             return [OutputRequest(o) for o in offered]
         classes = len(gateway.model.labels)
-        for o in call.outputs:
+        seen: set[str] = set()
+        for i, o in enumerate(call.outputs):
+            if o.name in seen:  # as Triton: an output is asked for once (1,000 copies once built a 156 MB answer)
+                raise InvalidArgument(
+                    [FieldViolation(f"outputs[{i}].name", f"{o.name!r} is asked for more than once")],
+                    f"{prefix}output '{o.name}' already exists in request",
+                )
+            seen.add(o.name)
             if o.name not in offered and o.name != KNOWN_SCORE:
                 raise InvalidArgument(
                     [FieldViolation("outputs", f"unknown output {o.name!r}; this model has {offered}")],
