@@ -26,6 +26,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from quickdraw.v1 import classifier_pb2 as pb
 from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
+from service import oip
 from service.backends import find_versions
 from service.errors import MAX_MESSAGE_CHARS, MAX_STATUS_BYTES, MAX_VIOLATIONS
 
@@ -313,6 +314,37 @@ def test_idle_streams_are_capped(gw: AttackedGateway) -> None:
     assert codes.count("open") == 300 and refused == opened - 300, outcomes
     assert all(by_door.values()), f"both doors take slots from the one cap: {by_door}"
     assert live == b"\x08\x01", f"OIP ServerLive while every stream slot was taken: {live!r}"
+    cost.assert_bounds()
+
+
+def test_oip_wire_count_cannot_be_bypassed_by_leading_fields(gw: AttackedGateway) -> None:
+    """ModelInfer is counted on the wire before parsing; 81 empty ``id`` fields in front (162 bytes) once stopped
+    the count early and let 2 million empty inputs through to the parser (4.4 s of stalled health, +400 MiB kept;
+    5.6 s on ModelStreamInfer, whose error path parsed the message again to read its id). Now both are refused
+    unparsed, naming the request, within the attack bounds; the stream answers the refusal and goes on."""
+    bomb = b"\x1a\x00" * 81 + b"\x2a\x00" * 2_000_000  # id = "" x 81, then 2,000,000 empty inputs
+    good = oip.ModelInferRequest(model_name="quickdraw", id="ok", raw_input_contents=[bytes(784)])
+    good.inputs.add(name="image", datatype="UINT8", shape=[1, 28, 28, 1])
+    good = good.SerializeToString()
+    with grpc.insecure_channel(gw.target) as ch:
+        infer = ch.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=_identity,
+                               response_deserializer=_identity)  # fmt: skip
+        stream = ch.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer", request_serializer=_identity,
+                                  response_deserializer=oip.ModelStreamInferResponse.FromString)  # fmt: skip
+        with measured(gw, "OIP: 81 empty ids, then 2,000,000 empty inputs (unary x3, stream x3)", 6) as cost:
+            codes = []
+            for _ in range(3):
+                try:
+                    infer(bomb, timeout=30)
+                    codes.append(("OK", ""))
+                except grpc.RpcError as exc:
+                    codes.append((exc.code().name, exc.details() or ""))  # type: ignore[attr-defined]
+            answers = list(stream(iter([bomb, bomb, bomb, good]), timeout=60))
+    for code, details in codes:
+        assert code == "INVALID_ARGUMENT" and "refused before parsing" in details, (code, details)
+    assert [bool(a.error_message) for a in answers] == [True, True, True, False], answers
+    assert all("refused before parsing" in a.error_message for a in answers[:3]), answers[0].error_message
+    assert answers[3].infer_response.id == "ok", answers[3]
     cost.assert_bounds()
 
 

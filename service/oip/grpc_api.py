@@ -42,15 +42,20 @@ def check_infer(buf: bytes | memoryview, max_drawings: int) -> None:
     """Refuse a serialized ModelInferRequest with far more inputs, outputs or BYTES elements than any real one has,
     before parsing it (``service.wire``: a small request of a million empty elements parses into a million
     objects)."""
+    others = wire.MAX_OTHER_FIELDS + 3 * MAX_TENSORS
     try:
         for number, what in ((5, "inputs"), (6, "outputs"), (7, "raw_input_contents")):
-            spans = wire.scan(buf, 0, len(buf), number, MAX_TENSORS, wire.MAX_OTHER_FIELDS + 3 * MAX_TENSORS)
+            spans = wire.scan(buf, 0, len(buf), number, MAX_TENSORS, others)
             if len(spans.spans) > MAX_TENSORS:
                 raise wire._too_many(what, "entries", MAX_TENSORS)
+            if spans.others > others:  # the scan stopped early: what follows was not counted (81 empty ids did it)
+                raise wire._hand_made("request", others)
             if number != 5:
                 continue
-            for a, b in spans.spans:
-                contents = wire.scan(buf, a, b, 5, 4)  # InferInputTensor.contents
+            for i, (a, b) in enumerate(spans.spans):
+                contents = wire.scan(buf, a, b, 5, 4, wire.MAX_OTHER_FIELDS)  # InferInputTensor.contents
+                if len(contents.spans) > 4 or contents.others > wire.MAX_OTHER_FIELDS:
+                    raise wire._hand_made(f"inputs[{i}]", wire.MAX_OTHER_FIELDS)
                 for a2, b2 in contents.spans:
                     elements = wire.scan(buf, a2, b2, 8, wire.SCAN_FACTOR * max_drawings)  # bytes_contents
                     if len(elements.spans) > wire.SCAN_FACTOR * max_drawings:
@@ -58,6 +63,16 @@ def check_infer(buf: bytes | memoryview, max_drawings: int) -> None:
                                              "max_drawings_per_request")  # fmt: skip
     except wire.Malformed:
         return
+
+
+def request_id(buf: bytes | memoryview) -> str:
+    """A ModelInferRequest's ``id`` (field 3) read from its wire bytes within the first fields, as check_infer
+    bounds them, without parsing the rest: what an error answer on the stream needs ("" if not found there)."""
+    spans = wire.scan(buf, 0, len(buf), 3, 1, wire.MAX_OTHER_FIELDS + 3 * MAX_TENSORS)
+    if not spans.spans:
+        return ""
+    a, b = spans.spans[-1]
+    return bytes(buf[a:b]).decode("utf-8", "replace")
 
 
 def _parameter(p: Any) -> Any:
@@ -209,8 +224,8 @@ class InferenceService:
                 except Exception as exc:
                     err: ServiceError = service_error(exc)
                     call.fail(err)
-                    with contextlib.suppress(Exception):
-                        ident = oip.ModelInferRequest.FromString(raw).id
+                    with contextlib.suppress(Exception):  # from the wire, bounded: never parse the refused bytes
+                        ident = request_id(raw)
                     answer = oip.ModelStreamInferResponse(error_message=err.message)
                     answer.infer_response.id = ident
                     return answer
