@@ -430,14 +430,13 @@ class ClassifierService(GatewaySlot, pb_grpc.ClassifierServicer):
     """The gRPC adapter over ``Gateway``."""
 
     def __init__(
-        self, metrics: Metrics, max_message_bytes: int, gateway: Gateway | None = None,
-        streams: StreamSlots | None = None,
-    ) -> None:  # fmt: skip
+        self, metrics: Metrics, max_message_bytes: int, streams: StreamSlots, gateway: Gateway | None = None
+    ) -> None:
         self.metrics = metrics
         self._gateway = gateway
         self._max_message_bytes = max_message_bytes
         #: The open-stream cap this door shares with every other streaming door (service.streams).
-        self.streams = streams or StreamSlots(1000)
+        self.streams = streams
 
     @_unary("Classify")
     async def Classify(

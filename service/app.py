@@ -203,7 +203,7 @@ class App:
         self._server = grpc.aio.server(options=options, interceptors=interceptors,
                                        maximum_concurrent_rpcs=s.max_concurrent_rpcs)  # fmt: skip
         streams = StreamSlots(s.max_open_streams)  # one cap for every streaming door (service.streams)
-        service = ClassifierService(self.metrics, s.max_message_bytes, streams=streams)
+        service = ClassifierService(self.metrics, s.max_message_bytes, streams)
         api.add_to_server(service, self._server)
         names: tuple[str, ...] = (SERVICE_NAME,)
         tfs = None

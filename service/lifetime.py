@@ -25,6 +25,7 @@ import select
 import signal
 import sys
 import threading
+import time
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -70,7 +71,7 @@ def exit_when_parent_exits() -> threading.Thread:
             select.select([fd], [], [])
         else:
             while os.getppid() == parent:
-                threading.Event().wait(PARENT_POLL_S)
+                time.sleep(PARENT_POLL_S)
         os._exit(0)
 
     thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)

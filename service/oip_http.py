@@ -120,12 +120,17 @@ class _Routes:
 
         return await self._observed("ServerMetadata", request, True, answer)
 
-    async def model_metadata(self, request: web.Request) -> web.StreamResponse:
+    async def _describe(self, method: str, request: web.Request,
+                        describe: Callable[[Surface, str, str], Any]) -> web.StreamResponse:  # fmt: skip
+        """A per-model GET (metadata, config): ``describe(surface, model, version)`` as JSON."""
         async def answer(call: Observed) -> web.StreamResponse:
             info = request.match_info
-            return web.json_response(self.surface.model_metadata(info["model"], info.get("version", "")))
+            return web.json_response(describe(self.surface, info["model"], info.get("version", "")))
 
-        return await self._observed("ModelMetadata", request, True, answer)
+        return await self._observed(method, request, True, answer)
+
+    async def model_metadata(self, request: web.Request) -> web.StreamResponse:
+        return await self._describe("ModelMetadata", request, Surface.model_metadata)
 
     async def model_ready(self, request: web.Request) -> web.StreamResponse:
         async def answer(call: Observed) -> web.StreamResponse:
@@ -138,11 +143,7 @@ class _Routes:
         return await self._observed("ModelReady", request, True, answer)
 
     async def model_config(self, request: web.Request) -> web.StreamResponse:
-        async def answer(call: Observed) -> web.StreamResponse:
-            info = request.match_info
-            return web.json_response(self.surface.model_config(info["model"], info.get("version", "")))
-
-        return await self._observed("ModelConfig", request, True, answer)
+        return await self._describe("ModelConfig", request, Surface.model_config)
 
     async def model_statistics(self, request: web.Request) -> web.StreamResponse:
         async def answer(call: Observed) -> web.StreamResponse:

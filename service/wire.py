@@ -111,14 +111,16 @@ def scan(buf: Wire, start: int, end: int, field: int, limit: int, other_limit: i
     return Spans(spans, others)
 
 
-def _too_many(field: str, what: str, limit: int, setting: str = "") -> InvalidArgument:
+def too_many(field: str, what: str, limit: int, setting: str = "") -> InvalidArgument:
+    """The refusal of ``field`` holding more ``what`` than ``limit`` (counted on the wire, before parsing)."""
     name = f"{setting}={limit}" if setting else str(limit)
     counted = SCAN_FACTOR * limit if setting else limit
     reason = f"has more than {counted} {what}, over the limit of {name} (refused before parsing)"
     return InvalidArgument([FieldViolation(field, reason)])
 
 
-def _hand_made(field: str, other_limit: int) -> InvalidArgument:
+def hand_made(field: str, other_limit: int) -> InvalidArgument:
+    """The refusal of a message with more fields than a serializer writes (the count stopped there)."""
     reason = (f"holds more than {other_limit} fields besides its repeated ones; protobuf serializers write "
               "each field once (refused before parsing)")
     return InvalidArgument([FieldViolation(field, reason)])
@@ -134,21 +136,21 @@ def check_classify(buf: Wire, max_drawings: int, max_strokes: int, start: int = 
     try:
         top = scan(buf, start, end, 1, SCAN_FACTOR * max_drawings)
         if len(top.spans) > SCAN_FACTOR * max_drawings:
-            raise _too_many(f"{prefix}drawings", "drawings", max_drawings, "max_drawings_per_request")
+            raise too_many(f"{prefix}drawings", "drawings", max_drawings, "max_drawings_per_request")
         if top.others > MAX_OTHER_FIELDS:
-            raise _hand_made(prefix or "request", MAX_OTHER_FIELDS)
+            raise hand_made(prefix or "request", MAX_OTHER_FIELDS)
         for d, (a, b) in enumerate(top.spans):
             drawing = scan(buf, a, b, 3, MAX_OTHER_FIELDS)  # Drawing.strokes (a oneof member: merged if repeated)
             if len(drawing.spans) > MAX_OTHER_FIELDS or drawing.others > MAX_OTHER_FIELDS:
-                raise _hand_made(f"{prefix}drawings[{d}]", MAX_OTHER_FIELDS)
+                raise hand_made(f"{prefix}drawings[{d}]", MAX_OTHER_FIELDS)
             strokes = 0
             for a2, b2 in drawing.spans:
                 inner = scan(buf, a2, b2, 1, SCAN_FACTOR * max_strokes - strokes)
                 strokes += len(inner.spans)
                 if strokes > SCAN_FACTOR * max_strokes:
-                    raise _too_many(f"{prefix}drawings[{d}].strokes.strokes", "strokes", max_strokes, "max_strokes")
+                    raise too_many(f"{prefix}drawings[{d}].strokes.strokes", "strokes", max_strokes, "max_strokes")
                 if inner.others > MAX_OTHER_FIELDS:
-                    raise _hand_made(f"{prefix}drawings[{d}].strokes", MAX_OTHER_FIELDS)
+                    raise hand_made(f"{prefix}drawings[{d}].strokes", MAX_OTHER_FIELDS)
     except Malformed:
         return
 
@@ -166,9 +168,9 @@ def count_drawings(buf: Wire, max_drawings: int) -> int:
     except Malformed:
         return 0
     if len(top.spans) > SCAN_FACTOR * max_drawings:
-        raise _too_many("drawings", "drawings", max_drawings, "max_drawings_per_request")
+        raise too_many("drawings", "drawings", max_drawings, "max_drawings_per_request")
     if top.others > MAX_OTHER_FIELDS:
-        raise _hand_made("request", MAX_OTHER_FIELDS)
+        raise hand_made("request", MAX_OTHER_FIELDS)
     return len(top.spans)
 
 
@@ -183,7 +185,7 @@ def stream_parts(buf: Wire) -> tuple[bytes, Wire]:
     ids = scan(buf, 0, len(buf), 1, MAX_OTHER_FIELDS)
     requests = scan(buf, 0, len(buf), 2, MAX_OTHER_FIELDS)
     if len(ids.spans) + len(requests.spans) > MAX_OTHER_FIELDS or ids.others > MAX_OTHER_FIELDS:
-        raise _hand_made("stream message", MAX_OTHER_FIELDS)
+        raise hand_made("stream message", MAX_OTHER_FIELDS)
     ident = bytes(buf[ids.spans[-1][0] : ids.spans[-1][1]]) if ids.spans else b""
     if len(requests.spans) == 1:  # the usual case: a view, not a copy of up to max_message_bytes
         a, b = requests.spans[0]
@@ -196,16 +198,16 @@ def check_predict(buf: bytes) -> None:
     try:
         top = scan(buf, 0, len(buf), 2, MAX_PREDICT_INPUTS)  # inputs: map<string, TensorProto> entries
         if len(top.spans) > MAX_PREDICT_INPUTS:
-            raise _too_many("inputs", "entries", MAX_PREDICT_INPUTS)
+            raise too_many("inputs", "entries", MAX_PREDICT_INPUTS)
         filters = scan(buf, 0, len(buf), 3, MAX_OUTPUT_FILTER)  # output_filter: repeated string
         if len(filters.spans) > MAX_OUTPUT_FILTER:
-            raise _too_many("output_filter", "names", MAX_OUTPUT_FILTER)
+            raise too_many("output_filter", "names", MAX_OUTPUT_FILTER)
         if top.others > MAX_OTHER_FIELDS + MAX_OUTPUT_FILTER:
-            raise _hand_made("request", MAX_OTHER_FIELDS + MAX_OUTPUT_FILTER)
+            raise hand_made("request", MAX_OTHER_FIELDS + MAX_OUTPUT_FILTER)
         for a, b in top.spans:
             entry = scan(buf, a, b, 2, 4)  # map entry: key = 1, value = 2 (a TensorProto)
             if len(entry.spans) > 4 or entry.others > 4:
-                raise _hand_made("inputs", 4)
+                raise hand_made("inputs", 4)
             for a2, b2 in entry.spans:
                 tensor = scan(buf, a2, b2, 2, 4, MAX_TENSOR_FIELDS)  # TensorProto.tensor_shape
                 if tensor.others > MAX_TENSOR_FIELDS or len(tensor.spans) > 4:
@@ -215,6 +217,6 @@ def check_predict(buf: bytes) -> None:
                 for a3, b3 in tensor.spans:
                     dims = scan(buf, a3, b3, 2, MAX_TENSOR_DIMS, 4)  # TensorShapeProto.dim
                     if len(dims.spans) > MAX_TENSOR_DIMS or dims.others > 4:
-                        raise _too_many("inputs.tensor_shape.dim", "dimensions", MAX_TENSOR_DIMS)
+                        raise too_many("inputs.tensor_shape.dim", "dimensions", MAX_TENSOR_DIMS)
     except Malformed:
         return

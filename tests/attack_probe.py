@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from faults import Gateway
+from procs import stat_fields
 
 HEALTH_BOUND_S = 0.100
 RSS_BOUND_MIB = 100.0
@@ -38,8 +39,9 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 def cpu_s(pid: int) -> float:
     """User + system CPU seconds the process has used."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
+    fields = stat_fields(pid)
+    if fields is None:
+        raise ProcessLookupError(pid)
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _stat(pid: int) -> list[str] | None:
+def stat_fields(pid: int) -> list[str] | None:
     """The fields of /proc/PID/stat after the command name (state, ppid, ...), or None if it is gone."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -15,7 +15,7 @@ def _stat(pid: int) -> list[str] | None:
 
 def alive(pid: int) -> bool:
     """Whether ``pid`` exists and is not a zombie."""
-    fields = _stat(pid)
+    fields = stat_fields(pid)
     return fields is not None and fields[0] != "Z"
 
 
@@ -31,7 +31,7 @@ def live_parents() -> dict[int, int]:
     """Every live process's parent."""
     parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (fields := _stat(int(entry.name))) is not None and fields[0] != "Z":
+        if entry.name.isdigit() and (fields := stat_fields(int(entry.name))) is not None and fields[0] != "Z":
             parents[int(entry.name)] = int(fields[1])
     return parents
 

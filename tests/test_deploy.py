@@ -1206,6 +1206,38 @@ def test_loadtest_job_runs_quickdraw_commands_that_parse() -> None:
     assert loadtest.target.split(".")[0] == "quickdraw-gateway" and str(loadtest.data[0]) == "/data"
 
 
+@contextlib.contextmanager
+def live_prometheus(promtool: Path, tmp: Path, job: str, target: tuple[str, dict[str, str]]) -> Iterator[str]:
+    """A real Prometheus on a free port with deploy/prometheus' scrape config and rules, ``job`` pointed at
+    ``target`` (address, pod meta labels) and 1 s intervals; yields its URL once it has scraped ``job``."""
+    config = load_yaml(PROM / "prometheus.yml")
+    live = with_static_discovery(config, {job: target})
+    live["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    live["rule_files"] = [str(PROM / f) for f in config["rule_files"]]
+    (tmp / "prometheus.yml").write_text(yaml.safe_dump(live, sort_keys=False))
+    port = free_port()
+    with (tmp / "prometheus.log").open("w") as log:
+        server = subprocess.Popen(
+            [str(promtool / "prometheus"), f"--config.file={tmp / 'prometheus.yml'}",
+             f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                assert server.poll() is None, (tmp / "prometheus.log").read_text()[-3000:]
+                with contextlib.suppress(OSError):
+                    if query(base, f'up{{job="{job}"}} == 1'):
+                        break
+                assert time.monotonic() < deadline, f"Prometheus never scraped {job}"
+                time.sleep(0.5)
+            yield base
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def prometheus_on_gateway(
     promtool: Path, gateway: RunningGateway, tmp_path_factory: pytest.TempPathFactory
@@ -1216,19 +1248,6 @@ def prometheus_on_gateway(
     tmp = tmp_path_factory.mktemp("prometheus")
     pod = "quickdraw-gateway-5d8f7c9b6-x2x7q"
     gw = gateway
-    config = load_yaml(PROM / "prometheus.yml")
-    labels = pod_meta_labels("quickdraw-gateway", "metrics", pod)
-    live = with_static_discovery(config, {"quickdraw-gateway": (f"127.0.0.1:{gw.app.http_port}", labels)})
-    live["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
-    live["rule_files"] = [str(PROM / f) for f in config["rule_files"]]
-    (tmp / "prometheus.yml").write_text(yaml.safe_dump(live, sort_keys=False))
-    port = free_port()
-    log = (tmp / "prometheus.log").open("w")
-    server = subprocess.Popen(
-        [str(promtool / "prometheus"), f"--config.file={tmp / 'prometheus.yml'}",
-         f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
     stop = threading.Event()
 
     def load(seed: int) -> None:
@@ -1241,26 +1260,14 @@ def prometheus_on_gateway(
     threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(4)]
     for t in threads:
         t.start()
-    base = f"http://127.0.0.1:{port}"
+    target = (f"127.0.0.1:{gw.app.http_port}", pod_meta_labels("quickdraw-gateway", "metrics", pod))
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, (tmp / "prometheus.log").read_text()[-3000:]
-            try:
-                if query(base, 'up{job="quickdraw-gateway"} == 1'):
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "Prometheus never scraped the gateway"
-            time.sleep(0.5)
-        yield base, pod
+        with live_prometheus(promtool, tmp, "quickdraw-gateway", target) as base:
+            yield base, pod
     finally:
         stop.set()
         for t in threads:
             t.join(timeout=30)
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
 
 
 def wait_for(base: str, expr: str, timeout_s: float = 45) -> list[dict[str, Any]]:
@@ -1337,13 +1344,7 @@ def test_tfserving_recording_rules_answer_from_tf_servings_metrics(promtool: Pat
                                    monitoring_config_pb2.MonitoringConfig())  # fmt: skip
     rest = free_port()
     pod = "tfserving-7c9d8b6f5-abcde"
-    config = load_yaml(PROM / "prometheus.yml")
     target = (f"127.0.0.1:{rest}", pod_meta_labels("tfserving", "http", pod))
-    live = with_static_discovery(config, {"tfserving": target})
-    live["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
-    live["rule_files"] = [str(PROM / f) for f in config["rule_files"]]
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(live, sort_keys=False))
-    port = free_port()
     stop = threading.Event()
     with TFServingStandIn(SHIPPED_MODEL, batching_parameters=batching, rest_api_port=rest,
                           monitoring_config=monitoring, enable_model_warmup=False) as standin:  # fmt: skip
@@ -1363,22 +1364,8 @@ def test_tfserving_recording_rules_answer_from_tf_servings_metrics(promtool: Pat
         threads = [threading.Thread(target=load, daemon=True) for _ in range(2)]
         for t in threads:
             t.start()
-        with (tmp_path / "prometheus.log").open("w") as log:
-            server = subprocess.Popen(
-                [str(promtool / "prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}",
-                 f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-                stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-            base = f"http://127.0.0.1:{port}"
-            try:
-                deadline = time.monotonic() + 60
-                while True:
-                    assert server.poll() is None, (tmp_path / "prometheus.log").read_text()[-3000:]
-                    with contextlib.suppress(OSError):
-                        if query(base, 'up{job="tfserving"} == 1'):
-                            break
-                    assert time.monotonic() < deadline, "Prometheus never scraped the stand-in"
-                    time.sleep(0.5)
+        try:
+            with live_prometheus(promtool, tmp_path, "tfserving", target) as base:
                 for rule in rules:
                     [sample] = wait_for(base, rule["expr"])
                     value = float(sample["value"][1])
@@ -1386,9 +1373,7 @@ def test_tfserving_recording_rules_answer_from_tf_servings_metrics(promtool: Pat
                     if "seconds" in rule["record"]:
                         assert value < 10, (rule["record"], value, "microseconds not converted")
                     assert wait_for(base, rule["record"]), rule["record"]
-            finally:
-                stop.set()
-                for t in threads:
-                    t.join(timeout=30)
-                server.terminate()
-                server.wait(timeout=30)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=30)

@@ -47,19 +47,19 @@ def check_infer(buf: bytes | memoryview, max_drawings: int) -> None:
         for number, what in ((5, "inputs"), (6, "outputs"), (7, "raw_input_contents")):
             spans = wire.scan(buf, 0, len(buf), number, MAX_TENSORS, others)
             if len(spans.spans) > MAX_TENSORS:
-                raise wire._too_many(what, "entries", MAX_TENSORS)
+                raise wire.too_many(what, "entries", MAX_TENSORS)
             if spans.others > others:  # the scan stopped early: what follows was not counted (81 empty ids did it)
-                raise wire._hand_made("request", others)
+                raise wire.hand_made("request", others)
             if number != 5:
                 continue
             for i, (a, b) in enumerate(spans.spans):
                 contents = wire.scan(buf, a, b, 5, 4, wire.MAX_OTHER_FIELDS)  # InferInputTensor.contents
                 if len(contents.spans) > 4 or contents.others > wire.MAX_OTHER_FIELDS:
-                    raise wire._hand_made(f"inputs[{i}]", wire.MAX_OTHER_FIELDS)
+                    raise wire.hand_made(f"inputs[{i}]", wire.MAX_OTHER_FIELDS)
                 for a2, b2 in contents.spans:
                     elements = wire.scan(buf, a2, b2, 8, wire.SCAN_FACTOR * max_drawings)  # bytes_contents
                     if len(elements.spans) > wire.SCAN_FACTOR * max_drawings:
-                        raise wire._too_many("inputs.contents.bytes_contents", "elements", max_drawings,
+                        raise wire.too_many("inputs.contents.bytes_contents", "elements", max_drawings,
                                              "max_drawings_per_request")  # fmt: skip
     except wire.Malformed:
         return
@@ -130,11 +130,11 @@ def to_response(answer: InferAnswer) -> Any:
 class InferenceService:
     """The servicer; every method's latency is recorded under its own name."""
 
-    def __init__(self, surface: Surface, streams: StreamSlots | None = None) -> None:
+    def __init__(self, surface: Surface, streams: StreamSlots) -> None:
         self.surface = surface
         self.metrics = surface.metrics
         #: The open-stream cap ModelStreamInfer shares with ClassifyStream (service.streams).
-        self.streams = streams or StreamSlots(1000)
+        self.streams = streams
 
     @_unary("ServerLive")
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -234,7 +234,7 @@ class InferenceService:
             yield answer
 
 
-def add_to_server(server: grpc.aio.Server, metrics: Metrics, streams: StreamSlots | None = None) -> Surface:
+def add_to_server(server: grpc.aio.Server, metrics: Metrics, streams: StreamSlots) -> Surface:
     """Register ``inference.GRPCInferenceService``; returns the surface to ``attach`` the gateway to once ready.
     ``streams``: the open-stream cap shared with the other streaming doors."""
     surface = Surface(metrics)
