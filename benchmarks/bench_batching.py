@@ -64,8 +64,8 @@ def stop(proc: subprocess.Popen[str]) -> None:
 
 async def load(target: str, callers: int, images: np.ndarray, seconds: float) -> tuple[float, HdrHistogram, int]:
     """Closed-loop load: ``callers`` coroutines each sending one drawing at a time. Returns (calls/s, hist, errors)."""
-    from quickdraw.v1 import classifier_pb2 as pb
-    from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
+    from quickdraw_client.v1 import classifier_pb2 as pb
+    from quickdraw_client.v1 import classifier_pb2_grpc as pb_grpc
 
     requests = [pb.ClassifyRequest(drawings=[pb.Drawing(bitmap=pb.Bitmap(pixels=im.tobytes()))], top_k=3)
                 for im in images]
@@ -101,8 +101,8 @@ async def load(target: str, callers: int, images: np.ndarray, seconds: float) ->
 
 async def interleaved_latency(targets: dict[str, str], images: np.ndarray, calls: int) -> dict[str, HdrHistogram]:
     """One caller alternating between the gateways call by call, so both see the same machine conditions."""
-    from quickdraw.v1 import classifier_pb2 as pb
-    from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
+    from quickdraw_client.v1 import classifier_pb2 as pb
+    from quickdraw_client.v1 import classifier_pb2_grpc as pb_grpc
 
     hists = {name: HdrHistogram(1, 60_000_000, 3) for name in targets}
     channels = {name: grpc.aio.insecure_channel(t) for name, t in targets.items()}

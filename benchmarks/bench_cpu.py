@@ -217,7 +217,7 @@ async def measure(
 def payloads() -> tuple[list[bytes], list[bytes]]:
     """Serialized single-bitmap ClassifyRequests (top_k 3) for the gateway, 784-byte payloads for the bare server."""
     from doodle.formats import open_bitmaps
-    from quickdraw.v1 import classifier_pb2 as pb
+    from quickdraw_client.v1 import classifier_pb2 as pb
 
     images = np.asarray(open_bitmaps(SAMPLE / "numpy_bitmap" / "cat.npy")[:256]).reshape(-1, 784)
     gateway = [pb.ClassifyRequest(drawings=[pb.Drawing(bitmap=pb.Bitmap(pixels=im.tobytes()))], top_k=3)

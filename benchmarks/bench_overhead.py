@@ -38,8 +38,8 @@ async def interleaved(targets: dict[str, str], calls: int) -> dict[str, np.ndarr
     import grpc
 
     from doodle.formats import open_bitmaps
-    from service import tfs
-    from service.tensors import from_numpy
+    from service.protos import tfs
+    from service.protos.tensors import from_numpy
 
     rows = np.asarray(open_bitmaps(SAMPLE / "numpy_bitmap" / "cat.npy")[:64]).reshape(-1, 1, 28, 28, 1)
     requests = []

@@ -39,7 +39,7 @@ SETTINGS = {"workers": "2", "threads": "0"}  # stroke_render_workers
 
 def largest_raw_request() -> object:
     """256 drawings x 256 RAW strokes of 2 points: 1.4 MB, within every default limit (tests/test_loop.py's)."""
-    from quickdraw.v1 import classifier_pb2 as pb
+    from quickdraw_client.v1 import classifier_pb2 as pb
 
     req = pb.ClassifyRequest()
     for d in range(256):
@@ -56,7 +56,7 @@ def heavy_call(target: str, req: object) -> tuple[float, float, int]:
     """One largest-raw call; returns (its seconds, the worst health wait in seconds, health checks made)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
+    from quickdraw_client.v1 import classifier_pb2_grpc as pb_grpc
 
     worst, checks, done = 0.0, 0, threading.Event()
 

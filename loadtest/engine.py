@@ -18,7 +18,7 @@ Before any load, :func:`check_reachable` connects to the target within ``connect
 
 Calls in the warm-up period are made but not recorded. Every call has a deadline (``timeout_s``); errors are
 counted by gRPC status code. ``security`` reaches a gateway with TLS, mTLS or a bearer token. The TF Serving
-API is called with ``service.tfs``'s messages and stub (no TensorFlow is loaded).
+API is called with ``service.protos.tfs``'s messages and stub (no TensorFlow is loaded).
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ import grpc
 from hdrh.histogram import HdrHistogram
 
 from loadtest.sources import Pool
-from quickdraw.v1 import classifier_pb2 as pb
-from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
-from service import oip, tfs
+from quickdraw_client.v1 import classifier_pb2 as pb
+from quickdraw_client.v1 import classifier_pb2_grpc as pb_grpc
+from service.protos import oip, tfs
 from service.security import ClientSecurity
 
 HIGHEST_US = 3_600_000_000  # an hour: nothing real is slower
@@ -218,7 +218,7 @@ def build_callers(cfg: LoadConfig, pool: Pool, channels: list[grpc.aio.Channel])
         if cfg.api == "tfserving":
             if len(pool.bitmaps) == 0:
                 raise ValueError("the tfserving API takes bitmaps: give .npy files")
-            from service.tensors import from_numpy
+            from service.protos.tensors import from_numpy
 
             stub = tfs.PredictionServiceStub(ch)
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from doodle import Drawing
 from doodle.formats import open_bitmaps, read_ndjson
-from quickdraw.v1 import classifier_pb2 as pb
+from quickdraw_client.v1 import classifier_pb2 as pb
 
 KINDS = ("bitmap", "png", "strokes")
 

@@ -1,6 +1,6 @@
 """Write the docs' generated reference pages from the code: the configuration reference from the settings model
 (``service.settings.Settings``) and the metrics reference from the gateway's Prometheus registry
-(``service.metrics.Metrics``).
+(``service.core.metrics.Metrics``).
 
 ``python scripts/gen_docs.py`` rewrites docs/reference/configuration.md and docs/reference/metrics.md;
 ``--check`` writes nothing and exits 1 naming each page that differs from what the code gives (tests/test_docs.py
@@ -73,7 +73,7 @@ def configuration() -> str:
 
 def metrics() -> str:
     """The metrics reference: every metric the gateway exports, with its type, labels and help text."""
-    from service.metrics import LATENCY_BUCKETS_S, NAMESPACE, Metrics
+    from service.core.metrics import LATENCY_BUCKETS_S, NAMESPACE, Metrics
 
     m = Metrics()
     suffix = {"counter": "_total"}
@@ -87,14 +87,14 @@ def metrics() -> str:
         rows.append(f"| `{name}` | {kind} | {labels} | {_cell(collector._documentation)} |")  # type: ignore[attr-defined]
     buckets = ", ".join(f"{b * 1000:g}" for b in LATENCY_BUCKETS_S)
     return "\n".join([
-        GENERATED.format(source="service/metrics.py"),
+        GENERATED.format(source="service/core/metrics.py"),
         "",
         "# Metrics reference",
         "",
         f"Every metric the gateway exports on `/metrics` (namespace `{NAMESPACE}_`), generated from its Prometheus",
-        "registry (`service/metrics.py`). Histograms have the usual `_bucket`, `_sum` and `_count` series; latency",
-        f"histograms' buckets are, in milliseconds: {buckets}. The registry also exports the standard `process_*`",
-        "metrics (CPU seconds, resident memory, open file descriptors), which the gateway's HPA scales on.",
+        "registry (`service/core/metrics.py`). Histograms have the usual `_bucket`, `_sum` and `_count` series;",
+        f"latency histograms' buckets are, in milliseconds: {buckets}. The registry also exports the standard",
+        "`process_*` metrics (CPU seconds, resident memory, open file descriptors), which the gateway's HPA scales on.",
         "How to read them, and the alerts built on them: [Monitoring](../monitoring.md).",
         "",
         "| metric | type | labels | what |",

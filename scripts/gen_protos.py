@@ -10,10 +10,12 @@ The output depends only on the .proto files and the pinned grpcio-tools version,
 a temporary directory and compare for drift.
 
 The vendored TF Serving protos under ``protos/third_party/tfserving/`` get no Python code: they compile to one
-serialized ``FileDescriptorSet`` with their imports, ``service/tfs/tfserving.binpb``, which ``service.tfs`` loads
+serialized ``FileDescriptorSet`` with their imports, ``service/protos/tfs/tfserving.binpb``, which
+``service.protos.tfs`` loads
 into a private descriptor pool (TensorFlow's own copies of the same names may share the process). The vendored
 Open Inference Protocol (KServe v2) proto under ``protos/third_party/kserve/`` compiles the same way, to
-``service/oip/oip.binpb`` (``service.oip``'s private pool: tritonclient and the kserve SDK register the same
+``service/protos/oip/oip.binpb`` (``service.protos.oip``'s private pool: tritonclient and the kserve SDK register the
+same
 ``inference.*`` names in the default pool).
 """
 
@@ -31,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 THIRD_PARTY = "third_party"
 #: The vendored TF Serving API (and what it imports), and the descriptor set it compiles to.
 TFSERVING_PROTOS = ROOT / "protos" / THIRD_PARTY / "tfserving"
-TFSERVING_SET = Path("service") / "tfs" / "tfserving.binpb"
+TFSERVING_SET = Path("service") / "protos" / "tfs" / "tfserving.binpb"
 #: The (trimmed) TF Serving service files; ``--include_imports`` adds everything they import.
 #: The public API's protos (proto directory -> Python package) go to the client distribution's sources; the
 #: others (the server's own, e.g. quickdraw/tfserving_schema) stay in the repository at their proto path.
@@ -44,7 +46,7 @@ TFSERVING_ROOTS = (
 
 #: The vendored Open Inference Protocol (package ``inference``), and the descriptor set it compiles to.
 OIP_PROTOS = ROOT / "protos" / THIRD_PARTY / "kserve"
-OIP_SET = Path("service") / "oip" / "oip.binpb"
+OIP_SET = Path("service") / "protos" / "oip" / "oip.binpb"
 OIP_ROOTS = ("open_inference_grpc.proto",)
 
 
@@ -57,8 +59,8 @@ def generate_descriptor_set(
     out_dir: Path, proto_root: Path = TFSERVING_PROTOS, target: Path = TFSERVING_SET,
     roots: tuple[str, ...] = TFSERVING_ROOTS,
 ) -> Path:
-    """Compile vendored protos (by default TF Serving's, into ``out_dir/service/tfs/tfserving.binpb``); returns the
-    path written.
+    """Compile vendored protos (by default TF Serving's, into ``out_dir/service/protos/tfs/tfserving.binpb``);
+    returns the path written.
 
     A ``FileDescriptorSet`` of the root files and all their imports (google/protobuf ones included), in
     dependency order, without source info: the bytes depend only on the .proto files and protoc's version.
@@ -91,7 +93,8 @@ def _destination(out_dir: Path, proto_rel: Path) -> Path:
 
 
 def _rename_imports(text: str) -> str:
-    """Point the generated imports of the public API's modules (``from quickdraw.v1 import``) at their package."""
+    """Point the generated imports of the public API's modules (``from quickdraw_client.v1 import``) at their
+    package."""
     pattern = re.compile(r"^(from|import) (" + "|".join(map(re.escape, PYTHON_PACKAGE_OF)) + r")\b", re.MULTILINE)
     return pattern.sub(lambda m: f"{m.group(1)} {PYTHON_PACKAGE_OF[m.group(2)]}", text)
 

@@ -29,8 +29,8 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
 from faults import bitmaps, free_port, start_standin  # noqa: E402
 
-from quickdraw.v1 import classifier_pb2 as pb  # noqa: E402
-from quickdraw.v1 import classifier_pb2_grpc as pb_grpc  # noqa: E402
+from quickdraw_client.v1 import classifier_pb2 as pb  # noqa: E402
+from quickdraw_client.v1 import classifier_pb2_grpc as pb_grpc  # noqa: E402
 
 TAG = os.environ.get("TAG", "0.1.0")
 GATEWAY = os.environ.get("GATEWAY_IMAGE", f"localhost/quickdraw-gateway:{TAG}")

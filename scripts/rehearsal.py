@@ -72,9 +72,9 @@ import numpy as np  # noqa: E402
 from faults import LATE_S, Gateway, Process, free_port  # noqa: E402
 from harness import parse_metrics  # noqa: E402
 
-from quickdraw.v1 import classifier_pb2 as pb  # noqa: E402
-from quickdraw.v1 import classifier_pb2_grpc as pb_grpc  # noqa: E402
-from service import tfs  # noqa: E402
+from quickdraw_client.v1 import classifier_pb2 as pb  # noqa: E402
+from quickdraw_client.v1 import classifier_pb2_grpc as pb_grpc  # noqa: E402
+from service.protos import tfs  # noqa: E402
 
 DEPLOY = ROOT / "deploy"
 MODEL_NAME = "quickdraw"

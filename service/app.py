@@ -27,22 +27,24 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service import api, security, tfserving_api
-from service import oip as oip_protos
-from service import tfs as tfs_protos
-from service.api import SERVICE_NAME, ClassifierService, Gateway
+from service import security
 from service.backends import Backend, ModelDescription
 from service.backends.embedded import EmbeddedBackend
-from service.batching import BackendHealth, Batcher, BatcherConfig
-from service.decode import WorkerPool
-from service.http import HttpLimits, HttpServer
-from service.jsonparse import JsonParsePool
-from service.lograte import LogRate
-from service.metrics import Metrics
-from service.oip import grpc_api as oip_grpc
+from service.core.batching import BackendHealth, Batcher, BatcherConfig
+from service.core.metrics import Metrics
+from service.core.streams import StreamSlots
+from service.frontends.grpc import classifier as api
+from service.frontends.grpc.classifier import SERVICE_NAME, ClassifierService, Gateway
+from service.frontends.http.jsonparse import JsonParsePool
+from service.frontends.http.server import HttpLimits, HttpServer
+from service.frontends.oip import grpc_api as oip_grpc
+from service.frontends.tfserving import grpc_api as tfserving_api
+from service.preprocess.decode import WorkerPool
+from service.preprocess.validation import Limits
+from service.protos import oip as oip_protos
+from service.protos import tfs as tfs_protos
+from service.runtime.lograte import LogRate
 from service.settings import Settings
-from service.streams import StreamSlots
-from service.validation import Limits
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +204,7 @@ class App:
         interceptors = security.grpc_interceptors(s, self._auth, self.metrics)
         self._server = grpc.aio.server(options=options, interceptors=interceptors,
                                        maximum_concurrent_rpcs=s.max_concurrent_rpcs)  # fmt: skip
-        streams = StreamSlots(s.max_open_streams)  # one cap for every streaming door (service.streams)
+        streams = StreamSlots(s.max_open_streams)  # one cap for every streaming door (service.core.streams)
         service = ClassifierService(self.metrics, s.max_message_bytes, streams)
         api.add_to_server(service, self._server)
         names: tuple[str, ...] = (SERVICE_NAME,)
@@ -211,7 +213,7 @@ class App:
             label = s.tfserving_version_label if s.backend == "tfserving" else None
             tfs = tfserving_api.add_to_server(self._server, self.metrics, label)
             names += (tfserving_api.PREDICTION_SERVICE, tfserving_api.MODEL_SERVICE)
-        # the Open Inference Protocol (KServe v2): gRPC here, /v2/... on the HTTP port (service.oip_http)
+        # the Open Inference Protocol (KServe v2): gRPC here, /v2/... on the HTTP port (service.frontends.oip.http_api)
         self._oip = oip_grpc.add_to_server(self._server, self.metrics, streams)
         self._oip.is_ready = lambda: self._model_serving and self._backend_state.ready
         self._http.oip = self._oip
@@ -219,7 +221,8 @@ class App:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         if s.reflection:
             names += (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
-            # TF Serving's services are in service.tfs's private pool, the protocol's in service.oip's, the others in
+            # TF Serving's services are in service.protos.tfs's private pool, the protocol's in service.protos.oip's,
+            # the others in
             # the default one
             pool = tfs_protos._ReflectionPool(descriptor_pool.Default(), tfs_protos.POOL, oip_protos.POOL)
             reflection.enable_server_reflection(names, self._server, pool=pool)

@@ -58,10 +58,10 @@ from quickdraw_client.security import (  # the client's half, shared: one implem
     read_token_file,
     valid_token,
 )
-from service.errors import Unauthenticated, to_rpc_status
+from service.core.errors import Unauthenticated, to_rpc_status
 
 if TYPE_CHECKING:
-    from service.metrics import Metrics
+    from service.core.metrics import Metrics
     from service.settings import Settings
 
 log = logging.getLogger(__name__)

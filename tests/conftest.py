@@ -86,7 +86,7 @@ def no_process_outlives_the_suite() -> Iterator[None]:
     Any survivor is named, killed, and fails the run."""
     from procs import children
 
-    from service.lifetime import become_subreaper
+    from service.runtime.lifetime import become_subreaper
 
     become_subreaper()
     yield

@@ -29,8 +29,8 @@ import grpc
 import numpy as np
 from harness import SHIPPED_MODEL, parse_metrics
 
-from quickdraw.v1 import classifier_pb2 as pb
-from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
+from quickdraw_client.v1 import classifier_pb2 as pb
+from quickdraw_client.v1 import classifier_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts" / "reliability"

@@ -24,11 +24,11 @@ from harness import SHIPPED_MODEL
 from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from quickdraw.v1 import classifier_pb2 as pb
-from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
-from service import oip
+from quickdraw_client.v1 import classifier_pb2 as pb
+from quickdraw_client.v1 import classifier_pb2_grpc as pb_grpc
 from service.backends import find_versions
-from service.errors import MAX_MESSAGE_CHARS, MAX_STATUS_BYTES, MAX_VIOLATIONS
+from service.core.errors import MAX_MESSAGE_CHARS, MAX_STATUS_BYTES, MAX_VIOLATIONS
+from service.protos import oip
 
 pytestmark = [
     pytest.mark.skipif(not find_versions(SHIPPED_MODEL), reason=f"no SavedModel under {SHIPPED_MODEL}"),

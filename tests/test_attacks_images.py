@@ -32,8 +32,8 @@ from PIL import Image, ImageDraw
 
 from doodle import decode_image
 from doodle.image import jpeg_scans
-from quickdraw.v1 import classifier_pb2 as pb
-from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
+from quickdraw_client.v1 import classifier_pb2 as pb
+from quickdraw_client.v1 import classifier_pb2_grpc as pb_grpc
 from service.backends import find_versions
 from service.settings import Settings
 

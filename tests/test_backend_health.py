@@ -24,12 +24,12 @@ from faults import bitmaps
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import SHIPPED_MODEL, RunningGateway
 
-from service.api import SERVICE_NAME
 from service.app import LIVENESS_SERVICE
 from service.backends import find_versions
 from service.backends.embedded import EmbeddedBackend
 from service.client import QuickDrawClient
-from service.errors import NotFound
+from service.core.errors import NotFound
+from service.frontends.grpc.classifier import SERVICE_NAME
 from service.settings import Settings
 
 pytestmark = [

@@ -32,7 +32,7 @@ CONTRACT_STRINGS = {
     contract.LABELS_PATH.name,
     contract.LABELS_PATH.parent.name,
 }
-INPUT_KEY_SCOPE = ("trainer", "service/tfserving_api.py", "service/backends")
+INPUT_KEY_SCOPE = ("trainer", "service/frontends/tfserving/grpc_api.py", "service/backends")
 SCANNED = ("service", "trainer")
 #: Modules allowed to spell a contract name (none).
 ALLOWED: set[str] = set()

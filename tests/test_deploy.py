@@ -53,7 +53,7 @@ import yaml
 from harness import SHIPPED_MODEL, RunningGateway
 
 from service.backends import find_versions
-from service.metrics import Metrics
+from service.core.metrics import Metrics
 from service.settings import ENV_PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -767,7 +767,7 @@ def test_each_overlay_renders_with_its_secrets_model_loader_and_monitors(overlay
         for ref in rule_["backendRefs"]:
             assert ref["name"] == "quickdraw-gateway" and ref["port"] in [p["port"] for p in svc["spec"]["ports"]]
     services = {m["method"]["service"] for r in route["spec"]["rules"] for m in r["matches"]}
-    from service.api import SERVICE_NAME
+    from service.frontends.grpc.classifier import SERVICE_NAME
 
     assert SERVICE_NAME in services and "grpc.health.v1.Health" not in services
     policy = find(objs, "NetworkPolicy", "quickdraw-gateway")
@@ -1115,7 +1115,7 @@ def test_promql_names_exist_in_the_gateway() -> None:
     dash = json.loads((DEPLOY / "grafana" / "quickdraw.json").read_text())
     exprs += [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
     unknown = {n for e in exprs for n in promql_names(e)} - exposed
-    assert not unknown, f"not exposed by service/metrics.py: {sorted(unknown)}"
+    assert not unknown, f"not exposed by service/core/metrics.py: {sorted(unknown)}"
 
 
 def test_dashboard_uses_the_recording_rules() -> None:
@@ -1331,8 +1331,8 @@ def test_tfserving_recording_rules_answer_from_tf_servings_metrics(promtool: Pat
     from tfserving_standin import TFServingStandIn
 
     from quickdraw.tfserving_schema import batching_parameters_pb2, monitoring_config_pb2
-    from service import tfs
-    from service.tensors import from_numpy
+    from service.protos import tfs
+    from service.protos.tensors import from_numpy
 
     if not find_versions(SHIPPED_MODEL):
         pytest.skip(f"no SavedModel under {SHIPPED_MODEL}")

@@ -56,7 +56,7 @@ def test_generated_reference_pages_are_current(page: str) -> None:
 
 
 def test_every_setting_and_metric_has_its_row() -> None:
-    from service.metrics import Metrics
+    from service.core.metrics import Metrics
     from service.settings import Settings
 
     config = gen_docs.CONFIGURATION.read_text()

@@ -25,7 +25,7 @@ from harness import SHIPPED_MODEL, RunningGateway
 from PIL import Image
 
 from doodle.formats import open_bitmaps, read_ndjson
-from quickdraw.v1 import classifier_pb2 as pb
+from quickdraw_client.v1 import classifier_pb2 as pb
 from service.backends import find_versions
 from service.backends.embedded import EmbeddedBackend
 from service.client import QuickDrawClient, to_drawing
@@ -466,7 +466,7 @@ def test_reflection_lists_the_services(gateway: RunningGateway) -> None:
 
 
 def test_reflection_describes_tf_servings_services(gateway: RunningGateway) -> None:
-    """They live in service.tfs's private pool; reflection finds them there (grpcurl describe works)."""
+    """They live in service.protos.tfs's private pool; reflection finds them there (grpcurl describe works)."""
     from google.protobuf import descriptor_pb2
 
     asks = [reflection_pb2.ServerReflectionRequest(file_containing_symbol=s)

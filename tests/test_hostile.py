@@ -54,12 +54,12 @@ from tensorflow_serving.apis import predict_pb2
 from test_tfserving import shipped_extra_outputs
 
 from doodle.contract import OUTPUTS
-from quickdraw.v1 import classifier_pb2 as pb
+from quickdraw_client.v1 import classifier_pb2 as pb
 from service.backends import find_versions
-from service.errors import InvalidArgument
-from service.jsonwalk import respell
-from service.tensors import TensorDecodeError, to_numpy
-from service.validation import ImageIn, Limits, render
+from service.core.errors import InvalidArgument
+from service.frontends.http.jsonwalk import respell
+from service.preprocess.validation import ImageIn, Limits, render
+from service.protos.tensors import TensorDecodeError, to_numpy
 
 pytestmark = pytest.mark.skipif(
     not find_versions(SHIPPED_MODEL), reason=f"no SavedModel under {SHIPPED_MODEL} (the shipped model is missing)"

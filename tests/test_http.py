@@ -25,11 +25,11 @@ from harness import SHIPPED_MODEL, RunningGateway
 
 from doodle import Drawing, drawing_to_bitmap, strokes_from_google
 from doodle.formats import read_ndjson
-from quickdraw.v1 import classifier_pb2 as pb
+from quickdraw_client.v1 import classifier_pb2 as pb
 from service.backends import find_versions
 from service.backends.embedded import EmbeddedBackend
 from service.client import QuickDrawClient
-from service.jsonwalk import respell
+from service.frontends.http.jsonwalk import respell
 from service.settings import Settings
 
 pytestmark = pytest.mark.skipif(not find_versions(SHIPPED_MODEL), reason=f"no SavedModel under {SHIPPED_MODEL}")
@@ -290,9 +290,9 @@ def test_api_and_page_can_be_turned_off() -> None:
 
 def test_the_shape_count_takes_the_largest_valid_request_and_refuses_more() -> None:
     """The ``{``/``[`` count before json.loads never refuses a request within the limits."""
-    from service.errors import InvalidArgument
-    from service.http import check_shape
-    from service.validation import Limits
+    from service.core.errors import InvalidArgument
+    from service.frontends.http.server import check_shape
+    from service.preprocess.validation import Limits
 
     limits = Limits(8, 20, 16, 8192, 1e6, 1024, 1024, num_classes=345)
     stroke = {"x": [1.0], "y": [2.0], "tMs": [3]}
@@ -325,9 +325,9 @@ WALK_LIMITS_ARGS = (8, 20, 16, 8192, 1e6, 1024, 1024)
 
 def _walk_refusal(raw: bytes) -> list[tuple[str, str]]:
     """The field violations parse_body gives a body (it must refuse it, and ParseDict must agree)."""
-    from service.errors import InvalidArgument
-    from service.http import parse_body
-    from service.validation import Limits
+    from service.core.errors import InvalidArgument
+    from service.frontends.http.server import parse_body
+    from service.preprocess.validation import Limits
 
     with pytest.raises(InvalidArgument) as info:
         parse_body(raw, pb.ClassifyRequest(), 1 << 22, Limits(*WALK_LIMITS_ARGS, num_classes=345))
@@ -422,7 +422,7 @@ def test_the_json_walk_names_each_field_exactly(body: bytes, field: str, descrip
 
 
 def test_the_json_walk_reports_every_violation_bounded() -> None:
-    from service.jsonwalk import MAX_VIOLATIONS
+    from service.frontends.http.jsonwalk import MAX_VIOLATIONS
 
     body = {"drawings": [{"strokes": {"strokes": [{"x": ["a", 1, "b"], "y": [1, 2, 3]}], "coordinates": "P"}},
                          {"bitmap": {"pixels": "A"}}], "topK": -1, "nope": 1}  # fmt: skip
@@ -452,7 +452,7 @@ def test_the_json_walk_reports_every_violation_bounded() -> None:
     ],
 )  # fmt: skip
 def test_the_json_walk_takes_what_json_format_takes(body: dict[str, Any]) -> None:
-    from service.jsonwalk import json_violations
+    from service.frontends.http.jsonwalk import json_violations
 
     assert json_violations(json.loads(json.dumps(body)), pb.ClassifyRequest.DESCRIPTOR) == []
     json_format.ParseDict(json.loads(json.dumps(body)), pb.ClassifyRequest())
@@ -463,7 +463,7 @@ def test_the_json_walk_is_generic_over_descriptors() -> None:
     from google.protobuf import message_factory, struct_pb2, wrappers_pb2
     from google.rpc import error_details_pb2
 
-    from service.jsonwalk import json_violations
+    from service.frontends.http.jsonwalk import json_violations
 
     def walk(data: Any, descriptor: Any) -> list[tuple[str, str]]:
         out = [(v.field, v.description) for v in json_violations(data, descriptor)]
@@ -493,7 +493,7 @@ def test_the_json_walk_checks_number_arrays_at_c_speed(monkeypatch: pytest.Monke
     """A long array of plain numbers is checked with numpy, not value by value (the stroke arrays of a valid
     body are taken out before the walk; one that was not is still checked fast): only what is not a number the
     field takes is walked."""
-    from service import jsonwalk
+    from service.frontends.http import jsonwalk
 
     walked: list[str] = []
     scalar = jsonwalk._Walk.scalar

@@ -41,14 +41,14 @@ from known_models import MSP_METHOD, THRESHOLD, offline_outputs
 
 from doodle import contract
 from doodle.formats import open_bitmaps
-from quickdraw.v1 import classifier_pb2 as pb
-from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
-from service import tfs
+from quickdraw_client.v1 import classifier_pb2 as pb
+from quickdraw_client.v1 import classifier_pb2_grpc as pb_grpc
 from service.backends import Answered, OutOfClassInfo, find_versions, read_out_of_class
-from service.batching import Batcher, BatcherConfig
 from service.client import QuickDrawClient, Result
-from service.metrics import Metrics
-from service.tensors import from_numpy, to_numpy
+from service.core.batching import Batcher, BatcherConfig
+from service.core.metrics import Metrics
+from service.protos import tfs
+from service.protos.tensors import from_numpy, to_numpy
 
 KNOWN = contract.KNOWN_SCORE
 #: The threshold as the answers carry it (a proto float).

@@ -1,4 +1,5 @@
-"""A SIGKILLed gateway leaves no process behind (service/lifetime.py): its forkserver, resource tracker and every
+"""A SIGKILLed gateway leaves no process behind (service/runtime/lifetime.py): its forkserver, resource tracker and
+every
 worker (image decode, stroke render, JSON parse) are gone within 5 s, as in a node that OOM-kills it."""
 
 from __future__ import annotations

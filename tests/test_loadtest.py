@@ -23,8 +23,8 @@ import pytest
 
 from loadtest.engine import LoadConfig, run_load, summary
 from loadtest.sources import load_pool
-from quickdraw.v1 import classifier_pb2 as pb
-from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
+from quickdraw_client.v1 import classifier_pb2 as pb
+from quickdraw_client.v1 import classifier_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -158,7 +158,7 @@ def test_stroke_drawings_say_whether_they_are_raw(sample: Path) -> None:
     """``--kinds strokes`` over raw .ndjson files once sent raw screen coordinates as simplified ones: 40 of 1,086
     real drawings a run were refused INVALID_ARGUMENT (x of 578 outside 0..255) and the rest were drawn at the
     wrong scale. Raw files' drawings now say ``coordinates=RAW``, and every one the pool holds is valid."""
-    from service.validation import Limits, validate
+    from service.preprocess.validation import Limits, validate
 
     raw = load_pool([sample / "raw"], ["strokes"], size=64)
     simplified = load_pool([sample / "simplified" / "cat.ndjson"], ["strokes"], size=16)

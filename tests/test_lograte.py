@@ -1,4 +1,5 @@
-"""service.lograte: the first line of a kind at once, then at most one per interval, carrying the count skipped."""
+"""service.runtime.lograte: the first line of a kind at once, then at most one per interval, carrying the count
+skipped."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import logging
 
 import pytest
 
-from service.lograte import LogRate
+from service.runtime.lograte import LogRate
 
 
 def test_one_line_per_interval_with_the_count(caplog: pytest.LogCaptureFixture) -> None:

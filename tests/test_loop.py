@@ -22,11 +22,11 @@ from harness import SHIPPED_MODEL
 from PIL import Image
 from test_attacks_http import request
 
-from quickdraw.v1 import classifier_pb2 as pb
-from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
+from quickdraw_client.v1 import classifier_pb2 as pb
+from quickdraw_client.v1 import classifier_pb2_grpc as pb_grpc
 from service.backends import find_versions
-from service.http import JSON_BODY_FACTOR
-from service.validation import Limits
+from service.frontends.http.server import JSON_BODY_FACTOR
+from service.preprocess.validation import Limits
 
 pytestmark = [
     pytest.mark.skipif(not find_versions(SHIPPED_MODEL), reason=f"no SavedModel under {SHIPPED_MODEL}"),

@@ -25,8 +25,8 @@ from harness import SHIPPED_MODEL, RunningGateway
 from PIL import Image
 
 from doodle.formats import open_bitmaps
-from quickdraw.v1 import classifier_pb2 as pb
-from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
+from quickdraw_client.v1 import classifier_pb2 as pb
+from quickdraw_client.v1 import classifier_pb2_grpc as pb_grpc
 from service.backends import find_versions
 
 tritongrpc = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc,http] is in the dev extra")
@@ -138,7 +138,7 @@ def test_typed_contents_and_json_data_equal_raw(embedded: RunningGateway, images
                                                 offline: np.ndarray) -> None:  # fmt: skip
     """tritonclient.grpc sends raw_input_contents; a hand-made request with ``uint_contents``, and the HTTP client's
     JSON ``data`` (binary_data=False), give the same answer."""
-    from service import oip
+    from service.protos import oip
 
     batch = images[:5]
     req = oip.ModelInferRequest(model_name=MODEL)
@@ -249,7 +249,7 @@ def test_errors_reach_tritonclient_with_the_protocols_code(embedded: RunningGate
         from google.rpc import error_details_pb2
         from grpc_status import rpc_status
 
-        from service import oip
+        from service.protos import oip
 
         req = oip.ModelInferRequest(model_name=MODEL)
         req.inputs.add(name="image", datatype="FP32", shape=[1, 28, 28, 1])
@@ -304,7 +304,7 @@ def test_versions_map_to_model_version(tfserving: RunningGateway, images: np.nda
                                                                                     "underscore", "space", "float",
                                                                                     "over-int64"])  # fmt: skip
 def test_a_version_is_ascii_digits_and_nothing_else(tfserving: RunningGateway, images: np.ndarray, text: str) -> None:
-    """One version parser (service/versions.py): Python's int() reads '\u0661' and '+1' as 1 and '1_0' as 10;
+    """One version parser (service/core/versions.py): Python's int() reads '\u0661' and '+1' as 1 and '1_0' as 10;
     the gateway refuses them as Triton's words say, over gRPC, naming model_version."""
     with pytest.raises(InferenceServerException, match="version should be an integral value"):
         infer_probs(grpc_client(tfserving), tritongrpc, images[:1], model_version=text)
@@ -411,7 +411,7 @@ def test_make_protos_reproduces_the_descriptor_set(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    rel = Path("service") / "oip" / "oip.binpb"
+    rel = Path("service") / "protos" / "oip" / "oip.binpb"
     assert (tmp_path / rel).read_bytes() == (ROOT / rel).read_bytes(), f"{rel} is stale: run `make protos`"
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from harness import RunningGateway
 
-from quickdraw.v1 import classifier_pb2 as pb
+from quickdraw_client.v1 import classifier_pb2 as pb
 
 openapi_spec_validator = pytest.importorskip(
     "openapi_spec_validator", reason="openapi-spec-validator is not installed (the dev extra: pip install -e '.[dev]')"
@@ -139,7 +139,7 @@ def test_a_request_built_from_the_document_succeeds(
 
 
 def test_the_document_marks_the_bearer_token_when_one_is_required() -> None:
-    from service.openapi import document
+    from service.frontends.http.openapi import document
 
     assert "security" not in document()
     doc = document(bearer=True)

@@ -27,9 +27,9 @@ from google.protobuf import json_format
 from harness import SHIPPED_MODEL, RunningGateway
 
 from doodle.formats import read_ndjson
-from quickdraw.v1 import classifier_pb2 as pb
+from quickdraw_client.v1 import classifier_pb2 as pb
 from service.backends import find_versions
-from service.validation import Limits, render, validate
+from service.preprocess.validation import Limits, render, validate
 
 CHROMIUM = Path(os.environ.get("QUICKDRAW_CHROMIUM", "/usr/bin/chromium"))
 #: Playwright adds --headless itself; the rest keep Chromium off the (closed) network and out of the sandbox

@@ -1,7 +1,7 @@
 """Generated protobuf code is reproducible: ``make protos`` output matches what is committed.
 
 That covers the Python modules generated from ``protos/`` and the TF Serving descriptor set compiled from the
-vendored ``protos/third_party/tfserving/`` (``service/tfs/tfserving.binpb``).
+vendored ``protos/third_party/tfserving/`` (``service/protos/tfs/tfserving.binpb``).
 
 The generator runs in its own interpreter: grpc_tools' embedded protoc must not share a process with the
 protobuf runtime that TensorFlow and gRPC have already loaded in the test session (it can crash there).
@@ -48,7 +48,7 @@ def test_generated_code_has_no_drift(generated: tuple[Path, str]) -> None:
 
 def test_tfserving_descriptor_set_has_no_drift(generated: tuple[Path, str]) -> None:
     tmp_path, _ = generated
-    rel = Path("service") / "tfs" / "tfserving.binpb"
+    rel = Path("service") / "protos" / "tfs" / "tfserving.binpb"
     assert (tmp_path / rel).read_bytes() == (ROOT / rel).read_bytes(), f"{rel} is stale: run `make protos`"
     # the vendored protos make no Python modules: they must not shadow or clash with tensorflow_serving's
     assert not list(tmp_path.rglob("tensorflow*")), "protos/third_party/ must not be compiled to Python"

@@ -21,8 +21,8 @@ from harness import SHIPPED_MODEL, RunningGateway
 from test_tfserving import sample_bitmaps
 from tfserving_standin import TFServingStandIn
 
-from quickdraw.v1 import classifier_pb2 as pb
-from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
+from quickdraw_client.v1 import classifier_pb2 as pb
+from quickdraw_client.v1 import classifier_pb2_grpc as pb_grpc
 from service.backends import find_versions
 from service.backends.tfserving import channel_options
 from service.client import QuickDrawClient, retry_service_config
@@ -383,7 +383,7 @@ def test_tf_serving_api_on_the_gateway_answers_with_the_version_that_answered(
     both replicas and its model_spec names the version that produced it (2 from A, 1 from B)."""
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-    from service.tensors import from_numpy
+    from service.protos.tensors import from_numpy
 
     with gateway(replicas, shared) as gw, grpc.insecure_channel(gw.target) as ch:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)

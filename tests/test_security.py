@@ -42,10 +42,11 @@ from pydantic import ValidationError
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from doodle.formats import open_bitmaps
-from quickdraw.v1 import classifier_pb2 as pb
+from quickdraw_client.v1 import classifier_pb2 as pb
 from service.backends import find_versions
 from service.client import QuickDrawClient
-from service.metrics import Metrics
+from service.core.metrics import Metrics
+from service.protos.tensors import from_numpy
 from service.security import (
     MIN_TOKEN_CHARS,
     AuthFailureLog,
@@ -55,7 +56,6 @@ from service.security import (
     install_log_redaction,
 )
 from service.settings import Settings
-from service.tensors import from_numpy
 
 pytestmark = pytest.mark.skipif(
     not find_versions(SHIPPED_MODEL), reason=f"no SavedModel under {SHIPPED_MODEL} (the shipped model is missing)"

@@ -28,8 +28,8 @@ from faults import Process, bitmaps, free_port, start_standin
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import SHIPPED_MODEL
 
-from quickdraw.v1 import classifier_pb2 as pb
-from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
+from quickdraw_client.v1 import classifier_pb2 as pb
+from quickdraw_client.v1 import classifier_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
 

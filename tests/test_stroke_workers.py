@@ -1,4 +1,5 @@
-"""Strokes are simplified and rendered in worker processes (``service.decode``, ``stroke_render_*`` settings).
+"""Strokes are simplified and rendered in worker processes (``service.preprocess.decode``, ``stroke_render_*``
+settings).
 
 - The pool renders exactly what ``doodle`` renders in-process, for real raw and simplified drawings.
 - A legal drawing that takes longer than ``stroke_render_budget_ms`` (an 8,192-point raw zigzag across the canvas,
@@ -25,10 +26,10 @@ from harness import SHIPPED_MODEL
 from test_attacks_images import classify
 
 from doodle import Drawing, drawing_to_bitmap
-from quickdraw.v1 import classifier_pb2 as pb
-from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
+from quickdraw_client.v1 import classifier_pb2 as pb
+from quickdraw_client.v1 import classifier_pb2_grpc as pb_grpc
 from service.backends import find_versions
-from service.decode import WorkerPool, WorkRefused
+from service.preprocess.decode import WorkerPool, WorkRefused
 
 SAMPLE = Path(os.environ.get("QUICKDRAW_SAMPLE_DIR", Path(__file__).resolve().parents[2] / "shared" / "quickdraw"))
 #: The gateway's budget in these tests: far over a normal drawing's few ms, far under the zigzag's ~350 ms.

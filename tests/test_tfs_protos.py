@@ -1,4 +1,4 @@
-"""TF Serving's API without TensorFlow (``service.tfs``): the vendored protos against the 2.21.0 wheels.
+"""TF Serving's API without TensorFlow (``service.protos.tfs``): the vendored protos against the 2.21.0 wheels.
 
 - Serving with ``--backend tfserving`` imports no TensorFlow: the gateway's modules load in a fresh interpreter
   without a single ``tensorflow*`` module.
@@ -6,7 +6,7 @@
   descriptor that the ``tensorflow`` and ``tensorflow-serving-api`` wheels embed (the two service files are
   trimmed: the methods they keep are equal).
 - The private classes and TensorFlow's live in one process and read each other's bytes.
-- ``service.tensors`` decodes the typed ``*_val`` fields TF Serving may answer with.
+- ``service.protos.tensors`` decodes the typed ``*_val`` fields TF Serving may answer with.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ import pytest
 from conftest import ROOT
 from google.protobuf import descriptor_pb2, descriptor_pool
 
-from service import tfs
-from service.tensors import TensorDecodeError, from_numpy, to_numpy
+from service.protos import tfs
+from service.protos.tensors import TensorDecodeError, from_numpy, to_numpy
 
 GATEWAY_MODULES = (
-    "service.app", "service.backends.tfserving", "service.tfserving_api", "service.tensors", "service.validation",
+    "service.app", "service.backends.tfserving", "service.frontends.tfserving.grpc_api", "service.protos.tensors",
+    "service.preprocess.validation",
     "loadtest.engine", "quickdraw.commands.serve", "quickdraw.cli",
 )  # fmt: skip
 
@@ -83,7 +84,7 @@ def test_vendored_protos_are_the_2_21_wheels() -> None:
         pytest.skip(f"the vendored protos are 2.21's; installed: {versions}")
     from tensorflow_serving.apis import model_service_pb2, prediction_service_pb2  # noqa: F401
 
-    data = (ROOT / "service" / "tfs" / tfs.DESCRIPTOR_SET).read_bytes()
+    data = (ROOT / "service" / "protos" / "tfs" / tfs.DESCRIPTOR_SET).read_bytes()
     files = descriptor_pb2.FileDescriptorSet.FromString(data).file
     ours = [f for f in files if not f.name.startswith("google/protobuf/")]
     trimmed = {"tensorflow_serving/apis/prediction_service.proto", "tensorflow_serving/apis/model_service.proto"}

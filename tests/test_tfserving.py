@@ -31,11 +31,11 @@ from tensorflow_serving.apis import (
 from tfserving_standin import TFServingStandIn
 
 from doodle.formats import open_bitmaps, read_ndjson
-from quickdraw.v1 import classifier_pb2 as pb
-from quickdraw.v1 import classifier_pb2_grpc as pb_grpc
+from quickdraw_client.v1 import classifier_pb2 as pb
+from quickdraw_client.v1 import classifier_pb2_grpc as pb_grpc
 from service.backends import find_versions
 from service.client import QuickDrawClient
-from service.tensors import from_numpy, to_numpy
+from service.protos.tensors import from_numpy, to_numpy
 
 pytestmark = pytest.mark.skipif(
     not find_versions(SHIPPED_MODEL), reason=f"no SavedModel under {SHIPPED_MODEL} (the shipped model is missing)"
@@ -108,7 +108,7 @@ def predict_request(images: np.ndarray, **spec: object) -> predict_pb2.PredictRe
     if "label" in spec:
         req.model_spec.version_label = str(spec["label"])
     req.model_spec.signature_name = str(spec.get("signature", "serving_default"))
-    # from_numpy gives service.tfs's TensorProto, not TensorFlow's: the two meet as bytes
+    # from_numpy gives service.protos.tfs's TensorProto, not TensorFlow's: the two meet as bytes
     req.inputs["image"].ParseFromString(from_numpy(images).SerializeToString())
     return req
 
@@ -465,7 +465,7 @@ def test_tf_serving_api_on_the_gateway_rejects_like_tf_serving_with_field_detail
 # tensorflow_serving/servables/tensorflow/{predict_impl,predict_util,get_model_metadata_impl}.cc,
 # tensorflow_serving/model_servers/get_model_status_impl.cc, and TensorFlow's tensorflow/cc/saved_model/util.cc
 # (GetInputValues) and tensorflow/core/framework/function.cc (FunctionCallFrame::SetArgs, Session::Run's feeds).
-# service/tfserving_api.py's docstring lists the same.
+# service/frontends/tfserving/grpc_api.py's docstring lists the same.
 
 
 

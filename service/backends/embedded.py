@@ -24,7 +24,7 @@ answers probabilities alone, as before, and its predictions carry no decision; o
 threshold in its card is served the same way (with a warning). A card whose entry is unusable fails the load.
 
 ``signature_defs`` is what TF Serving's GetModelMetadata reports for the served version: every SignatureDef of
-its ``saved_model.pb`` (the ``serve`` meta graph), as a ``service.tfs`` ``SignatureDefMap``.
+its ``saved_model.pb`` (the ``serve`` meta graph), as a ``service.protos.tfs`` ``SignatureDefMap``.
 
 The watcher is supervised: if it dies, ``on_failure`` is told (the gateway then reports NOT_SERVING and
 refuses calls).
@@ -45,7 +45,6 @@ import numpy as np
 from numpy.typing import NDArray
 
 from doodle.contract import INPUT_KEY, KNOWN_SCORE, MODEL_CARD_OOD, OUTPUT_KEY, SIGNATURE_NAME
-from service import tfs
 from service.backends import (
     Answered,
     ModelDescription,
@@ -54,7 +53,8 @@ from service.backends import (
     read_labels,
     read_out_of_class,
 )
-from service.errors import NotFound
+from service.core.errors import NotFound
+from service.protos import tfs
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class EmbeddedBackend:
         self._signatures: dict[int, tuple[Any, Any, bool]] = {}
         #: Per loaded version that makes an out-of-class decision: its model card's threshold and operating point.
         self._out_of_class: dict[int, OutOfClassInfo] = {}
-        #: Per loaded version: every SignatureDef of its saved_model.pb (a ``service.tfs.SignatureDefMap``).
+        #: Per loaded version: every SignatureDef of its saved_model.pb (a ``service.protos.tfs.SignatureDefMap``).
         self._signature_defs: dict[int, Any] = {}
         self._tf: Any = None
         self._watch_s = watch_s
@@ -236,7 +236,7 @@ class EmbeddedBackend:
 
     @property
     def signature_defs(self) -> Any:
-        """Every SignatureDef of the version served by default (``service.tfs.SignatureDefMap``), as TF Serving's
+        """Every SignatureDef of the version served by default (``service.protos.tfs.SignatureDefMap``), as TF Serving's
         GetModelMetadata gives it; None before the first version is loaded."""
         if self._description is None:
             return None
@@ -303,11 +303,11 @@ class EmbeddedBackend:
 
 
 def read_signature_defs(version_dir: Path, tag: str = SERVE_TAG) -> Any:
-    """The SignatureDefs of ``version_dir/saved_model.pb``'s meta graph tagged ``tag``, as a ``service.tfs``
+    """The SignatureDefs of ``version_dir/saved_model.pb``'s meta graph tagged ``tag``, as a ``service.protos.tfs``
     ``SignatureDefMap``: what TF Serving's GetModelMetadata packs (get_model_metadata_impl.cc copies every entry of
     the bundle's ``meta_graph_def.signature_def``, ``__saved_model_init_op`` included).
 
-    Parsed with TensorFlow's ``SavedModel`` message (``service.tfs``'s pool has ``MetaGraphDef`` but not
+    Parsed with TensorFlow's ``SavedModel`` message (``service.protos.tfs``'s pool has ``MetaGraphDef`` but not
     ``SavedModel``), then moved into the pool's classes as bytes: the two never meet as objects.
     """
     from tensorflow.core.protobuf import saved_model_pb2

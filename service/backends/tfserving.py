@@ -58,7 +58,7 @@ backend is written for that world:
 - Keepalive pings find dead peers; message sizes are capped both ways; channels reconnect with a short capped
   backoff. TLS or mTLS per the ``tfserving_tls*`` settings (``service.security.tfserving_channel``).
 - The status poller is supervised: if it dies, ``on_failure`` is told (the gateway reports NOT_SERVING).
-- The messages are ``service.tfs``'s (vendored TF Serving 2.21 protos in a private descriptor pool) and the
+- The messages are ``service.protos.tfs``'s (vendored TF Serving 2.21 protos in a private descriptor pool) and the
   stubs call methods by path: this backend loads no TensorFlow.
 """
 
@@ -80,7 +80,6 @@ import numpy as np
 from numpy.typing import NDArray
 
 from doodle import contract
-from service import tfs
 from service.backends import (
     ANY_VERSION,
     Answered,
@@ -91,12 +90,13 @@ from service.backends import (
     read_labels,
     read_out_of_class,
 )
-from service.errors import BackendError, DeadlineExceeded, NotFound, ResourceExhausted, ServiceError, Unavailable
-from service.lograte import LogRate
-from service.metrics import Metrics
+from service.core.errors import BackendError, DeadlineExceeded, NotFound, ResourceExhausted, ServiceError, Unavailable
+from service.core.metrics import Metrics
+from service.protos import tfs
+from service.protos.tensors import TensorDecodeError, from_numpy, to_numpy
+from service.runtime.lograte import LogRate
 from service.security import tfserving_channel
 from service.settings import Settings
-from service.tensors import TensorDecodeError, from_numpy, to_numpy
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The front doors: each converts its protocol's request into one data-plane call and the answer back."""

@@ -1,0 +1,1 @@
+"""The quickdraw.v1 Classifier over gRPC (Classify, ClassifyStream, GetModelInfo)."""

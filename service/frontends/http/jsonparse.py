@@ -1,0 +1,89 @@
+"""Large JSON bodies parsed in worker processes, so that the event loop never waits for the GIL behind a parser.
+
+``json.loads`` is one C call that holds the GIL throughout: measured on the 2-core development machine, a
+16 MiB body (the JSON API's limit) of 345,600 long numbers took 194 ms, and the whole parse into a
+ClassifyRequest (``service.frontends.http.server.parse_body``) 298 ms. On a thread, that would still stall the event
+loop (and
+with it grpc health) for the whole ``json.loads``. So a body over ``PROCESS_PARSE_BYTES`` is sent to a worker
+process, which parses it exactly as ``parse_body`` does on the gateway and answers the request serialized as
+protobuf; the gateway then handles those bytes as it handles a gRPC request's (counted on the wire, parsed and
+validated on a preprocessing thread). Sending 16 MiB through a pipe and taking back at most
+``max_message_bytes`` are copies, milliseconds each.
+
+Workers come from the ``forkserver`` that ``service.preprocess.decode`` starts (nothing of the gateway's threads or
+TensorFlow is forked) and are started with the HTTP server, before the first request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+from quickdraw_client.v1 import classifier_pb2 as pb
+from service.core.errors import FieldViolation, InvalidArgument, PayloadTooLarge, ServiceError
+from service.preprocess.validation import Limits
+from service.runtime.lifetime import die_with_parent
+
+log = logging.getLogger(__name__)
+
+#: Bodies over this size are parsed in a worker process (``json.loads`` takes ~12 ms per MiB here, all of it
+#: holding the GIL); smaller ones on a thread (or inline, up to ``service.frontends.http.server.INLINE_PARSE_BYTES``).
+PROCESS_PARSE_BYTES = 1024 * 1024
+
+
+def parse_classify(raw: bytes, max_message_bytes: int, limits: Limits) -> tuple[str, Any, Any]:
+    """In a worker: a ClassifyRequest body as ``("ok", serialized bytes, None)``, or its refusal as plain data
+    (``("invalid", [(field, description)], message)`` or ``("too_large", message, None)``)."""
+    from service.frontends.http.server import (
+        parse_body,  # the worker's first call imports it; the gateway has it already
+    )
+
+    try:
+        message = parse_body(raw, pb.ClassifyRequest(), max_message_bytes, limits)
+    except PayloadTooLarge as exc:
+        return "too_large", exc.message, None
+    except InvalidArgument as exc:
+        return "invalid", [(v.field, v.description) for v in exc.violations], exc.message
+    return "ok", message.SerializeToString(), None
+
+
+def _ready() -> bool:
+    import service.frontends.http.server  # noqa: F401  (imported once, before any request waits for it)
+
+    return True
+
+
+class JsonParsePool:
+    """``workers`` processes that turn large ClassifyRequest JSON bodies into protobuf bytes."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+
+    def start(self) -> None:
+        """Start every worker and wait until each has imported the parser (blocking: call it on a thread)."""
+        ctx = multiprocessing.get_context("forkserver")
+        self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=die_with_parent)
+        for future in [self._pool.submit(_ready) for _ in range(self.workers)]:
+            future.result(timeout=60)
+
+    async def parse(self, raw: bytes, max_message_bytes: int, limits: Limits) -> bytes:
+        """The body as a serialized ClassifyRequest; raises what ``parse_body`` would."""
+        if self._pool is None:
+            raise ServiceError("the JSON parse workers are not started")
+        loop = asyncio.get_running_loop()
+        kind, value, message = await loop.run_in_executor(self._pool, parse_classify, raw, max_message_bytes, limits)
+        if kind == "too_large":
+            raise PayloadTooLarge(value)
+        if kind == "invalid":
+            raise InvalidArgument([FieldViolation(f, d) for f, d in value], message)
+        return value  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        """Stop the workers."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None

@@ -1,0 +1,836 @@
+"""The gateway's HTTP side, on the gRPC server's asyncio loop: /metrics, the JSON API and the playground page.
+
+Routes:
+
+- ``GET /metrics``: the app's Prometheus registry (OpenMetrics when the scraper asks for it).
+- ``POST /v1/classify``: a ``quickdraw.v1.ClassifyRequest`` in the proto3 JSON mapping, answered with a
+  ``ClassifyResponse`` in the same mapping. The same ``Gateway`` as the gRPC API validates, renders, batches
+  and runs it, and the metrics count it under ``method="http:Classify"``. ``?bitmaps=true`` adds ``bitmaps``:
+  for each drawing, the 28x28 image the model was given, as a ``Bitmap`` (base64 ``pixels``, row-major). With a
+  model that makes the out-of-class decision each prediction has ``outOfClass`` (absent for older models).
+  An ``X-Server-Timeout`` header (seconds) is the call's deadline, as a gRPC deadline would be.
+- ``GET /v1/model``: the ``ModelInfo`` that GetModelInfo returns.
+- ``GET /openapi.json``: the OpenAPI 3.1 document of these routes, generated from the proto descriptors
+  (``service.frontends.http.openapi``); no token needed.
+- ``GET /`` and ``GET /static/<file>``: the playground, a page to draw on (files in
+``service/frontends/http/playground/``).
+
+``http_api=False`` removes the API and the page; /metrics stays.
+
+Hardening (the settings in ``HttpLimits``, from ``service.settings``): the API takes only
+``Content-Type: application/json`` (415 otherwise: a browser sends text/plain and form posts cross-site
+without a preflight); compressed request bodies are refused before they are read unless
+``http_request_compression`` is on; a body's ``{`` and ``[`` are counted before ``json.loads`` builds anything,
+so a small body of a million empty objects is refused in milliseconds; a body over 1 MiB is parsed in a worker
+process (``service.frontends.http.jsonparse``: ``json.loads`` holds the GIL, ~194 ms for a 16 MiB body here), at most
+``max_preprocessing_calls`` off the loop at once; without a bearer token, the Host and
+Origin headers must name an allowed host (DNS rebinding, cross-site requests), except on /metrics. Each
+connection has a header-read timeout (slowloris), an idle keep-alive timeout and, while a body is read, a
+body timeout (408); at most ``max_http_connections`` are open at once (the longest-idle one is closed to make
+room). The ``Server`` header names no software version. With a bearer token configured, the API
+routes need ``Authorization: Bearer <token>`` (the same tokens as gRPC; 401 otherwise); /metrics and the page's
+files do not. With ``http_tls`` the port speaks TLS, and with mTLS configured the API routes also need a
+verified client certificate. An error is the gRPC call's status as JSON,
+``{"error": {"code": 400, "status": "INVALID_ARGUMENT", "message": ..., "details": [google.rpc.BadRequest]}}``,
+sent with the HTTP status that ``service.core.errors.http_status`` maps its code to. Its field violations name the
+fields as the body spelled them (``topK`` or ``top_k``: :func:`respelled`), where the gRPC call's use proto names,
+and a value of the wrong JSON type is described in JSON terms (``service.frontends.http.jsonwalk``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import math
+import ssl
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from prometheus_client.exposition import choose_encoder
+from yarl import URL
+
+from quickdraw_client.v1 import classifier_pb2 as pb
+from service.core.errors import (
+    Cancelled,
+    FieldViolation,
+    InvalidArgument,
+    MisdirectedRequest,
+    PayloadTooLarge,
+    PermissionDenied,
+    RequestTimeout,
+    ResourceExhausted,
+    ServiceError,
+    Unauthenticated,
+    UnsupportedMediaType,
+    http_status,
+    to_rpc_status,
+)
+from service.core.metrics import Metrics
+from service.frontends.grpc.classifier import GatewaySlot, Observed, service_error
+from service.frontends.http import openapi
+from service.frontends.http.jsonparse import PROCESS_PARSE_BYTES, JsonParsePool
+from service.frontends.http.jsonwalk import example, json_violations, kind, respell
+from service.preprocess.validation import Limits
+from service.security import TokenAuth
+
+log = logging.getLogger(__name__)
+
+PLAYGROUND_DIR = Path(__file__).with_name("playground")
+#: The ``Server`` header of every response: no software or version for a scanner to match.
+SERVER_HEADER = "quickdraw"
+#: How long a connection may keep sending a body nobody reads (after a refusal) before it is closed.
+LINGER_S = 1.0
+#: The Content-Encodings aiohttp decompresses, taken when ``http_request_compression`` is on.
+COMPRESSIONS = ("gzip", "deflate")
+#: JSON objects (``{``) a ClassifyRequest holds beyond its drawings and strokes (the request, model spec), with
+#: slack for braces inside strings; and arrays (``[``) likewise (the drawings list).
+SHAPE_SLACK = 16
+#: A JSON body may be this many times max_message_bytes: base64 and numbers as text are wordier than protobuf.
+JSON_BODY_FACTOR = 4
+#: The deadline header Google's JSON APIs read: seconds, a decimal number.
+TIMEOUT_HEADER = "X-Server-Timeout"
+#: The page loads nothing from anywhere but this server, and says so to the browser.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; base-uri 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
+#: Bodies up to this size are parsed on the event loop, larger ones on a worker thread (or process).
+INLINE_PARSE_BYTES = 64 * 1024
+#: Lists of more than this many times the drawings or strokes a request may hold are refused unparsed.
+EARLY_REFUSAL = 2
+#: The JSON names (and proto names) of a Stroke's number arrays.
+_STROKE_ARRAYS = ("x", "y", "tMs", "t_ms")
+#: Where a request keeps its raw JSON body (``web.Request`` is a mapping), to name fields as the body spells them.
+RAW_BODY_KEY = web.RequestKey("quickdraw_raw_body", bytes)
+#: The longest reason quoted from json_format when it refuses what the JSON walk (``service.frontends.http.jsonwalk``)
+#: took.
+MAX_REASON_CHARS = 300
+M = TypeVar("M", bound=Message)
+_HTTP_TO_GRPC = {
+    404: grpc.StatusCode.NOT_FOUND,
+    405: grpc.StatusCode.UNIMPLEMENTED,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+def to_json(message: Message) -> dict[str, Any]:
+    """A message in the proto3 JSON mapping, every field present (``index: 0`` too)."""
+    return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
+
+
+def error_body(error: ServiceError) -> dict[str, Any]:
+    """The JSON error: the gRPC status (same message and details), with the HTTP status and the code's name."""
+    status = json_format.MessageToDict(to_rpc_status(error))
+    return {
+        "error": {
+            "code": http_status(error),
+            "status": error.code.name,
+            "message": status.get("message", ""),
+            "details": status.get("details", []),
+        }
+    }
+
+
+def error_response(error: ServiceError) -> web.Response:
+    """An error as an HTTP response; retryable ones say when to retry."""
+    headers = {"Retry-After": "1"} if error.code in (grpc.StatusCode.UNAVAILABLE,
+                                                       grpc.StatusCode.RESOURCE_EXHAUSTED) else None
+    if error.code == grpc.StatusCode.UNAUTHENTICATED:
+        headers = {"WWW-Authenticate": "Bearer"}
+    return web.json_response(error_body(error), status=http_status(error), headers=headers)
+
+
+def _clip(reason: str) -> str:
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 3] + "..."
+
+
+def _deadline(request: web.Request) -> float | None:
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise InvalidArgument([FieldViolation(f"{TIMEOUT_HEADER} header", f"is {raw!r}; expected seconds > 0")])
+    return time.monotonic() + seconds
+
+
+def _host_name(value: str) -> str:
+    """The host of a Host header or an allow-list entry, lower case, without port, brackets or final dot."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        value = value[1 : value.find("]")] if "]" in value else value[1:]
+    elif value.count(":") == 1:
+        value = value.split(":", 1)[0]
+    return value.rstrip(".")
+
+
+def _origin_host(origin: str) -> str | None:
+    """The host an Origin header names (None for ``null`` or anything that is not a URL)."""
+    try:
+        host = URL(origin).host
+    except ValueError:
+        return None
+    return _host_name(host) if host else None
+
+
+def shape_limits(limits: Limits) -> tuple[int, int]:
+    """The most ``{`` and ``[`` bytes a ClassifyRequest within ``limits`` holds in JSON (with slack).
+
+    Objects: the request and its model spec, and per drawing the drawing, its stroke set or bitmap/image, and
+    one per stroke. Arrays: the drawings list, and per drawing its stroke list and per stroke its
+    three number arrays.
+    """
+    d, s = limits.max_drawings_per_request, limits.max_strokes
+    return 2 + d * (3 + s) + SHAPE_SLACK, 2 + d * (1 + 3 * s) + SHAPE_SLACK
+
+
+def check_shape(raw: bytes, limits: Limits) -> None:
+    """Refuse a body with more JSON objects or arrays than a ClassifyRequest within ``limits`` can hold.
+
+    ``bytes.count`` scans 16 MB in milliseconds, before ``json.loads`` builds anything: a 4 MB body of 262,144
+    empty strokes (9 KB gzipped) once took 9.6 s of CPU to parse and refuse.
+    """
+    max_objects, max_arrays = shape_limits(limits)
+    objects, arrays = raw.count(b"{"), raw.count(b"[")
+    if objects > max_objects or arrays > max_arrays:
+        what, n, most = (("objects ({)", objects, max_objects) if objects > max_objects
+                         else ("arrays ([)", arrays, max_arrays))  # fmt: skip
+        reason = (f"holds {n} JSON {what}; a ClassifyRequest within the limits "
+                  f"max_drawings_per_request={limits.max_drawings_per_request} and max_strokes={limits.max_strokes} "
+                  f"holds at most {most}")
+        raise InvalidArgument([FieldViolation("", f"request body {reason}")], f"request body {reason}")
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """How the HTTP port treats connections and requests (the ``http_*`` settings)."""
+
+    keepalive_timeout_s: float = 15.0
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 1000
+    request_compression: bool = False
+    allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "[::1]")
+
+
+class _Refused(asyncio.Protocol):
+    """A connection over the cap: closed as soon as it is made."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+class _GuardedHandler(RequestHandler):
+    """aiohttp's connection handler with a header-read timer, registered with its :class:`ConnectionGuard`.
+
+    The timer runs from the connection's start, and again from the first byte of each later request, until the
+    request's headers are complete (aiohttp counts them in ``_request_count``); when it fires first, the
+    connection is closed. Between requests aiohttp's own keep-alive timeout applies.
+    """
+
+    def __init__(self, manager: web.Server, *, guard: ConnectionGuard, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._guard = guard
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._header_count = 0
+        #: When bytes last arrived (the loop's clock): the longest-idle connection is closed first.
+        self.last_active = 0.0
+
+    @property
+    def idle(self) -> bool:
+        """No request is being handled (the connection waits for, or is receiving, a request's headers)."""
+        return not self._request_in_progress and not self._messages and self.transport is not None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Start aiohttp's handling, count the connection and start the header timer."""
+        super().connection_made(transport)
+        self.last_active = self._loop.time()
+        self._guard.opened(self)
+        self._arm()
+
+    def _arm(self) -> None:
+        self._header_count = self._request_count
+        self._header_timer = self._loop.call_later(self._guard.header_timeout_s, self._header_timeout)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self._request_count == self._header_count and self.transport is not None:
+            self._guard.closing(self, "header_timeout")
+            self.force_close()
+
+    def data_received(self, data: bytes) -> None:
+        """Parse as aiohttp does; stop the header timer once headers are complete, start it on a new request."""
+        super().data_received(data)
+        if not data:
+            return
+        self.last_active = self._loop.time()
+        if self._header_timer is not None:
+            if self._request_count != self._header_count:
+                self._disarm()
+        elif self._waiter is not None and not self._messages and not self._request_in_progress:
+            self._arm()  # the first bytes of the next request on a kept-alive connection
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        """Stop the timer and uncount the connection, then aiohttp's own clean-up."""
+        self._disarm()
+        self._guard.lost(self)
+        super().connection_lost(exc)
+
+    def handle_error(
+        self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        """aiohttp's error page (a malformed request, say), without its version-revealing Server header."""
+        response = super().handle_error(request, status, exc, message)
+        response.headers["Server"] = SERVER_HEADER
+        return response
+
+
+class ConnectionGuard:
+    """The protocol factory of the HTTP port: aiohttp's handler per connection, at most ``max_connections``.
+
+    At the cap, the longest-idle connection (no request in progress) is closed to make room, so idle
+    connections cannot lock new clients out; when every connection is busy, the new one is closed at once.
+    Both are counted in ``http_connections_closed_total``.
+    """
+
+    def __init__(self, server: web.Server, handler_kwargs: dict[str, Any], metrics: Metrics, max_connections: int,
+                 header_timeout_s: float) -> None:  # fmt: skip
+        self.server = server
+        self.handler_kwargs = handler_kwargs
+        self.metrics = metrics
+        self.max_connections = max_connections
+        self.header_timeout_s = header_timeout_s
+        self.live: set[_GuardedHandler] = set()
+        #: Handlers made but not yet connected (asyncio accepts a backlog's worth before any connection_made;
+        #: weak, so one whose TLS handshake fails is forgotten with it).
+        self.pending: weakref.WeakSet[_GuardedHandler] = weakref.WeakSet()
+
+    def __call__(self) -> asyncio.Protocol:
+        """A protocol for a new connection: a handler, or a refusal when over the cap and nothing is idle."""
+        if len(self.live) + len(self.pending) >= self.max_connections:
+            idle = [h for h in self.live if h.idle]
+            if not idle:
+                self.metrics.http_connections_closed.labels("limit").inc()
+                return _Refused()
+            victim = min(idle, key=lambda h: h.last_active)
+            self.closing(victim, "evicted")
+            victim.force_close()
+        handler = _GuardedHandler(self.server, guard=self, loop=asyncio.get_running_loop(), **self.handler_kwargs)
+        self.pending.add(handler)
+        return handler
+
+    def opened(self, handler: _GuardedHandler) -> None:
+        """A connection was made."""
+        self.pending.discard(handler)
+        self.live.add(handler)
+        self.metrics.http_connections.set(len(self.live))
+
+    def closing(self, handler: _GuardedHandler, reason: str) -> None:
+        """The gateway closes a connection (``reason`` as counted)."""
+        self.metrics.http_connections_closed.labels(reason).inc()
+        self.lost(handler)
+
+    def lost(self, handler: _GuardedHandler) -> None:
+        """A connection is gone."""
+        self.pending.discard(handler)
+        self.live.discard(handler)
+        self.metrics.http_connections.set(len(self.live))
+
+
+class _GuardedSite(web.TCPSite):
+    """A TCP site that serves through a :class:`ConnectionGuard` instead of aiohttp's bare server."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, guard: ConnectionGuard,
+                 ssl_context: ssl.SSLContext | None = None) -> None:  # fmt: skip
+        super().__init__(runner, host, port, ssl_context=ssl_context)
+        self._guard = guard
+
+    async def start(self) -> None:
+        """Register with the runner and listen (a TLS handshake gets the header timeout too)."""
+        await web.BaseSite.start(self)
+        self._server = await asyncio.get_running_loop().create_server(
+            self._guard, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
+            ssl_handshake_timeout=self._guard.header_timeout_s if self._ssl_context else None,
+        )  # fmt: skip
+        self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = SERVER_HEADER
+
+
+def clip_header(value: str, limit: int = 100) -> str:
+    """A header value as echoed in an error message: at most ``limit`` characters."""
+    return value if len(value) <= limit else value[:limit] + "..."
+
+
+def _auth_reason(header: str | None) -> str:
+    """Why a bearer token was refused, for ``auth_failures_total``: missing, malformed or invalid."""
+    if header is None:
+        return "missing"
+    scheme, _, token = header.strip().partition(" ")
+    return "invalid" if scheme.lower() == "bearer" and token.strip() else "malformed"
+
+
+def _flag(value: str | None) -> bool:
+    return value is not None and value.lower() in ("1", "true", "yes")
+
+
+class HttpServer(GatewaySlot):
+    """The HTTP server; the API answers UNAVAILABLE until :meth:`attach` hands it the ready gateway."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        max_message_bytes: int,
+        *,
+        api: bool = True,
+        auth: TokenAuth | None = None,
+        require_client_cert: bool = False,
+        limits: HttpLimits | None = None,
+    ) -> None:
+        self.metrics = metrics
+        self.api = api
+        self.auth = auth
+        self.require_client_cert = require_client_cert
+        self.limits = limits or HttpLimits()
+        self.max_message_bytes = max_message_bytes
+        self.max_body_bytes = JSON_BODY_FACTOR * max_message_bytes
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+        #: Parses large JSON bodies in worker processes (None: on a thread); set by the composition root.
+        self.json_parser: JsonParsePool | None = None
+        #: The Open Inference Protocol's surface (``service.frontends.oip.core.Surface``), set by the composition root.
+        self.oip: Any = None
+        self._parsing = 0
+        self._openapi_doc: dict[str, Any] | None = None
+        self._files = {p.name: p for p in PLAYGROUND_DIR.iterdir() if p.is_file()} if api else {}
+        hosts = self.limits.allowed_hosts
+        #: None: any host (``*``, or a bearer token is required, which a browser cannot send cross-site).
+        self._hosts = None if auth is not None or "*" in hosts else frozenset(_host_name(h) for h in hosts)
+
+    def application(self) -> web.Application:
+        """The aiohttp application with every route."""
+        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[_json_errors])
+        app.on_response_prepare.append(_server_header)
+        app.router.add_get("/metrics", self._metrics)
+        if self.api:
+            app.router.add_post("/v1/classify", self._classify)
+            app.router.add_get("/v1/model", self._model)
+            app.router.add_get("/openapi.json", self._openapi)
+            app.router.add_get("/", self._index)
+            app.router.add_get("/static/{name}", self._static)
+            from service.frontends.oip import (
+                http_api as oip_http,  # the Open Inference Protocol's /v2 routes (issue 17)
+            )
+
+            oip_http.add_routes(app, self)
+        return app
+
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
+        """Bind and serve (over TLS with ``ssl_context``); returns the bound port (useful with port 0)."""
+        lim = self.limits
+        handler_kwargs: dict[str, Any] = {
+            "keepalive_timeout": lim.keepalive_timeout_s, "lingering_time": LINGER_S,
+            "auto_decompress": lim.request_compression, "access_log": None,
+        }  # fmt: skip
+        runner = web.AppRunner(self.application(), handle_signals=False, **handler_kwargs)
+        await runner.setup()
+        self._runner = runner
+        assert runner.server is not None  # lim.max_connections fits the fd budget (service.app.connection_caps)
+        guard = ConnectionGuard(runner.server, handler_kwargs, self.metrics, lim.max_connections,
+                                lim.header_timeout_s)  # fmt: skip
+        await _GuardedSite(runner, host, port, guard, ssl_context=ssl_context).start()
+        self.port = int(runner.addresses[0][1])
+        return self.port
+
+    async def stop(self) -> None:
+        """Stop listening; calls in progress finish first."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # --- handlers --------------------------------------------------------------------------------------------
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return web.Response(body=encoder(self.metrics.registry), headers={"Content-Type": content_type})
+
+    def _check_host(self, request: web.Request) -> None:
+        """Without a bearer token: the Host (and any Origin) must be an allowed host, or the call is refused.
+
+        A page on another site can make a browser send requests here (text/plain POSTs need no preflight), and
+        a DNS-rebinding page can even read the answers: its requests carry its own Host and Origin.
+        """
+        if self._hosts is None:
+            return
+        host = _host_name(request.headers.get("Host", ""))
+        if host not in self._hosts:
+            raise MisdirectedRequest(
+                f"Host {clip_header(request.headers.get('Host', ''))!r} is not one this gateway answers to; allowed: "
+                f"{', '.join(sorted(self._hosts))} (setting http_allowed_hosts, or QUICKDRAW_HTTP_ALLOWED_HOSTS; "
+                "* allows any; not checked when a bearer token is required)"
+            )
+        origin = request.headers.get("Origin")
+        if origin is not None and _origin_host(origin) not in self._hosts:
+            raise PermissionDenied(
+                f"requests from the page at Origin {clip_header(origin)!r} are not allowed; allowed hosts: "
+                f"{', '.join(sorted(self._hosts))} (setting http_allowed_hosts)"
+            )
+
+    def _authorize(self, request: web.Request) -> None:
+        """The API's credentials: a verified client certificate under mTLS, and the bearer token when one is set.
+
+        A refusal is Unauthenticated (401) and counted in ``auth_failures_total{transport="http"}``, whatever
+        went wrong while checking (a header that is not Latin-1, say): an authorization failure is never a 500.
+        """
+        if self.require_client_cert:
+            transport = request.transport
+            if transport is None or not transport.get_extra_info("peercert"):
+                self.metrics.auth_failures.labels("http", "client_certificate").inc()
+                raise Unauthenticated("a client certificate signed by the gateway's client CA is required")
+        if self.auth is not None:
+            header = request.headers.get("Authorization")
+            try:
+                self.auth.check(header)
+            except Unauthenticated as err:
+                self.metrics.auth_failures.labels("http", getattr(err, "reason", None) or _auth_reason(header)).inc()
+                raise
+            except Exception:
+                self.metrics.auth_failures.labels("http", "malformed").inc()
+                raise Unauthenticated("malformed authorization header: expected 'Bearer <token>', the token in "
+                                      "visible ASCII characters") from None
+
+    def _check_body_headers(self, request: web.Request) -> None:
+        """Refuse, before reading, a body that is not JSON, is compressed when that is off, or is too long."""
+        self.check_body_encoding(request)
+        if request.content_type != "application/json":
+            sent = request.headers.get("Content-Type")
+            raise UnsupportedMediaType("Content-Type", "the JSON API takes 'Content-Type: application/json'; the "
+                                       "request sent " + (f"{clip_header(sent)!r}" if sent else "none"))
+        self.check_body_length(request)
+
+    def check_body_encoding(self, request: web.Request) -> None:
+        """Every HTTP door's rule for Content-Encoding: 415 for a compressed body while request compression is off,
+        and for an encoding the gateway does not decode."""
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            if not self.limits.request_compression:
+                raise UnsupportedMediaType("Content-Encoding", f"request bodies with Content-Encoding "
+                                           f"{clip_header(encoding)!r} are refused: request compression is off "
+                                           "(setting http_request_compression, or QUICKDRAW_HTTP_REQUEST_COMPRESSION)")
+            if encoding not in COMPRESSIONS:
+                raise UnsupportedMediaType("Content-Encoding", f"Content-Encoding {clip_header(encoding)!r} is not "
+                                           f"supported; use one of: {', '.join(COMPRESSIONS)}, or none")
+
+    def check_body_length(self, request: web.Request) -> None:
+        """413, before reading, for a Content-Length over the body limit."""
+        length = request.content_length
+        if length is not None and length > self.max_body_bytes:
+            raise self.too_large()
+
+    async def read_body(self, request: web.Request) -> bytes:
+        """The body, under the guards every HTTP door's body goes through: ``http_body_timeout_s`` from the
+        headers (408, and the connection closed), CANCELLED when the client leaves mid-body (its doing, not the
+        server's), INVALID_ARGUMENT for a malformed chunked or compressed stream, 413 past the limit."""
+        timeout = self.limits.body_timeout_s
+        try:
+            async with asyncio.timeout(timeout) as scope:
+                return await self._read_body(request)
+        except TimeoutError:
+            if not scope.expired():
+                raise Cancelled("the connection timed out while the request body was sent") from None
+            request.protocol.close()  # no keep-alive: the rest of this body will not be read
+            raise RequestTimeout(f"the request body did not arrive within {timeout:g} s of its headers "
+                                 "(setting http_body_timeout_s)") from None
+        except ConnectionError:  # the client went away mid-body: its doing, not ours
+            raise Cancelled("the client closed the connection before its request body was complete") from None
+        except web.RequestPayloadError as exc:  # malformed chunked encoding, a corrupt gzip stream
+            reason = f"could not be read: {exc}"
+            raise InvalidArgument([FieldViolation("", f"request body {reason}")], f"request body {reason}") from None
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The body, chunk by chunk as it arrives (decompressed in aiohttp's small steps when compression is on,
+        where ``request.read()`` would inflate up to the whole limit at once on the event loop); 413 past the
+        limit."""
+        body = bytearray()
+        while chunk := await request.content.readany():
+            body += chunk
+            if len(body) > self.max_body_bytes:
+                raise self.too_large()
+        return bytes(body)
+
+    def too_large(self) -> PayloadTooLarge:
+        """The 413 for a body over the limit."""
+        return PayloadTooLarge(f"request body is over the limit of {self.max_body_bytes} bytes "
+                               f"({JSON_BODY_FACTOR} x max_message_bytes={self.max_message_bytes})")
+
+    async def _classify(self, request: web.Request) -> web.Response:
+        with Observed(self.metrics, "http:Classify") as call:
+            try:
+                self._check_host(request)
+                self._authorize(request)
+                self._check_body_headers(request)
+                gateway = self.gateway
+                deadline = call.deadline_s = _deadline(request)
+                message = await self._read(request, gateway.limits)
+                prepared = await gateway.prepare(message, deadline)
+                body = to_json(await gateway.predict(prepared, deadline))
+                if _flag(request.query.get("bitmaps")):
+                    body["bitmaps"] = [{"pixels": base64.b64encode(image.tobytes()).decode("ascii")}
+                                       for image in prepared.images]
+                return web.json_response(body)
+            except Exception as exc:
+                err = service_error(exc)
+                call.fail(err)
+                raw = request.get(RAW_BODY_KEY)
+                if type(err) is InvalidArgument and raw is not None:
+                    err = respelled(err, raw)
+                return error_response(err)
+
+    async def _model(self, request: web.Request) -> web.Response:
+        with Observed(self.metrics, "http:GetModelInfo") as call:
+            try:
+                self._check_host(request)
+                self._authorize(request)
+                return web.json_response(to_json(self.gateway.model_info(self.max_message_bytes)))
+            except Exception as exc:
+                err = service_error(exc)
+                call.fail(err)
+                return error_response(err)
+
+    async def _openapi(self, request: web.Request) -> web.Response:
+        """The JSON API's OpenAPI document (``service.frontends.http.openapi``, generated from the proto descriptors);
+        like the
+        page, it needs no token."""
+        try:
+            self._check_host(request)
+        except ServiceError as err:
+            return error_response(err)
+        if self._openapi_doc is None:
+            self._openapi_doc = openapi.document(bearer=self.auth is not None)
+        return web.json_response(self._openapi_doc, headers={"Cache-Control": "no-cache"})
+
+    async def _index(self, request: web.Request) -> web.StreamResponse:
+        try:
+            self._check_host(request)
+        except ServiceError as err:
+            return error_response(err)
+        return web.FileResponse(PLAYGROUND_DIR / "index.html", headers=PAGE_HEADERS)
+
+    async def _static(self, request: web.Request) -> web.StreamResponse:
+        try:
+            self._check_host(request)
+        except ServiceError as err:
+            return error_response(err)
+        path = self._files.get(request.match_info["name"])
+        if path is None:
+            raise web.HTTPNotFound()
+        return web.FileResponse(path, headers=PAGE_HEADERS)
+
+    async def _read(self, request: web.Request, limits: Limits) -> pb.ClassifyRequest | bytes:
+        """The body, parsed as a ClassifyRequest; every way it can be wrong is an InvalidArgument (or a 413).
+
+        What the event loop does is bounded whatever the body: a body up to ``INLINE_PARSE_BYTES`` is parsed on
+        it; a larger one on a worker thread, and one over ``PROCESS_PARSE_BYTES`` in a worker process
+        (``service.frontends.http.jsonparse``: ``json.loads`` holds the GIL throughout), which answers the request
+        serialized,
+        for the gateway to count on the wire and parse as it does a gRPC request. At most
+        ``max_preprocessing_calls`` bodies are parsed off the loop at once; beyond it RESOURCE_EXHAUSTED.
+        """
+        raw = await self.read_body(request)
+        request[RAW_BODY_KEY] = raw  # field violations are named as this body spells the fields
+        check_shape(raw, limits)
+        if len(raw) <= INLINE_PARSE_BYTES:
+            return parse_body(raw, pb.ClassifyRequest(), self.max_message_bytes, limits)
+        bound = self.gateway.max_preprocessing_calls
+        if self._parsing >= bound:
+            raise ResourceExhausted(f"{self._parsing} request bodies are being parsed, the limit of "
+                                    f"max_preprocessing_calls={bound}; retry with backoff")
+        self._parsing += 1
+        try:
+            if self.json_parser is not None and len(raw) > PROCESS_PARSE_BYTES:
+                return await self.json_parser.parse(raw, self.max_message_bytes, limits)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(None, parse_body, raw, pb.ClassifyRequest(), self.max_message_bytes,
+                                              limits)  # fmt: skip
+        finally:
+            self._parsing -= 1
+
+
+def respelled(error: InvalidArgument, raw: bytes) -> InvalidArgument:
+    """``error`` with its field paths (and the message's leading one) spelled as the JSON body ``raw`` spells
+    the fields (``topK`` or ``top_k``; ``service.frontends.http.jsonwalk.respell``): validation names them in proto
+    terms."""
+    descriptor = pb.ClassifyRequest.DESCRIPTOR
+    fixed = [FieldViolation(respell(v.field, descriptor, raw), v.description) for v in error.violations]
+    message = error.message
+    if error.violations and error.violations[0].field and message.startswith(error.violations[0].field + ":"):
+        message = fixed[0].field + message[len(error.violations[0].field) :]
+    return InvalidArgument(fixed, message)
+
+
+def parse_body(raw: bytes, message: M, max_message_bytes: int, limits: Limits | None = None) -> M:
+    """A JSON body parsed into ``message``; every way it can be wrong is an InvalidArgument naming the field.
+
+    A body whose protobuf form would be over ``max_message_bytes`` is refused as gRPC refuses that message,
+    with RESOURCE_EXHAUSTED (a 413). ``json_format.ParseDict`` costs about a microsecond per value (a 16 MB
+    body of coordinates took 8 s, on the event loop), so for a ClassifyRequest (given its ``limits``) the
+    stroke arrays are counted first, at 4 bytes of protobuf per value; lists of more than ``EARLY_REFUSAL``
+    times the drawings or strokes a request may hold are refused with the one violation validation reports
+    for their count (a request nearer the limits gets every violation, as on gRPC); and stroke arrays of
+    plain JSON numbers are set directly, as the same floats ParseDict would make, after ParseDict has parsed
+    the rest.
+
+    What is left is walked against the message's descriptors first (``service.frontends.http.jsonwalk``): every value
+    ParseDict would refuse or overflow on is a field violation with its path in the JSON's field names. ParseDict
+    stays the parser; should it still refuse the body, the violation is a generic one quoting it.
+    """
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        reason = f"is not valid JSON: {exc}"
+        raise InvalidArgument([FieldViolation("", reason)], f"request body {reason}") from None
+    except RecursionError:  # json's C scanner recurses per nested array or object
+        reason = f"nests arrays or objects too deeply to be a {message.DESCRIPTOR.name}"
+        raise InvalidArgument([FieldViolation("", reason)], f"request body {reason}") from None
+    if not isinstance(data, dict):
+        reason = f"must be {example(message.DESCRIPTOR)} (a {message.DESCRIPTOR.name}), got {kind(data)}"
+        raise InvalidArgument([FieldViolation("", reason)], f"request body {reason}")
+    arrays = []
+    if isinstance(message, pb.ClassifyRequest) and limits is not None:
+        arrays = _take_stroke_arrays(data, limits, max_message_bytes)
+    violations = json_violations(data, message.DESCRIPTOR)
+    if violations:
+        raise InvalidArgument(violations)
+    try:
+        json_format.ParseDict(data, message)
+    except (json_format.ParseError, OverflowError, ValueError, TypeError) as exc:  # what the walk missed
+        log.info("json_format refused a body the JSON walk took: %s", _clip(str(exc)))
+        reason = f"could not be parsed as a {message.DESCRIPTOR.name}: {_clip(str(exc))}"
+        raise InvalidArgument([FieldViolation("", f"request body {reason}")], f"request body {reason}") from None
+    for i, j, name, values in arrays:
+        getattr(message.drawings[i].strokes.strokes[j], "t_ms" if name == "tMs" else name).extend(values)  # type: ignore[attr-defined]
+    size = message.ByteSize()
+    if size > max_message_bytes:
+        raise PayloadTooLarge(f"request is {size} bytes as a protobuf message, over the limit of "
+                              f"max_message_bytes={max_message_bytes} (gRPC refuses such a message too)")
+    return message
+
+
+def _json_floats(values: list[Any]) -> list[float] | None:
+    """A stroke array's JSON values as the floats json_format would set, or None to leave it to json_format.
+
+    Numbers, booleans and numeric strings ("NaN", "Infinity", "1.5") are taken as ``float()`` takes them, as
+    json_format takes them, but at C speed when they are all numbers. A JSON number must round to a finite
+    float32: json_format refuses NaN, infinities and larger numbers (and also the largest float32 as its own
+    printer writes it, 3.4028235e+38, which is taken here, so that what MessageToDict writes parses back).
+    Anything else (null, lists, objects, "nan", words, numbers too large) goes to json_format, which says
+    what is wrong with it.
+    """
+    kinds = set(map(type, values))
+    if not kinds <= {int, float, bool, str}:
+        return None
+    try:
+        if kinds <= {int, float}:
+            array = np.asarray(values, dtype=np.float64)
+            numbers = array
+        else:
+            array = np.array([_json_float(v) for v in values], dtype=np.float64)
+            numbers = array[[type(v) is not str for v in values]]  # "NaN" and "Infinity" are allowed
+    except (ValueError, OverflowError):
+        return None
+    with np.errstate(over="ignore", invalid="ignore"):
+        if not np.isfinite(numbers.astype(np.float32)).all():
+            return None
+    return array.tolist()  # type: ignore[no-any-return]
+
+
+def _json_float(value: float | bool | str) -> float:
+    if value == "nan":  # json_format's one refusal of a string float() takes
+        raise ValueError(value)
+    return float(value)
+
+
+def _take_stroke_arrays(
+    data: dict[str, Any], limits: Limits, max_message_bytes: int
+) -> list[tuple[int, int, str, list[float]]]:
+    """Take the stroke arrays of plain numbers out of a ClassifyRequest's JSON, to be set after ParseDict.
+
+    First refuses what no valid request holds, before anything walks it: far more drawings or strokes than
+    the limits, or more stroke values than ``max_message_bytes`` can carry (a float is 4 bytes of protobuf).
+    """
+    out: list[tuple[int, int, str, list[float]]] = []
+    drawings = data.get("drawings")
+    if not isinstance(drawings, list):
+        return out
+    if len(drawings) > EARLY_REFUSAL * limits.max_drawings_per_request:
+        raise InvalidArgument([FieldViolation("drawings", f"has {len(drawings)} drawings, over the limit of "
+                                              f"max_drawings_per_request={limits.max_drawings_per_request}")])
+    found: list[tuple[int, int, str, list[Any]]] = []
+    for i, drawing in enumerate(drawings):
+        strokes = drawing.get("strokes") if isinstance(drawing, dict) else None
+        items = strokes.get("strokes") if isinstance(strokes, dict) else None
+        if not isinstance(items, list):
+            continue
+        if len(items) > EARLY_REFUSAL * limits.max_strokes:
+            raise InvalidArgument([FieldViolation(f"drawings[{i}].strokes.strokes", f"has {len(items)} strokes, "
+                                                  f"over the limit of max_strokes={limits.max_strokes}")])
+        for j, stroke in enumerate(items):
+            if isinstance(stroke, dict) and not ("tMs" in stroke and "t_ms" in stroke):
+                found += [(i, j, name, v) for name in _STROKE_ARRAYS if isinstance(v := stroke.get(name), list)]
+    values = sum(len(v) for *_, v in found)
+    if 4 * values > max_message_bytes:
+        raise PayloadTooLarge(f"request holds {values} stroke values, over {max_message_bytes} bytes as a protobuf "
+                              f"message (4 bytes each): over the limit of max_message_bytes={max_message_bytes} "
+                              "(gRPC refuses such a message too)")
+    for i, j, name, v in found:
+        numbers = _json_floats(v)
+        if numbers is not None:
+            del drawings[i]["strokes"]["strokes"][j][name]
+            out.append((i, j, name, numbers))
+    return out
+
+
+@web.middleware
+async def _json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """aiohttp's own refusals (no such route, wrong method, a body too large) as JSON errors like every other, on
+    every path: under /v2 in the Open Inference Protocol's error object
+    (``service.frontends.oip.http_api.error_response``'s
+    shape: ``{"error": message, "code": NAME, "details": []}``), elsewhere in /v1's."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_TO_GRPC.get(exc.status, grpc.StatusCode.UNKNOWN)
+        message = f"{exc.reason}: {request.method} {request.path}"
+        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+        if request.path == "/v2" or request.path.startswith("/v2/"):
+            return web.json_response({"error": message, "code": code.name, "details": []}, status=exc.status,
+                                     headers=headers)  # fmt: skip
+        body = {"error": {"code": exc.status, "status": code.name, "message": message, "details": []}}
+        return web.json_response(body, status=exc.status, headers=headers)

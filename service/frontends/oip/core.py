@@ -1,0 +1,596 @@
+"""The served model under the Open Inference Protocol (KServe v2), shared by the gRPC and the HTTP side.
+
+The model, as ModelMetadata describes it (``model_name`` the served model's, versions as decimal strings):
+
+- inputs, exactly one of them per request (Triton's optional inputs), each with the batch first:
+  ``image`` UINT8 [-1, 28, 28, 1] (bitmaps, as the model takes them, in ``raw_input_contents`` or typed
+  ``uint_contents``); ``encoded_image`` BYTES [-1] (one PNG or JPEG file per element, decoded as
+  ``quickdraw.v1`` decodes ``Drawing.image``); ``strokes`` BYTES [-1] (one ``quickdraw.v1.Strokes`` per element
+  in the proto3 JSON mapping, ``{"strokes": [{"x": [...], "y": [...]}], "coordinates": "RAW"}``, rendered as
+  ``Drawing.strokes`` is);
+- outputs: ``probabilities`` FP32 [-1, C], and ``known_score`` FP32 [-1] when the model makes the out-of-class
+  decision (issue 18). With no output named, all of them. Triton's classification extension: an output
+  ``probabilities`` requested with the parameter ``classification`` = k is BYTES [-1, k], each element
+  ``"score:index:label"``, best first (the score as C++'s ``std::to_string`` writes it, as Triton does).
+
+Every call goes through the same validation, batcher, backend and metrics as ``quickdraw.v1.Classifier``
+(``Gateway.answer_bitmaps``; encoded images and strokes through ``Gateway.prepare``, which decodes and renders
+them as Classify does). ``model_version`` "" is the backend's choice (``ANY_VERSION`` when the gateway is
+versionless, as Classify), and the answer names the version that answered.
+
+Errors: the codes and messages Triton's core gives (``src/infer_request.cc``, ``src/model.cc``,
+``src/model_repository_manager/``; Triton 2.x at ``73aad7c3``), with the gateway's ``BadRequest`` field
+violations as details:
+
+- unknown model: NOT_FOUND ``Request for unknown model: 'x' is not found``; unknown version: NOT_FOUND
+  ``Request for unknown model: 'quickdraw' version 7 is not found``; a version that is no integer:
+  INVALID_ARGUMENT (Triton's gRPC front end);
+- an input name the model does not have: INVALID_ARGUMENT ``[request id: <id>] unexpected inference input 'x'
+  for model 'quickdraw'``; none or more than one of the three: ``expected 1 inputs but got N inputs ...``;
+- another datatype: INVALID_ARGUMENT ``[request id: <id>] inference input 'image' data-type is 'FP32', but model
+  'quickdraw' expects 'UINT8'``;
+- a batch over ``max_drawings_per_request``: INVALID_ARGUMENT ``[request id: <id>] inference request batch-size
+  must be <= 256 for 'quickdraw'``;
+- another shape: INVALID_ARGUMENT ``[request id: <id>] unexpected shape for input 'image' for model 'quickdraw'.
+  Expected [-1,28,28,1], got [...]. ...``; data of another size: ``input byte size mismatch ...``;
+- an image that does not decode, strokes that break a limit: INVALID_ARGUMENT with the gateway's own message;
+- an unknown output: INVALID_ARGUMENT ``unexpected inference output 'x' for model 'quickdraw'``; one asked for
+  twice: INVALID_ARGUMENT ``output 'x' already exists in request`` (so an answer holds each output once).
+
+Triton's model configuration and statistics extensions (what perf_analyzer and Model Analyzer ask first):
+:meth:`Surface.model_config` describes the model as a Triton ``ModelConfig`` (dims without the batch dimension,
+``max_batch_size`` the gateway's ``max_drawings_per_request``, ``encoded_image`` and ``strokes`` optional, so
+tools send ``image``), and :meth:`Surface.model_statistics` reports what this surface did, per version, from
+every ModelInfer/ModelStreamInfer and HTTP infer call (:class:`Statistics`): ``inference_count`` drawings
+answered, ``execution_count`` calls answered, success and fail counts with their total nanoseconds, and the
+three phases of a successful call: ``compute_input`` (checks, decoding, rendering), ``compute_infer`` (the
+gateway's batcher queue and the backend: not separable per call, so ``queue`` stays 0) and ``compute_output``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+from google.protobuf import json_format
+from numpy.typing import NDArray
+
+from doodle import BITMAP_SIDE
+from doodle.contract import KNOWN_SCORE, LABELS_PATH, OUTPUT_KEY
+from quickdraw_client.v1 import classifier_pb2 as pb
+from service.backends import ANY_VERSION, Answered, TopK
+from service.core.errors import FieldViolation, InvalidArgument, NotFound
+from service.core.metrics import Metrics
+from service.core.versions import parse_version
+from service.frontends.grpc.classifier import Gateway, GatewaySlot
+
+#: The inputs: bitmaps as the model takes them, and this service's other forms.
+IMAGE = "image"
+ENCODED_IMAGE = "encoded_image"
+STROKES = "strokes"
+INPUTS: dict[str, tuple[str, list[int]]] = {
+    IMAGE: ("UINT8", [-1, BITMAP_SIDE, BITMAP_SIDE, 1]),
+    ENCODED_IMAGE: ("BYTES", [-1]),
+    STROKES: ("BYTES", [-1]),
+}
+PROBABILITIES = OUTPUT_KEY
+#: Triton's classification extension: the output parameter, and the extensions ServerMetadata lists.
+CLASSIFICATION = "classification"
+EXTENSIONS = ("classification", "binary_tensor_data")
+PLATFORM = "tensorflow_savedmodel"
+SERVER_NAME = "quickdraw"
+#: Datatypes and their numpy types (the protocol's table), for the messages about what was sent.
+NUMPY_TYPES: dict[str, Any] = {
+    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16,
+    "FP32": np.float32, "FP64": np.float64, "BYTES": np.object_,
+}  # fmt: skip
+
+
+#: The protocol's datatypes as Triton's model configuration names them.
+CONFIG_TYPES = {"UINT8": "TYPE_UINT8", "BYTES": "TYPE_STRING", "FP32": "TYPE_FP32"}
+
+
+@dataclass
+class Duration:
+    """Triton's StatisticDuration: how many, and their total nanoseconds."""
+
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int) -> None:
+        """One more, that took ``ns``."""
+        self.count += 1
+        self.ns += ns
+
+    def as_dict(self) -> dict[str, int]:
+        """As Triton's JSON writes it."""
+        return {"count": self.count, "ns": self.ns}
+
+
+#: The phases of InferStatistics, in Triton's order.
+PHASES = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")
+
+
+@dataclass
+class VersionStatistics:
+    """What one model version answered through this surface (Triton's ModelStatistics)."""
+
+    last_inference_ms: int = 0  # wall clock, ms since the epoch, of the last call answered
+    inference_count: int = 0  # drawings answered OK
+    execution_count: int = 0  # calls answered OK
+    phases: dict[str, Duration] = field(default_factory=lambda: {p: Duration() for p in PHASES})
+    #: batch size -> (compute_input, compute_infer, compute_output) of the calls of that many drawings
+    batches: dict[int, tuple[Duration, Duration, Duration]] = field(default_factory=dict)
+
+    def as_dict(self, name: str, version: str) -> dict[str, Any]:
+        """Triton's ModelStatistics as JSON (also what the gRPC side parses into its message)."""
+        return {
+            "name": name, "version": version, "last_inference": self.last_inference_ms,
+            "inference_count": self.inference_count, "execution_count": self.execution_count,
+            "inference_stats": {p: d.as_dict() for p, d in self.phases.items()},
+            "batch_stats": [{"batch_size": n, "compute_input": i.as_dict(), "compute_infer": f.as_dict(),
+                             "compute_output": o.as_dict()} for n, (i, f, o) in sorted(self.batches.items())],
+        }  # fmt: skip
+
+
+class Statistics:
+    """Per-version counts of the inference calls this surface answered (one event loop: no locking)."""
+
+    def __init__(self) -> None:
+        self.versions: dict[int, VersionStatistics] = {}
+
+    def of(self, version: int) -> VersionStatistics:
+        """The statistics of ``version`` (zeros until it answers)."""
+        return self.versions.setdefault(version, VersionStatistics())
+
+    def succeeded(
+        self, version: int, drawings: int, total_ns: int, input_ns: int, infer_ns: int, output_ns: int
+    ) -> None:
+        """A call of ``drawings`` answered OK by ``version``, with the time of each phase."""
+        st = self.of(version)
+        st.last_inference_ms = time.time_ns() // 1_000_000
+        st.inference_count += drawings
+        st.execution_count += 1
+        st.phases["success"].add(total_ns)
+        for phase, ns in (("compute_input", input_ns), ("compute_infer", infer_ns), ("compute_output", output_ns)):
+            st.phases[phase].add(ns)
+        batch = st.batches.setdefault(drawings, (Duration(), Duration(), Duration()))
+        for d, ns in zip(batch, (input_ns, infer_ns, output_ns), strict=True):
+            d.add(ns)
+
+    def failed(self, version: int, total_ns: int) -> None:
+        """A call for ``version`` that ended in an error."""
+        self.of(version).phases["fail"].add(total_ns)
+
+
+def server_version() -> str:
+    """This package's version (ServerMetadata's ``version``)."""
+    try:
+        return metadata.version("quickdraw-service")
+    except metadata.PackageNotFoundError:
+        return "0"
+
+
+@dataclass
+class InputTensor:
+    """One input as either side received it: raw little-endian bytes, or typed values (a list or array)."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    raw: bytes | memoryview | None = None
+    values: Any = None  # uint contents (ints) or bytes contents (bytes)
+
+
+@dataclass
+class OutputRequest:
+    """One requested output: its name and, for the classification extension, how many classes (0: the tensor)."""
+
+    name: str
+    classification: int = 0
+    binary: bool | None = None  # HTTP only: the output's ``binary_data`` parameter
+
+
+@dataclass
+class InferCall:
+    """A ModelInfer request, whichever side received it."""
+
+    model_name: str
+    model_version: str
+    id: str
+    inputs: list[InputTensor]
+    outputs: list[OutputRequest] | None  # None: every output
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OutputTensor:
+    """One output of the answer: FP32 values, or BYTES elements."""
+
+    name: str
+    datatype: str
+    array: NDArray[Any]
+
+    @property
+    def shape(self) -> list[int]:
+        """The tensor's shape."""
+        return list(self.array.shape)
+
+    def raw(self) -> bytes:
+        """The tensor's bytes as the protocol lays them out (BYTES: each element after its 4-byte length)."""
+        if self.datatype == "BYTES":
+            return b"".join(struct.pack("<I", len(b)) + b for b in self.array.reshape(-1).tolist())
+        return np.ascontiguousarray(self.array, dtype="<f4").tobytes()
+
+
+@dataclass
+class InferAnswer:
+    """A ModelInfer answer."""
+
+    model_name: str
+    model_version: str
+    id: str
+    outputs: list[OutputTensor]
+
+
+def split_bytes(raw: bytes | memoryview, field_name: str) -> list[bytes]:
+    """BYTES raw data (each element a 4-byte little-endian length, then its bytes) as a list of elements."""
+    out: list[bytes] = []
+    view = memoryview(raw)
+    i = 0
+    while i < len(view):
+        if i + 4 > len(view):
+            raise InvalidArgument([FieldViolation(field_name, f"BYTES data ends inside an element's length at {i}")])
+        (n,) = struct.unpack_from("<I", view, i)
+        i += 4
+        if i + n > len(view):
+            raise InvalidArgument([FieldViolation(field_name, f"BYTES element {len(out)} of {n} bytes runs past "
+                                                              f"the end of the data ({len(view)} bytes)")])  # fmt: skip
+        out.append(bytes(view[i : i + n]))
+        i += n
+    return out
+
+
+def _dims(shape: Sequence[int]) -> str:
+    """A shape as Triton writes it: ``[-1,28,28,1]``."""
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+class Surface(GatewaySlot):
+    """What the gRPC and HTTP sides share: the gateway once ready, metrics, readiness, and the protocol's logic."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        #: What the inference calls through this surface did, per version (ModelStatistics).
+        self.statistics = Statistics()
+        #: Whether the gateway serves now (set by the composition root: the model's versions and the backend).
+        self.is_ready: Callable[[], bool] = lambda: self._gateway is not None
+
+    # --- health and metadata -----------------------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        """ServerReady: the model is loaded and the backend serves."""
+        return self._gateway is not None and self.is_ready()
+
+    def model_ready(self, name: str, version: str) -> bool:
+        """ModelReady: ready, and the model (and version, if any) is served; an unknown one is not ready."""
+        if not self.ready():
+            return False
+        try:
+            self.version(name, version)
+        except (NotFound, InvalidArgument):
+            return False
+        return True
+
+    def server_metadata(self) -> dict[str, Any]:
+        """ServerMetadata: name, version, extensions."""
+        return {"name": SERVER_NAME, "version": server_version(), "extensions": list(EXTENSIONS)}
+
+    def model_metadata(self, name: str, version: str) -> dict[str, Any]:
+        """ModelMetadata: the inputs and outputs above, and what they mean in ``properties``."""
+        self.version(name, version)
+        gateway = self.gateway
+        model = gateway.model
+        outputs = [{"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, len(model.labels)]}]
+        if model.ood is not None:
+            outputs.append({"name": KNOWN_SCORE, "datatype": "FP32", "shape": [-1]})
+        lim = gateway.limits
+        return {
+            "name": model.name,
+            "versions": [str(v) for v in model.versions],
+            "platform": PLATFORM,
+            "inputs": [{"name": n, "datatype": d, "shape": s} for n, (d, s) in INPUTS.items()],
+            "outputs": outputs,
+            "properties": {
+                "inputs": f"exactly one of {', '.join(INPUTS)} per request, the batch first",
+                IMAGE: "28x28 grayscale bitmaps as the model takes them (Quick, Draw! numpy_bitmap), row-major",
+                ENCODED_IMAGE: "one PNG or JPEG file per element (any size; decoded and reduced to 28x28)",
+                STROKES: 'one quickdraw.v1.Strokes per element in the proto3 JSON mapping: {"strokes": [{"x": [..], '
+                         '"y": [..]}], "coordinates": "RAW" or "SIMPLIFIED"}',
+                CLASSIFICATION: "Triton's classification extension: request output 'probabilities' with the "
+                                "parameter classification=k for BYTES 'score:index:label', best first",
+                "max_batch_size": str(lim.max_drawings_per_request),
+                "default_version": str(model.default_version),
+            },
+        }  # fmt: skip
+
+    # --- Triton's model configuration and statistics extensions -------------------------------------------------
+
+    def model_config(self, name: str, version: str) -> dict[str, Any]:
+        """ModelConfig: the model as Triton's model configuration (JSON; the gRPC side parses it into its message).
+        Dims leave out the batch dimension, as with ``max_batch_size`` > 0 in Triton."""
+        self.version(name, version)
+        gateway = self.gateway
+        model = gateway.model
+        inputs = [{"name": n, "data_type": CONFIG_TYPES[d], "format": "FORMAT_NONE", "dims": dims[1:] or [1],
+                   "optional": n != IMAGE} for n, (d, dims) in INPUTS.items()]  # fmt: skip
+        outputs = [{"name": PROBABILITIES, "data_type": "TYPE_FP32", "dims": [len(model.labels)],
+                    "label_filename": LABELS_PATH.name}]  # fmt: skip
+        if model.ood is not None:
+            outputs.append({"name": KNOWN_SCORE, "data_type": "TYPE_FP32", "dims": [1]})
+        return {
+            "name": model.name,
+            "platform": PLATFORM,
+            "backend": "tensorflow",
+            "version_policy": {"specific": {"versions": list(model.versions)}},
+            "max_batch_size": gateway.limits.max_drawings_per_request,
+            "input": inputs,
+            "output": outputs,
+            "dynamic_batching": {},  # the gateway's batcher merges calls into backend batches
+            "parameters": {"default_version": {"string_value": str(model.default_version)},
+                           "inputs": {"string_value": f"exactly one of {', '.join(INPUTS)} per request"}},
+        }  # fmt: skip
+
+    def model_statistics(self, name: str, version: str) -> list[dict[str, Any]]:
+        """ModelStatistics: every served version's (or the one named), of this model (or, with no name, of every
+        model: this one)."""
+        model = self.gateway.model
+        if name == "" and version == "":
+            versions = list(model.versions)
+        else:
+            v = self.version(name, version)
+            versions = list(model.versions) if version == "" or v == ANY_VERSION else [v]
+        return [self.statistics.of(v).as_dict(model.name, str(v)) for v in versions]
+
+    # --- versions ----------------------------------------------------------------------------------------------
+
+    def version(self, name: str, version: str) -> int:
+        """The version a call names: its number, or "" for the backend's choice; NOT_FOUND as Triton says it."""
+        gateway = self.gateway
+        model = gateway.model
+        if name != model.name:
+            raise NotFound(f"Request for unknown model: '{name}' is not found")
+        if version == "":
+            return ANY_VERSION if gateway.versionless else model.default_version
+        v = parse_version(version)
+        if v is None:
+            raise InvalidArgument(
+                [FieldViolation("model_version", f"is {version!r}; expected a version number "
+                                                 f"({', '.join(map(str, model.versions))}) or none")],
+                f"failed to get model version from specified version string '{version}', version should be an "
+                "integral value > 0",
+            )  # fmt: skip
+        if v not in model.versions:
+            raise NotFound(f"Request for unknown model: '{name}' version {v} is not found")
+        return v
+
+    # --- inference ---------------------------------------------------------------------------------------------
+
+    async def infer(self, call: InferCall, deadline_s: float | None) -> InferAnswer:
+        """Check the request as Triton does, run it through the gateway, and build the outputs."""
+        started = time.perf_counter_ns()
+        gateway = self.gateway
+        version = self.version(call.model_name, call.model_version)  # unknown models and versions count nowhere
+        counted = gateway.model.default_version if version == ANY_VERSION else version
+        try:
+            return await self._infer(call, deadline_s, version, started)
+        except BaseException:
+            self.statistics.failed(counted, time.perf_counter_ns() - started)
+            raise
+
+    async def _infer(self, call: InferCall, deadline_s: float | None, version: int, started: int) -> InferAnswer:
+        gateway = self.gateway
+        prefix = f"[request id: {call.id or '<id_unknown>'}] "
+        name = gateway.model.name
+        outputs = self._outputs(call, prefix, name)
+        tensor = self._input(call, prefix, name)
+        datatype, dims = INPUTS[tensor.name]
+        if tensor.datatype != datatype:
+            raise InvalidArgument(
+                [FieldViolation(f"inputs[{tensor.name}].datatype", f"expected {datatype}, got {tensor.datatype!r}")],
+                f"{prefix}inference input '{tensor.name}' data-type is '{tensor.datatype}', but model '{name}' "
+                f"expects '{datatype}'",
+            )
+        shape = list(tensor.shape)
+        limit = gateway.limits.max_drawings_per_request
+        if not shape:
+            raise InvalidArgument(
+                [FieldViolation(f"inputs[{tensor.name}].shape", "is empty; the batch comes first")],
+                f"{prefix}input '{tensor.name}' has no shape but model requires batch dimension for '{name}'",
+            )
+        if shape[0] > limit:
+            raise InvalidArgument(
+                [FieldViolation(f"inputs[{tensor.name}].shape[0]",
+                                f"batch of {shape[0]}; must be 1..{limit} (max_drawings_per_request)")],
+                f"{prefix}inference request batch-size must be <= {limit} for '{name}'",
+            )  # fmt: skip
+        if len(shape) != len(dims) or any(d != -1 and d != s for d, s in zip(dims, shape, strict=True)):
+            raise InvalidArgument(
+                [FieldViolation(f"inputs[{tensor.name}].shape", f"expected {_dims(dims)}, got {_dims(shape)}")],
+                f"{prefix}unexpected shape for input '{tensor.name}' for model '{name}'. Expected {_dims(dims)}, "
+                f"got {_dims(shape)}. ",
+            )
+        if shape[0] < 1:
+            raise InvalidArgument(
+                [FieldViolation(f"inputs[{tensor.name}].shape[0]", f"batch of {shape[0]}; must be 1..{limit}")],
+                f"{prefix}inference request batch-size must be >= 1 for '{name}'",
+            )
+        n = shape[0]
+        top_k = max((o.classification for o in outputs), default=0)
+        wants_tensor = any(o.name == PROBABILITIES and not o.classification for o in outputs)
+        backend_k = None if wants_tensor or not top_k else top_k
+        if tensor.name == IMAGE:
+            images = self._bitmaps(tensor, n, prefix, name)
+            inferring = time.perf_counter_ns()
+            answered = await gateway.answer_bitmaps(images, version, deadline_s, backend_k)
+        else:
+            request = self._drawings(tensor, n)
+            prepared = await self._prepare(gateway, request, tensor.name, deadline_s)
+            inferring = time.perf_counter_ns()
+            answered = await gateway._answer(prepared.images, version, deadline_s, backend_k)  # as predict() does
+        building = time.perf_counter_ns()
+        answer = InferAnswer(name, str(answered.version), call.id, self._build(outputs, answered, prefix, name))
+        done = time.perf_counter_ns()
+        self.statistics.succeeded(answered.version, n, done - started, inferring - started, building - inferring,
+                                  done - building)  # fmt: skip
+        return answer
+
+    def _outputs(self, call: InferCall, prefix: str, name: str) -> list[OutputRequest]:
+        """The outputs asked for (all when none): known names, and a classification count in range."""
+        gateway = self.gateway
+        offered = [PROBABILITIES] + ([KNOWN_SCORE] if gateway.model.ood is not None else [])
+        if call.outputs is None or not call.outputs:
+            return [OutputRequest(o) for o in offered]
+        classes = len(gateway.model.labels)
+        seen: set[str] = set()
+        for i, o in enumerate(call.outputs):
+            if o.name in seen:  # as Triton: an output is asked for once (1,000 copies once built a 156 MB answer)
+                raise InvalidArgument(
+                    [FieldViolation(f"outputs[{i}].name", f"{o.name!r} is asked for more than once")],
+                    f"{prefix}output '{o.name}' already exists in request",
+                )
+            seen.add(o.name)
+            if o.name not in offered and o.name != KNOWN_SCORE:
+                raise InvalidArgument(
+                    [FieldViolation("outputs", f"unknown output {o.name!r}; this model has {offered}")],
+                    f"{prefix}unexpected inference output '{o.name}' for model '{name}'",
+                )
+            if o.classification and (o.name != PROBABILITIES or not 1 <= o.classification <= classes):
+                raise InvalidArgument(
+                    [FieldViolation(f"outputs[{o.name}].parameters[{CLASSIFICATION}]",
+                                    f"is {o.classification}; {PROBABILITIES!r} takes 1..{classes}")],
+                    f"{prefix}classification of output '{o.name}' for model '{name}' must be 1..{classes}",
+                )  # fmt: skip
+        return list(call.outputs)
+
+    @staticmethod
+    def _input(call: InferCall, prefix: str, name: str) -> InputTensor:
+        """The one input: a known name, exactly one of them."""
+        for t in call.inputs:
+            if t.name not in INPUTS:
+                raise InvalidArgument(
+                    [FieldViolation("inputs", f"unknown input {t.name!r}; this model takes one of {list(INPUTS)}")],
+                    f"{prefix}unexpected inference input '{t.name}' for model '{name}'",
+                )
+        if len(call.inputs) != 1:
+            got = "[" + ",".join(f"'{t.name}'" for t in call.inputs) + "]"
+            raise InvalidArgument(
+                [FieldViolation("inputs", f"send exactly one of {list(INPUTS)}, got {len(call.inputs)} inputs")],
+                f"{prefix}expected 1 inputs but got {len(call.inputs)} inputs for model '{name}'. Got input(s) "
+                f"{got}, but expected exactly one of {', '.join(INPUTS)}.",
+            )
+        return call.inputs[0]
+
+    @staticmethod
+    def _bitmaps(tensor: InputTensor, n: int, prefix: str, name: str) -> NDArray[np.uint8]:
+        """UINT8 [n, 28, 28, 1] from raw bytes or ``uint_contents``."""
+        want = n * BITMAP_SIDE * BITMAP_SIDE
+        if tensor.raw is not None:
+            got = len(tensor.raw)
+            if got != want:
+                raise InvalidArgument(
+                    [FieldViolation(f"inputs[{tensor.name}]", f"{got} bytes for shape {_dims(tensor.shape)}; "
+                                                              f"expected {want}")],
+                    f"{prefix}input byte size mismatch for input '{tensor.name}' for model '{name}'. Expected "
+                    f"{want}, got {got}",
+                )  # fmt: skip
+            return np.frombuffer(tensor.raw, np.uint8).reshape(n, BITMAP_SIDE, BITMAP_SIDE, 1)
+        values = np.asarray(tensor.values if tensor.values is not None else [], dtype=np.int64).reshape(-1)
+        if values.size != want:
+            raise InvalidArgument(
+                [FieldViolation(f"inputs[{tensor.name}].contents", f"{values.size} values for shape "
+                                                                   f"{_dims(tensor.shape)}; expected {want}")],
+                f"{prefix}unexpected number of elements for input '{tensor.name}' for model '{name}'. Expected "
+                f"{want}, got {values.size}",
+            )  # fmt: skip
+        if values.size and (values.min() < 0 or values.max() > 255):
+            j = int(np.flatnonzero((values < 0) | (values > 255))[0])
+            raise InvalidArgument(
+                [FieldViolation(f"inputs[{tensor.name}].contents[{j}]", f"is {values[j]}, outside 0..255 for UINT8")]
+            )
+        return values.astype(np.uint8).reshape(n, BITMAP_SIDE, BITMAP_SIDE, 1)
+
+    @staticmethod
+    def _drawings(tensor: InputTensor, n: int) -> pb.ClassifyRequest:
+        """BYTES elements as the drawings of a ClassifyRequest (images, or strokes from their JSON)."""
+        if tensor.raw is not None:
+            elements = split_bytes(tensor.raw, f"inputs[{tensor.name}]")
+        else:
+            elements = [bytes(v) for v in (tensor.values or [])]
+        if len(elements) != n:
+            raise InvalidArgument([FieldViolation(f"inputs[{tensor.name}]",
+                                                  f"{len(elements)} elements for shape [{n}]")])  # fmt: skip
+        request = pb.ClassifyRequest()
+        problems: list[FieldViolation] = []
+        for i, element in enumerate(elements):
+            drawing = request.drawings.add()
+            if tensor.name == ENCODED_IMAGE:
+                drawing.image.data = element
+                continue
+            try:
+                document = json.loads(element)
+                if not isinstance(document, dict):
+                    raise ValueError("expected a JSON object")
+                json_format.ParseDict(document, drawing.strokes)
+            except (ValueError, RecursionError, json_format.ParseError) as exc:
+                problems.append(FieldViolation(f"inputs[{tensor.name}][{i}]",
+                                               f"is not a quickdraw.v1.Strokes in JSON: {str(exc)[:200]}"))  # fmt: skip
+        if problems:
+            raise InvalidArgument(problems)
+        return request
+
+    @staticmethod
+    async def _prepare(gateway: Gateway, request: pb.ClassifyRequest, input_name: str, deadline_s: float | None) -> Any:
+        """``Gateway.prepare`` (validation, decoding, rendering), its field names in this protocol's terms."""
+        try:
+            return await gateway.prepare(request, deadline_s)
+        except InvalidArgument as exc:
+            renamed = [FieldViolation(v.field.replace("drawings[", f"inputs[{input_name}][", 1)
+                                      .replace("].image.data", "]").replace("].strokes", "]", 1), v.description)
+                       for v in exc.violations]  # fmt: skip
+            raise InvalidArgument(renamed) from None
+
+    def _build(self, outputs: list[OutputRequest], answered: Answered, prefix: str, name: str) -> list[OutputTensor]:
+        """The outputs asked for, from the backend's answer."""
+        labels = self.gateway.model.labels
+        scores = answered.scores
+        built: list[OutputTensor] = []
+        for o in outputs:
+            if o.name == KNOWN_SCORE:
+                if answered.known is None:
+                    raise InvalidArgument(
+                        [FieldViolation("outputs", f"version {answered.version} gives no {KNOWN_SCORE!r}")],
+                        f"{prefix}unexpected inference output '{KNOWN_SCORE}' for model '{name}' version "
+                        f"{answered.version}",
+                    )
+                built.append(OutputTensor(o.name, "FP32", np.asarray(answered.known, np.float32)))
+            elif o.classification:
+                top = scores if isinstance(scores, TopK) else TopK.of(scores, o.classification)
+                k = o.classification
+                best = zip(top.scores[:, :k].tolist(), top.indices[:, :k].tolist(), strict=True)
+                rows = [[f"{s:f}:{j}:{labels[j]}".encode() for s, j in zip(srow, jrow, strict=True)]
+                        for srow, jrow in best]  # fmt: skip
+                array = np.empty((len(rows), k), dtype=object)
+                array[:] = rows
+                built.append(OutputTensor(o.name, "BYTES", array))
+            else:
+                assert not isinstance(scores, TopK)  # asked for: the backend gave every class
+                built.append(OutputTensor(o.name, "FP32", np.asarray(scores, np.float32)))
+        return built

@@ -1,0 +1,254 @@
+"""``inference.GRPCInferenceService`` on the gateway's gRPC port: the Open Inference Protocol (KServe v2).
+
+ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer, and Triton's ModelStreamInfer
+(each request answered by one ``ModelStreamInferResponse``, with ``error_message`` set instead of failing the
+stream, as Triton does), ModelConfig and ModelStatistics (Triton's extensions, for perf_analyzer and Model
+Analyzer). The model and its errors are ``service.frontends.oip.core``'s. ModelInfer takes its request as
+bytes, counted on the wire before parsing (:func:`check_infer`), as Predict and Classify do; its answer puts
+every output in ``raw_output_contents``, as Triton does. Latency is recorded by method (``ModelInfer``,
+``ModelStreamInfer``, ...) and code, as for the other APIs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from grpc_status import rpc_status
+
+from service.core.errors import FieldViolation, InvalidArgument, ServiceError, Unavailable, to_rpc_status
+from service.core.metrics import Metrics
+from service.core.streams import StreamSlots
+from service.frontends.grpc.classifier import (
+    Observed,
+    _deadline,
+    _unary,
+    parse_message,
+    service_error,
+    windowed_answers,
+)
+from service.frontends.oip.core import CLASSIFICATION, InferAnswer, InferCall, InputTensor, OutputRequest, Surface
+from service.preprocess import wire
+from service.protos import oip
+
+#: Most inputs, requested outputs and raw_input_contents entries a ModelInferRequest may hold (one input is used).
+MAX_TENSORS = 16
+
+
+def check_infer(buf: bytes | memoryview, max_drawings: int) -> None:
+    """Refuse a serialized ModelInferRequest with far more inputs, outputs or BYTES elements than any real one has,
+    before parsing it (``service.preprocess.wire``: a small request of a million empty elements parses into a million
+    objects)."""
+    others = wire.MAX_OTHER_FIELDS + 3 * MAX_TENSORS
+    try:
+        for number, what in ((5, "inputs"), (6, "outputs"), (7, "raw_input_contents")):
+            spans = wire.scan(buf, 0, len(buf), number, MAX_TENSORS, others)
+            if len(spans.spans) > MAX_TENSORS:
+                raise wire.too_many(what, "entries", MAX_TENSORS)
+            if spans.others > others:  # the scan stopped early: what follows was not counted (81 empty ids did it)
+                raise wire.hand_made("request", others)
+            if number != 5:
+                continue
+            for i, (a, b) in enumerate(spans.spans):
+                contents = wire.scan(buf, a, b, 5, 4, wire.MAX_OTHER_FIELDS)  # InferInputTensor.contents
+                if len(contents.spans) > 4 or contents.others > wire.MAX_OTHER_FIELDS:
+                    raise wire.hand_made(f"inputs[{i}]", wire.MAX_OTHER_FIELDS)
+                for a2, b2 in contents.spans:
+                    elements = wire.scan(buf, a2, b2, 8, wire.SCAN_FACTOR * max_drawings)  # bytes_contents
+                    if len(elements.spans) > wire.SCAN_FACTOR * max_drawings:
+                        raise wire.too_many("inputs.contents.bytes_contents", "elements", max_drawings,
+                                             "max_drawings_per_request")  # fmt: skip
+    except wire.Malformed:
+        return
+
+
+def request_id(buf: bytes | memoryview) -> str:
+    """A ModelInferRequest's ``id`` (field 3) read from its wire bytes within the first fields, as check_infer
+    bounds them, without parsing the rest: what an error answer on the stream needs ("" if not found there)."""
+    spans = wire.scan(buf, 0, len(buf), 3, 1, wire.MAX_OTHER_FIELDS + 3 * MAX_TENSORS)
+    if not spans.spans:
+        return ""
+    a, b = spans.spans[-1]
+    return bytes(buf[a:b]).decode("utf-8", "replace")
+
+
+def _parameter(p: Any) -> Any:
+    """An ``InferParameter``'s value (None when unset)."""
+    which = p.WhichOneof("parameter_choice")
+    return None if which is None else getattr(p, which)
+
+
+def to_call(request: Any) -> InferCall:
+    """A parsed ModelInferRequest as the shared ``InferCall``; raw_input_contents matched to inputs in order."""
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgument(
+            [FieldViolation("raw_input_contents", f"{len(raw)} entries for {len(request.inputs)} inputs; give one "
+                                                  "per input, in order, or none")],
+            f"expected {len(request.inputs)} raw_input_contents (one per input), got {len(raw)}",
+        )  # fmt: skip
+    inputs = []
+    for i, t in enumerate(request.inputs):
+        tensor = InputTensor(t.name, t.datatype, list(t.shape))
+        if raw:
+            if t.HasField("contents"):
+                raise InvalidArgument(
+                    [FieldViolation(f"inputs[{t.name}].contents", "set with raw_input_contents; use one or the other")],
+                    f"contents field must not be specified when using raw_input_contents for '{t.name}'",
+                )  # fmt: skip
+            tensor.raw = raw[i]
+        elif t.datatype == "BYTES":
+            tensor.values = list(t.contents.bytes_contents)
+        elif t.datatype == "UINT8":
+            tensor.values = np.asarray(t.contents.uint_contents, np.int64)
+        inputs.append(tensor)
+    outputs = None
+    if request.outputs:
+        outputs = []
+        for o in request.outputs:
+            k = _parameter(o.parameters[CLASSIFICATION]) if CLASSIFICATION in o.parameters else 0
+            if isinstance(k, bool) or not isinstance(k, int):
+                raise InvalidArgument([FieldViolation(f"outputs[{o.name}].parameters[{CLASSIFICATION}]",
+                                                      f"is {k!r}; expected an integer class count")])  # fmt: skip
+            outputs.append(OutputRequest(o.name, k))
+    params = {key: _parameter(p) for key, p in request.parameters.items()}
+    return InferCall(request.model_name, request.model_version, request.id, inputs, outputs, params)
+
+
+def to_response(answer: InferAnswer) -> Any:
+    """The answer as a ModelInferResponse, every output in ``raw_output_contents``."""
+    resp = oip.ModelInferResponse(model_name=answer.model_name, model_version=answer.model_version, id=answer.id)
+    for t in answer.outputs:
+        resp.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+        resp.raw_output_contents.append(t.raw())
+    return resp
+
+
+class InferenceService:
+    """The servicer; every method's latency is recorded under its own name."""
+
+    def __init__(self, surface: Surface, streams: StreamSlots) -> None:
+        self.surface = surface
+        self.metrics = surface.metrics
+        #: The open-stream cap ModelStreamInfer shares with ClassifyStream (service.core.streams).
+        self.streams = streams
+
+    @_unary("ServerLive")
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Live while the server answers."""
+        return oip.ServerLiveResponse(live=True)
+
+    @_unary("ServerReady")
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Ready once the model is loaded and the backend serves."""
+        return oip.ServerReadyResponse(ready=self.surface.ready())
+
+    @_unary("ModelReady")
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """The model (and version) is served and ready."""
+        return oip.ModelReadyResponse(ready=self.surface.model_ready(request.name, request.version))
+
+    @_unary("ServerMetadata")
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Name, version and the extensions offered."""
+        return oip.ServerMetadataResponse(**self.surface.server_metadata())
+
+    @_unary("ModelMetadata")
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """The model's inputs and outputs (``service.frontends.oip.core``)."""
+        meta = self.surface.model_metadata(request.name, request.version)
+        resp = oip.ModelMetadataResponse(name=meta["name"], versions=meta["versions"], platform=meta["platform"])
+        for key in ("inputs", "outputs"):
+            for t in meta[key]:
+                getattr(resp, key).add(**t)
+        resp.properties.update(meta["properties"])
+        return resp
+
+    @_unary("ModelConfig")
+    async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Triton's model configuration extension (``service.frontends.oip.core``: Surface.model_config)."""
+        config = self.surface.model_config(request.name, request.version)
+        return json_format.ParseDict({"config": config}, oip.ModelConfigResponse())
+
+    @_unary("ModelStatistics")
+    async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Triton's statistics extension: what this gateway's inference calls did, per version."""
+        stats = self.surface.model_statistics(request.name, request.version)
+        return json_format.ParseDict({"model_stats": stats}, oip.ModelStatisticsResponse())
+
+    @_unary("ModelInfer")
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Inference through the gateway (``request`` as bytes: counted on the wire first)."""
+        return await self._infer(request, _deadline(context))
+
+    async def _infer(self, request: Any, deadline_s: float | None) -> Any:
+        surface = self.surface
+        if isinstance(request, bytes | memoryview):
+            check_infer(request, surface.gateway.limits.max_drawings_per_request)
+            request = parse_message(oip.ModelInferRequest, request)
+        return to_response(await surface.infer(to_call(request), deadline_s))
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        """Each request answered as soon as it is ready (at most ``STREAM_WINDOW`` messages and
+        ``STREAM_WINDOW_BYTES`` of them held per stream: ``windowed_answers``, shared with ClassifyStream); a failed
+        one is answered with ``error_message`` (and counted by its code), the stream goes on."""
+        refusal: ServiceError | None = None
+        if self.surface._gateway is None:
+            refusal = Unavailable("the model is still loading; retry shortly")
+        else:
+            refusal = self.streams.refusal("ModelStreamInfer")
+        if refusal is not None:
+            with Observed(self.metrics, "ModelStreamInfer") as call:
+                call.fail(refusal)
+            await context.abort_with_status(rpc_status.to_status(to_rpc_status(refusal)))
+            return
+        with self.streams.held():
+            async for answer in self._stream_infer(request_iterator, context):
+                yield answer
+
+    async def _stream_infer(self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+                            ) -> AsyncIterator[Any]:  # fmt: skip
+        """The open stream's answers (its slot is held by :meth:`ModelStreamInfer`)."""
+        deadline = _deadline(context)
+
+        async def one(raw: bytes) -> Any:
+            ident = ""
+            with Observed(self.metrics, "ModelStreamInfer", deadline) as call:
+                try:
+                    return oip.ModelStreamInferResponse(infer_response=await self._infer(raw, deadline))
+                except Exception as exc:
+                    err: ServiceError = service_error(exc)
+                    call.fail(err)
+                    with contextlib.suppress(Exception):  # from the wire, bounded: never parse the refused bytes
+                        ident = request_id(raw)
+                    answer = oip.ModelStreamInferResponse(error_message=err.message)
+                    answer.infer_response.id = ident
+                    return answer
+
+        async for answer in windowed_answers(request_iterator, len, one):
+            yield answer
+
+
+def add_to_server(server: grpc.aio.Server, metrics: Metrics, streams: StreamSlots) -> Surface:
+    """Register ``inference.GRPCInferenceService``; returns the surface to ``attach`` the gateway to once ready.
+    ``streams``: the open-stream cap shared with the other streaming doors."""
+    surface = Surface(metrics)
+    service = InferenceService(surface, streams)
+    handlers = {}
+    for name, request, response, streaming in oip.METHODS:
+        method = getattr(service, name)
+        if streaming:
+            handlers[name] = grpc.stream_stream_rpc_method_handler(
+                method, request_deserializer=None, response_serializer=response.SerializeToString)
+        else:  # ModelInfer takes bytes, so its tensors are counted on the wire before parsing
+            deserializer = None if name == "ModelInfer" else request.FromString
+            handlers[name] = grpc.unary_unary_rpc_method_handler(
+                method, request_deserializer=deserializer, response_serializer=response.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(oip.SERVICE, handlers),))
+    return surface

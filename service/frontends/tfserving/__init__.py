@@ -1,0 +1,1 @@
+"""TF Serving's PredictionService and ModelService on the gateway."""

@@ -1,0 +1,1 @@
+"""Process life: workers and forkservers that die with the gateway, and rate-limited logging."""
