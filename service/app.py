@@ -30,11 +30,12 @@ from grpc_reflection.v1alpha import reflection
 from service import security
 from service.backends import Backend, ModelDescription
 from service.backends.embedded import EmbeddedBackend
-from service.core.batching import BackendHealth, Batcher, BatcherConfig
 from service.core.metrics import Metrics
 from service.core.streams import StreamSlots
+from service.dataplane.batching import BackendHealth, Batcher, BatcherConfig
+from service.dataplane.pipeline import DataPlane
 from service.frontends.grpc import classifier as api
-from service.frontends.grpc.classifier import SERVICE_NAME, ClassifierService, Gateway
+from service.frontends.grpc.classifier import SERVICE_NAME, ClassifierService
 from service.frontends.http.jsonparse import JsonParsePool
 from service.frontends.http.server import HttpLimits, HttpServer
 from service.frontends.oip import grpc_api as oip_grpc
@@ -153,7 +154,7 @@ class App:
         self._health = health.aio.HealthServicer()
         self._backend: Backend | None = None
         self._batcher: Batcher | None = None
-        self._gateway: Gateway | None = None
+        self._gateway: DataPlane | None = None
         self._json_parser: JsonParsePool | None = None
         self._decoder: WorkerPool | None = None
         self._renderer: WorkerPool | None = None
@@ -236,8 +237,7 @@ class App:
                  self.http_port)  # fmt: skip
 
         self._backend = self.backend_factory(s)
-        if hasattr(self._backend, "metrics"):  # backends that count what they do (replicas, retries, versions)
-            self._backend.metrics = self.metrics
+        self._backend.metrics = self.metrics  # backends that count what they do (replicas, retries, versions)
         model = await self._backend.start()
         self._batcher = Batcher(
             self._backend.predict,
@@ -245,12 +245,12 @@ class App:
                           s.backend_timeout_ms, s.max_queue_wait_ms, s.backend_wedged_after_timeouts),
             self.metrics,
             self._backend.name,
-            run_top_k=getattr(self._backend, "predict_top_k", None),  # backends that can give top-k outputs alone
-            top_k_width=getattr(self._backend, "top_k_width", 0),
+            # backends that can give top-k outputs alone
+            run_top_k=self._backend.predict_top_k if self._backend.top_k_width else None,
+            top_k_width=self._backend.top_k_width,
         )
         self._batcher.on_health = self._backend_health
-        if hasattr(self._backend, "on_failure"):  # its background tasks (version watcher, status poller) died
-            self._backend.on_failure = self._batcher.fail
+        self._backend.on_failure = self._batcher.fail  # its background tasks (version watcher, status poller) died
         self._batcher.start()
         limits = Limits(s.max_drawings_per_request, s.max_top_k, s.max_strokes, s.max_points, s.max_raw_coordinate,
                         s.max_image_bytes, s.max_image_pixels, num_classes=len(model.labels),
@@ -265,17 +265,17 @@ class App:
             self._json_parser = JsonParsePool(s.json_parse_workers)
             await asyncio.to_thread(self._json_parser.start)
             self._http.json_parser = self._json_parser
-        self._gateway = Gateway(model, self._batcher, limits, self.metrics, self._backend.name,
-                                s.preprocess_threads, decoder, s.max_preprocessing_calls,
-                                versionless=getattr(self._backend, "versionless", False), renderer=renderer)
+        self._gateway = DataPlane(model, self._batcher, limits, self.metrics, self._backend.name,
+                                  s.preprocess_threads, decoder, s.max_preprocessing_calls,
+                                  versionless=self._backend.versionless, renderer=renderer,
+                                  max_answer_bytes=s.max_message_bytes)  # fmt: skip
         service.attach(self._gateway)
         if tfs is not None:
             tfs.attach(self._gateway, self._backend)  # GetModelMetadata answers with its signature_defs
         self._http.attach(self._gateway)
         self._oip.attach(self._gateway)
         await self._set_health(self._publish(model))
-        if hasattr(self._backend, "on_change"):
-            self._backend.on_change = self._model_changed
+        self._backend.on_change = self._model_changed
         # Everything built so far (TensorFlow's and the model's objects: millions) lives as long as the process:
         # move it out of the collector's sight, or every full collection walks it all and holds the event
         # loop for ~150 ms (health checks measured waiting that long during a burst of new streams).

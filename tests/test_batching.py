@@ -1,4 +1,4 @@
-"""Unit tests for the dynamic batcher (``service.core.batching``): pure asyncio, no gRPC and no TensorFlow.
+"""Unit tests for the dynamic batcher (``service.dataplane.batching``): pure asyncio, no gRPC and no TensorFlow.
 
 The model backend is replaced by :class:`FakeBackend`, which records every batch it is given and answers with
 probabilities derived from the input, so each test can check that a caller gets back exactly its own rows, in
@@ -21,9 +21,9 @@ from fakeclock import now, run_on_fake_clock
 from numpy.typing import NDArray
 
 from service.backends import TopK
-from service.core.batching import BackendHealth, Batcher, BatcherConfig
 from service.core.errors import BackendError, DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
 from service.core.metrics import Metrics
+from service.dataplane.batching import BackendHealth, Batcher, BatcherConfig
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -45,8 +45,8 @@ from quickdraw_client.v1 import classifier_pb2 as pb
 from quickdraw_client.v1 import classifier_pb2_grpc as pb_grpc
 from service.backends import Answered, OutOfClassInfo, find_versions, read_out_of_class
 from service.client import QuickDrawClient, Result
-from service.core.batching import Batcher, BatcherConfig
 from service.core.metrics import Metrics
+from service.dataplane.batching import Batcher, BatcherConfig
 from service.protos import tfs
 from service.protos.tensors import from_numpy, to_numpy
 

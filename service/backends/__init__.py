@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -157,12 +157,26 @@ class ModelDescription:
 
 
 class Backend(Protocol):
-    """A model runner behind the batcher."""
+    """A model runner behind the batcher: everything the gateway asks of one, with no member probed for."""
 
     name: str
-    # Optional: ``versionless = True`` when the backend itself picks the version for calls that name none
-    # (``predict`` then takes ``ANY_VERSION`` and answers ``Answered``); without it the gateway sends the default
-    # version's number.
+    #: True when the backend itself picks the version for calls that name none (``predict`` then takes
+    #: ``ANY_VERSION`` and answers ``Answered``); False: the gateway sends the default version's number.
+    versionless: bool
+    #: How many best classes :meth:`predict_top_k` gives per drawing; 0 when it cannot give top-k outputs alone.
+    top_k_width: int
+    #: Where a backend counts what it does (replicas, retries, versions): the composition root sets it.
+    metrics: Any
+    #: Called with the new description when the served versions change (hot reload, a roll-out).
+    on_change: Callable[[ModelDescription | None], None] | None
+    #: Called with what died and why when one of the backend's background tasks dies.
+    on_failure: Callable[[str, BaseException | None], None] | None
+
+    @property
+    def signature_defs(self) -> Any:
+        """The served version's SignatureDefs (``service.protos.tfs.SignatureDefMap``) as TF Serving's
+        GetModelMetadata gives them; None until known."""
+        ...
 
     async def start(self) -> ModelDescription:
         """Load and warm up the model; return what is served. Ready to predict when it returns."""
@@ -175,6 +189,13 @@ class Backend(Protocol):
         start the work when called (a future from an executor, a gRPC call) rather than when the awaitable is
         first awaited; a coroutine works too. Failures are ServiceErrors (Unavailable, DeadlineExceeded...).
         ``Answered`` names the version that answered (required for ``ANY_VERSION``)."""
+        ...
+
+    def predict_top_k(
+        self, images: NDArray[np.uint8], version: int, deadline_s: float | None = None
+    ) -> Awaitable[Answered]:
+        """The best ``top_k_width`` classes of each drawing alone (``Answered.scores`` a ``TopK``); called only when
+        ``top_k_width`` > 0."""
         ...
 
     async def close(self) -> None:

@@ -36,7 +36,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,7 @@ from service.backends import (
     read_labels,
     read_out_of_class,
 )
-from service.core.errors import NotFound
+from service.core.errors import BackendError, NotFound
 from service.protos import tfs
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,12 @@ class EmbeddedBackend:
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedded-loader")
         self._watcher: asyncio.Task[None] | None = None
         self._description: ModelDescription | None = None
+        #: The version a call names is the one it gets (hot reload swaps versions in one step).
+        self.versionless = False
+        #: No top-k outputs alone: the batcher always asks for probabilities.
+        self.top_k_width = 0
+        #: Unused: the embedded backend counts nothing of its own.
+        self.metrics: Any = None
         #: Called with the new description when the served versions change (hot reload).
         self.on_change: Callable[[ModelDescription | None], None] | None = None
         #: Called with what died and why when the version watcher dies.
@@ -233,6 +239,12 @@ class EmbeddedBackend:
         if self._warmup:
             self._warm(v)
         return these
+
+    def predict_top_k(
+        self, images: NDArray[np.uint8], version: int, deadline_s: float | None = None
+    ) -> Awaitable[Answered]:
+        """Not offered (``top_k_width`` is 0): the batcher never calls it."""
+        raise BackendError("the embedded backend gives probabilities only")
 
     @property
     def signature_defs(self) -> Any:

@@ -1,1 +1,2 @@
-"""The data plane and what every door shares: the pipeline, the batcher, versions, errors, metrics, stream slots."""
+"""What every layer shares: typed errors and their codes, metrics, the version parser, call accounting and the
+open-stream cap."""

@@ -19,28 +19,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from quickdraw_client.v1 import classifier_pb2 as pb
 from service.core.errors import FieldViolation, InvalidArgument, PayloadTooLarge, ServiceError
+from service.frontends.http.jsonbody import parse_body
 from service.preprocess.validation import Limits
 from service.runtime.lifetime import die_with_parent
 
 log = logging.getLogger(__name__)
 
-#: Bodies over this size are parsed in a worker process (``json.loads`` takes ~12 ms per MiB here, all of it
-#: holding the GIL); smaller ones on a thread (or inline, up to ``service.frontends.http.server.INLINE_PARSE_BYTES``).
-PROCESS_PARSE_BYTES = 1024 * 1024
-
 
 def parse_classify(raw: bytes, max_message_bytes: int, limits: Limits) -> tuple[str, Any, Any]:
     """In a worker: a ClassifyRequest body as ``("ok", serialized bytes, None)``, or its refusal as plain data
     (``("invalid", [(field, description)], message)`` or ``("too_large", message, None)``)."""
-    from service.frontends.http.server import (
-        parse_body,  # the worker's first call imports it; the gateway has it already
-    )
-
     try:
         message = parse_body(raw, pb.ClassifyRequest(), max_message_bytes, limits)
     except PayloadTooLarge as exc:
@@ -50,8 +44,18 @@ def parse_classify(raw: bytes, max_message_bytes: int, limits: Limits) -> tuple[
     return "ok", message.SerializeToString(), None
 
 
+def refusal(exc: ServiceError) -> tuple[str, Any, Any]:
+    """A worker's refusal as plain data (ServiceErrors do not pickle): what :meth:`JsonParsePool.run` raises."""
+    if isinstance(exc, PayloadTooLarge):
+        return "too_large", exc.message, None
+    if isinstance(exc, InvalidArgument):
+        return "invalid", [(v.field, v.description) for v in exc.violations], exc.message
+    raise exc
+
+
 def _ready() -> bool:
-    import service.frontends.http.server  # noqa: F401  (imported once, before any request waits for it)
+    import service.frontends.http.server
+    import service.frontends.oip.http_api  # noqa: F401
 
     return True
 
@@ -72,15 +76,20 @@ class JsonParsePool:
 
     async def parse(self, raw: bytes, max_message_bytes: int, limits: Limits) -> bytes:
         """The body as a serialized ClassifyRequest; raises what ``parse_body`` would."""
+        return await self.run(parse_classify, raw, max_message_bytes, limits)  # type: ignore[no-any-return]
+
+    async def run(self, fn: Callable[..., tuple[str, Any, Any]], *args: Any) -> Any:
+        """``fn(*args)`` in a worker: a module-level function that answers as :func:`parse_classify` does
+        (``("ok", value, None)`` or a refusal as plain data, which this raises as its ServiceError)."""
         if self._pool is None:
             raise ServiceError("the JSON parse workers are not started")
         loop = asyncio.get_running_loop()
-        kind, value, message = await loop.run_in_executor(self._pool, parse_classify, raw, max_message_bytes, limits)
+        kind, value, message = await loop.run_in_executor(self._pool, fn, *args)
         if kind == "too_large":
             raise PayloadTooLarge(value)
         if kind == "invalid":
             raise InvalidArgument([FieldViolation(f, d) for f, d in value], message)
-        return value  # type: ignore[no-any-return]
+        return value
 
     def close(self) -> None:
         """Stop the workers."""

@@ -4,7 +4,7 @@ Routes:
 
 - ``GET /metrics``: the app's Prometheus registry (OpenMetrics when the scraper asks for it).
 - ``POST /v1/classify``: a ``quickdraw.v1.ClassifyRequest`` in the proto3 JSON mapping, answered with a
-  ``ClassifyResponse`` in the same mapping. The same ``Gateway`` as the gRPC API validates, renders, batches
+  ``ClassifyResponse`` in the same mapping. The same data plane as the gRPC API validates, renders, batches
   and runs it, and the metrics count it under ``method="http:Classify"``. ``?bitmaps=true`` adds ``bitmaps``:
   for each drawing, the 28x28 image the model was given, as a ``Bitmap`` (base64 ``pixels``, row-major). With a
   model that makes the out-of-class decision each prediction has ``outOfClass`` (absent for older models).
@@ -41,19 +41,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import logging
-import math
 import ssl
-import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple
 
 import grpc
-import numpy as np
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from google.protobuf import json_format
@@ -62,6 +58,7 @@ from prometheus_client.exposition import choose_encoder
 from yarl import URL
 
 from quickdraw_client.v1 import classifier_pb2 as pb
+from service.core.calls import Observed, service_error
 from service.core.errors import (
     Cancelled,
     FieldViolation,
@@ -70,7 +67,6 @@ from service.core.errors import (
     PayloadTooLarge,
     PermissionDenied,
     RequestTimeout,
-    ResourceExhausted,
     ServiceError,
     Unauthenticated,
     UnsupportedMediaType,
@@ -78,11 +74,13 @@ from service.core.errors import (
     to_rpc_status,
 )
 from service.core.metrics import Metrics
-from service.frontends.grpc.classifier import GatewaySlot, Observed, service_error
+from service.dataplane.pipeline import Call, Converted, DataPlane, DataPlaneSlot
+from service.frontends.grpc.classifier import classify_response, convert_classify, model_info
 from service.frontends.http import openapi
-from service.frontends.http.jsonparse import PROCESS_PARSE_BYTES, JsonParsePool
-from service.frontends.http.jsonwalk import example, json_violations, kind, respell
-from service.preprocess.validation import Limits
+from service.frontends.http.jsonbody import check_shape, parse_body, respelled
+from service.frontends.http.jsonparse import JsonParsePool
+from service.frontends.http.requests import deadline
+from service.frontends.oip import http_api as oip_http
 from service.security import TokenAuth
 
 log = logging.getLogger(__name__)
@@ -94,31 +92,16 @@ SERVER_HEADER = "quickdraw"
 LINGER_S = 1.0
 #: The Content-Encodings aiohttp decompresses, taken when ``http_request_compression`` is on.
 COMPRESSIONS = ("gzip", "deflate")
-#: JSON objects (``{``) a ClassifyRequest holds beyond its drawings and strokes (the request, model spec), with
-#: slack for braces inside strings; and arrays (``[``) likewise (the drawings list).
-SHAPE_SLACK = 16
 #: A JSON body may be this many times max_message_bytes: base64 and numbers as text are wordier than protobuf.
 JSON_BODY_FACTOR = 4
-#: The deadline header Google's JSON APIs read: seconds, a decimal number.
-TIMEOUT_HEADER = "X-Server-Timeout"
 #: The page loads nothing from anywhere but this server, and says so to the browser.
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; base-uri 'none'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-cache",
 }
-#: Bodies up to this size are parsed on the event loop, larger ones on a worker thread (or process).
-INLINE_PARSE_BYTES = 64 * 1024
-#: Lists of more than this many times the drawings or strokes a request may hold are refused unparsed.
-EARLY_REFUSAL = 2
-#: The JSON names (and proto names) of a Stroke's number arrays.
-_STROKE_ARRAYS = ("x", "y", "tMs", "t_ms")
 #: Where a request keeps its raw JSON body (``web.Request`` is a mapping), to name fields as the body spells them.
 RAW_BODY_KEY = web.RequestKey("quickdraw_raw_body", bytes)
-#: The longest reason quoted from json_format when it refuses what the JSON walk (``service.frontends.http.jsonwalk``)
-#: took.
-MAX_REASON_CHARS = 300
-M = TypeVar("M", bound=Message)
 _HTTP_TO_GRPC = {
     404: grpc.StatusCode.NOT_FOUND,
     405: grpc.StatusCode.UNIMPLEMENTED,
@@ -153,23 +136,6 @@ def error_response(error: ServiceError) -> web.Response:
     return web.json_response(error_body(error), status=http_status(error), headers=headers)
 
 
-def _clip(reason: str) -> str:
-    return reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 3] + "..."
-
-
-def _deadline(request: web.Request) -> float | None:
-    raw = request.headers.get(TIMEOUT_HEADER)
-    if raw is None:
-        return None
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise InvalidArgument([FieldViolation(f"{TIMEOUT_HEADER} header", f"is {raw!r}; expected seconds > 0")])
-    return time.monotonic() + seconds
-
-
 def _host_name(value: str) -> str:
     """The host of a Host header or an allow-list entry, lower case, without port, brackets or final dot."""
     value = value.strip().lower()
@@ -189,32 +155,10 @@ def _origin_host(origin: str) -> str | None:
     return _host_name(host) if host else None
 
 
-def shape_limits(limits: Limits) -> tuple[int, int]:
-    """The most ``{`` and ``[`` bytes a ClassifyRequest within ``limits`` holds in JSON (with slack).
+class _Serialized(NamedTuple):
+    """A JSON body parsed in a worker process: the serialized ClassifyRequest it gave."""
 
-    Objects: the request and its model spec, and per drawing the drawing, its stroke set or bitmap/image, and
-    one per stroke. Arrays: the drawings list, and per drawing its stroke list and per stroke its
-    three number arrays.
-    """
-    d, s = limits.max_drawings_per_request, limits.max_strokes
-    return 2 + d * (3 + s) + SHAPE_SLACK, 2 + d * (1 + 3 * s) + SHAPE_SLACK
-
-
-def check_shape(raw: bytes, limits: Limits) -> None:
-    """Refuse a body with more JSON objects or arrays than a ClassifyRequest within ``limits`` can hold.
-
-    ``bytes.count`` scans 16 MB in milliseconds, before ``json.loads`` builds anything: a 4 MB body of 262,144
-    empty strokes (9 KB gzipped) once took 9.6 s of CPU to parse and refuse.
-    """
-    max_objects, max_arrays = shape_limits(limits)
-    objects, arrays = raw.count(b"{"), raw.count(b"[")
-    if objects > max_objects or arrays > max_arrays:
-        what, n, most = (("objects ({)", objects, max_objects) if objects > max_objects
-                         else ("arrays ([)", arrays, max_arrays))  # fmt: skip
-        reason = (f"holds {n} JSON {what}; a ClassifyRequest within the limits "
-                  f"max_drawings_per_request={limits.max_drawings_per_request} and max_strokes={limits.max_strokes} "
-                  f"holds at most {most}")
-        raise InvalidArgument([FieldViolation("", f"request body {reason}")], f"request body {reason}")
+    wire: bytes
 
 
 @dataclass(frozen=True)
@@ -397,7 +341,7 @@ def _flag(value: str | None) -> bool:
     return value is not None and value.lower() in ("1", "true", "yes")
 
 
-class HttpServer(GatewaySlot):
+class HttpServer(DataPlaneSlot):
     """The HTTP server; the API answers UNAVAILABLE until :meth:`attach` hands it the ready gateway."""
 
     def __init__(
@@ -423,7 +367,6 @@ class HttpServer(GatewaySlot):
         self.json_parser: JsonParsePool | None = None
         #: The Open Inference Protocol's surface (``service.frontends.oip.core.Surface``), set by the composition root.
         self.oip: Any = None
-        self._parsing = 0
         self._openapi_doc: dict[str, Any] | None = None
         self._files = {p.name: p for p in PLAYGROUND_DIR.iterdir() if p.is_file()} if api else {}
         hosts = self.limits.allowed_hosts
@@ -441,11 +384,7 @@ class HttpServer(GatewaySlot):
             app.router.add_get("/openapi.json", self._openapi)
             app.router.add_get("/", self._index)
             app.router.add_get("/static/{name}", self._static)
-            from service.frontends.oip import (
-                http_api as oip_http,  # the Open Inference Protocol's /v2 routes (issue 17)
-            )
-
-            oip_http.add_routes(app, self)
+            oip_http.add_routes(app, self)  # the Open Inference Protocol's /v2 routes (issue 17)
         return app
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
@@ -587,19 +526,24 @@ class HttpServer(GatewaySlot):
                                f"({JSON_BODY_FACTOR} x max_message_bytes={self.max_message_bytes})")
 
     async def _classify(self, request: web.Request) -> web.Response:
+        """POST /v1/classify: the body read through the HTTP guards, then one pipeline call (the Classify door's
+        converter after the JSON mapping: ``parse_body``)."""
         with Observed(self.metrics, "http:Classify") as call:
             try:
                 self._check_host(request)
                 self._authorize(request)
                 self._check_body_headers(request)
-                gateway = self.gateway
-                deadline = call.deadline_s = _deadline(request)
-                message = await self._read(request, gateway.limits)
-                prepared = await gateway.prepare(message, deadline)
-                body = to_json(await gateway.predict(prepared, deadline))
+                plane = self.plane
+                limit = call.deadline_s = deadline(request)
+                plane.batcher.admit(1)  # before the body is read: an overloaded gateway reads nothing more
+                raw = await self.read_body(request)
+                request[RAW_BODY_KEY] = raw  # field violations are named as this body spells the fields
+                check_shape(raw, plane.limits)
+                result = await plane.infer(self._classify_call(plane, raw, limit))
+                body = to_json(classify_response(plane, result))
                 if _flag(request.query.get("bitmaps")):
                     body["bitmaps"] = [{"pixels": base64.b64encode(image.tobytes()).decode("ascii")}
-                                       for image in prepared.images]
+                                       for image in result.images]
                 return web.json_response(body)
             except Exception as exc:
                 err = service_error(exc)
@@ -609,12 +553,29 @@ class HttpServer(GatewaySlot):
                     err = respelled(err, raw)
                 return error_response(err)
 
+    def _classify_call(self, plane: DataPlane, raw: bytes, deadline_s: float | None) -> Call[Any]:
+        """A /v1/classify body as a pipeline call: parsed as the JSON mapping of a ClassifyRequest (in a worker
+        process when large: ``service.frontends.http.jsonparse``), then the Classify door's converter."""
+        max_bytes, limits = self.max_message_bytes, plane.limits
+
+        def convert(body: bytes | _Serialized) -> Converted:
+            if isinstance(body, _Serialized):
+                return convert_classify(plane, body.wire)
+            return convert_classify(plane, parse_body(body, pb.ClassifyRequest(), max_bytes, limits))
+
+        async def in_process(body: bytes | _Serialized) -> bytes | _Serialized:
+            assert isinstance(body, bytes) and self.json_parser is not None
+            return _Serialized(await self.json_parser.parse(body, max_bytes, limits))
+
+        pre_parse = in_process if self.json_parser is not None else None
+        return Call(raw, convert, 1, len(raw), deadline_s, pre_parse=pre_parse)
+
     async def _model(self, request: web.Request) -> web.Response:
         with Observed(self.metrics, "http:GetModelInfo") as call:
             try:
                 self._check_host(request)
                 self._authorize(request)
-                return web.json_response(to_json(self.gateway.model_info(self.max_message_bytes)))
+                return web.json_response(to_json(model_info(self.plane, self.max_message_bytes)))
             except Exception as exc:
                 err = service_error(exc)
                 call.fail(err)
@@ -649,168 +610,6 @@ class HttpServer(GatewaySlot):
             raise web.HTTPNotFound()
         return web.FileResponse(path, headers=PAGE_HEADERS)
 
-    async def _read(self, request: web.Request, limits: Limits) -> pb.ClassifyRequest | bytes:
-        """The body, parsed as a ClassifyRequest; every way it can be wrong is an InvalidArgument (or a 413).
-
-        What the event loop does is bounded whatever the body: a body up to ``INLINE_PARSE_BYTES`` is parsed on
-        it; a larger one on a worker thread, and one over ``PROCESS_PARSE_BYTES`` in a worker process
-        (``service.frontends.http.jsonparse``: ``json.loads`` holds the GIL throughout), which answers the request
-        serialized,
-        for the gateway to count on the wire and parse as it does a gRPC request. At most
-        ``max_preprocessing_calls`` bodies are parsed off the loop at once; beyond it RESOURCE_EXHAUSTED.
-        """
-        raw = await self.read_body(request)
-        request[RAW_BODY_KEY] = raw  # field violations are named as this body spells the fields
-        check_shape(raw, limits)
-        if len(raw) <= INLINE_PARSE_BYTES:
-            return parse_body(raw, pb.ClassifyRequest(), self.max_message_bytes, limits)
-        bound = self.gateway.max_preprocessing_calls
-        if self._parsing >= bound:
-            raise ResourceExhausted(f"{self._parsing} request bodies are being parsed, the limit of "
-                                    f"max_preprocessing_calls={bound}; retry with backoff")
-        self._parsing += 1
-        try:
-            if self.json_parser is not None and len(raw) > PROCESS_PARSE_BYTES:
-                return await self.json_parser.parse(raw, self.max_message_bytes, limits)
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(None, parse_body, raw, pb.ClassifyRequest(), self.max_message_bytes,
-                                              limits)  # fmt: skip
-        finally:
-            self._parsing -= 1
-
-
-def respelled(error: InvalidArgument, raw: bytes) -> InvalidArgument:
-    """``error`` with its field paths (and the message's leading one) spelled as the JSON body ``raw`` spells
-    the fields (``topK`` or ``top_k``; ``service.frontends.http.jsonwalk.respell``): validation names them in proto
-    terms."""
-    descriptor = pb.ClassifyRequest.DESCRIPTOR
-    fixed = [FieldViolation(respell(v.field, descriptor, raw), v.description) for v in error.violations]
-    message = error.message
-    if error.violations and error.violations[0].field and message.startswith(error.violations[0].field + ":"):
-        message = fixed[0].field + message[len(error.violations[0].field) :]
-    return InvalidArgument(fixed, message)
-
-
-def parse_body(raw: bytes, message: M, max_message_bytes: int, limits: Limits | None = None) -> M:
-    """A JSON body parsed into ``message``; every way it can be wrong is an InvalidArgument naming the field.
-
-    A body whose protobuf form would be over ``max_message_bytes`` is refused as gRPC refuses that message,
-    with RESOURCE_EXHAUSTED (a 413). ``json_format.ParseDict`` costs about a microsecond per value (a 16 MB
-    body of coordinates took 8 s, on the event loop), so for a ClassifyRequest (given its ``limits``) the
-    stroke arrays are counted first, at 4 bytes of protobuf per value; lists of more than ``EARLY_REFUSAL``
-    times the drawings or strokes a request may hold are refused with the one violation validation reports
-    for their count (a request nearer the limits gets every violation, as on gRPC); and stroke arrays of
-    plain JSON numbers are set directly, as the same floats ParseDict would make, after ParseDict has parsed
-    the rest.
-
-    What is left is walked against the message's descriptors first (``service.frontends.http.jsonwalk``): every value
-    ParseDict would refuse or overflow on is a field violation with its path in the JSON's field names. ParseDict
-    stays the parser; should it still refuse the body, the violation is a generic one quoting it.
-    """
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
-        reason = f"is not valid JSON: {exc}"
-        raise InvalidArgument([FieldViolation("", reason)], f"request body {reason}") from None
-    except RecursionError:  # json's C scanner recurses per nested array or object
-        reason = f"nests arrays or objects too deeply to be a {message.DESCRIPTOR.name}"
-        raise InvalidArgument([FieldViolation("", reason)], f"request body {reason}") from None
-    if not isinstance(data, dict):
-        reason = f"must be {example(message.DESCRIPTOR)} (a {message.DESCRIPTOR.name}), got {kind(data)}"
-        raise InvalidArgument([FieldViolation("", reason)], f"request body {reason}")
-    arrays = []
-    if isinstance(message, pb.ClassifyRequest) and limits is not None:
-        arrays = _take_stroke_arrays(data, limits, max_message_bytes)
-    violations = json_violations(data, message.DESCRIPTOR)
-    if violations:
-        raise InvalidArgument(violations)
-    try:
-        json_format.ParseDict(data, message)
-    except (json_format.ParseError, OverflowError, ValueError, TypeError) as exc:  # what the walk missed
-        log.info("json_format refused a body the JSON walk took: %s", _clip(str(exc)))
-        reason = f"could not be parsed as a {message.DESCRIPTOR.name}: {_clip(str(exc))}"
-        raise InvalidArgument([FieldViolation("", f"request body {reason}")], f"request body {reason}") from None
-    for i, j, name, values in arrays:
-        getattr(message.drawings[i].strokes.strokes[j], "t_ms" if name == "tMs" else name).extend(values)  # type: ignore[attr-defined]
-    size = message.ByteSize()
-    if size > max_message_bytes:
-        raise PayloadTooLarge(f"request is {size} bytes as a protobuf message, over the limit of "
-                              f"max_message_bytes={max_message_bytes} (gRPC refuses such a message too)")
-    return message
-
-
-def _json_floats(values: list[Any]) -> list[float] | None:
-    """A stroke array's JSON values as the floats json_format would set, or None to leave it to json_format.
-
-    Numbers, booleans and numeric strings ("NaN", "Infinity", "1.5") are taken as ``float()`` takes them, as
-    json_format takes them, but at C speed when they are all numbers. A JSON number must round to a finite
-    float32: json_format refuses NaN, infinities and larger numbers (and also the largest float32 as its own
-    printer writes it, 3.4028235e+38, which is taken here, so that what MessageToDict writes parses back).
-    Anything else (null, lists, objects, "nan", words, numbers too large) goes to json_format, which says
-    what is wrong with it.
-    """
-    kinds = set(map(type, values))
-    if not kinds <= {int, float, bool, str}:
-        return None
-    try:
-        if kinds <= {int, float}:
-            array = np.asarray(values, dtype=np.float64)
-            numbers = array
-        else:
-            array = np.array([_json_float(v) for v in values], dtype=np.float64)
-            numbers = array[[type(v) is not str for v in values]]  # "NaN" and "Infinity" are allowed
-    except (ValueError, OverflowError):
-        return None
-    with np.errstate(over="ignore", invalid="ignore"):
-        if not np.isfinite(numbers.astype(np.float32)).all():
-            return None
-    return array.tolist()  # type: ignore[no-any-return]
-
-
-def _json_float(value: float | bool | str) -> float:
-    if value == "nan":  # json_format's one refusal of a string float() takes
-        raise ValueError(value)
-    return float(value)
-
-
-def _take_stroke_arrays(
-    data: dict[str, Any], limits: Limits, max_message_bytes: int
-) -> list[tuple[int, int, str, list[float]]]:
-    """Take the stroke arrays of plain numbers out of a ClassifyRequest's JSON, to be set after ParseDict.
-
-    First refuses what no valid request holds, before anything walks it: far more drawings or strokes than
-    the limits, or more stroke values than ``max_message_bytes`` can carry (a float is 4 bytes of protobuf).
-    """
-    out: list[tuple[int, int, str, list[float]]] = []
-    drawings = data.get("drawings")
-    if not isinstance(drawings, list):
-        return out
-    if len(drawings) > EARLY_REFUSAL * limits.max_drawings_per_request:
-        raise InvalidArgument([FieldViolation("drawings", f"has {len(drawings)} drawings, over the limit of "
-                                              f"max_drawings_per_request={limits.max_drawings_per_request}")])
-    found: list[tuple[int, int, str, list[Any]]] = []
-    for i, drawing in enumerate(drawings):
-        strokes = drawing.get("strokes") if isinstance(drawing, dict) else None
-        items = strokes.get("strokes") if isinstance(strokes, dict) else None
-        if not isinstance(items, list):
-            continue
-        if len(items) > EARLY_REFUSAL * limits.max_strokes:
-            raise InvalidArgument([FieldViolation(f"drawings[{i}].strokes.strokes", f"has {len(items)} strokes, "
-                                                  f"over the limit of max_strokes={limits.max_strokes}")])
-        for j, stroke in enumerate(items):
-            if isinstance(stroke, dict) and not ("tMs" in stroke and "t_ms" in stroke):
-                found += [(i, j, name, v) for name in _STROKE_ARRAYS if isinstance(v := stroke.get(name), list)]
-    values = sum(len(v) for *_, v in found)
-    if 4 * values > max_message_bytes:
-        raise PayloadTooLarge(f"request holds {values} stroke values, over {max_message_bytes} bytes as a protobuf "
-                              f"message (4 bytes each): over the limit of max_message_bytes={max_message_bytes} "
-                              "(gRPC refuses such a message too)")
-    for i, j, name, v in found:
-        numbers = _json_floats(v)
-        if numbers is not None:
-            del drawings[i]["strokes"]["strokes"][j][name]
-            out.append((i, j, name, numbers))
-    return out
 
 
 @web.middleware

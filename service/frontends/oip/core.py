@@ -13,10 +13,11 @@ The model, as ModelMetadata describes it (``model_name`` the served model's, ver
   ``probabilities`` requested with the parameter ``classification`` = k is BYTES [-1, k], each element
   ``"score:index:label"``, best first (the score as C++'s ``std::to_string`` writes it, as Triton does).
 
-Every call goes through the same validation, batcher, backend and metrics as ``quickdraw.v1.Classifier``
-(``Gateway.answer_bitmaps``; encoded images and strokes through ``Gateway.prepare``, which decodes and renders
-them as Classify does). ``model_version`` "" is the backend's choice (``ANY_VERSION`` when the gateway is
-versionless, as Classify), and the answer names the version that answered.
+Every call is one data-plane call (``service.dataplane.pipeline``): :meth:`Surface.convert` is this protocol's
+converter (Triton's checks; encoded images and strokes validated as Classify validates them), and the pipeline
+admits, decodes, renders, resolves the version, batches and runs it as it does for every door. ``model_version``
+"" is the backend's choice (``ANY_VERSION`` when the gateway is versionless, as Classify), and the answer names the
+version that answered.
 
 Errors: the codes and messages Triton's core gives (``src/infer_request.cc``, ``src/model.cc``,
 ``src/model_repository_manager/``; Triton 2.x at ``73aad7c3``), with the gateway's ``BadRequest`` field
@@ -68,7 +69,8 @@ from service.backends import ANY_VERSION, Answered, TopK
 from service.core.errors import FieldViolation, InvalidArgument, NotFound
 from service.core.metrics import Metrics
 from service.core.versions import parse_version
-from service.frontends.grpc.classifier import Gateway, GatewaySlot
+from service.dataplane.pipeline import Call, Converted, DataPlaneSlot
+from service.preprocess.validation import validate
 
 #: The inputs: bitmaps as the model takes them, and this service's other forms.
 IMAGE = "image"
@@ -263,7 +265,7 @@ def _dims(shape: Sequence[int]) -> str:
     return "[" + ",".join(str(d) for d in shape) + "]"
 
 
-class Surface(GatewaySlot):
+class Surface(DataPlaneSlot):
     """What the gRPC and HTTP sides share: the gateway once ready, metrics, readiness, and the protocol's logic."""
 
     def __init__(self, metrics: Metrics) -> None:
@@ -271,13 +273,13 @@ class Surface(GatewaySlot):
         #: What the inference calls through this surface did, per version (ModelStatistics).
         self.statistics = Statistics()
         #: Whether the gateway serves now (set by the composition root: the model's versions and the backend).
-        self.is_ready: Callable[[], bool] = lambda: self._gateway is not None
+        self.is_ready: Callable[[], bool] = lambda: self._plane is not None
 
     # --- health and metadata -----------------------------------------------------------------------------------
 
     def ready(self) -> bool:
         """ServerReady: the model is loaded and the backend serves."""
-        return self._gateway is not None and self.is_ready()
+        return self._plane is not None and self.is_ready()
 
     def model_ready(self, name: str, version: str) -> bool:
         """ModelReady: ready, and the model (and version, if any) is served; an unknown one is not ready."""
@@ -296,12 +298,12 @@ class Surface(GatewaySlot):
     def model_metadata(self, name: str, version: str) -> dict[str, Any]:
         """ModelMetadata: the inputs and outputs above, and what they mean in ``properties``."""
         self.version(name, version)
-        gateway = self.gateway
-        model = gateway.model
+        plane = self.plane
+        model = plane.model
         outputs = [{"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, len(model.labels)]}]
         if model.ood is not None:
             outputs.append({"name": KNOWN_SCORE, "datatype": "FP32", "shape": [-1]})
-        lim = gateway.limits
+        lim = plane.limits
         return {
             "name": model.name,
             "versions": [str(v) for v in model.versions],
@@ -327,8 +329,8 @@ class Surface(GatewaySlot):
         """ModelConfig: the model as Triton's model configuration (JSON; the gRPC side parses it into its message).
         Dims leave out the batch dimension, as with ``max_batch_size`` > 0 in Triton."""
         self.version(name, version)
-        gateway = self.gateway
-        model = gateway.model
+        plane = self.plane
+        model = plane.model
         inputs = [{"name": n, "data_type": CONFIG_TYPES[d], "format": "FORMAT_NONE", "dims": dims[1:] or [1],
                    "optional": n != IMAGE} for n, (d, dims) in INPUTS.items()]  # fmt: skip
         outputs = [{"name": PROBABILITIES, "data_type": "TYPE_FP32", "dims": [len(model.labels)],
@@ -340,7 +342,7 @@ class Surface(GatewaySlot):
             "platform": PLATFORM,
             "backend": "tensorflow",
             "version_policy": {"specific": {"versions": list(model.versions)}},
-            "max_batch_size": gateway.limits.max_drawings_per_request,
+            "max_batch_size": plane.limits.max_drawings_per_request,
             "input": inputs,
             "output": outputs,
             "dynamic_batching": {},  # the gateway's batcher merges calls into backend batches
@@ -351,7 +353,7 @@ class Surface(GatewaySlot):
     def model_statistics(self, name: str, version: str) -> list[dict[str, Any]]:
         """ModelStatistics: every served version's (or the one named), of this model (or, with no name, of every
         model: this one)."""
-        model = self.gateway.model
+        model = self.plane.model
         if name == "" and version == "":
             versions = list(model.versions)
         else:
@@ -363,12 +365,16 @@ class Surface(GatewaySlot):
 
     def version(self, name: str, version: str) -> int:
         """The version a call names: its number, or "" for the backend's choice; NOT_FOUND as Triton says it."""
-        gateway = self.gateway
-        model = gateway.model
+        return self.plane.resolve(self.asked_version(name, version), self.unknown_version(name))
+
+    def asked_version(self, name: str, version: str) -> int | None:
+        """The version a call names (None: "", the default), parsed by the one version parser; NOT_FOUND for
+        another model and INVALID_ARGUMENT for a version that is no number, as Triton says them."""
+        model = self.plane.model
         if name != model.name:
             raise NotFound(f"Request for unknown model: '{name}' is not found")
         if version == "":
-            return ANY_VERSION if gateway.versionless else model.default_version
+            return None
         v = parse_version(version)
         if v is None:
             raise InvalidArgument(
@@ -377,28 +383,52 @@ class Surface(GatewaySlot):
                 f"failed to get model version from specified version string '{version}', version should be an "
                 "integral value > 0",
             )  # fmt: skip
-        if v not in model.versions:
-            raise NotFound(f"Request for unknown model: '{name}' version {v} is not found")
         return v
+
+    @staticmethod
+    def unknown_version(name: str) -> Callable[[int], NotFound]:
+        """The NOT_FOUND for a version of ``name`` that is not served, in Triton's words."""
+        return lambda v: NotFound(f"Request for unknown model: '{name}' version {v} is not found")
 
     # --- inference ---------------------------------------------------------------------------------------------
 
-    async def infer(self, call: InferCall, deadline_s: float | None) -> InferAnswer:
-        """Check the request as Triton does, run it through the gateway, and build the outputs."""
-        started = time.perf_counter_ns()
-        gateway = self.gateway
-        version = self.version(call.model_name, call.model_version)  # unknown models and versions count nowhere
-        counted = gateway.model.default_version if version == ANY_VERSION else version
-        try:
-            return await self._infer(call, deadline_s, version, started)
-        except BaseException:
-            self.statistics.failed(counted, time.perf_counter_ns() - started)
-            raise
+    def call(self, request: Any, convert: Callable[[Any], InferCall], size_bytes: int, deadline_s: float | None,
+             **kw: Any) -> Call[Any]:  # fmt: skip
+        """A door's request as one pipeline call: ``convert`` turns it into an ``InferCall`` (each side parses its
+        own form), then :meth:`convert` checks it as Triton does."""
+        return Call(request, lambda r: self.convert(convert(r)), 1, size_bytes, deadline_s, **kw)
 
-    async def _infer(self, call: InferCall, deadline_s: float | None, version: int, started: int) -> InferAnswer:
-        gateway = self.gateway
+    async def infer(self, call: Call[Any]) -> InferAnswer:
+        """Run a call through the data plane and build its outputs; counted in the statistics per version (an
+        unknown model or version counts nowhere)."""
+        started = time.perf_counter_ns()
+        plane = self.plane
+        try:
+            result = await plane.infer(call)
+        except NotFound:
+            raise
+        except InvalidArgument as exc:
+            self.statistics.failed(plane.model.default_version, time.perf_counter_ns() - started)
+            raise _renamed(exc) from None
+        except BaseException:
+            self.statistics.failed(plane.model.default_version, time.perf_counter_ns() - started)
+            raise
+        infer_call, outputs, prefix, n = result.converted.extra
+        answered = result.answered
+        answer = InferAnswer(plane.model.name, str(answered.version), infer_call.id,
+                             self._build(outputs, answered, prefix, plane.model.name))  # fmt: skip
+        done = time.perf_counter_ns()
+        self.statistics.succeeded(answered.version, n, done - started, result.infer_started_ns - started,
+                                  result.infer_done_ns - result.infer_started_ns, done - result.infer_done_ns)
+        return answer
+
+    def convert(self, call: InferCall) -> Converted:
+        """An ``InferCall`` checked as Triton checks it, in the pipeline's terms (pure: runs on a thread for a
+        large request)."""
+        plane = self.plane
+        asked = self.asked_version(call.model_name, call.model_version)
         prefix = f"[request id: {call.id or '<id_unknown>'}] "
-        name = gateway.model.name
+        name = plane.model.name
         outputs = self._outputs(call, prefix, name)
         tensor = self._input(call, prefix, name)
         datatype, dims = INPUTS[tensor.name]
@@ -409,7 +439,7 @@ class Surface(GatewaySlot):
                 f"expects '{datatype}'",
             )
         shape = list(tensor.shape)
-        limit = gateway.limits.max_drawings_per_request
+        limit = plane.limits.max_drawings_per_request
         if not shape:
             raise InvalidArgument(
                 [FieldViolation(f"inputs[{tensor.name}].shape", "is empty; the batch comes first")],
@@ -436,29 +466,36 @@ class Surface(GatewaySlot):
         top_k = max((o.classification for o in outputs), default=0)
         wants_tensor = any(o.name == PROBABILITIES and not o.classification for o in outputs)
         backend_k = None if wants_tensor or not top_k else top_k
+        drawings: Any
         if tensor.name == IMAGE:
-            images = self._bitmaps(tensor, n, prefix, name)
-            inferring = time.perf_counter_ns()
-            answered = await gateway.answer_bitmaps(images, version, deadline_s, backend_k)
+            drawings = self._bitmaps(tensor, n, prefix, name)
         else:
-            request = self._drawings(tensor, n)
-            prepared = await self._prepare(gateway, request, tensor.name, deadline_s)
-            inferring = time.perf_counter_ns()
-            answered = await gateway._answer(prepared.images, version, deadline_s, backend_k)  # as predict() does
-        building = time.perf_counter_ns()
-        answer = InferAnswer(name, str(answered.version), call.id, self._build(outputs, answered, prefix, name))
-        done = time.perf_counter_ns()
-        self.statistics.succeeded(answered.version, n, done - started, inferring - started, building - inferring,
-                                  done - building)  # fmt: skip
-        return answer
+            drawings = validate(self._drawings(tensor, n), plane.limits)
+        return Converted(drawings, asked, backend_k, self._answer_bytes(outputs, n), self.unknown_version(name),
+                         (call, outputs, prefix, n))  # fmt: skip
+
+    def _answer_bytes(self, outputs: list[OutputRequest], n: int) -> int:
+        """A bound on the answer's size: each output's tensor, before any of it is built."""
+        labels = self.plane.model.labels
+        classes = len(labels)
+        label = max((len(x) for x in labels), default=0)
+        total = 0
+        for o in outputs:
+            if o.classification:  # "score:index:label", 4 bytes of length each
+                total += n * o.classification * (4 + 12 + len(str(classes)) + 1 + label)
+            elif o.name == PROBABILITIES:
+                total += n * classes * 4
+            else:
+                total += n * 4
+        return total
 
     def _outputs(self, call: InferCall, prefix: str, name: str) -> list[OutputRequest]:
         """The outputs asked for (all when none): known names, and a classification count in range."""
-        gateway = self.gateway
-        offered = [PROBABILITIES] + ([KNOWN_SCORE] if gateway.model.ood is not None else [])
+        plane = self.plane
+        offered = [PROBABILITIES] + ([KNOWN_SCORE] if plane.model.ood is not None else [])
         if call.outputs is None or not call.outputs:
             return [OutputRequest(o) for o in offered]
-        classes = len(gateway.model.labels)
+        classes = len(plane.model.labels)
         seen: set[str] = set()
         for i, o in enumerate(call.outputs):
             if o.name in seen:  # as Triton: an output is asked for once (1,000 copies once built a 156 MB answer)
@@ -556,20 +593,9 @@ class Surface(GatewaySlot):
             raise InvalidArgument(problems)
         return request
 
-    @staticmethod
-    async def _prepare(gateway: Gateway, request: pb.ClassifyRequest, input_name: str, deadline_s: float | None) -> Any:
-        """``Gateway.prepare`` (validation, decoding, rendering), its field names in this protocol's terms."""
-        try:
-            return await gateway.prepare(request, deadline_s)
-        except InvalidArgument as exc:
-            renamed = [FieldViolation(v.field.replace("drawings[", f"inputs[{input_name}][", 1)
-                                      .replace("].image.data", "]").replace("].strokes", "]", 1), v.description)
-                       for v in exc.violations]  # fmt: skip
-            raise InvalidArgument(renamed) from None
-
     def _build(self, outputs: list[OutputRequest], answered: Answered, prefix: str, name: str) -> list[OutputTensor]:
         """The outputs asked for, from the backend's answer."""
-        labels = self.gateway.model.labels
+        labels = self.plane.model.labels
         scores = answered.scores
         built: list[OutputTensor] = []
         for o in outputs:
@@ -594,3 +620,16 @@ class Surface(GatewaySlot):
                 assert not isinstance(scores, TopK)  # asked for: the backend gave every class
                 built.append(OutputTensor(o.name, "FP32", np.asarray(scores, np.float32)))
         return built
+
+
+def _renamed(error: InvalidArgument) -> InvalidArgument:
+    """Validation's and rendering's field names (``drawings[i].strokes...``) in this protocol's terms."""
+    if not any(v.field.startswith("drawings[") for v in error.violations):
+        return error
+    renamed = []
+    for v in error.violations:
+        name = ENCODED_IMAGE if ".image" in v.field else STROKES  # the one input that gives drawings
+        field = v.field.replace("drawings[", f"inputs[{name}][", 1).replace("].image.data", "]")
+        field = field.replace("].strokes", "]", 1)
+        renamed.append(FieldViolation(field, v.description))
+    return InvalidArgument(renamed)

@@ -18,19 +18,12 @@ from typing import Any
 import grpc
 import numpy as np
 from google.protobuf import json_format
-from grpc_status import rpc_status
 
-from service.core.errors import FieldViolation, InvalidArgument, ServiceError, Unavailable, to_rpc_status
+from service.core.calls import Observed, service_error
+from service.core.errors import FieldViolation, InvalidArgument, ServiceError
 from service.core.metrics import Metrics
 from service.core.streams import StreamSlots
-from service.frontends.grpc.classifier import (
-    Observed,
-    _deadline,
-    _unary,
-    parse_message,
-    service_error,
-    windowed_answers,
-)
+from service.frontends.grpc.calls import Reserve, deadline, parse_message, refuse_stream, unary, windowed_answers
 from service.frontends.oip.core import CLASSIFICATION, InferAnswer, InferCall, InputTensor, OutputRequest, Surface
 from service.preprocess import wire
 from service.protos import oip
@@ -137,27 +130,27 @@ class InferenceService:
         #: The open-stream cap ModelStreamInfer shares with ClassifyStream (service.core.streams).
         self.streams = streams
 
-    @_unary("ServerLive")
+    @unary("ServerLive")
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Live while the server answers."""
         return oip.ServerLiveResponse(live=True)
 
-    @_unary("ServerReady")
+    @unary("ServerReady")
     async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Ready once the model is loaded and the backend serves."""
         return oip.ServerReadyResponse(ready=self.surface.ready())
 
-    @_unary("ModelReady")
+    @unary("ModelReady")
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """The model (and version) is served and ready."""
         return oip.ModelReadyResponse(ready=self.surface.model_ready(request.name, request.version))
 
-    @_unary("ServerMetadata")
+    @unary("ServerMetadata")
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Name, version and the extensions offered."""
         return oip.ServerMetadataResponse(**self.surface.server_metadata())
 
-    @_unary("ModelMetadata")
+    @unary("ModelMetadata")
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """The model's inputs and outputs (``service.frontends.oip.core``)."""
         meta = self.surface.model_metadata(request.name, request.version)
@@ -168,29 +161,34 @@ class InferenceService:
         resp.properties.update(meta["properties"])
         return resp
 
-    @_unary("ModelConfig")
+    @unary("ModelConfig")
     async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Triton's model configuration extension (``service.frontends.oip.core``: Surface.model_config)."""
         config = self.surface.model_config(request.name, request.version)
         return json_format.ParseDict({"config": config}, oip.ModelConfigResponse())
 
-    @_unary("ModelStatistics")
+    @unary("ModelStatistics")
     async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Triton's statistics extension: what this gateway's inference calls did, per version."""
         stats = self.surface.model_statistics(request.name, request.version)
         return json_format.ParseDict({"model_stats": stats}, oip.ModelStatisticsResponse())
 
-    @_unary("ModelInfer")
+    @unary("ModelInfer")
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Inference through the gateway (``request`` as bytes: counted on the wire first)."""
-        return await self._infer(request, _deadline(context))
+        return await self._infer(request, deadline(context))
 
-    async def _infer(self, request: Any, deadline_s: float | None) -> Any:
+    async def _infer(self, request: bytes, deadline_s: float | None, reserve: Reserve | None = None) -> Any:
+        """One ModelInferRequest (its bytes: counted on the wire, then parsed by the pipeline's converter)."""
         surface = self.surface
-        if isinstance(request, bytes | memoryview):
-            check_infer(request, surface.gateway.limits.max_drawings_per_request)
-            request = parse_message(oip.ModelInferRequest, request)
-        return to_response(await surface.infer(to_call(request), deadline_s))
+        max_drawings = surface.plane.limits.max_drawings_per_request
+
+        def parsed(raw: bytes) -> InferCall:
+            check_infer(raw, max_drawings)
+            return to_call(parse_message(oip.ModelInferRequest, raw))
+
+        return to_response(await surface.infer(surface.call(request, parsed, len(request), deadline_s,
+                                                            reserve=reserve)))  # fmt: skip
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -198,15 +196,7 @@ class InferenceService:
         """Each request answered as soon as it is ready (at most ``STREAM_WINDOW`` messages and
         ``STREAM_WINDOW_BYTES`` of them held per stream: ``windowed_answers``, shared with ClassifyStream); a failed
         one is answered with ``error_message`` (and counted by its code), the stream goes on."""
-        refusal: ServiceError | None = None
-        if self.surface._gateway is None:
-            refusal = Unavailable("the model is still loading; retry shortly")
-        else:
-            refusal = self.streams.refusal("ModelStreamInfer")
-        if refusal is not None:
-            with Observed(self.metrics, "ModelStreamInfer") as call:
-                call.fail(refusal)
-            await context.abort_with_status(rpc_status.to_status(to_rpc_status(refusal)))
+        if await refuse_stream(self.metrics, "ModelStreamInfer", self.streams, self.surface.attached, context):
             return
         with self.streams.held():
             async for answer in self._stream_infer(request_iterator, context):
@@ -215,13 +205,13 @@ class InferenceService:
     async def _stream_infer(self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
                             ) -> AsyncIterator[Any]:  # fmt: skip
         """The open stream's answers (its slot is held by :meth:`ModelStreamInfer`)."""
-        deadline = _deadline(context)
+        limit = deadline(context)
 
-        async def one(raw: bytes) -> Any:
+        async def one(raw: bytes, reserve: Reserve) -> Any:
             ident = ""
-            with Observed(self.metrics, "ModelStreamInfer", deadline) as call:
+            with Observed(self.metrics, "ModelStreamInfer", limit) as call:
                 try:
-                    return oip.ModelStreamInferResponse(infer_response=await self._infer(raw, deadline))
+                    return oip.ModelStreamInferResponse(infer_response=await self._infer(raw, limit, reserve))
                 except Exception as exc:
                     err: ServiceError = service_error(exc)
                     call.fail(err)

@@ -36,8 +36,10 @@ import numpy as np
 from aiohttp import web
 from google.protobuf import json_format
 
+from service.core.calls import Observed, service_error
 from service.core.errors import FieldViolation, InvalidArgument, ServiceError, Unavailable, http_status, to_rpc_status
-from service.frontends.grpc.classifier import Observed, service_error
+from service.frontends.http.jsonparse import refusal
+from service.frontends.http.requests import deadline
 from service.frontends.oip.core import (
     CLASSIFICATION,
     ENCODED_IMAGE,
@@ -158,13 +160,29 @@ class _Routes:
 
     async def infer(self, request: web.Request) -> web.StreamResponse:
         async def answer(call: Observed) -> web.StreamResponse:
-            from service.frontends.http.server import _deadline  # service.frontends.http.server imports this module
-
             surface = self.surface
-            deadline = call.deadline_s = _deadline(request)
+            plane = surface.plane
+            limit = call.deadline_s = deadline(request)
+            plane.batcher.admit(1)  # before the body is read: an overloaded gateway reads nothing more
             body = await self._body(request)
-            infer_call, binary_output = self._parse(request, body, surface)
-            return self._answer(await surface.infer(infer_call, deadline), infer_call, binary_output)
+            info = request.match_info
+            args = (request.headers.get(HEADER_LENGTH), info["model"], info.get("version", ""),
+                    plane.limits.max_drawings_per_request)  # fmt: skip
+            parsed: list[tuple[InferCall, bool]] = []
+
+            def convert(b: bytes | tuple[InferCall, bool]) -> InferCall:
+                parsed.append(b if isinstance(b, tuple) else parse_infer(b, *args))
+                return parsed[-1][0]
+
+            parser = self.server.json_parser
+
+            async def in_process(b: bytes | tuple[InferCall, bool]) -> tuple[InferCall, bool]:
+                return await parser.run(parse_infer_in_worker, b, *args)  # type: ignore[no-any-return]
+
+            result = await surface.infer(surface.call(body, convert, len(body), limit,
+                                                      pre_parse=in_process if parser is not None else None))
+            infer_call, binary_output = parsed[-1]
+            return self._answer(result, infer_call, binary_output)
 
         return await self._observed("ModelInfer", request, True, answer)
 
@@ -175,78 +193,6 @@ class _Routes:
         server.check_body_encoding(request)
         server.check_body_length(request)
         return await server.read_body(request)
-
-    def _parse(self, request: web.Request, body: bytes, surface: Surface) -> tuple[InferCall, bool]:
-        """The body as an ``InferCall``, and whether outputs are wanted as binary data by default."""
-        header = request.headers.get(HEADER_LENGTH)
-        if header is None:
-            json_part, rest = body, b""
-        else:
-            try:
-                n = int(header)
-            except ValueError:
-                n = -1
-            if not 0 <= n <= len(body):
-                raise InvalidArgument([FieldViolation(f"{HEADER_LENGTH} header",
-                                                      f"is {header[:40]!r}; expected 0..{len(body)}")])  # fmt: skip
-            json_part, rest = body[:n], body[n:]
-        limits = surface.gateway.limits
-        most = limits.max_drawings_per_request * 28 * 28 + _JSON_SLACK
-        if json_part.count(b"[") + json_part.count(b"{") > most // 4:
-            raise InvalidArgument([FieldViolation("", "the JSON holds more arrays and objects than an inference "
-                                                      "request within the limits can")])  # fmt: skip
-        try:
-            doc = json.loads(json_part)
-        except (ValueError, RecursionError) as exc:
-            raise InvalidArgument([FieldViolation("", f"the body is not JSON: {str(exc)[:200]}")]) from None
-        if not isinstance(doc, dict):
-            raise InvalidArgument([FieldViolation("", "expected a JSON object")])
-        info = request.match_info
-        inputs: list[InputTensor] = []
-        offset = 0
-        for i, t in enumerate(_list(doc.get("inputs", []), "inputs")):
-            where = f"inputs[{i}]"
-            if not isinstance(t, dict):
-                raise InvalidArgument([FieldViolation(where, "expected an object")])
-            name, datatype, shape = t.get("name"), t.get("datatype"), t.get("shape")
-            if not isinstance(name, str) or not isinstance(datatype, str):
-                raise InvalidArgument([FieldViolation(where, "needs a string 'name' and 'datatype'")])
-            if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-                raise InvalidArgument([FieldViolation(f"{where}.shape", "expected a list of integers")])
-            tensor = InputTensor(name, datatype, shape)
-            params = t.get("parameters") or {}
-            size = params.get(BINARY_DATA_SIZE) if isinstance(params, dict) else None
-            if size is not None:
-                if not isinstance(size, int) or size < 0 or offset + size > len(rest):
-                    raise InvalidArgument([FieldViolation(f"{where}.parameters.{BINARY_DATA_SIZE}",
-                                                          f"is {size!r}; {len(rest) - offset} binary bytes are left")])
-                tensor.raw = memoryview(rest)[offset : offset + size]
-                offset += size
-            else:
-                tensor.values = _values(t.get("data"), name, datatype, where)
-            inputs.append(tensor)
-        if offset != len(rest):
-            raise InvalidArgument([FieldViolation("", f"{len(rest) - offset} bytes of binary data after the "
-                                                      "inputs that claim them")])  # fmt: skip
-        outputs = None
-        params = doc.get("parameters") or {}
-        binary_output = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
-        if doc.get("outputs"):
-            outputs = []
-            for i, o in enumerate(_list(doc["outputs"], "outputs")):
-                if not isinstance(o, dict) or not isinstance(o.get("name"), str):
-                    raise InvalidArgument([FieldViolation(f"outputs[{i}]", "needs a string 'name'")])
-                p = o.get("parameters") or {}
-                k = p.get(CLASSIFICATION, 0) if isinstance(p, dict) else 0
-                if isinstance(k, bool) or not isinstance(k, int):
-                    raise InvalidArgument([FieldViolation(f"outputs[{i}].parameters.{CLASSIFICATION}",
-                                                          f"is {k!r}; expected an integer class count")])  # fmt: skip
-                binary = p.get("binary_data") if isinstance(p, dict) else None
-                outputs.append(OutputRequest(o["name"], k, None if binary is None else bool(binary)))
-        ident = doc.get("id", "")
-        call = InferCall(info["model"], info.get("version", ""), ident if isinstance(ident, str) else str(ident),
-                         inputs, outputs, params if isinstance(params, dict) else {})  # fmt: skip
-        return call, binary_output
 
     @staticmethod
     def _answer(answer: InferAnswer, call: InferCall, binary_default: bool) -> web.Response:
@@ -276,6 +222,92 @@ class _Routes:
             return web.Response(body=text, content_type="application/json")
         return web.Response(body=text + b"".join(blobs), content_type="application/octet-stream",
                             headers={HEADER_LENGTH: str(len(text))})  # fmt: skip
+
+
+def parse_infer(body: bytes, header: str | None, model: str, version: str, max_drawings: int
+            ) -> tuple[InferCall, bool]:  # fmt: skip
+    """An inference body (JSON, then binary data after ``header`` bytes when the Inference-Header-Content-Length
+    header is given) as an ``InferCall``, and whether outputs are wanted as binary data by default. Pure: the
+    pipeline runs it on the loop, on a thread, or (large bodies) in a JSON parse worker."""
+    if header is None:
+        json_part, rest = body, b""
+    else:
+        try:
+            n = int(header)
+        except ValueError:
+            n = -1
+        if not 0 <= n <= len(body):
+            raise InvalidArgument([FieldViolation(f"{HEADER_LENGTH} header",
+                                                  f"is {header[:40]!r}; expected 0..{len(body)}")])  # fmt: skip
+        json_part, rest = body[:n], body[n:]
+    most = max_drawings * 28 * 28 + _JSON_SLACK
+    if json_part.count(b"[") + json_part.count(b"{") > most // 4:
+        raise InvalidArgument([FieldViolation("", "the JSON holds more arrays and objects than an inference "
+                                                  "request within the limits can")])  # fmt: skip
+    try:
+        doc = json.loads(json_part)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidArgument([FieldViolation("", f"the body is not JSON: {str(exc)[:200]}")]) from None
+    if not isinstance(doc, dict):
+        raise InvalidArgument([FieldViolation("", "expected a JSON object")])
+    inputs: list[InputTensor] = []
+    offset = 0
+    for i, t in enumerate(_list(doc.get("inputs", []), "inputs")):
+        where = f"inputs[{i}]"
+        if not isinstance(t, dict):
+            raise InvalidArgument([FieldViolation(where, "expected an object")])
+        name, datatype, shape = t.get("name"), t.get("datatype"), t.get("shape")
+        if not isinstance(name, str) or not isinstance(datatype, str):
+            raise InvalidArgument([FieldViolation(where, "needs a string 'name' and 'datatype'")])
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            raise InvalidArgument([FieldViolation(f"{where}.shape", "expected a list of integers")])
+        tensor = InputTensor(name, datatype, shape)
+        params = t.get("parameters") or {}
+        size = params.get(BINARY_DATA_SIZE) if isinstance(params, dict) else None
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(rest):
+                raise InvalidArgument([FieldViolation(f"{where}.parameters.{BINARY_DATA_SIZE}",
+                                                      f"is {size!r}; {len(rest) - offset} binary bytes are left")])
+            tensor.raw = memoryview(rest)[offset : offset + size]
+            offset += size
+        else:
+            tensor.values = _values(t.get("data"), name, datatype, where)
+        inputs.append(tensor)
+    if offset != len(rest):
+        raise InvalidArgument([FieldViolation("", f"{len(rest) - offset} bytes of binary data after the "
+                                                  "inputs that claim them")])  # fmt: skip
+    outputs = None
+    params = doc.get("parameters") or {}
+    binary_output = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
+    if doc.get("outputs"):
+        outputs = []
+        for i, o in enumerate(_list(doc["outputs"], "outputs")):
+            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+                raise InvalidArgument([FieldViolation(f"outputs[{i}]", "needs a string 'name'")])
+            p = o.get("parameters") or {}
+            k = p.get(CLASSIFICATION, 0) if isinstance(p, dict) else 0
+            if isinstance(k, bool) or not isinstance(k, int):
+                raise InvalidArgument([FieldViolation(f"outputs[{i}].parameters.{CLASSIFICATION}",
+                                                      f"is {k!r}; expected an integer class count")])  # fmt: skip
+            binary = p.get("binary_data") if isinstance(p, dict) else None
+            outputs.append(OutputRequest(o["name"], k, None if binary is None else bool(binary)))
+    ident = doc.get("id", "")
+    call = InferCall(model, version, ident if isinstance(ident, str) else str(ident),
+                     inputs, outputs, params if isinstance(params, dict) else {})  # fmt: skip
+    return call, binary_output
+
+
+def parse_infer_in_worker(body: bytes, *args: Any) -> tuple[str, Any, Any]:
+    """:func:`parse_infer` in a JSON parse worker: its answer with binary data as bytes (a view does not
+    pickle), or its refusal as plain data."""
+    try:
+        call, binary = parse_infer(body, *args)
+    except ServiceError as exc:
+        return refusal(exc)
+    for tensor in call.inputs:
+        if isinstance(tensor.raw, memoryview):
+            tensor.raw = bytes(tensor.raw)
+    return "ok", (call, binary), None
 
 
 def _list(value: Any, where: str) -> list[Any]:

@@ -77,10 +77,11 @@ from doodle.contract import (
     TOP_K_INDICES,
     TOP_K_SCORES,
 )
-from service.backends import ANY_VERSION, TopK
-from service.core.errors import FieldViolation, InvalidArgument, NotFound, ServiceError, Unavailable
+from service.backends import Backend, TopK
+from service.core.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
 from service.core.metrics import Metrics
-from service.frontends.grpc.classifier import Gateway, GatewaySlot, _deadline, _unary, parse_message
+from service.dataplane.pipeline import Call, Converted, DataPlane, DataPlaneSlot, Result
+from service.frontends.grpc.calls import deadline, parse_message, unary
 from service.preprocess import wire
 from service.preprocess.validation import image_tensor
 from service.protos import tfs
@@ -119,7 +120,7 @@ def _parses(dtype: int) -> bool:
     return dtype != tfs.DT_INVALID and dtype < _REF_TYPES_FROM and dtype in tfs.DataType.values()
 
 
-class _Surface(GatewaySlot):
+class _Surface(DataPlaneSlot):
     """Shared by both servicers: the gateway and its backend (once ready), metrics, and model_spec checks."""
 
     #: The backend the gateway runs, for what only it knows (its ``signature_defs``).
@@ -129,44 +130,46 @@ class _Surface(GatewaySlot):
         self.metrics = metrics
         self.version_label = version_label
 
-    def attach(self, gateway: Gateway, backend: Any = None) -> None:
-        """Start serving through a ready gateway, whose backend is ``backend``."""
+    def attach(self, plane: DataPlane, backend: Backend | None = None) -> None:
+        """Start serving through a ready data plane, whose backend is ``backend``."""
         self.backend = backend
-        super().attach(gateway)
+        super().attach(plane)
 
     def signature_defs(self) -> Any:
         """The backend's ``signature_defs`` (a ``service.protos.tfs.SignatureDefMap``), or None when it has none."""
-        return getattr(self.backend, "signature_defs", None)
+        return None if self.backend is None else self.backend.signature_defs
 
-    def version(self, spec: Any, any_version: bool = False) -> int:
-        """The version a ``ModelSpec`` asks for: its number, or the default; NOT_FOUND as TF Serving says it.
+    def version(self, spec: Any) -> int:
+        """The version a ``ModelSpec`` names (its number, or the default): what GetModelMetadata and GetModelStatus
+        describe."""
+        asked = self.asked_version(spec)
+        return self.plane.resolve(asked if asked is not None else self.plane.model.default_version,
+                                  self.unknown_version)  # fmt: skip
 
-        With ``any_version`` (Predict), a spec naming no version, or the gateway's ``tfserving_version_label``,
-        gives ``ANY_VERSION`` when the backend picks versions itself (TF Serving's replicas each answer with their
-        own default or label, and the answer names the version)."""
-        model = self.gateway.model
-        versionless = any_version and self.gateway.versionless
+    def asked_version(self, spec: Any) -> int | None:
+        """The version a ``ModelSpec`` asks for: its number, or None for the default, which the pipeline resolves
+        (``ANY_VERSION`` when the backend picks versions itself: TF Serving's replicas each answer with their own
+        default or label, and the answer names the version). The gateway's ``tfserving_version_label`` is the
+        default; any other label is INVALID_ARGUMENT, another model NOT_FOUND, as TF Serving says them."""
+        model = self.plane.model
         if spec.name != model.name:
             raise NotFound(f"Servable not found for request: model {spec.name!r} (this gateway serves {model.name!r})")
         if spec.WhichOneof("version_choice") == "version_label":
             if self.version_label is not None and spec.version_label == self.version_label:
-                # the version TF Serving's label points at (tfserving_version_label)
-                return ANY_VERSION if versionless else model.default_version
+                return None  # the version TF Serving's label points at (tfserving_version_label)
             known = f"the only label here is {self.version_label!r}" if self.version_label else "no labels here"
             raise InvalidArgument(
                 [FieldViolation("model_spec.version_label",
                                 f"unknown version label {spec.version_label!r} ({known}); ask for a version number "
                                 f"({', '.join(map(str, model.versions))}) or none for the default")]
             )  # fmt: skip
-        if not spec.HasField("version"):
-            return ANY_VERSION if versionless else model.default_version
-        v = spec.version.value
-        if v not in model.versions:
-            raise NotFound(
-                f"Servable not found for request: Specific({model.name}, {v}); versions: "
-                f"{', '.join(map(str, model.versions))}"
-            )
-        return v
+        return spec.version.value if spec.HasField("version") else None
+
+    def unknown_version(self, v: int) -> NotFound:
+        """The NOT_FOUND for a version that is not served, in TF Serving's words."""
+        model = self.plane.model
+        return NotFound(f"Servable not found for request: Specific({model.name}, {v}); versions: "
+                        f"{', '.join(map(str, model.versions))}")  # fmt: skip
 
 
 def _require_model_spec(request: Any) -> None:
@@ -182,19 +185,23 @@ class PredictionService:
         self._surface = surface
         self.metrics = surface.metrics
 
-    @_unary("Predict")
-    async def Predict(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        """Run ``serving_default`` on the images through the batcher (``request`` as bytes: counted first)."""
-        if isinstance(request, bytes):
-            wire.check_predict(request)
-            request = parse_message(tfs.PredictRequest, request)
+    @unary("Predict")
+    async def Predict(self, request: bytes, context: grpc.aio.ServicerContext) -> Any:
+        """Run ``serving_default`` on the images: one pipeline call (``request`` as bytes: counted first)."""
+        result = await self._surface.plane.infer(Call(request, self._convert, 1, len(request), deadline(context)))
+        return self._response(result)
+
+    def _convert(self, raw: bytes) -> Converted:
+        """A PredictRequest checked as TF Serving checks it, in the pipeline's terms."""
+        wire.check_predict(raw)
+        request = parse_message(tfs.PredictRequest, raw)
         _require_model_spec(request)
         surface = self._surface
-        version = surface.version(request.model_spec, any_version=True)
-        gateway = surface.gateway
+        plane = surface.plane
+        asked = surface.asked_version(request.model_spec)
         signature = self._signature(request.model_spec.signature_name)
         outputs = [o for o in OUTPUTS if signature is None or o in signature.outputs]
-        has_known = KNOWN_SCORE in signature.outputs if signature is not None else gateway.model.ood is not None
+        has_known = KNOWN_SCORE in signature.outputs if signature is not None else plane.model.ood is not None
         if has_known:
             outputs.append(KNOWN_SCORE)
         self._check_inputs(request, signature)
@@ -203,13 +210,22 @@ class PredictionService:
         self._check_dtype(request)
         tensor = request.inputs[INPUT_KEY]
         try:
-            images = image_tensor(tensor, INPUT_KEY, gateway.limits)
+            images = image_tensor(tensor, INPUT_KEY, plane.limits)
         except InvalidArgument as exc:
             if any(v.field.startswith(f"inputs[{INPUT_KEY}].tensor_content") for v in exc.violations):
                 raise InvalidArgument(exc.violations, f"tensor parsing error: {INPUT_KEY}") from None
             raise
         needs_probs = OUTPUT_KEY in wanted  # else the backend may give its top-k outputs alone
-        answered = await gateway.answer_bitmaps(images, version, _deadline(context), None if needs_probs else TOP_K)
+        labels = plane.model.labels
+        per_drawing = len(labels) * 4 + TOP_K * (8 + max((len(x) for x in labels), default=0) + 4) + 4
+        return Converted(images, asked, None if needs_probs else TOP_K, len(images) * per_drawing,
+                         surface.unknown_version, (filtered, outputs, wanted))  # fmt: skip
+
+    def _response(self, result: Result) -> Any:
+        """The pipeline's result as TF Serving's PredictResponse."""
+        plane = self._surface.plane
+        filtered, outputs, wanted = result.converted.extra
+        answered = result.answered
         scores = answered.scores
         if KNOWN_SCORE in wanted and answered.known is None:
             if filtered:  # the version that answered has no such output: TF Serving's answer for it
@@ -220,7 +236,7 @@ class PredictionService:
                 )
             wanted = [o for o in wanted if o != KNOWN_SCORE]
         resp = tfs.PredictResponse()
-        resp.model_spec.name = gateway.model.name
+        resp.model_spec.name = plane.model.name
         resp.model_spec.version.value = answered.version
         resp.model_spec.signature_name = SIGNATURE_NAME
         # rank only when a top_k output is wanted (TF Serving clients usually filter to probabilities)
@@ -242,7 +258,7 @@ class PredictionService:
                 elif name == TOP_K_INDICES:
                     value = top.indices[:, :TOP_K].astype(np.int32, copy=False)
                 else:
-                    value = np.asarray(gateway.model.labels, dtype=object)[top.indices[:, :TOP_K]]
+                    value = np.asarray(plane.model.labels, dtype=object)[top.indices[:, :TOP_K]]
             resp.outputs[name].CopyFrom(from_numpy(value))
         return resp
 
@@ -323,7 +339,7 @@ class PredictionService:
                 f"Expects arg[0] to be {_dtype_string(INPUT_DATA_TYPE)} but {_dtype_string(dtype)} is provided",
             )  # fmt: skip
 
-    @_unary("GetModelMetadata")
+    @unary("GetModelMetadata")
     async def GetModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """The ``signature_def`` metadata, as TF Serving gives it: the backend's own SignatureDefs."""
         _require_model_spec(request)
@@ -343,12 +359,9 @@ class PredictionService:
         version = surface.version(request.model_spec)
         defs = surface.signature_defs()
         if defs is None:
-            backend = surface.backend
-            if backend is not None and not hasattr(backend, "signature_defs"):
-                raise ServiceError(f"the {backend.name} backend does not report its model's SignatureDefs")
             raise Unavailable("the model's SignatureDefs are not known yet; retry shortly")
         resp = tfs.GetModelMetadataResponse()
-        resp.model_spec.name = surface.gateway.model.name
+        resp.model_spec.name = surface.plane.model.name
         resp.model_spec.version.value = version
         resp.metadata[SIGNATURE_DEF].Pack(defs)  # type_url tfs.SIGNATURE_DEF_MAP_URL
         return resp
@@ -361,12 +374,12 @@ class ModelService:
         self._surface = surface
         self.metrics = surface.metrics
 
-    @_unary("GetModelStatus")
+    @unary("GetModelStatus")
     async def GetModelStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Every served version (or the one asked for) as AVAILABLE."""
         _require_model_spec(request)
         surface = self._surface
-        model = surface.gateway.model
+        model = surface.plane.model
         asked = surface.version(request.model_spec)
         versions = [asked] if request.model_spec.HasField("version") else list(model.versions)
         resp = tfs.GetModelStatusResponse()
