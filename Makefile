@@ -16,6 +16,9 @@ RUN_STAMP   := $(VENV)/.installed-run-$(HASH)
 TEST_STAMP  := $(VENV)/.installed-dev-$(HASH)
 PIP_INSTALL  = $(BIN)/python -m pip install $$(test -t 1 || echo --quiet)
 export QUICKDRAW_SAMPLE_DIR ?= $(abspath ../shared/quickdraw)
+# The import contracts are checked on this checkout's packages, the client's (clients/python/src) included,
+# whatever the virtualenv's editable installs point at (a git worktree sharing another checkout's .venv).
+LINT_IMPORTS = PYTHONPATH=$(CURDIR)/clients/python/src$${PYTHONPATH:+:$$PYTHONPATH} $(BIN)/lint-imports --no-cache
 # The browser test drives this Chromium (Debian's package) with Playwright; nothing downloads a browser.
 export QUICKDRAW_CHROMIUM ?= /usr/bin/chromium
 # mkdocs-material prints a banner about its successor on every build unless told not to.
@@ -80,8 +83,9 @@ train: $(RUN_STAMP) ## retrain the shipped model on the sample data (next versio
 	  --out models/quickdraw --workdir runs/oe $(ARGS)
 	$(BIN)/quickdraw evaluate models/quickdraw --data $(QUICKDRAW_SAMPLE_DIR)
 
-test: $(TEST_STAMP) browser go-toolchain ## ruff, the docs site (mkdocs --strict: no broken link), then the whole test suite (the browser test uses Debian's chromium, the Go example Debian's Go)
+test: $(TEST_STAMP) browser go-toolchain ## ruff, the import contracts, the docs site (mkdocs --strict: no broken link), then the whole test suite (the browser test uses Debian's chromium, the Go example Debian's Go)
 	$(BIN)/ruff check .
+	$(LINT_IMPORTS)
 	$(BIN)/mkdocs build --strict --quiet --site-dir build/site
 	$(BIN)/python -m pytest
 
@@ -94,8 +98,9 @@ docs-serve: $(TEST_STAMP) ## serve the docs on http://localhost:8000 with live r
 dist: $(RUN_STAMP) ## wheels of the service and of the client (clients/python) into dist/
 	$(BIN)/python -m pip wheel --no-deps --wheel-dir dist ./clients/python .
 
-lint: $(TEST_STAMP) ## ruff only
+lint: $(TEST_STAMP) ## ruff, then the import contracts (lint-imports: layers, no cycles; pyproject.toml [tool.importlinter])
 	$(BIN)/ruff check .
+	$(LINT_IMPORTS)
 
 protos: $(TEST_STAMP) ## regenerate the Python code for protos/ and the TF Serving descriptor set (reproducible)
 	$(BIN)/python scripts/gen_protos.py

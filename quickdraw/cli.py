@@ -11,7 +11,8 @@ command line or its inputs (a missing file, a port in use, no model directory, a
 hidden unless the log level is DEBUG (``-vv``, or ``quickdraw serve --log-level debug``): ``quickdraw.quiet``.
 
 The client distribution (quickdraw-client) installs a ``quickdraw`` script too; it runs this command line when
-this package is installed, and ``classify`` here is the client's (``quickdraw_client.cli``).
+this package is installed, and ``classify`` here is the client's (``quickdraw_client.cli``). Both print failures
+the same way (``quickdraw_client.cmdline``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Sequence
 from doodle.errors import DoodleError
 from quickdraw import quiet
 from quickdraw.extras import MissingExtra, from_import_error, installed
+from quickdraw_client.cmdline import UsageError, one_line, split_debug
 
 #: Subcommand name -> module under quickdraw.commands, in the order ``--help`` lists them.
 COMMANDS: dict[str, str] = {
@@ -65,8 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, run the chosen subcommand and return its exit code."""
-    from quickdraw_client.cli import UsageError, one_line, split_debug
-
     argv, debug = split_debug(argv)
     parser = build_parser()
     args = parser.parse_args(argv)

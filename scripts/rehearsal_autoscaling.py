@@ -37,7 +37,7 @@ import yaml
 from hpa import HPA, MetricTarget, quantity
 
 if TYPE_CHECKING:
-    from rehearsal import Load, Topology
+    from rehearsal_topology import Load, Topology
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s" / "base"

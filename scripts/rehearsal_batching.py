@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from rehearsal_autoscaling import cpu_seconds, wrap
-
-if TYPE_CHECKING:
-    from rehearsal import Topology
+from rehearsal_topology import BackendCounter, Load, Service, Topology, load_drawings
 
 
 @dataclass(frozen=True)
@@ -39,8 +37,6 @@ class Cell:
 def run(topo: Topology, grid: list[tuple[int, float]], rates: list[float], level_s: float = 6.0,
         warmup_s: float = 1.5, say: Any = print) -> list[Cell]:  # fmt: skip
     """Every (concurrent batches, delay) at every rate, one fresh gateway per setting."""
-    from rehearsal import BackendCounter, Load, Service, load_drawings
-
     drawings = load_drawings()
     cells: list[Cell] = []
     counter = BackendCounter(topo.replicas)

@@ -27,6 +27,20 @@ def test_help_lists_commands() -> None:
     assert "--limit" in quickdraw("render", "--help").stdout
 
 
+
+def test_the_client_script_runs_the_server_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """quickdraw-client's ``quickdraw`` finds the server's through the installed packages' metadata (it imports no
+    server module): here the server package is installed; metadata left by a removed one counts as no server."""
+    import importlib.metadata
+
+    import quickdraw.cli
+    from quickdraw_client import cli as client_cli
+
+    assert client_cli.full_cli() is quickdraw.cli.main
+    gone = importlib.metadata.EntryPoint("quickdraw", "quickdraw_removed.cli:main", "console_scripts")
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda **_: [gone])
+    assert client_cli.full_cli() is None
+
 def test_render_matches_numpy_bitmap(sample: Path, tmp_path: Path) -> None:
     out = tmp_path / "cat.npy"
     quickdraw("render", str(sample / "simplified" / "cat.ndjson"), "--limit", "25", "--out", str(out))

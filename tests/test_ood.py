@@ -175,7 +175,8 @@ def test_energy_hinges_on_hand_made_logits() -> None:
     """The energy loss (``--oe-loss energy``): known drawings pay under m_in, unknown ones over m_out."""
     import tensorflow as tf
 
-    from trainer.train import ENERGY_MARGINS, OE_LOSSES, TrainConfig, energy_hinges
+    from trainer.config import ENERGY_MARGINS, OE_LOSSES, TrainConfig
+    from trainer.train import energy_hinges
 
     m_in, m_out = 6.0, 3.0
     known = np.array([[9.0, 0.0, 0.0], [np.log(4.0 / 3.0)] * 3], np.float32)  # logsumexp ~9.0 and 4 (= log(4))

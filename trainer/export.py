@@ -52,8 +52,8 @@ from doodle.contract import (
 )
 
 if TYPE_CHECKING:
+    from trainer.config import Recipe, TrainConfig
     from trainer.data import BitmapData
-    from trainer.train import Recipe, TrainConfig
 
 MODEL_NAME = "quickdraw"
 WARMUP_BATCH_SIZES = (1, 8, 32, 128)

@@ -13,12 +13,8 @@ import numpy as np
 from doodle import Drawing, decode_image, drawing_to_bitmap
 from doodle.errors import DoodleError
 from doodle.formats import open_bitmaps, read_binary, read_ndjson, read_stroke3
-from quickdraw_client.cli import (  # one implementation, in the client distribution
-    UsageError,
-    add_security_options,
-    check_files,
-    client_security,
-)
+from quickdraw_client.cli import add_security_options, check_files, client_security  # one implementation, the client's
+from quickdraw_client.cmdline import UsageError
 from quickdraw_client.files import Item
 
 __all__ = ["UsageError", "add_security_options", "check_files", "client_security"]

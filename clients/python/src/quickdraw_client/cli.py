@@ -11,42 +11,22 @@ exits non-zero; ``--debug`` (anywhere on the line, or ``QUICKDRAW_DEBUG=1``) sho
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
+import importlib.metadata
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from quickdraw_client.cmdline import DEBUG_FLAG, UsageError, one_line, split_debug
 from quickdraw_client.files import InputError, Reader, read_drawings
 from quickdraw_client.security import TOKEN_ENV, ClientSecurity, read_token_file
 
 CHUNK = 64  # drawings per call
-DEBUG_FLAG = "--debug"
-DEBUG_ENV = "QUICKDRAW_DEBUG"
+#: The console script this distribution installs, and the server package too (its full command line).
+SCRIPT = "quickdraw"
+DISTRIBUTION = "quickdraw-client"
 CLIENT_FORMATS = "FILE is a PNG/JPEG (sent as an image), an .ndjson (each line, sent as strokes; raw files as raw\n" \
                  "strokes, normalised by the server) or an .npy (each row, as a bitmap)."  # fmt: skip
-
-
-class UsageError(Exception):
-    """A mistake on the command line or in its inputs; printed as one line (exit code 2)."""
-
-
-def split_debug(argv: Sequence[str] | None) -> tuple[list[str], bool]:
-    """``argv`` without ``--debug`` (which may stand anywhere before ``--``), and whether it or ``QUICKDRAW_DEBUG``
-    asks for tracebacks."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    end = args.index("--") if "--" in args else len(args)
-    debug = DEBUG_FLAG in args[:end]
-    kept = [a for a in args[:end] if a != DEBUG_FLAG] + args[end:]
-    return kept, debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception as one line: its message, with its type when the message alone would not say much."""
-    text = " ".join(str(exc).split())
-    if isinstance(exc, (UsageError, InputError, ValueError, OSError)) and text:
-        return text
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def add_security_options(p: argparse.ArgumentParser) -> None:
@@ -167,19 +147,29 @@ def run_command(args: argparse.Namespace, debug: bool) -> int:
         return 2 if isinstance(exc, (UsageError, InputError, ValueError)) else 1
 
 
-def full_cli_installed() -> bool:
-    """Whether the server package's command line (``quickdraw.cli``) is importable."""
-    try:
-        return importlib.util.find_spec("quickdraw.cli") is not None
-    except (ImportError, ValueError):
-        return False
+def full_cli() -> Callable[[Sequence[str] | None], int] | None:
+    """The ``quickdraw`` console script of another installed distribution (the server package's full command
+    line), or None when there is none. Found through the entry point that distribution declares (its installed
+    metadata), so this package names no module of the server's: the server depends on the client, not back."""
+    for entry in importlib.metadata.entry_points(group="console_scripts", name=SCRIPT):
+        if entry.dist is not None and _canonical(entry.dist.name) == DISTRIBUTION:
+            continue
+        try:
+            return entry.load()
+        except ModuleNotFoundError as exc:  # metadata left behind by a removed package: as if it were not there
+            if exc.name is None or not f"{entry.module}.".startswith(f"{exc.name}."):
+                raise
+    return None
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``quickdraw`` script of quickdraw-client: the server's full command line when it is installed."""
-    if full_cli_installed():
-        from quickdraw.cli import main as full_main
-
+    full_main = full_cli()
+    if full_main is not None:
         return int(full_main(argv))
     argv, debug = split_debug(argv)
     args = build_parser().parse_args(argv)
