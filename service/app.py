@@ -39,6 +39,7 @@ from service.frontends.grpc.classifier import SERVICE_NAME, ClassifierService
 from service.frontends.http.jsonparse import JsonParsePool
 from service.frontends.http.server import HttpLimits, HttpServer
 from service.frontends.oip import grpc_api as oip_grpc
+from service.frontends.oip import http_api as oip_http
 from service.frontends.tfserving import grpc_api as tfserving_api
 from service.preprocess.decode import WorkerPool
 from service.preprocess.validation import Limits
@@ -143,7 +144,7 @@ class App:
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.settings.max_batch_size)
         self._server: grpc.aio.Server | None = None
-        tokens = security.configured_tokens(self.settings)
+        tokens = self.settings.tokens()
         security.install_log_redaction(tokens)  # no log line of this process shows them, whatever logs it
         self._auth = security.TokenAuth(tokens) if tokens else None  # None: no token required
         s = self.settings
@@ -151,6 +152,7 @@ class App:
                             s.max_http_connections, s.http_request_compression, s.http_allowed_hosts)
         self._http = HttpServer(self.metrics, s.max_message_bytes, api=s.http_api, auth=self._auth,
                                 require_client_cert=s.tls_client_ca_file is not None, limits=limits)
+        self._http.more_routes.append(oip_http.add_routes)
         self._health = health.aio.HealthServicer()
         self._backend: Backend | None = None
         self._batcher: Batcher | None = None

@@ -15,7 +15,7 @@
   reflection when ``auth_exempt_reflection`` is set. A refusal is UNAUTHENTICATED (whatever the caller sent:
   a non-ASCII or control character is an invalid token, never an INTERNAL error), its message never contains
   what the caller sent, and it deserializes nothing: a refused call's message is dropped unread, a refused
-  stream is never read. A configured token has at least ``MIN_TOKEN_CHARS`` characters.
+  stream is never read. A configured token has at least ``MIN_TOKEN_CHARS`` characters (``service.settings``).
 - **Failed authentications** (:class:`AuthFailureLog`) are counted in ``quickdraw_auth_failures_total``
   {transport, reason} and logged at a bounded rate: at most one WARNING line per ``AUTH_LOG_INTERVAL_S`` with
   the count since the last line, never the token.
@@ -51,14 +51,12 @@ from grpc_status import rpc_status
 
 from quickdraw_client.security import (  # the client's half, shared: one implementation
     AUTH_METADATA_KEY,
-    TOKEN_ENV,
     ClientSecurity,  # noqa: F401  (re-exported: service.security.ClientSecurity)
     channel_credentials,
     read_pem,
-    read_token_file,
-    valid_token,
 )
 from service.core.errors import Unauthenticated, to_rpc_status
+from service.settings import strong_token
 
 if TYPE_CHECKING:
     from service.core.metrics import Metrics
@@ -68,8 +66,6 @@ log = logging.getLogger(__name__)
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 REFLECTION_PREFIXES = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
-#: The shortest token the gateway accepts in its configuration (a short token can be guessed).
-MIN_TOKEN_CHARS = 16
 #: At most one WARNING line about failed authentications per this many seconds.
 AUTH_LOG_INTERVAL_S = 10.0
 
@@ -175,27 +171,6 @@ def tfserving_channel(
 # --- bearer tokens ------------------------------------------------------------------------------------------
 
 
-def strong_token(token: str, what: str) -> str:
-    """``token`` if it is valid and at least ``MIN_TOKEN_CHARS`` long; the error gives lengths, never the token."""
-    valid_token(token, what)
-    if len(token) < MIN_TOKEN_CHARS:
-        raise ValueError(f"{what} is too short: a token needs at least {MIN_TOKEN_CHARS} characters "
-                         f"({len(token)} given); generate one with: openssl rand -hex 32")  # fmt: skip
-    return token
-
-
-def configured_tokens(settings: Settings) -> list[str]:
-    """The server's tokens: those of ``auth_token_file`` or of ``QUICKDRAW_AUTH_TOKEN`` (none when neither is set),
-    each at least ``MIN_TOKEN_CHARS`` long (ValueError otherwise, naming the setting, never the token)."""
-    if settings.auth_token_file is not None:
-        path = settings.auth_token_file
-        return [strong_token(t, f"auth_token_file {path} token {i}")
-                for i, t in enumerate(read_token_file(path, "auth_token_file"), 1)]  # fmt: skip
-    if settings.auth_token is not None:
-        return [strong_token(settings.auth_token.get_secret_value().strip(), TOKEN_ENV)]
-    return []
-
-
 def _digest(token: bytes) -> bytes:
     return hashlib.sha256(token).digest()
 
@@ -224,7 +199,7 @@ class TokenAuth:
     @classmethod
     def from_settings(cls, settings: Settings) -> TokenAuth | None:
         """The tokens of ``auth_token_file`` or ``QUICKDRAW_AUTH_TOKEN``; None when neither is set."""
-        tokens = configured_tokens(settings)
+        tokens = settings.tokens()
         return cls(tokens) if tokens else None
 
     def matches(self, token: str | bytes) -> bool:

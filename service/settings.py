@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from doodle.contract import SIGNATURE_NAME
+from quickdraw_client.security import TOKEN_ENV, read_token_file, valid_token
 
 ENV_PREFIX = "QUICKDRAW_"
 MiB = 1024 * 1024
@@ -32,6 +33,19 @@ def setting_sections() -> dict[str, str]:
         elif m := _FIELD.match(line):
             out.setdefault(m.group(1), section)
     return out
+
+
+#: The shortest token the gateway accepts in its configuration (a short token can be guessed).
+MIN_TOKEN_CHARS = 16
+
+
+def strong_token(token: str, what: str) -> str:
+    """``token`` if it is valid and at least ``MIN_TOKEN_CHARS`` long; the error gives lengths, never the token."""
+    valid_token(token, what)
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ValueError(f"{what} is too short: a token needs at least {MIN_TOKEN_CHARS} characters "
+                         f"({len(token)} given); generate one with: openssl rand -hex 32")  # fmt: skip
+    return token
 
 
 class Settings(BaseSettings):
@@ -402,10 +416,20 @@ class Settings(BaseSettings):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{name}: no such file: {path}")
-        from service.security import configured_tokens
-
-        configured_tokens(self)  # readable, and each token at least MIN_TOKEN_CHARS long (never shown)
+        self.tokens()  # readable, and each token at least MIN_TOKEN_CHARS long (never shown)
         return self
+
+    def tokens(self) -> list[str]:
+        """The server's bearer tokens: those of ``auth_token_file`` or of ``QUICKDRAW_AUTH_TOKEN`` (none when
+        neither is set), each at least ``MIN_TOKEN_CHARS`` long (ValueError otherwise, naming the setting, never
+        the token)."""
+        if self.auth_token_file is not None:
+            path = self.auth_token_file
+            return [strong_token(t, f"auth_token_file {path} token {i}")
+                    for i, t in enumerate(read_token_file(path, "auth_token_file"), 1)]  # fmt: skip
+        if self.auth_token is not None:
+            return [strong_token(self.auth_token.get_secret_value().strip(), TOKEN_ENV)]
+        return []
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

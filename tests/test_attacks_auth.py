@@ -31,7 +31,7 @@ from faults import ROOT
 from harness import SHIPPED_MODEL
 
 from service.backends import find_versions
-from service.security import MIN_TOKEN_CHARS
+from service.settings import MIN_TOKEN_CHARS
 
 pytestmark = pytest.mark.skipif(not find_versions(SHIPPED_MODEL), reason=f"no SavedModel under {SHIPPED_MODEL}")
 

@@ -48,14 +48,13 @@ from service.client import QuickDrawClient
 from service.core.metrics import Metrics
 from service.protos.tensors import from_numpy
 from service.security import (
-    MIN_TOKEN_CHARS,
     AuthFailureLog,
     ClientSecurity,
     TokenAuth,
     TokenRefused,
     install_log_redaction,
 )
-from service.settings import Settings
+from service.settings import MIN_TOKEN_CHARS, Settings
 
 pytestmark = pytest.mark.skipif(
     not find_versions(SHIPPED_MODEL), reason=f"no SavedModel under {SHIPPED_MODEL} (the shipped model is missing)"

@@ -17,6 +17,7 @@ TensorFlow is forked) and are started with the HTTP server, before the first req
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import multiprocessing
 from collections.abc import Callable
@@ -53,10 +54,14 @@ def refusal(exc: ServiceError) -> tuple[str, Any, Any]:
     raise exc
 
 
-def _ready() -> bool:
-    import service.frontends.http.server
-    import service.frontends.oip.http_api  # noqa: F401
+#: What a worker imports before the first request waits for it: the parsers of both JSON doors (by name: the
+#: doors import this module, and a worker needs nothing else of them).
+PRELOAD = ("service.frontends.http.jsonbody", "service.frontends.oip.http_api")
 
+
+def _ready() -> bool:
+    for name in PRELOAD:
+        importlib.import_module(name)
     return True
 
 

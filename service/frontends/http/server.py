@@ -80,7 +80,6 @@ from service.frontends.http import openapi
 from service.frontends.http.jsonbody import check_shape, parse_body, respelled
 from service.frontends.http.jsonparse import JsonParsePool
 from service.frontends.http.requests import deadline
-from service.frontends.oip import http_api as oip_http
 from service.security import TokenAuth
 
 log = logging.getLogger(__name__)
@@ -367,6 +366,9 @@ class HttpServer(DataPlaneSlot):
         self.json_parser: JsonParsePool | None = None
         #: The Open Inference Protocol's surface (``service.frontends.oip.core.Surface``), set by the composition root.
         self.oip: Any = None
+        #: Other doors' routes on this port, each added with ``add_routes(app, self)`` when the app is built (the
+        #: composition root passes the OIP's: this module imports no door above it).
+        self.more_routes: list[Callable[[web.Application, HttpServer], None]] = []
         self._openapi_doc: dict[str, Any] | None = None
         self._files = {p.name: p for p in PLAYGROUND_DIR.iterdir() if p.is_file()} if api else {}
         hosts = self.limits.allowed_hosts
@@ -384,7 +386,8 @@ class HttpServer(DataPlaneSlot):
             app.router.add_get("/openapi.json", self._openapi)
             app.router.add_get("/", self._index)
             app.router.add_get("/static/{name}", self._static)
-            oip_http.add_routes(app, self)  # the Open Inference Protocol's /v2 routes (issue 17)
+            for add_routes in self.more_routes:  # the Open Inference Protocol's /v2 (issue 17)
+                add_routes(app, self)
         return app
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
