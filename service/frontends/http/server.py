@@ -467,11 +467,22 @@ class HttpServer(DataPlaneSlot):
     def _check_body_headers(self, request: web.Request) -> None:
         """Refuse, before reading, a body that is not JSON, is compressed when that is off, or is too long."""
         self.check_body_encoding(request)
-        if request.content_type != "application/json":
-            sent = request.headers.get("Content-Type")
-            raise UnsupportedMediaType("Content-Type", "the JSON API takes 'Content-Type: application/json'; the "
-                                       "request sent " + (f"{clip_header(sent)!r}" if sent else "none"))
+        self.check_content_type(request, ("application/json",), "the JSON API")
         self.check_body_length(request)
+
+    @staticmethod
+    def check_content_type(request: web.Request, accepted: tuple[str, ...], door: str, absent_ok: bool = False
+                           ) -> None:  # fmt: skip
+        """Every HTTP door's Content-Type rule: 415 for a type the door does not take. None of them takes the types
+        a browser sends cross-site without a preflight (text/plain, forms); a door may take a request without
+        the header (``absent_ok``: tritonclient sends none)."""
+        sent = request.headers.get("Content-Type")
+        if sent is None and absent_ok:
+            return
+        if request.content_type not in accepted or sent is None:
+            takes = " or ".join(f"'Content-Type: {a}'" for a in accepted) + (" or none" if absent_ok else "")
+            raise UnsupportedMediaType("Content-Type", f"{door} takes {takes}; the request sent "
+                                       + (f"{clip_header(sent)!r}" if sent else "none"))  # fmt: skip
 
     def check_body_encoding(self, request: web.Request) -> None:
         """Every HTTP door's rule for Content-Encoding: 415 for a compressed body while request compression is off,

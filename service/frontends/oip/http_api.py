@@ -187,10 +187,13 @@ class _Routes:
         return await self._observed("ModelInfer", request, True, answer)
 
     async def _body(self, request: web.Request) -> bytes:
-        """The body through the HTTP server's one set of body guards, as /v1/classify's: the Content-Encoding
-        rule (415), the length (413), the body timeout (408), a client leaving mid-body (CANCELLED)."""
+        """The body through the HTTP server's one set of body guards, as /v1/classify's: the Content-Encoding and
+        Content-Type rules (415: JSON, or JSON then binary data as octet-stream, or no type as tritonclient sends),
+        the length (413), the body timeout (408), a client leaving mid-body (CANCELLED)."""
         server = self.server
         server.check_body_encoding(request)
+        server.check_content_type(request, ("application/json", "application/octet-stream"), "the inference API",
+                                  absent_ok=True)  # fmt: skip
         server.check_body_length(request)
         return await server.read_body(request)
 
@@ -338,8 +341,12 @@ def _values(data: Any, name: str, datatype: str, where: str) -> Any:
         array = np.asarray(data)
     except ValueError:
         raise InvalidArgument([FieldViolation(f"{where}.data", "is a ragged nested list")]) from None
-    if array.dtype.kind not in "iub":
+    # JSON booleans are not numbers: numpy would take true as 1 (alone, or mixed in with integers)
+    has_bool = array.dtype.kind == "b" or (array.dtype.kind in "iu" and any(
+        type(v) is bool for v in np.asarray(data, dtype=object).reshape(-1).tolist()))  # fmt: skip
+    if array.dtype.kind not in "iu" or has_bool:
         if datatype == "UINT8":
-            raise InvalidArgument([FieldViolation(f"{where}.data", "expected integers 0..255")])
+            got = "booleans" if has_bool else f"{array.dtype.kind!r}-kind values"
+            raise InvalidArgument([FieldViolation(f"{where}.data", f"expected integers 0..255 for UINT8, got {got}")])
         return array.reshape(-1)
     return array.reshape(-1).astype(np.int64)
