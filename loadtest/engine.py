@@ -39,10 +39,10 @@ import grpc
 from hdrh.histogram import HdrHistogram
 
 from loadtest.sources import Pool
+from quickdraw_client.security import ClientSecurity
 from quickdraw_client.v1 import classifier_pb2 as pb
 from quickdraw_client.v1 import classifier_pb2_grpc as pb_grpc
 from service.protos import oip, tfs
-from service.security import ClientSecurity
 
 HIGHEST_US = 3_600_000_000  # an hour: nothing real is slower
 #: Open loop: a call sent later than this after its due time is a late send.

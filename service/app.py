@@ -27,7 +27,6 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service import security
 from service.backends import Backend, ModelDescription
 from service.backends.embedded import EmbeddedBackend
 from service.core.metrics import Metrics
@@ -46,6 +45,8 @@ from service.preprocess.validation import Limits
 from service.protos import oip as oip_protos
 from service.protos import tfs as tfs_protos
 from service.runtime.lograte import LogRate
+from service.security import redaction, tls
+from service.security.tokens import TokenAuth, grpc_interceptors
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -145,8 +146,8 @@ class App:
         self.metrics = Metrics(self.settings.max_batch_size)
         self._server: grpc.aio.Server | None = None
         tokens = self.settings.tokens()
-        security.install_log_redaction(tokens)  # no log line of this process shows them, whatever logs it
-        self._auth = security.TokenAuth(tokens) if tokens else None  # None: no token required
+        redaction.install_log_redaction(tokens)  # no log line of this process shows them, whatever logs it
+        self._auth = TokenAuth(tokens) if tokens else None  # None: no token required
         s = self.settings
         limits = HttpLimits(s.http_keepalive_timeout_s, s.http_header_timeout_s, s.http_body_timeout_s,
                             s.max_http_connections, s.http_request_compression, s.http_allowed_hosts)
@@ -181,11 +182,11 @@ class App:
         grpc_cap, http_cap = connection_caps(s, soft)
         self._install_loop_error_log()
         self._http.limits = dataclasses.replace(self._http.limits, max_connections=http_cap)
-        ssl_context = security.http_ssl_context(s)
+        ssl_context = tls.http_ssl_context(s)
         try:
             self.http_port = await self._http.start(s.host, s.http_port, ssl_context=ssl_context)
         except OSError as exc:  # EADDRINUSE, EACCES: one line naming the port and the option
-            raise security.bind_error(s.host, s.http_port, "--http-port", exc) from exc
+            raise tls.bind_error(s.host, s.http_port, "--http-port", exc) from exc
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
@@ -204,7 +205,7 @@ class App:
                 ("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
                 ("grpc.max_connection_age_grace_ms", int(s.max_connection_age_grace_s * 1000)),
             ]
-        interceptors = security.grpc_interceptors(s, self._auth, self.metrics)
+        interceptors = grpc_interceptors(s, self._auth, self.metrics)
         self._server = grpc.aio.server(options=options, interceptors=interceptors,
                                        maximum_concurrent_rpcs=s.max_concurrent_rpcs)  # fmt: skip
         streams = StreamSlots(s.max_open_streams)  # one cap for every streaming door (service.core.streams)
@@ -232,10 +233,10 @@ class App:
         await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        self.grpc_port = security.bind_grpc(self._server, s)
+        self.grpc_port = tls.bind_grpc(self._server, s)
         await self._server.start()
         log.info("gRPC on %s:%d, %s (NOT_SERVING while the model loads), metrics on %s://%s:%d/metrics",
-                 s.host, self.grpc_port, security.transport_summary(s), "https" if s.http_tls else "http", s.host,
+                 s.host, self.grpc_port, tls.transport_summary(s), "https" if s.http_tls else "http", s.host,
                  self.http_port)  # fmt: skip
 
         self._backend = self.backend_factory(s)

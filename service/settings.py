@@ -313,7 +313,7 @@ class Settings(BaseSettings):
         10.0, ge=0.0, description="on SIGTERM, how long in-flight calls may take to finish before exit"
     )
 
-    # --- security (service/security.py) -------------------------------------------------------------------
+    # --- security (service/security/) -----------------------------------------------------------------------
     tls_cert_file: Path | None = Field(
         None,
         description="PEM certificate chain for the gRPC port; with --tls-key-file the port speaks only TLS "

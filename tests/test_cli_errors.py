@@ -23,7 +23,7 @@ import grpc
 import pytest
 from conftest import CLIENT_SRC, ROOT
 
-from service.security import BindError, bind_grpc
+from service.security.tls import BindError, bind_grpc
 from service.settings import Settings
 
 #: What TensorFlow's C++ logging looks like (absl's prefix, and the lines of a CPU machine's start-up).

@@ -42,18 +42,14 @@ from pydantic import ValidationError
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from doodle.formats import open_bitmaps
+from quickdraw_client.security import ClientSecurity
 from quickdraw_client.v1 import classifier_pb2 as pb
 from service.backends import find_versions
 from service.client import QuickDrawClient
 from service.core.metrics import Metrics
 from service.protos.tensors import from_numpy
-from service.security import (
-    AuthFailureLog,
-    ClientSecurity,
-    TokenAuth,
-    TokenRefused,
-    install_log_redaction,
-)
+from service.security.redaction import install_log_redaction
+from service.security.tokens import AuthFailureLog, TokenAuth, TokenRefused
 from service.settings import MIN_TOKEN_CHARS, Settings
 
 pytestmark = pytest.mark.skipif(
@@ -310,7 +306,7 @@ def test_failed_authentications_are_counted_and_logged_at_a_bounded_rate(caplog:
     now = [100.0]
     metrics = Metrics()
     failures = AuthFailureLog(metrics, "grpc", interval_s=10.0, clock=lambda: now[0])
-    caplog.set_level(logging.WARNING, logger="service.security")
+    caplog.set_level(logging.WARNING, logger="service.security.tokens")
     failures.failed("invalid", "/quickdraw.v1.Classifier/Classify")  # the first one at once
     for i in range(999):
         now[0] += 0.005

@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
     from quickdraw import quiet
     from quickdraw.commands.common import UsageError, resolve_model_dir
-    from service.security import port_in_use
+    from service.security.tls import port_in_use
     from service.settings import ENV_PREFIX, Settings
 
     given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
@@ -195,7 +195,7 @@ def configure_logging(level: str | None) -> None:
     adds its configured tokens), then ``level`` for every logger, or INFO for the gateway's own lines."""
     import logging
 
-    from service.security import install_log_redaction
+    from service.security.redaction import install_log_redaction
 
     install_log_redaction()
     root = logging.getLogger()

@@ -95,7 +95,7 @@ from service.core.metrics import Metrics
 from service.protos import tfs
 from service.protos.tensors import TensorDecodeError, from_numpy, to_numpy
 from service.runtime.lograte import LogRate
-from service.security import tfserving_channel
+from service.security.tls import tfserving_channel
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

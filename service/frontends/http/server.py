@@ -80,7 +80,7 @@ from service.frontends.http import openapi
 from service.frontends.http.jsonbody import check_shape, parse_body, respelled
 from service.frontends.http.jsonparse import JsonParsePool
 from service.frontends.http.requests import deadline
-from service.security import TokenAuth
+from service.security.tokens import TokenAuth
 
 log = logging.getLogger(__name__)
 
