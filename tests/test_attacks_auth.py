@@ -201,7 +201,7 @@ def test_failed_authentications_are_counted_and_logged_at_a_bounded_rate(gw: Att
     grown = {r: total(after, r) - total(before, r) for r in ("missing", "malformed", "invalid")}
     assert grown == {"missing": 20, "malformed": 10, "invalid": 30}, grown
     grand_total = sum(total(after, r) for r in ("missing", "malformed", "invalid"))
-    pattern = re.compile(r"WARNING service\.security: (\d+) failed grpc authentication\(s\)")
+    pattern = re.compile(r"WARNING service\.security\.tokens: (\d+) failed grpc authentication\(s\)")
     deadline = time.monotonic() + 15  # the last window's line is due within 10 s
     while True:
         lines = [line for line in gw.output().splitlines() if pattern.search(line)]
