@@ -35,6 +35,7 @@ from service.dataplane.batching import BackendHealth, Batcher, BatcherConfig
 from service.dataplane.pipeline import DataPlane
 from service.frontends.grpc import classifier as api
 from service.frontends.grpc.classifier import SERVICE_NAME, ClassifierService
+from service.frontends.http import v1
 from service.frontends.http.jsonparse import JsonParsePool
 from service.frontends.http.server import HttpLimits, HttpServer
 from service.frontends.oip import grpc_api as oip_grpc
@@ -151,9 +152,10 @@ class App:
         s = self.settings
         limits = HttpLimits(s.http_keepalive_timeout_s, s.http_header_timeout_s, s.http_body_timeout_s,
                             s.max_http_connections, s.http_request_compression, s.http_allowed_hosts)
-        self._http = HttpServer(self.metrics, s.max_message_bytes, api=s.http_api, auth=self._auth,
+        self._http = HttpServer(self.metrics, s.max_message_bytes, auth=self._auth,
                                 require_client_cert=s.tls_client_ca_file is not None, limits=limits)
-        self._http.more_routes.append(oip_http.add_routes)
+        if s.http_api:  # /v1 and the page, the OIP's /v2; /metrics is always there
+            self._http.more_routes += [v1.add_routes, oip_http.add_routes]
         self._health = health.aio.HealthServicer()
         self._backend: Backend | None = None
         self._batcher: Batcher | None = None

@@ -291,7 +291,7 @@ def test_api_and_page_can_be_turned_off() -> None:
 def test_the_shape_count_takes_the_largest_valid_request_and_refuses_more() -> None:
     """The ``{``/``[`` count before json.loads never refuses a request within the limits."""
     from service.core.errors import InvalidArgument
-    from service.frontends.http.server import check_shape
+    from service.frontends.http.jsonbody import check_shape
     from service.preprocess.validation import Limits
 
     limits = Limits(8, 20, 16, 8192, 1e6, 1024, 1024, num_classes=345)
@@ -326,7 +326,7 @@ WALK_LIMITS_ARGS = (8, 20, 16, 8192, 1e6, 1024, 1024)
 def _walk_refusal(raw: bytes) -> list[tuple[str, str]]:
     """The field violations parse_body gives a body (it must refuse it, and ParseDict must agree)."""
     from service.core.errors import InvalidArgument
-    from service.frontends.http.server import parse_body
+    from service.frontends.http.jsonbody import parse_body
     from service.preprocess.validation import Limits
 
     with pytest.raises(InvalidArgument) as info:

@@ -1,21 +1,8 @@
-"""The gateway's HTTP side, on the gRPC server's asyncio loop: /metrics, the JSON API and the playground page.
+"""The gateway's HTTP port, on the gRPC server's asyncio loop: the transport every HTTP door shares, and /metrics.
 
-Routes:
-
-- ``GET /metrics``: the app's Prometheus registry (OpenMetrics when the scraper asks for it).
-- ``POST /v1/classify``: a ``quickdraw.v1.ClassifyRequest`` in the proto3 JSON mapping, answered with a
-  ``ClassifyResponse`` in the same mapping. The same data plane as the gRPC API validates, renders, batches
-  and runs it, and the metrics count it under ``method="http:Classify"``. ``?bitmaps=true`` adds ``bitmaps``:
-  for each drawing, the 28x28 image the model was given, as a ``Bitmap`` (base64 ``pixels``, row-major). With a
-  model that makes the out-of-class decision each prediction has ``outOfClass`` (absent for older models).
-  An ``X-Server-Timeout`` header (seconds) is the call's deadline, as a gRPC deadline would be.
-- ``GET /v1/model``: the ``ModelInfo`` that GetModelInfo returns.
-- ``GET /openapi.json``: the OpenAPI 3.1 document of these routes, generated from the proto descriptors
-  (``service.frontends.http.openapi``); no token needed.
-- ``GET /`` and ``GET /static/<file>``: the playground, a page to draw on (files in
-``service/frontends/http/playground/``).
-
-``http_api=False`` removes the API and the page; /metrics stays.
+``GET /metrics`` is the app's Prometheus registry (OpenMetrics when the scraper asks for it). The doors add their
+routes (``more_routes``, from the composition root): the /v1 JSON API and the playground (``v1``) and the Open
+Inference Protocol's /v2 (``service.frontends.oip.http_api``); ``http_api=False`` leaves /metrics alone.
 
 Hardening (the settings in ``HttpLimits``, from ``service.settings``): the API takes only
 ``Content-Type: application/json`` (415 otherwise: a browser sends text/plain and form posts cross-site
@@ -33,21 +20,19 @@ files do not. With ``http_tls`` the port speaks TLS, and with mTLS configured th
 verified client certificate. An error is the gRPC call's status as JSON,
 ``{"error": {"code": 400, "status": "INVALID_ARGUMENT", "message": ..., "details": [google.rpc.BadRequest]}}``,
 sent with the HTTP status that ``service.core.errors.http_status`` maps its code to. Its field violations name the
-fields as the body spelled them (``topK`` or ``top_k``: :func:`respelled`), where the gRPC call's use proto names,
+fields as the body spelled them (``topK`` or ``top_k``: ``jsonbody.respelled``), where the gRPC call's use proto names,
 and a value of the wrong JSON type is described in JSON terms (``service.frontends.http.jsonwalk``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import ssl
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import grpc
 from aiohttp import web
@@ -57,8 +42,6 @@ from google.protobuf.message import Message
 from prometheus_client.exposition import choose_encoder
 from yarl import URL
 
-from quickdraw_client.v1 import classifier_pb2 as pb
-from service.core.calls import Observed, service_error
 from service.core.errors import (
     Cancelled,
     FieldViolation,
@@ -74,17 +57,12 @@ from service.core.errors import (
     to_rpc_status,
 )
 from service.core.metrics import Metrics
-from service.dataplane.pipeline import Call, Converted, DataPlane, DataPlaneSlot
-from service.frontends.grpc.classifier import classify_response, convert_classify, model_info
-from service.frontends.http import openapi
-from service.frontends.http.jsonbody import check_shape, parse_body, respelled
+from service.dataplane.pipeline import DataPlaneSlot
 from service.frontends.http.jsonparse import JsonParsePool
-from service.frontends.http.requests import deadline
 from service.security.tokens import TokenAuth
 
 log = logging.getLogger(__name__)
 
-PLAYGROUND_DIR = Path(__file__).with_name("playground")
 #: The ``Server`` header of every response: no software or version for a scanner to match.
 SERVER_HEADER = "quickdraw"
 #: How long a connection may keep sending a body nobody reads (after a refusal) before it is closed.
@@ -93,14 +71,6 @@ LINGER_S = 1.0
 COMPRESSIONS = ("gzip", "deflate")
 #: A JSON body may be this many times max_message_bytes: base64 and numbers as text are wordier than protobuf.
 JSON_BODY_FACTOR = 4
-#: The page loads nothing from anywhere but this server, and says so to the browser.
-PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; base-uri 'none'; frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Cache-Control": "no-cache",
-}
-#: Where a request keeps its raw JSON body (``web.Request`` is a mapping), to name fields as the body spells them.
-RAW_BODY_KEY = web.RequestKey("quickdraw_raw_body", bytes)
 _HTTP_TO_GRPC = {
     404: grpc.StatusCode.NOT_FOUND,
     405: grpc.StatusCode.UNIMPLEMENTED,
@@ -152,12 +122,6 @@ def _origin_host(origin: str) -> str | None:
     except ValueError:
         return None
     return _host_name(host) if host else None
-
-
-class _Serialized(NamedTuple):
-    """A JSON body parsed in a worker process: the serialized ClassifyRequest it gave."""
-
-    wire: bytes
 
 
 @dataclass(frozen=True)
@@ -336,10 +300,6 @@ def _auth_reason(header: str | None) -> str:
     return "invalid" if scheme.lower() == "bearer" and token.strip() else "malformed"
 
 
-def _flag(value: str | None) -> bool:
-    return value is not None and value.lower() in ("1", "true", "yes")
-
-
 class HttpServer(DataPlaneSlot):
     """The HTTP server; the API answers UNAVAILABLE until :meth:`attach` hands it the ready gateway."""
 
@@ -348,13 +308,11 @@ class HttpServer(DataPlaneSlot):
         metrics: Metrics,
         max_message_bytes: int,
         *,
-        api: bool = True,
         auth: TokenAuth | None = None,
         require_client_cert: bool = False,
         limits: HttpLimits | None = None,
     ) -> None:
         self.metrics = metrics
-        self.api = api
         self.auth = auth
         self.require_client_cert = require_client_cert
         self.limits = limits or HttpLimits()
@@ -366,11 +324,9 @@ class HttpServer(DataPlaneSlot):
         self.json_parser: JsonParsePool | None = None
         #: The Open Inference Protocol's surface (``service.frontends.oip.core.Surface``), set by the composition root.
         self.oip: Any = None
-        #: Other doors' routes on this port, each added with ``add_routes(app, self)`` when the app is built (the
-        #: composition root passes the OIP's: this module imports no door above it).
+        #: The doors' routes on this port, each added with ``add_routes(app, self)`` when the app is built (the
+        #: composition root passes /v1's and the OIP's: this module is the transport and imports no door).
         self.more_routes: list[Callable[[web.Application, HttpServer], None]] = []
-        self._openapi_doc: dict[str, Any] | None = None
-        self._files = {p.name: p for p in PLAYGROUND_DIR.iterdir() if p.is_file()} if api else {}
         hosts = self.limits.allowed_hosts
         #: None: any host (``*``, or a bearer token is required, which a browser cannot send cross-site).
         self._hosts = None if auth is not None or "*" in hosts else frozenset(_host_name(h) for h in hosts)
@@ -380,14 +336,8 @@ class HttpServer(DataPlaneSlot):
         app = web.Application(client_max_size=self.max_body_bytes, middlewares=[_json_errors])
         app.on_response_prepare.append(_server_header)
         app.router.add_get("/metrics", self._metrics)
-        if self.api:
-            app.router.add_post("/v1/classify", self._classify)
-            app.router.add_get("/v1/model", self._model)
-            app.router.add_get("/openapi.json", self._openapi)
-            app.router.add_get("/", self._index)
-            app.router.add_get("/static/{name}", self._static)
-            for add_routes in self.more_routes:  # the Open Inference Protocol's /v2 (issue 17)
-                add_routes(app, self)
+        for add_routes in self.more_routes:  # the doors on this port: /v1 and the page, the OIP's /v2
+            add_routes(app, self)
         return app
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
@@ -419,7 +369,7 @@ class HttpServer(DataPlaneSlot):
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         return web.Response(body=encoder(self.metrics.registry), headers={"Content-Type": content_type})
 
-    def _check_host(self, request: web.Request) -> None:
+    def check_host(self, request: web.Request) -> None:
         """Without a bearer token: the Host (and any Origin) must be an allowed host, or the call is refused.
 
         A page on another site can make a browser send requests here (text/plain POSTs need no preflight), and
@@ -441,7 +391,7 @@ class HttpServer(DataPlaneSlot):
                 f"{', '.join(sorted(self._hosts))} (setting http_allowed_hosts)"
             )
 
-    def _authorize(self, request: web.Request) -> None:
+    def authorize(self, request: web.Request) -> None:
         """The API's credentials: a verified client certificate under mTLS, and the bearer token when one is set.
 
         A refusal is Unauthenticated (401) and counted in ``auth_failures_total{transport="http"}``, whatever
@@ -464,7 +414,7 @@ class HttpServer(DataPlaneSlot):
                 raise Unauthenticated("malformed authorization header: expected 'Bearer <token>', the token in "
                                       "visible ASCII characters") from None
 
-    def _check_body_headers(self, request: web.Request) -> None:
+    def check_body_headers(self, request: web.Request) -> None:
         """Refuse, before reading, a body that is not JSON, is compressed when that is off, or is too long."""
         self.check_body_encoding(request)
         self.check_content_type(request, ("application/json",), "the JSON API")
@@ -538,92 +488,6 @@ class HttpServer(DataPlaneSlot):
         """The 413 for a body over the limit."""
         return PayloadTooLarge(f"request body is over the limit of {self.max_body_bytes} bytes "
                                f"({JSON_BODY_FACTOR} x max_message_bytes={self.max_message_bytes})")
-
-    async def _classify(self, request: web.Request) -> web.Response:
-        """POST /v1/classify: the body read through the HTTP guards, then one pipeline call (the Classify door's
-        converter after the JSON mapping: ``parse_body``)."""
-        with Observed(self.metrics, "http:Classify") as call:
-            try:
-                self._check_host(request)
-                self._authorize(request)
-                self._check_body_headers(request)
-                plane = self.plane
-                limit = call.deadline_s = deadline(request)
-                plane.batcher.admit(1)  # before the body is read: an overloaded gateway reads nothing more
-                raw = await self.read_body(request)
-                request[RAW_BODY_KEY] = raw  # field violations are named as this body spells the fields
-                check_shape(raw, plane.limits)
-                result = await plane.infer(self._classify_call(plane, raw, limit))
-                body = to_json(classify_response(plane, result))
-                if _flag(request.query.get("bitmaps")):
-                    body["bitmaps"] = [{"pixels": base64.b64encode(image.tobytes()).decode("ascii")}
-                                       for image in result.images]
-                return web.json_response(body)
-            except Exception as exc:
-                err = service_error(exc)
-                call.fail(err)
-                raw = request.get(RAW_BODY_KEY)
-                if type(err) is InvalidArgument and raw is not None:
-                    err = respelled(err, raw)
-                return error_response(err)
-
-    def _classify_call(self, plane: DataPlane, raw: bytes, deadline_s: float | None) -> Call[Any]:
-        """A /v1/classify body as a pipeline call: parsed as the JSON mapping of a ClassifyRequest (in a worker
-        process when large: ``service.frontends.http.jsonparse``), then the Classify door's converter."""
-        max_bytes, limits = self.max_message_bytes, plane.limits
-
-        def convert(body: bytes | _Serialized) -> Converted:
-            if isinstance(body, _Serialized):
-                return convert_classify(plane, body.wire)
-            return convert_classify(plane, parse_body(body, pb.ClassifyRequest(), max_bytes, limits))
-
-        async def in_process(body: bytes | _Serialized) -> bytes | _Serialized:
-            assert isinstance(body, bytes) and self.json_parser is not None
-            return _Serialized(await self.json_parser.parse(body, max_bytes, limits))
-
-        pre_parse = in_process if self.json_parser is not None else None
-        return Call(raw, convert, 1, len(raw), deadline_s, pre_parse=pre_parse)
-
-    async def _model(self, request: web.Request) -> web.Response:
-        with Observed(self.metrics, "http:GetModelInfo") as call:
-            try:
-                self._check_host(request)
-                self._authorize(request)
-                return web.json_response(to_json(model_info(self.plane, self.max_message_bytes)))
-            except Exception as exc:
-                err = service_error(exc)
-                call.fail(err)
-                return error_response(err)
-
-    async def _openapi(self, request: web.Request) -> web.Response:
-        """The JSON API's OpenAPI document (``service.frontends.http.openapi``, generated from the proto descriptors);
-        like the
-        page, it needs no token."""
-        try:
-            self._check_host(request)
-        except ServiceError as err:
-            return error_response(err)
-        if self._openapi_doc is None:
-            self._openapi_doc = openapi.document(bearer=self.auth is not None)
-        return web.json_response(self._openapi_doc, headers={"Cache-Control": "no-cache"})
-
-    async def _index(self, request: web.Request) -> web.StreamResponse:
-        try:
-            self._check_host(request)
-        except ServiceError as err:
-            return error_response(err)
-        return web.FileResponse(PLAYGROUND_DIR / "index.html", headers=PAGE_HEADERS)
-
-    async def _static(self, request: web.Request) -> web.StreamResponse:
-        try:
-            self._check_host(request)
-        except ServiceError as err:
-            return error_response(err)
-        path = self._files.get(request.match_info["name"])
-        if path is None:
-            raise web.HTTPNotFound()
-        return web.FileResponse(path, headers=PAGE_HEADERS)
-
 
 
 @web.middleware

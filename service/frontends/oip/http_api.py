@@ -98,8 +98,8 @@ class _Routes:
         with Observed(self.server.metrics, f"http:{method}") as call:
             try:
                 if checked:
-                    self.server._check_host(request)
-                    self.server._authorize(request)
+                    self.server.check_host(request)
+                    self.server.authorize(request)
                 return await answer(call)
             except Exception as exc:
                 err = service_error(exc)
