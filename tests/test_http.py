@@ -445,7 +445,7 @@ def test_the_json_walk_reports_every_violation_bounded() -> None:
                                                                 "y": [1, 2, 3, 4, 5], "tMs": None}]}}]},
         {"drawings": None, "topK": None, "model": None},
         {"model": {"version": "12"}, "topK": "5"},
-        {"model": {"version": "1e3"}, "top_k": 4.0},
+        {"model": {"version": "1000"}, "top_k": 4.0},  # "1e3" json_format takes; the walk does not (see below)
         {"model": {"version": -(2**63)}, "topK": 2**32 - 1},
         {"drawings": [{"strokes": {"strokes": [{"x": [10**39], "y": ["1e39"]}]}}]},  # json_format takes these
         {"model": []},  # and an empty array as an empty message
@@ -582,3 +582,18 @@ def test_respell_follows_the_descriptors() -> None:
     assert respell("drawings[2].strokes.strokes[0].t_ms[4]", d, b'"tMs"') == "drawings[2].strokes.strokes[0].tMs[4]"
     assert respell("Content-Type header", d, b"") == "Content-Type header"
     assert respell("", d, b"{}") == ""
+
+
+@pytest.mark.parametrize("text", ["+1", "1_0", "\u0661", "1e3"])
+def test_integer_strings_are_ascii_digits(text: str) -> None:
+    """Stricter than json_format (Python's int() reads "+1", "1_0" and an Arabic-Indic one as 1, 10 and 1): a
+    version written as a string is ASCII digits at /v1 as at every other door."""
+    from service.core.errors import InvalidArgument
+    from service.frontends.http.jsonbody import parse_body
+    from service.preprocess.validation import Limits
+
+    raw = json.dumps({"model": {"version": text}}).encode()
+    with pytest.raises(InvalidArgument) as info:
+        parse_body(raw, pb.ClassifyRequest(), 1 << 22, Limits(*WALK_LIMITS_ARGS, num_classes=345))
+    assert [v.field for v in info.value.violations] == ["model.version"]
+    assert "a string of digits" in info.value.violations[0].description

@@ -81,7 +81,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import SHIPPED_MODEL
 from tritonclient.grpc import service_pb2 as oip
 
-from quickdraw.v1 import classifier_pb2 as pb
+from quickdraw_client.v1 import classifier_pb2 as pb
 
 pytestmark = pytest.mark.slow
 

@@ -195,15 +195,16 @@ def stream_parts(buf: Wire) -> tuple[bytes, Wire]:
 
 def check_predict(buf: bytes) -> None:
     """Refuse a serialized PredictRequest with more inputs, outputs, tensor fields or dims than any real one has."""
+    others = MAX_OTHER_FIELDS + MAX_OUTPUT_FILTER + MAX_PREDICT_INPUTS
     try:
-        top = scan(buf, 0, len(buf), 2, MAX_PREDICT_INPUTS)  # inputs: map<string, TensorProto> entries
+        top = scan(buf, 0, len(buf), 2, MAX_PREDICT_INPUTS, others)  # inputs: map<string, TensorProto> entries
         if len(top.spans) > MAX_PREDICT_INPUTS:
             raise too_many("inputs", "entries", MAX_PREDICT_INPUTS)
-        filters = scan(buf, 0, len(buf), 3, MAX_OUTPUT_FILTER)  # output_filter: repeated string
+        if top.others > others:  # the scan stopped early: what follows was not counted (81 empty fields did it)
+            raise hand_made("request", others)
+        filters = scan(buf, 0, len(buf), 3, MAX_OUTPUT_FILTER, others)  # output_filter: repeated string
         if len(filters.spans) > MAX_OUTPUT_FILTER:
             raise too_many("output_filter", "names", MAX_OUTPUT_FILTER)
-        if top.others > MAX_OTHER_FIELDS + MAX_OUTPUT_FILTER:
-            raise hand_made("request", MAX_OTHER_FIELDS + MAX_OUTPUT_FILTER)
         for a, b in top.spans:
             entry = scan(buf, a, b, 2, 4)  # map entry: key = 1, value = 2 (a TensorProto)
             if len(entry.spans) > 4 or entry.others > 4:
@@ -220,3 +221,16 @@ def check_predict(buf: bytes) -> None:
                         raise too_many("inputs.tensor_shape.dim", "dimensions", MAX_TENSOR_DIMS)
     except Malformed:
         return
+
+
+def check_metadata_request(buf: Wire, max_fields: int = MAX_OUTPUT_FILTER) -> None:
+    """Refuse a serialized GetModelMetadataRequest with more ``metadata_field`` names (field 2) than any real one
+    has (TF Serving knows one), before parsing it: 2,000,000 of them took the event loop 150 ms to parse."""
+    try:
+        names = scan(buf, 0, len(buf), 2, max_fields, MAX_OTHER_FIELDS)
+    except Malformed:
+        return
+    if len(names.spans) > max_fields:
+        raise too_many("metadata_field", "names", max_fields)
+    if names.others > MAX_OTHER_FIELDS:
+        raise hand_made("request", MAX_OTHER_FIELDS)

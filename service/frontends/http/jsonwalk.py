@@ -43,6 +43,8 @@ MAX_DEPTH = 100
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 _CPP = FieldDescriptor
+#: An integer written as a string: ASCII digits, a minus sign for a negative one.
+_DIGITS = re.compile(r"-?[0-9]+")
 _INT_RANGES = {
     _CPP.CPPTYPE_INT32: ("int32", -(2**31), 2**31 - 1),
     _CPP.CPPTYPE_INT64: ("int64", -(2**63), 2**63 - 1),
@@ -400,20 +402,20 @@ def _integer_problem(value: Any, kind: str, low: int, high: int) -> str | None:
     elif isinstance(value, int):
         number = value
     elif isinstance(value, str):
-        if " " in value:
-            return expected
-        try:
-            number = int(value)
-        except ValueError:
+        # Stricter than json_format, which reads the string with Python's int(): "+1", "1_0" and "\u0661" (an
+        # Arabic-Indic one) would be 1, 10 and 1. A string is ASCII digits, with a minus sign for a negative
+        # number, as the one version parser reads a version at every door (service/core/versions.py).
+        if _DIGITS.fullmatch(value) is None:
             try:
-                as_float = float(value)
+                as_float = float(value) if value.isascii() and " " not in value and "_" not in value else math.nan
             except ValueError:
+                return expected
+            if (math.isinf(as_float) and value.lstrip("+-").lower() in ("inf", "infinity")) or math.isnan(as_float):
                 return expected
             if math.isinf(as_float):
                 return f"is out of range for {kind} ({low}..{high}), got {found(value)}"
-            if not as_float.is_integer():
-                return expected
-            number = int(as_float)
+            return expected
+        number = int(value)
     else:
         return expected
     if not low <= number <= high:

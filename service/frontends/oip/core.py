@@ -95,6 +95,10 @@ NUMPY_TYPES: dict[str, Any] = {
 }  # fmt: skip
 
 
+#: A strokes element's objects beyond one per stroke (the element itself), and numbers per point (x, y and t).
+_STROKES_SLACK = 8
+_NUMBERS_PER_POINT = 3
+
 #: The protocol's datatypes as Triton's model configuration names them.
 CONFIG_TYPES = {"UINT8": "TYPE_UINT8", "BYTES": "TYPE_STRING", "FP32": "TYPE_FP32"}
 
@@ -564,9 +568,10 @@ class Surface(DataPlaneSlot):
             )
         return values.astype(np.uint8).reshape(n, BITMAP_SIDE, BITMAP_SIDE, 1)
 
-    @staticmethod
-    def _drawings(tensor: InputTensor, n: int) -> pb.ClassifyRequest:
-        """BYTES elements as the drawings of a ClassifyRequest (images, or strokes from their JSON)."""
+    def _drawings(self, tensor: InputTensor, n: int) -> pb.ClassifyRequest:
+        """BYTES elements as the drawings of a ClassifyRequest (images, or strokes from their JSON, each element's
+        objects and numbers counted before ``json.loads`` builds anything, as /v1 counts its body's)."""
+        lim = self.plane.limits
         if tensor.raw is not None:
             elements = split_bytes(tensor.raw, f"inputs[{tensor.name}]")
         else:
@@ -580,6 +585,15 @@ class Surface(DataPlaneSlot):
             drawing = request.drawings.add()
             if tensor.name == ENCODED_IMAGE:
                 drawing.image.data = element
+                continue
+            where = f"inputs[{tensor.name}][{i}]"
+            if element.count(b"{") > lim.max_strokes + _STROKES_SLACK:
+                problems.append(FieldViolation(f"{where}.strokes", f"has more than {lim.max_strokes} strokes, over "
+                                                                   f"the limit of max_strokes={lim.max_strokes}"))
+                continue
+            if element.count(b",") > _NUMBERS_PER_POINT * lim.max_points + 4 * lim.max_strokes + _STROKES_SLACK:
+                problems.append(FieldViolation(f"{where}.strokes", f"has more than {lim.max_points} points, over "
+                                                                   f"the limit of max_points={lim.max_points}"))
                 continue
             try:
                 document = json.loads(element)

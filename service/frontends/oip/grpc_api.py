@@ -20,7 +20,7 @@ import numpy as np
 from google.protobuf import json_format
 
 from service.core.calls import Observed, service_error
-from service.core.errors import FieldViolation, InvalidArgument, ServiceError
+from service.core.errors import MAX_MESSAGE_CHARS, FieldViolation, InvalidArgument, ServiceError, clip
 from service.core.metrics import Metrics
 from service.core.streams import StreamSlots
 from service.frontends.grpc.calls import Reserve, deadline, parse_message, refuse_stream, unary, windowed_answers
@@ -30,6 +30,8 @@ from service.protos import oip
 
 #: Most inputs, requested outputs and raw_input_contents entries a ModelInferRequest may hold (one input is used).
 MAX_TENSORS = 16
+#: The most bytes a tensor's packed shape may take: ``MAX_TENSOR_DIMS`` dims of at most 10 bytes each.
+MAX_SHAPE_BYTES = 10 * wire.MAX_TENSOR_DIMS
 
 
 def check_infer(buf: bytes | memoryview, max_drawings: int) -> None:
@@ -47,6 +49,9 @@ def check_infer(buf: bytes | memoryview, max_drawings: int) -> None:
             if number != 5:
                 continue
             for i, (a, b) in enumerate(spans.spans):
+                shapes = wire.scan(buf, a, b, 3, 4, wire.MAX_OTHER_FIELDS)  # InferInputTensor.shape, packed
+                if any(b2 - a2 > MAX_SHAPE_BYTES for a2, b2 in shapes.spans) or len(shapes.spans) > 4:
+                    raise wire.too_many(f"inputs[{i}].shape", "dimensions", wire.MAX_TENSOR_DIMS)
                 contents = wire.scan(buf, a, b, 5, 4, wire.MAX_OTHER_FIELDS)  # InferInputTensor.contents
                 if len(contents.spans) > 4 or contents.others > wire.MAX_OTHER_FIELDS:
                     raise wire.hand_made(f"inputs[{i}]", wire.MAX_OTHER_FIELDS)
@@ -86,6 +91,8 @@ def to_call(request: Any) -> InferCall:
         )  # fmt: skip
     inputs = []
     for i, t in enumerate(request.inputs):
+        if len(t.shape) > wire.MAX_TENSOR_DIMS:
+            raise wire.too_many(f"inputs[{i}].shape", "dimensions", wire.MAX_TENSOR_DIMS)
         tensor = InputTensor(t.name, t.datatype, list(t.shape))
         if raw:
             if t.HasField("contents"):
@@ -217,7 +224,7 @@ class InferenceService:
                     call.fail(err)
                     with contextlib.suppress(Exception):  # from the wire, bounded: never parse the refused bytes
                         ident = request_id(raw)
-                    answer = oip.ModelStreamInferResponse(error_message=err.message)
+                    answer = oip.ModelStreamInferResponse(error_message=clip(err.message, MAX_MESSAGE_CHARS))
                     answer.infer_response.id = ident
                     return answer
 

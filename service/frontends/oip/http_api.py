@@ -36,8 +36,17 @@ import numpy as np
 from aiohttp import web
 from google.protobuf import json_format
 
+from doodle import BITMAP_SIDE
 from service.core.calls import Observed, service_error
-from service.core.errors import FieldViolation, InvalidArgument, ServiceError, Unavailable, http_status, to_rpc_status
+from service.core.errors import (
+    FieldViolation,
+    InvalidArgument,
+    PayloadTooLarge,
+    ServiceError,
+    Unavailable,
+    http_status,
+    to_rpc_status,
+)
 from service.frontends.http.jsonparse import refusal
 from service.frontends.http.requests import deadline
 from service.frontends.oip.core import (
@@ -49,6 +58,8 @@ from service.frontends.oip.core import (
     OutputRequest,
     Surface,
 )
+from service.preprocess import wire
+from service.preprocess.validation import Limits
 
 #: The binary tensor data extension's header: the length of the JSON part of the body.
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -166,8 +177,8 @@ class _Routes:
             plane.batcher.admit(1)  # before the body is read: an overloaded gateway reads nothing more
             body = await self._body(request)
             info = request.match_info
-            args = (request.headers.get(HEADER_LENGTH), info["model"], info.get("version", ""),
-                    plane.limits.max_drawings_per_request)  # fmt: skip
+            args = (request.headers.get(HEADER_LENGTH), info["model"], info.get("version", ""), plane.limits,
+                    self.server.max_message_bytes)  # fmt: skip
             parsed: list[tuple[InferCall, bool]] = []
 
             def convert(b: bytes | tuple[InferCall, bool]) -> InferCall:
@@ -227,11 +238,15 @@ class _Routes:
                             headers={HEADER_LENGTH: str(len(text))})  # fmt: skip
 
 
-def parse_infer(body: bytes, header: str | None, model: str, version: str, max_drawings: int
-            ) -> tuple[InferCall, bool]:  # fmt: skip
+def parse_infer(body: bytes, header: str | None, model: str, version: str, limits: Limits, max_message_bytes: int
+                ) -> tuple[InferCall, bool]:  # fmt: skip
     """An inference body (JSON, then binary data after ``header`` bytes when the Inference-Header-Content-Length
     header is given) as an ``InferCall``, and whether outputs are wanted as binary data by default. Pure: the
-    pipeline runs it on the loop, on a thread, or (large bodies) in a JSON parse worker."""
+    pipeline runs it on the loop, on a thread, or (large bodies) in a JSON parse worker.
+
+    The same bounds as the gRPC door's: a body whose ModelInferRequest would not fit in ``max_message_bytes`` is
+    RESOURCE_EXHAUSTED (413, as gRPC refuses such a message), and shapes, parameters and elements are counted as
+    ``check_infer`` counts them on the wire (400)."""
     if header is None:
         json_part, rest = body, b""
     else:
@@ -243,8 +258,9 @@ def parse_infer(body: bytes, header: str | None, model: str, version: str, max_d
             raise InvalidArgument([FieldViolation(f"{HEADER_LENGTH} header",
                                                   f"is {header[:40]!r}; expected 0..{len(body)}")])  # fmt: skip
         json_part, rest = body[:n], body[n:]
-    most = max_drawings * 28 * 28 + _JSON_SLACK
-    if json_part.count(b"[") + json_part.count(b"{") > most // 4:
+    # a full batch of bitmaps as nested lists, or of the most strokes (each {"x": [..], "y": [..]} in its element)
+    per_drawing = max(1 + BITMAP_SIDE + BITMAP_SIDE * BITMAP_SIDE, 3 * limits.max_strokes + 8)
+    if json_part.count(b"[") + json_part.count(b"{") > limits.max_drawings_per_request * per_drawing + _JSON_SLACK:
         raise InvalidArgument([FieldViolation("", "the JSON holds more arrays and objects than an inference "
                                                   "request within the limits can")])  # fmt: skip
     try:
@@ -255,6 +271,7 @@ def parse_infer(body: bytes, header: str | None, model: str, version: str, max_d
         raise InvalidArgument([FieldViolation("", "expected a JSON object")])
     inputs: list[InputTensor] = []
     offset = 0
+    wire_bytes = len(rest)  # about what the request takes as protobuf: at least a byte per number
     for i, t in enumerate(_list(doc.get("inputs", []), "inputs")):
         where = f"inputs[{i}]"
         if not isinstance(t, dict):
@@ -265,6 +282,7 @@ def parse_infer(body: bytes, header: str | None, model: str, version: str, max_d
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
             raise InvalidArgument([FieldViolation(f"{where}.shape", "expected a list of integers")])
         tensor = InputTensor(name, datatype, shape)
+        wire_bytes += len(shape)
         params = t.get("parameters") or {}
         size = params.get(BINARY_DATA_SIZE) if isinstance(params, dict) else None
         if size is not None:
@@ -275,12 +293,26 @@ def parse_infer(body: bytes, header: str | None, model: str, version: str, max_d
             offset += size
         else:
             tensor.values = _values(t.get("data"), name, datatype, where)
+            if isinstance(tensor.values, list):  # BYTES: each element after its length
+                wire_bytes += sum(len(v) + 4 for v in tensor.values)
+            else:
+                wire_bytes += len(tensor.values)
         inputs.append(tensor)
     if offset != len(rest):
         raise InvalidArgument([FieldViolation("", f"{len(rest) - offset} bytes of binary data after the "
                                                   "inputs that claim them")])  # fmt: skip
     outputs = None
     params = doc.get("parameters") or {}
+    # a map entry: its key, the value's InferParameter and their framing
+    wire_bytes += sum(len(k) + 8 for k in params) if isinstance(params, dict) else 0
+    if wire_bytes > max_message_bytes:
+        raise PayloadTooLarge(f"the request would take about {wire_bytes} bytes as a ModelInferRequest, over the "
+                              f"limit of max_message_bytes={max_message_bytes}")  # fmt: skip
+    if isinstance(params, dict) and len(params) > wire.MAX_OTHER_FIELDS:
+        raise wire.too_many("parameters", "entries", wire.MAX_OTHER_FIELDS)
+    for i, tensor in enumerate(inputs):
+        if len(tensor.shape) > wire.MAX_TENSOR_DIMS:
+            raise wire.too_many(f"inputs[{i}].shape", "dimensions", wire.MAX_TENSOR_DIMS)
     binary_output = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
     if doc.get("outputs"):
         outputs = []

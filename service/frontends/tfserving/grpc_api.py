@@ -340,8 +340,11 @@ class PredictionService:
             )  # fmt: skip
 
     @unary("GetModelMetadata")
-    async def GetModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        """The ``signature_def`` metadata, as TF Serving gives it: the backend's own SignatureDefs."""
+    async def GetModelMetadata(self, request: bytes, context: grpc.aio.ServicerContext) -> Any:
+        """The ``signature_def`` metadata, as TF Serving gives it: the backend's own SignatureDefs (``request`` as
+        bytes: its names counted on the wire before parsing)."""
+        wire.check_metadata_request(request)
+        request = parse_message(tfs.GetModelMetadataRequest, request)
         _require_model_spec(request)
         fields = list(request.metadata_field)
         if not fields:
@@ -399,8 +402,7 @@ def add_to_server(server: grpc.aio.Server, metrics: Metrics, version_label: str 
             response_serializer=tfs.PredictResponse.SerializeToString,
         ),
         "GetModelMetadata": grpc.unary_unary_rpc_method_handler(
-            prediction.GetModelMetadata,
-            request_deserializer=tfs.GetModelMetadataRequest.FromString,
+            prediction.GetModelMetadata, request_deserializer=None,
             response_serializer=tfs.GetModelMetadataResponse.SerializeToString,
         ),
     }  # fmt: skip
