@@ -24,7 +24,7 @@ from tfserving_standin import TFServingStandIn
 from quickdraw_client.v1 import classifier_pb2 as pb
 from quickdraw_client.v1 import classifier_pb2_grpc as pb_grpc
 from service.backends import find_versions
-from service.backends.tfserving import channel_options
+from service.backends.tfserving_replicas import channel_options
 from service.client import QuickDrawClient, retry_service_config
 from service.settings import Settings
 
