@@ -70,6 +70,7 @@ from service.core.errors import FieldViolation, InvalidArgument, NotFound
 from service.core.metrics import Metrics
 from service.core.versions import parse_version
 from service.dataplane.pipeline import Call, Converted, DataPlaneSlot
+from service.frontends.oip.statistics import Statistics
 from service.preprocess.validation import validate
 
 #: The inputs: bitmaps as the model takes them, and this service's other forms.
@@ -101,79 +102,6 @@ _NUMBERS_PER_POINT = 3
 
 #: The protocol's datatypes as Triton's model configuration names them.
 CONFIG_TYPES = {"UINT8": "TYPE_UINT8", "BYTES": "TYPE_STRING", "FP32": "TYPE_FP32"}
-
-
-@dataclass
-class Duration:
-    """Triton's StatisticDuration: how many, and their total nanoseconds."""
-
-    count: int = 0
-    ns: int = 0
-
-    def add(self, ns: int) -> None:
-        """One more, that took ``ns``."""
-        self.count += 1
-        self.ns += ns
-
-    def as_dict(self) -> dict[str, int]:
-        """As Triton's JSON writes it."""
-        return {"count": self.count, "ns": self.ns}
-
-
-#: The phases of InferStatistics, in Triton's order.
-PHASES = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")
-
-
-@dataclass
-class VersionStatistics:
-    """What one model version answered through this surface (Triton's ModelStatistics)."""
-
-    last_inference_ms: int = 0  # wall clock, ms since the epoch, of the last call answered
-    inference_count: int = 0  # drawings answered OK
-    execution_count: int = 0  # calls answered OK
-    phases: dict[str, Duration] = field(default_factory=lambda: {p: Duration() for p in PHASES})
-    #: batch size -> (compute_input, compute_infer, compute_output) of the calls of that many drawings
-    batches: dict[int, tuple[Duration, Duration, Duration]] = field(default_factory=dict)
-
-    def as_dict(self, name: str, version: str) -> dict[str, Any]:
-        """Triton's ModelStatistics as JSON (also what the gRPC side parses into its message)."""
-        return {
-            "name": name, "version": version, "last_inference": self.last_inference_ms,
-            "inference_count": self.inference_count, "execution_count": self.execution_count,
-            "inference_stats": {p: d.as_dict() for p, d in self.phases.items()},
-            "batch_stats": [{"batch_size": n, "compute_input": i.as_dict(), "compute_infer": f.as_dict(),
-                             "compute_output": o.as_dict()} for n, (i, f, o) in sorted(self.batches.items())],
-        }  # fmt: skip
-
-
-class Statistics:
-    """Per-version counts of the inference calls this surface answered (one event loop: no locking)."""
-
-    def __init__(self) -> None:
-        self.versions: dict[int, VersionStatistics] = {}
-
-    def of(self, version: int) -> VersionStatistics:
-        """The statistics of ``version`` (zeros until it answers)."""
-        return self.versions.setdefault(version, VersionStatistics())
-
-    def succeeded(
-        self, version: int, drawings: int, total_ns: int, input_ns: int, infer_ns: int, output_ns: int
-    ) -> None:
-        """A call of ``drawings`` answered OK by ``version``, with the time of each phase."""
-        st = self.of(version)
-        st.last_inference_ms = time.time_ns() // 1_000_000
-        st.inference_count += drawings
-        st.execution_count += 1
-        st.phases["success"].add(total_ns)
-        for phase, ns in (("compute_input", input_ns), ("compute_infer", infer_ns), ("compute_output", output_ns)):
-            st.phases[phase].add(ns)
-        batch = st.batches.setdefault(drawings, (Duration(), Duration(), Duration()))
-        for d, ns in zip(batch, (input_ns, infer_ns, output_ns), strict=True):
-            d.add(ns)
-
-    def failed(self, version: int, total_ns: int) -> None:
-        """A call for ``version`` that ended in an error."""
-        self.of(version).phases["fail"].add(total_ns)
 
 
 def server_version() -> str:
