@@ -56,12 +56,10 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-_PROBE = """
-import json, sys, time, grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-target, service, interval, pid = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
-lat, own, fail = [], [], []
-def waited():  # ns runnable but not running: the gateway's loop thread and this thread (/proc/.../schedstat)
+#: The probes' measure of their own delay (a function ``waited()`` in their source; ``pid`` is the gateway's): ns
+#: runnable but not running, of the gateway's event-loop thread and the probe's own (``/proc/.../schedstat``).
+WAITED_SOURCE = '''
+def waited():
     total = 0
     for path in ([f"/proc/{pid}/task/{pid}/schedstat"] if pid else []) + ["/proc/thread-self/schedstat"]:
         try:
@@ -70,7 +68,13 @@ def waited():  # ns runnable but not running: the gateway's loop thread and this
         except (OSError, IndexError, ValueError):
             pass
     return total
-with grpc.insecure_channel(target) as ch:
+'''
+_PROBE = """
+import json, sys, time, grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+target, service, interval, pid = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+lat, own, fail = [], [], []
+{waited}with grpc.insecure_channel(target) as ch:
     stub = health_pb2_grpc.HealthStub(ch)
     stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
     print("ready", flush=True)
@@ -96,7 +100,8 @@ class HealthProbe:
         self.latencies: list[float] = []
         self.own: list[float] = []
         self.failures: list[str] = []
-        self._args = [sys.executable, "-c", _PROBE, target, service, str(interval_s), str(pid)]
+        probe = _PROBE.replace("{waited}", WAITED_SOURCE)
+        self._args = [sys.executable, "-c", probe, target, service, str(interval_s), str(pid)]
         self._proc: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> HealthProbe:

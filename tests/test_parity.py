@@ -76,7 +76,16 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from attack_probe import CPU_BOUND_S, HEALTH_BOUND_S, RSS_BOUND_MIB, AttackedGateway, Cost, cpu_s, rss_mib
+from attack_probe import (
+    CPU_BOUND_S,
+    HEALTH_BOUND_S,
+    RSS_BOUND_MIB,
+    WAITED_SOURCE,
+    AttackedGateway,
+    Cost,
+    cpu_s,
+    rss_mib,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import SHIPPED_MODEL
 from tritonclient.grpc import service_pb2 as oip
@@ -138,16 +147,7 @@ _PROBE = """
 import select, sys, time, grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 target, interval, pid = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
-def waited():  # ns runnable but not running: the gateway's loop thread and this one (as tests/attack_probe.py)
-    total = 0
-    for path in (f"/proc/{pid}/task/{pid}/schedstat", "/proc/thread-self/schedstat"):
-        try:
-            with open(path) as fh:
-                total += int(fh.read().split()[1])
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
-with grpc.insecure_channel(target) as ch:
+{waited}with grpc.insecure_channel(target) as ch:
     stub = health_pb2_grpc.HealthStub(ch)
     req = health_pb2.HealthCheckRequest()
     stub.Check(req, timeout=30)
@@ -169,7 +169,8 @@ class Probe:
 
     def __init__(self, target: str, pid: int) -> None:
         self.checks: list[tuple[float, float, float, str]] = []  # (start, latency, own latency, failure or "-")
-        self._proc = subprocess.Popen([sys.executable, "-c", _PROBE, target, "0.010", str(pid)],
+        probe = _PROBE.replace("{waited}", WAITED_SOURCE)
+        self._proc = subprocess.Popen([sys.executable, "-c", probe, target, "0.010", str(pid)],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
         assert self._proc.stdout is not None
         assert self._proc.stdout.readline().strip() == "ready", "the health probe could not reach the gateway"
