@@ -228,8 +228,7 @@ class App:
         if s.reflection:
             names += (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
             # TF Serving's services are in service.protos.tfs's private pool, the protocol's in service.protos.oip's,
-            # the others in
-            # the default one
+            # the others in the default one
             pool = tfs_protos._ReflectionPool(descriptor_pool.Default(), tfs_protos.POOL, oip_protos.POOL)
             reflection.enable_server_reflection(names, self._server, pool=pool)
         await self._health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
