@@ -229,8 +229,8 @@ class Batcher:
         self._queued += n
         self._metrics.queue_depth.set(self._queued)
         inline = self._take_alone(items[0]) if idle else None
-        if not idle:
-            self._wake.set()
+        if not idle and (self._free > 0 or self._cfg.max_batch_delay_ms > 0):
+            self._wake.set()  # otherwise the next slot freed takes it: no collector wake-up for nothing
         try:
             # asyncio.timeout, not wait_for: no extra task per call on the hot path.
             when = None if deadline_s is None else loop.time() + (deadline_s - self._clock())
@@ -300,10 +300,20 @@ class Batcher:
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    def _release(self) -> None:
-        """Free a backend slot; wake the collector when calls are waiting for one."""
+    def _release(self, hand_over: bool = False) -> None:
+        """Free a backend slot; wake the collector when calls are waiting for one. ``hand_over`` (a batch that
+        ended well, no batch delay): take the next batch and start it now, in the slot, as the collector would."""
+        if hand_over and self._queue and self._cfg.max_batch_delay_ms <= 0:
+            try:
+                batch = self._take()
+            except Exception as exc:  # the collector's work, done here: a failure is the collector's death
+                batch = []
+                self.fail("the batcher's collector", exc)
+            if batch:
+                self._spawn(batch, *self._start(batch))
+                return
         self._free += 1
-        if self._queue:
+        if self._queue or self._closed:  # closing: the collector may wait for the queue to empty
             self._wake.set()
 
     def _dropped(self, reason: str) -> Counter:
@@ -574,9 +584,9 @@ class Batcher:
             if self._timeouts:
                 self._timeouts = 0
                 self._report()
-            # Free the slot before answering: the collector wakes first and starts the next batch while this
-            # batch's callers are being answered, so the backend does not sit idle in between.
-            self._release()
+            # Free the slot before answering: the next batch starts while this batch's callers are being
+            # answered, so the backend does not sit idle in between.
+            self._release(hand_over=True)
             released = True
             start = 0
             for it in batch:
@@ -680,8 +690,9 @@ class Batcher:
         self._wake.set()
         if self._collector is not None:
             await asyncio.gather(self._collector, return_exceptions=True)  # it may have died already
-        if self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
-        if self._inline:  # batches their callers run themselves
-            self._inline_done = asyncio.get_running_loop().create_future()
-            await asyncio.shield(self._inline_done)
+        while self._running or self._inline:  # a batch that ends hands its slot to the next (a task of its own)
+            if self._running:
+                await asyncio.gather(*self._running, return_exceptions=True)
+            elif self._inline:  # batches their callers run themselves
+                self._inline_done = asyncio.get_running_loop().create_future()
+                await asyncio.shield(self._inline_done)
