@@ -192,7 +192,8 @@ class Batcher:
         return (await self.answer(images, version, deadline_s, top_k)).scores
 
     async def answer(
-        self, images: NDArray[np.uint8], version: int, deadline_s: float | None = None, top_k: int | None = None
+        self, images: NDArray[np.uint8], version: int, deadline_s: float | None = None, top_k: int | None = None,
+        timed: bool = True,
     ) -> Answered:
         """Queue a call's images and wait for their probabilities, in order, and the version that answered.
 
@@ -206,7 +207,9 @@ class Batcher:
         ``deadline_s`` is on this batcher's clock (``time.monotonic``). Raises ResourceExhausted when the queue is
         full or the estimated wait too long, DeadlineExceeded when the deadline passes before dispatch, Unavailable
         once closed, failed or wedged, and BackendError when the batch fails. Cancelling the caller drops its
-        queued items.
+        queued items. ``timed`` False: the caller is cancelled at ``deadline_s`` anyway (gRPC cancels a unary
+        handler at its deadline), so no timer of the batcher's own bounds the wait; the deadline still drops the
+        call's items before they are sent, and sets the backend call's.
         """
         n = len(images)
         if version == ANY_VERSION and n > self._cfg.max_batch_size:
@@ -233,7 +236,7 @@ class Batcher:
             self._wake.set()  # otherwise the next slot freed takes it: no collector wake-up for nothing
         try:
             # asyncio.timeout, not wait_for: no extra task per call on the hot path.
-            when = None if deadline_s is None else loop.time() + (deadline_s - self._clock())
+            when = None if deadline_s is None or not timed else loop.time() + (deadline_s - self._clock())
             async with asyncio.timeout_at(when):
                 if inline is not None:
                     # The idle fast path: this call's batch runs in the caller's own task (no collector wake-up,
