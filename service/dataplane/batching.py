@@ -45,6 +45,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -81,6 +82,15 @@ class _Item:
     @property
     def n(self) -> int:
         return len(self.images)
+
+
+@dataclass
+class _Watch:
+    """A dispatch task awaiting its backend coroutine: whether it still does, and whether it was cancelled because
+    the batch's callers all left."""
+
+    awaiting: bool = True
+    fired: bool = False
 
 
 @dataclass
@@ -129,16 +139,21 @@ class Batcher:
         self._clock = clock
         self._queue: deque[_Item] = deque()
         self._queued = 0
-        self._arrived = asyncio.Event()
-        self._slots = asyncio.Semaphore(config.max_concurrent_batches)
+        #: Set when the collector may have work: a call queued, a slot freed while calls are queued, closing.
+        self._wake = asyncio.Event()
+        #: Backend slots free now (a batch holds one from when it is taken until its backend work has ended).
+        self._free = config.max_concurrent_batches
         self._running: set[asyncio.Task[None]] = set()
+        #: Batches run by their own caller (the idle fast path of ``answer``), and what close() waits on for them.
+        self._inline = 0
+        self._inline_done: asyncio.Future[None] | None = None
         self._collector: asyncio.Task[None] | None = None
         self._closed = False
         #: Durations (s) of recent batches, whatever their outcome, near-full ones apart: the admission estimate.
         self._took_big: deque[float] = deque(maxlen=9)
         self._took_small: deque[float] = deque(maxlen=9)
-        #: When each backend call in flight started (its slot is busy), by its future.
-        self._inflight: dict[asyncio.Future[Scores | Answered], float] = {}
+        #: When each backend call in flight started (its slot is busy), by its future or coroutine.
+        self._inflight: dict[Awaitable[Scores | Answered], float] = {}
         #: Consecutive backend timeouts (a batch still running counts again every backend_timeout_ms).
         self._timeouts = 0
         #: Timed-out batches whose backend work has not ended a timeout later (each holds its slot).
@@ -177,7 +192,8 @@ class Batcher:
         return (await self.answer(images, version, deadline_s, top_k)).scores
 
     async def answer(
-        self, images: NDArray[np.uint8], version: int, deadline_s: float | None = None, top_k: int | None = None
+        self, images: NDArray[np.uint8], version: int, deadline_s: float | None = None, top_k: int | None = None,
+        timed: bool = True,
     ) -> Answered:
         """Queue a call's images and wait for their probabilities, in order, and the version that answered.
 
@@ -191,7 +207,9 @@ class Batcher:
         ``deadline_s`` is on this batcher's clock (``time.monotonic``). Raises ResourceExhausted when the queue is
         full or the estimated wait too long, DeadlineExceeded when the deadline passes before dispatch, Unavailable
         once closed, failed or wedged, and BackendError when the batch fails. Cancelling the caller drops its
-        queued items.
+        queued items. ``timed`` False: the caller is cancelled at ``deadline_s`` anyway (gRPC cancels a unary
+        handler at its deadline), so no timer of the batcher's own bounds the wait; the deadline still drops the
+        call's items before they are sent, and sets the backend call's.
         """
         n = len(images)
         if version == ANY_VERSION and n > self._cfg.max_batch_size:
@@ -209,14 +227,27 @@ class Batcher:
             items = [
                 _Item(images[i : i + size], version, loop.create_future(), now, deadline_s) for i in range(0, n, size)
             ]
+        idle = not self._queue and self._free > 0 and self._cfg.max_batch_delay_ms <= 0 and len(items) == 1
         self._queue.extend(items)
         self._queued += n
         self._metrics.queue_depth.set(self._queued)
-        self._arrived.set()
+        inline = self._take_alone(items[0]) if idle else None
+        if not idle and (self._free > 0 or self._cfg.max_batch_delay_ms > 0):
+            self._wake.set()  # otherwise the next slot freed takes it: no collector wake-up for nothing
         try:
             # asyncio.timeout, not wait_for: no extra task per call on the hot path.
-            when = None if deadline_s is None else asyncio.get_running_loop().time() + (deadline_s - self._clock())
+            when = None if deadline_s is None or not timed else loop.time() + (deadline_s - self._clock())
             async with asyncio.timeout_at(when):
+                if inline is not None:
+                    # The idle fast path: this call's batch runs in the caller's own task (no collector wake-up,
+                    # no dispatch task); calls arriving meanwhile queue, and the collector batches them.
+                    self._inline += 1
+                    try:
+                        await self._dispatch(*inline, inline=True)
+                    finally:
+                        self._inline -= 1
+                        if not self._inline and self._inline_done is not None and not self._inline_done.done():
+                            self._inline_done.set_result(None)
                 if len(items) == 1:
                     parts = [await items[0].future]
                 else:
@@ -237,6 +268,56 @@ class Batcher:
         knowns = [p.known for p in parts]
         known = None if any(k is None for k in knowns) else np.concatenate(knowns)  # type: ignore[arg-type]
         return Answered(scores, parts[0].version, known)
+
+    def _take_alone(
+        self, item: _Item
+    ) -> tuple[list[_Item], NDArray[np.uint8], Awaitable[Scores | Answered], float] | None:
+        """The idle fast path of ``answer`` (nothing else queued, a slot free, no batch delay): take the caller's own
+        item as a batch now, as the collector would, and start its backend call. Returns what ``_dispatch`` takes
+        for the caller to run it in its own task, or None: the item was dropped (its deadline passed: its future
+        says so), or the batch went to a task of its own (a thread's work, which outlives its callers)."""
+        self._free -= 1
+        try:
+            batch = self._take()
+        except Exception as exc:  # the collector's work, done here: a failure is the collector's death
+            self._release()
+            self.fail("the batcher's collector", exc)
+            refusal = self._refusal()
+            if refusal is not None and not item.future.done():
+                item.future.set_exception(refusal)
+            return None
+        if not batch:
+            self._release()
+            return None
+        images, started, t0 = self._start(batch)
+        if asyncio.iscoroutine(started) or (asyncio.isfuture(started) and started.done()):
+            return batch, images, started, t0
+        self._spawn(batch, images, started, t0)
+        return None
+
+    def _spawn(
+        self, batch: list[_Item], images: NDArray[np.uint8], started: Awaitable[Scores | Answered], t0: float
+    ) -> None:
+        """Run a batch in a task of its own (the collector's batches, and a thread's work)."""
+        task = asyncio.get_running_loop().create_task(self._dispatch(batch, images, started, t0))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    def _release(self, hand_over: bool = False) -> None:
+        """Free a backend slot; wake the collector when calls are waiting for one. ``hand_over`` (a batch that
+        ended well, no batch delay): take the next batch and start it now, in the slot, as the collector would."""
+        if hand_over and self._queue and self._cfg.max_batch_delay_ms <= 0:
+            try:
+                batch = self._take()
+            except Exception as exc:  # the collector's work, done here: a failure is the collector's death
+                batch = []
+                self.fail("the batcher's collector", exc)
+            if batch:
+                self._spawn(batch, *self._start(batch))
+                return
+        self._free += 1
+        if self._queue or self._closed:  # closing: the collector may wait for the queue to empty
+            self._wake.set()
 
     def _dropped(self, reason: str) -> Counter:
         return self._metrics.child(self._metrics.dropped, reason)
@@ -377,31 +458,29 @@ class Batcher:
     async def _collect(self) -> None:
         delay_s = self._cfg.max_batch_delay_ms / 1000.0
         while True:
-            await self._slots.acquire()
-            while not self._queue:
-                if self._closed:
-                    self._slots.release()
+            # The slot is taken only once a batch can be: while idle, callers run their batches themselves.
+            while not (self._queue and self._free > 0):
+                if self._closed and not self._queue:
                     return
-                self._arrived.clear()
-                await self._arrived.wait()
+                self._wake.clear()
+                await self._wake.wait()
+            self._free -= 1
             if delay_s > 0 and not self._closed:
                 until = self._queue[0].enqueued_s + delay_s
                 while self._queued < self._cfg.max_batch_size and not self._closed:
                     left = until - self._clock()
                     if left <= 0:
                         break
-                    self._arrived.clear()
+                    self._wake.clear()
                     try:
-                        await asyncio.wait_for(self._arrived.wait(), left)
+                        await asyncio.wait_for(self._wake.wait(), left)
                     except TimeoutError:
                         break
             batch = self._take()
             if not batch:
-                self._slots.release()
+                self._release()
                 continue
-            task = asyncio.get_running_loop().create_task(self._dispatch(batch, *self._start(batch)))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            self._spawn(batch, *self._start(batch))
 
     def _take(self) -> list[_Item]:
         """Pop up to max_batch_size drawings of one version, dropping expired and cancelled items."""
@@ -438,9 +517,11 @@ class Batcher:
             self._metrics.queue_wait.observe(now - min(it.enqueued_s for it in batch))
         return batch
 
-    def _start(self, batch: list[_Item]) -> tuple[NDArray[np.uint8], asyncio.Future[Scores | Answered], float]:
+    def _start(self, batch: list[_Item]) -> tuple[NDArray[np.uint8], Awaitable[Scores | Answered], float]:
         """Start the backend call now, from the collector, not from a task that runs after everything else
-        already scheduled (after a batch, that is every one of its callers' responses)."""
+        already scheduled (after a batch, that is every one of its callers' responses). A coroutine (TF Serving's
+        call, its RPC started already) is awaited as it is by ``_dispatch``, with no task of its own; any other
+        awaitable but a future is wrapped in a task."""
         images = batch[0].images if len(batch) == 1 else np.concatenate([it.images for it in batch])
         self._metrics.batch_size.observe(len(images))
         self._metrics.inflight_batches.inc()
@@ -450,26 +531,50 @@ class Batcher:
         try:
             top_k_only = self._run_top_k is not None and all(it.top_k is not None for it in batch)
             run = self._run_top_k if top_k_only else self._run_batch
-            started = asyncio.ensure_future(run(images, batch[0].version, deadline))  # type: ignore[misc]
+            started = run(images, batch[0].version, deadline)  # type: ignore[misc]
+            if not asyncio.iscoroutine(started):
+                started = asyncio.ensure_future(started)
         except Exception as exc:  # a backend that fails before it starts fails this batch like any other
             started = asyncio.get_running_loop().create_future()
             started.set_exception(exc)
         return images, started, t0
 
     async def _dispatch(
-        self, batch: list[_Item], images: NDArray[np.uint8], started: asyncio.Future[Scores | Answered], t0: float
+        self,
+        batch: list[_Item],
+        images: NDArray[np.uint8],
+        started: Awaitable[Scores | Answered],
+        t0: float,
+        inline: bool = False,
     ) -> None:
+        """Await a batch's backend call and answer its callers. ``inline``: this task is the batch's only caller's
+        own (``answer``'s fast path), and ``started`` a coroutine or a done future."""
         n = len(images)
         timeout_s = self._cfg.backend_timeout_ms / 1000.0
         self._inflight[started] = t0
-        self._cancel_when_callers_gone(batch, started)
+        task = asyncio.current_task()
+        direct = asyncio.iscoroutine(started)
+        watch: _Watch | None = None
+        if direct:  # awaited in this task: cancelling this task cancels the call (the RPC)
+            if not inline and task is not None:
+                watch = _Watch()
+                self._cancel_when_callers_gone(batch, task, watch)
+        elif isinstance(started, asyncio.Task):
+            self._cancel_when_callers_gone(batch, started)
         outcome = "ok"
         released = False
         timer = asyncio.timeout(timeout_s)  # no extra task or wake-up
         try:
             async with timer:
-                # shielded: at the timeout, a thread's future must stay pending until the thread really returns
-                got = await asyncio.shield(started)
+                if direct:
+                    try:
+                        got = await started
+                    finally:
+                        if watch is not None:
+                            watch.awaiting = False
+                else:
+                    # shielded: at the timeout, a thread's future must stay pending until the thread really returns
+                    got = await asyncio.shield(started)  # type: ignore[arg-type]
             if isinstance(got, Answered):
                 probs, version, known = got.scores, got.version, got.known
             else:
@@ -482,9 +587,9 @@ class Batcher:
             if self._timeouts:
                 self._timeouts = 0
                 self._report()
-            # Free the slot before answering: the collector wakes first and starts the next batch while this
-            # batch's callers are being answered, so the backend does not sit idle in between.
-            self._slots.release()
+            # Free the slot before answering: the next batch starts while this batch's callers are being
+            # answered, so the backend does not sit idle in between.
+            self._release(hand_over=True)
             released = True
             start = 0
             for it in batch:
@@ -494,15 +599,19 @@ class Batcher:
                     it.future.set_result(Answered(probs[start:end], version, mine))
                 start += it.n
         except (Exception, asyncio.CancelledError) as exc:  # the batch failed: fail its own items, nothing else
-            task = asyncio.current_task()
+            if watch is not None and watch.fired and task is not None:
+                task.uncancel()  # our own cancel, for callers gone: not one from outside
             own_cancel = task is not None and task.cancelling() > 0
+            # inline: this task's caller is going away (gRPC cancelled it, or its deadline passed): it was the
+            # batch's only caller, as when the callers of a batch all leave
+            gone = inline and own_cancel
             outcome = "error"
             if timer.expired():
                 err: ServiceError = BackendError(
                     f"backend batch of {n} timed out after backend_timeout_ms={self._cfg.backend_timeout_ms:g}"
                 )
             elif isinstance(exc, asyncio.CancelledError):
-                if not own_cancel and all(it.future.cancelled() for it in batch):
+                if gone or (not own_cancel and all(it.future.cancelled() for it in batch)):
                     outcome = "cancelled"  # every caller went away, and the backend call was cancelled for it
                 err = BackendError(f"backend call for a batch of {n} was cancelled")
             elif isinstance(exc, ServiceError):
@@ -511,7 +620,9 @@ class Batcher:
                 log.exception("backend batch of %d drawings failed", n)
                 err = BackendError(f"backend failed on a batch of {n} drawings: {exc}")
             for it in batch:
-                if not it.future.done():
+                if gone:
+                    it.future.cancel()  # its caller is gone: nobody would retrieve an exception
+                elif not it.future.done():
                     it.future.set_exception(err)
             self._learn(n, self._clock() - t0)  # failures cost time too: a brownout must show in the estimate
             if timer.expired():
@@ -524,31 +635,38 @@ class Batcher:
             m.child(m.backend_latency, self._backend, outcome).observe(self._clock() - t0)
             self._metrics.inflight_batches.dec()
             if not released:
-                self._slots.release()
+                self._release()
 
-    def _cancel_when_callers_gone(self, batch: list[_Item], started: asyncio.Future[Scores | Answered]) -> None:
+    def _cancel_when_callers_gone(
+        self, batch: list[_Item], started: asyncio.Task[Any], watch: _Watch | None = None
+    ) -> None:
         """Cancel the backend call once every caller of the batch is gone (or answered at the timeout), when it
-        is an asyncio task (a gRPC call: cancelling it cancels the RPC); a thread's work cannot be stopped."""
-        if not isinstance(started, asyncio.Task):
-            return
+        is an asyncio task (a gRPC call: cancelling it cancels the RPC), or awaited by one (``started`` is then the
+        dispatch task, cancelled only while ``watch`` says it awaits the call); a thread's work cannot be stopped."""
         left = len(batch)
 
         def one_done(_: asyncio.Future[Answered]) -> None:
             nonlocal left
             left -= 1
-            if left == 0 and not started.done():
+            if left == 0 and not started.done() and (watch is None or watch.awaiting):
+                if watch is not None:
+                    watch.fired = True
+                    watch.awaiting = False
                 started.cancel()
 
         for it in batch:
             it.future.add_done_callback(one_done)
 
-    async def _outlive(self, started: asyncio.Future[Scores | Answered], timeout_s: float) -> None:
+    async def _outlive(self, started: Awaitable[Scores | Answered], timeout_s: float) -> None:
         """After a timeout (callers answered already): hold the slot until the backend's work has really ended.
 
         Counts one timeout now and one more for each further ``timeout_s`` the work runs (then it is stuck).
-        Work that ends by itself, not by our cancelling it, shows that the backend is alive: the count resets."""
+        Work that ends by itself, not by our cancelling it, shows that the backend is alive: the count resets.
+        A coroutine awaited by the dispatch itself has ended already: the timeout cancelled it."""
         self._timeouts += 1
         self._report()
+        if not asyncio.isfuture(started):
+            return
         if isinstance(started, asyncio.Task):
             started.cancel()
         stuck = False
@@ -572,8 +690,12 @@ class Batcher:
     async def close(self) -> None:
         """Stop accepting, dispatch what is queued, and wait for running batches to finish."""
         self._closed = True
-        self._arrived.set()
+        self._wake.set()
         if self._collector is not None:
             await asyncio.gather(self._collector, return_exceptions=True)  # it may have died already
-        if self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
+        while self._running or self._inline:  # a batch that ends hands its slot to the next (a task of its own)
+            if self._running:
+                await asyncio.gather(*self._running, return_exceptions=True)
+            elif self._inline:  # batches their callers run themselves
+                self._inline_done = asyncio.get_running_loop().create_future()
+                await asyncio.shield(self._inline_done)

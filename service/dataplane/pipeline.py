@@ -108,6 +108,9 @@ class Call(Generic[R]):
     #: The request's size in bytes, which decides where it is converted.
     size_bytes: int = 0
     deadline_s: float | None = None
+    #: The transport cancels the call at ``deadline_s`` (a unary gRPC door: gRPC cancels its handler then), so
+    #: the pipeline sets no timer of its own for it.
+    transport_deadline: bool = False
     #: For bodies over PROCESS_PARSE_BYTES: an awaitable that parses ``request`` in a worker process into what
     #: ``convert`` takes (the door's JSON to its protobuf bytes).
     pre_parse: Callable[[R], Awaitable[R]] | None = None
@@ -199,7 +202,7 @@ class DataPlane:
         if call.reserve is not None:
             await call.reserve(converted.answer_bytes)
         started = time.perf_counter_ns()
-        answered = await self._answer(images, version, call.deadline_s, converted.top_k)
+        answered = await self._answer(images, version, call.deadline_s, converted.top_k, call.transport_deadline)
         return Result(answered, converted, images, started, time.perf_counter_ns())
 
     def _convert(self, convert: Callable[[R], Converted], request: R) -> tuple[Converted, int]:
@@ -297,13 +300,14 @@ class DataPlane:
         return asked
 
     async def _answer(
-        self, images: NDArray[np.uint8], version: int, deadline_s: float | None, top_k: int | None
+        self, images: NDArray[np.uint8], version: int, deadline_s: float | None, top_k: int | None,
+        transport_deadline: bool = False,
     ) -> Answered:
         """Through the batcher; a call of several batches is pinned to the default version (its chunks could
         otherwise be answered by different versions while the backend's replicas disagree)."""
         if version == ANY_VERSION and len(images) > self.batcher.max_batch_size:
             version = self.model.default_version
-        return await self.batcher.answer(images, version, deadline_s, top_k)
+        return await self.batcher.answer(images, version, deadline_s, top_k, timed=not transport_deadline)
 
     async def close(self) -> None:
         """Stop the decode and render workers, then the preprocessing threads (a render in progress finishes first),

@@ -53,14 +53,16 @@ def convert_classify(plane: DataPlane, request: pb.ClassifyRequest | Wire) -> Co
 
 
 def classify_call(plane: DataPlane, request: pb.ClassifyRequest | Wire, deadline_s: float | None,
-                  reserve: Reserve | None = None) -> Call[Any]:  # fmt: skip
-    """One Classify as a pipeline call: its drawings counted on the wire's top level (admission)."""
+                  reserve: Reserve | None = None, transport_deadline: bool = False) -> Call[Any]:  # fmt: skip
+    """One Classify as a pipeline call: its drawings counted on the wire's top level (admission).
+    ``transport_deadline``: gRPC cancels the call at its deadline (unary Classify; see ``Call``)."""
     if isinstance(request, bytes | memoryview):
         n = wire.count_drawings(request, plane.limits.max_drawings_per_request)
         size = len(request)
     else:
         n, size = len(request.drawings), request.ByteSize()
-    return Call(request, lambda r: convert_classify(plane, r), max(n, 1), size, deadline_s, reserve=reserve)
+    return Call(request, lambda r: convert_classify(plane, r), max(n, 1), size, deadline_s, reserve=reserve,
+                transport_deadline=transport_deadline)
 
 
 def classify_response(plane: DataPlane, result: Result) -> pb.ClassifyResponse:
@@ -82,10 +84,13 @@ def classify_response(plane: DataPlane, result: Result) -> pb.ClassifyResponse:
     return pb.ClassifyResponse(predictions=predictions, model_name=plane.model.name, model_version=answered.version)
 
 
-async def classify(plane: DataPlane, request: pb.ClassifyRequest | Wire, deadline_s: float | None,
-                   reserve: Reserve | None = None) -> pb.ClassifyResponse:  # fmt: skip
+async def classify(
+    plane: DataPlane, request: pb.ClassifyRequest | Wire, deadline_s: float | None, reserve: Reserve | None = None,
+    transport_deadline: bool = False,
+) -> pb.ClassifyResponse:
     """Answer one ClassifyRequest through the pipeline."""
-    return classify_response(plane, await plane.infer(classify_call(plane, request, deadline_s, reserve)))
+    call = classify_call(plane, request, deadline_s, reserve, transport_deadline)
+    return classify_response(plane, await plane.infer(call))
 
 
 def model_info(plane: DataPlane, max_message_bytes: int) -> pb.ModelInfo:
@@ -140,7 +145,7 @@ class ClassifierService(DataPlaneSlot, pb_grpc.ClassifierServicer):
         self, request: pb.ClassifyRequest | bytes, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyResponse:
         """Classify a batch of drawings (``request`` as gRPC received it: bytes, see :func:`add_to_server`)."""
-        return await classify(self.plane, request, deadline(context))
+        return await classify(self.plane, request, deadline(context), transport_deadline=True)
 
     @unary("GetModelInfo")
     async def GetModelInfo(

@@ -183,10 +183,12 @@ class InferenceService:
     @unary("ModelInfer")
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Inference through the gateway (``request`` as bytes: counted on the wire first)."""
-        return await self._infer(request, deadline(context))
+        return await self._infer(request, deadline(context), transport_deadline=True)
 
-    async def _infer(self, request: bytes, deadline_s: float | None, reserve: Reserve | None = None) -> Any:
-        """One ModelInferRequest (its bytes: counted on the wire, then parsed by the pipeline's converter)."""
+    async def _infer(self, request: bytes, deadline_s: float | None, reserve: Reserve | None = None,
+                     transport_deadline: bool = False) -> Any:
+        """One ModelInferRequest (its bytes: counted on the wire, then parsed by the pipeline's converter);
+        ``transport_deadline``: gRPC cancels it at its deadline (unary ModelInfer; see ``Call``)."""
         surface = self.surface
         max_drawings = surface.plane.limits.max_drawings_per_request
 
@@ -195,7 +197,7 @@ class InferenceService:
             return to_call(parse_message(oip.ModelInferRequest, raw))
 
         return to_response(await surface.infer(surface.call(request, parsed, len(request), deadline_s,
-                                                            reserve=reserve)))  # fmt: skip
+                                                            reserve=reserve, transport_deadline=transport_deadline)))
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext

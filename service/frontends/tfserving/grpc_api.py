@@ -188,7 +188,8 @@ class PredictionService:
     @unary("Predict")
     async def Predict(self, request: bytes, context: grpc.aio.ServicerContext) -> Any:
         """Run ``serving_default`` on the images: one pipeline call (``request`` as bytes: counted first)."""
-        result = await self._surface.plane.infer(Call(request, self._convert, 1, len(request), deadline(context)))
+        result = await self._surface.plane.infer(Call(request, self._convert, 1, len(request), deadline(context),
+                                                      transport_deadline=True))  # gRPC cancels it at its deadline
         return self._response(result)
 
     def _convert(self, raw: bytes) -> Converted:
