@@ -12,6 +12,7 @@ before issue 18 serve as before, their predictions carrying no decision.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Awaitable, Callable
@@ -154,6 +155,12 @@ class ModelDescription:
     def ood(self) -> OutOfClassInfo | None:
         """The default version's out-of-class decision (None: it makes none)."""
         return self.out_of_class.get(self.default_version)
+
+    @functools.cached_property
+    def label_chars(self) -> int:
+        """The longest label's length: what every door's bound on its answer's size counts per class given (once
+        per description, not per call)."""
+        return max((len(x) for x in self.labels), default=0)
 
 
 class Backend(Protocol):

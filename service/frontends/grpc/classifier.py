@@ -47,7 +47,7 @@ def convert_classify(plane: DataPlane, request: pb.ClassifyRequest | Wire) -> Co
         wire.check_classify(request, lim.max_drawings_per_request, lim.max_strokes)
         request = parse_message(pb.ClassifyRequest, request)
     req = validate(request, lim)
-    label = max((len(x) for x in plane.model.labels), default=0)
+    label = plane.model.label_chars
     answer = len(req.drawings) * (ANSWER_BYTES_PER_DRAWING + req.top_k * (label + ANSWER_BYTES_PER_CLASS))
     return Converted(req, req.version, req.top_k, answer)
 

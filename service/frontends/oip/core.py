@@ -410,7 +410,7 @@ class Surface(DataPlaneSlot):
         """A bound on the answer's size: each output's tensor, before any of it is built."""
         labels = self.plane.model.labels
         classes = len(labels)
-        label = max((len(x) for x in labels), default=0)
+        label = self.plane.model.label_chars
         total = 0
         for o in outputs:
             if o.classification:  # "score:index:label", 4 bytes of length each

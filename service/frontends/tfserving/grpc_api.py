@@ -218,7 +218,7 @@ class PredictionService:
             raise
         needs_probs = OUTPUT_KEY in wanted  # else the backend may give its top-k outputs alone
         labels = plane.model.labels
-        per_drawing = len(labels) * 4 + TOP_K * (8 + max((len(x) for x in labels), default=0) + 4) + 4
+        per_drawing = len(labels) * 4 + TOP_K * (8 + plane.model.label_chars + 4) + 4
         return Converted(images, asked, None if needs_probs else TOP_K, len(images) * per_drawing,
                          surface.unknown_version, (filtered, outputs, wanted))  # fmt: skip
 
