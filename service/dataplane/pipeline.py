@@ -79,12 +79,6 @@ class Converted:
     unknown_version: Callable[[int], ServiceError] | None = None
     extra: Any = None
 
-    @property
-    def count(self) -> int:
-        """How many drawings."""
-        d = self.drawings
-        return len(d.drawings) if isinstance(d, ClassifyIn) else len(d)
-
     def kinds(self) -> list[Kind]:
         """Each drawing's input form."""
         d = self.drawings
@@ -253,11 +247,6 @@ class DataPlane:
 
     def _preprocessed(self) -> None:
         self._preprocessing -= 1
-
-    @property
-    def preprocessing_calls(self) -> int:
-        """Calls off the loop (in a parse worker, on or waiting for a preprocessing thread) now."""
-        return self._preprocessing
 
     def _images(self, converted: Converted, deadline_s: float | None) -> NDArray[np.uint8]:
         """Every drawing rendered; all decode errors are reported together.
