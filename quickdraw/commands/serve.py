@@ -16,6 +16,7 @@ import os
 import sys
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -172,11 +173,20 @@ def run(args: argparse.Namespace) -> int:
 
     configure_logging(settings.log_level)
     app = App(settings)
-    with asyncio.Runner() as runner:
+    with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
         runner.run(app.run(on_ready=ready))
         if app.left_behind:  # a model load (or a render) still running in a thread: do not wait for it
             _exit_now(0)
     return 0
+
+
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop the setting ``event_loop`` names (None: asyncio's default)."""
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None
 
 
 def _exit_now(code: int) -> None:

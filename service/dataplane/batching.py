@@ -193,7 +193,7 @@ class Batcher:
 
     async def answer(
         self, images: NDArray[np.uint8], version: int, deadline_s: float | None = None, top_k: int | None = None,
-        timed: bool = True,
+        timed: bool = True, admitted: bool = False,
     ) -> Answered:
         """Queue a call's images and wait for their probabilities, in order, and the version that answered.
 
@@ -209,12 +209,14 @@ class Batcher:
         once closed, failed or wedged, and BackendError when the batch fails. Cancelling the caller drops its
         queued items. ``timed`` False: the caller is cancelled at ``deadline_s`` anyway (gRPC cancels a unary
         handler at its deadline), so no timer of the batcher's own bounds the wait; the deadline still drops the
-        call's items before they are sent, and sets the backend call's.
+        call's items before they are sent, and sets the backend call's. ``admitted``: the caller has just made the
+        :meth:`admit` check itself, with nothing awaited since (the data plane), so it is not made twice.
         """
         n = len(images)
         if version == ANY_VERSION and n > self._cfg.max_batch_size:
             raise ValueError("a call of more than one batch must name its version (see Batcher.answer)")
-        self.admit(n)
+        if not admitted:
+            self.admit(n)
         if n == 0:
             return Answered(np.zeros((0, 0), np.float32), version)
         loop = asyncio.get_running_loop()

@@ -183,6 +183,8 @@ class DataPlane:
             converted, version = self._convert(call.convert, call.request)
             if _inline(converted):
                 images = self._images(converted, call.deadline_s)
+        # admitted for these drawings already, with nothing awaited since: the batcher need not check again
+        admitted = images is not None and call.reserve is None and len(images) <= call.drawings
         if images is None:
             converted, version, images = await self._offload(call, converted, version)
         assert converted is not None
@@ -196,7 +198,8 @@ class DataPlane:
         if call.reserve is not None:
             await call.reserve(converted.answer_bytes)
         started = time.perf_counter_ns()
-        answered = await self._answer(images, version, call.deadline_s, converted.top_k, call.transport_deadline)
+        answered = await self._answer(images, version, call.deadline_s, converted.top_k, call.transport_deadline,
+                                      admitted)  # fmt: skip
         return Result(answered, converted, images, started, time.perf_counter_ns())
 
     def _convert(self, convert: Callable[[R], Converted], request: R) -> tuple[Converted, int]:
@@ -290,13 +293,14 @@ class DataPlane:
 
     async def _answer(
         self, images: NDArray[np.uint8], version: int, deadline_s: float | None, top_k: int | None,
-        transport_deadline: bool = False,
+        transport_deadline: bool = False, admitted: bool = False,
     ) -> Answered:
         """Through the batcher; a call of several batches is pinned to the default version (its chunks could
         otherwise be answered by different versions while the backend's replicas disagree)."""
         if version == ANY_VERSION and len(images) > self.batcher.max_batch_size:
             version = self.model.default_version
-        return await self.batcher.answer(images, version, deadline_s, top_k, timed=not transport_deadline)
+        return await self.batcher.answer(images, version, deadline_s, top_k, timed=not transport_deadline,
+                                         admitted=admitted)  # fmt: skip
 
     async def close(self) -> None:
         """Stop the decode and render workers, then the preprocessing threads (a render in progress finishes first),
