@@ -100,7 +100,7 @@ from service.backends.tfserving_replicas import (
 from service.core.errors import BackendError, DeadlineExceeded, NotFound, Unavailable
 from service.core.metrics import Metrics
 from service.protos import tfs
-from service.protos.tensors import TensorDecodeError, from_numpy, to_numpy
+from service.protos.tensors import TensorDecodeError, exact, to_numpy, write_uint8
 from service.runtime.lograte import LogRate
 from service.security.tls import tfserving_channel
 from service.settings import Settings
@@ -506,7 +506,7 @@ class TFServingBackend:
         return ok[self._rr % len(ok)]
 
     def _request(
-        self, r: Replica, version: int, tensor: Any, outputs: list[str], known: bool = True
+        self, r: Replica, version: int, images: NDArray[np.uint8], outputs: list[str], known: bool = True
     ) -> tuple[Any, int]:
         """The PredictRequest for ``r``, and the version it names (``ANY_VERSION``: none or the label). It asks for
         ``KNOWN_SCORE`` too when the version expected to answer gives it: always when that version is named by
@@ -533,7 +533,7 @@ class TFServingBackend:
             spec.version_label = self._s.tfserving_version_label or ""
         if sent != ANY_VERSION:
             spec.version.value = sent
-        req.inputs[INPUT_KEY].CopyFrom(tensor)
+        write_uint8(req.inputs[INPUT_KEY], images)
         return req, sent
 
     def _run(
@@ -545,15 +545,13 @@ class TFServingBackend:
         parse: Callable[[Any, int], Any],
     ) -> Awaitable[Answered]:
         """Start the first attempt now; the coroutine retries as the module docstring says."""
-        tensor = from_numpy(images)
-        n = len(images)
         tried: list[Replica] = []
-        first = self._attempt(version, tensor, outputs, deadline_s, tried)
-        return self._complete(first, version, tensor, outputs, deadline_s, tried, n, parse)
+        first = self._attempt(version, images, outputs, deadline_s, tried)
+        return self._complete(first, version, images, outputs, deadline_s, tried, len(images), parse)
 
     def _attempt(
-        self, version: int, tensor: Any, outputs: list[str], deadline_s: float | None, tried: list[Replica],
-        known: bool = True,
+        self, version: int, images: NDArray[np.uint8], outputs: list[str], deadline_s: float | None,
+        tried: list[Replica], known: bool = True,
     ) -> tuple[Replica, Any, int]:
         """Start one Predict on the next replica that can answer it: (replica, call, version it names). ``known``:
         may ask for ``KNOWN_SCORE`` (see ``_request``)."""
@@ -565,7 +563,7 @@ class TFServingBackend:
                 raise Unavailable(f"no reachable TF Serving replica serves version {version}; retry with backoff")
             raise NotFound(f"no TF Serving replica serves version {version} of {self._s.model_name!r} now")
         tried.append(r)
-        req, sent = self._request(r, version, tensor, outputs, known)
+        req, sent = self._request(r, version, images, outputs, known)
         return r, r.predict.Predict(req, timeout=self._timeout(deadline_s)), sent  # starts now
 
     def _retry(self, reason: str) -> bool:
@@ -580,7 +578,7 @@ class TFServingBackend:
         self,
         first: tuple[Replica, Any, int],
         version: int,
-        tensor: Any,
+        images: NDArray[np.uint8],
         outputs: list[str],
         deadline_s: float | None,
         tried: list[Replica],
@@ -608,7 +606,7 @@ class TFServingBackend:
                     if attempts >= max_attempts or not self._retry("unchecked_version"):
                         raise mapped(exc, what) from None
                     tried.remove(r)
-                    r, call, sent = self._attempt(version, tensor, outputs, deadline_s, tried, known)
+                    r, call, sent = self._attempt(version, images, outputs, deadline_s, tried, known)
                     attempts += 1
                     continue
                 if code == grpc.StatusCode.NOT_FOUND:
@@ -624,7 +622,7 @@ class TFServingBackend:
                 if attempts >= max_attempts or not self._retry(reason):
                     raise mapped(exc, what) from None
                 try:
-                    r, call, sent = self._attempt(version, tensor, outputs, deadline_s, tried, known)
+                    r, call, sent = self._attempt(version, images, outputs, deadline_s, tried, known)
                 except NotFound:
                     raise mapped(exc, what) from None  # no other replica lists it: the caller's NOT_FOUND
                 attempts += 1
@@ -642,46 +640,40 @@ class TFServingBackend:
                 raise Unavailable(f"TF Serving answered {what} with version {answered}, which this gateway has not "
                                   f"accepted (yet); retry with backoff")  # fmt: skip
             tried.remove(r)  # the same replica may answer again, by number
-            r, call, sent = self._attempt(version, tensor, outputs, deadline_s, tried, known)
+            r, call, sent = self._attempt(version, images, outputs, deadline_s, tried, known)
             attempts += 1
 
     def _known_score(self, resp: Any, n: int) -> NDArray[np.float32] | None:
         """The answer's ``KNOWN_SCORE``, float32 [n], when it has one (None: not asked for, or not given)."""
         if KNOWN_SCORE not in resp.outputs:
             return None
-        try:
-            known = to_numpy(resp.outputs[KNOWN_SCORE]).astype(np.float32, copy=False)
-        except TensorDecodeError as exc:
-            raise BackendError(f"TF Serving's {KNOWN_SCORE!r} could not be decoded: {exc}") from None
+        known = _output(resp, KNOWN_SCORE, tfs.DT_FLOAT, (n,)).astype(np.float32, copy=False)
         if known.shape != (n,):
             raise BackendError(f"TF Serving returned {KNOWN_SCORE!r} of shape {list(known.shape)} for {n} drawings")
         return known
 
     def _top_k(self, resp: Any, n: int) -> TopK:
-        got = []
+        outputs = resp.outputs
+        shape = (n, self.top_k_width)
         for key in (TOP_K_SCORES, TOP_K_INDICES):
-            if key not in resp.outputs:
-                raise BackendError(f"TF Serving's answer has no {key!r} output: {sorted(resp.outputs)}")
-            try:
-                got.append(to_numpy(resp.outputs[key]))
-            except TensorDecodeError as exc:
-                raise BackendError(f"TF Serving's {key!r} could not be decoded: {exc}") from None
-        scores, indices = got
+            if key not in outputs:
+                raise BackendError(f"TF Serving's answer has no {key!r} output: {sorted(outputs)}")
+        scores = _output(resp, TOP_K_SCORES, tfs.DT_FLOAT, shape)
+        indices = _output(resp, TOP_K_INDICES, tfs.DT_INT32, shape)
         classes = len(self._labels)
-        if scores.shape != (n, self.top_k_width) or indices.shape != scores.shape or indices.dtype.kind not in "iu":
+        if scores.shape != shape or indices.shape != shape or indices.dtype.kind not in "iu":
             raise BackendError(f"TF Serving returned top-k outputs of shapes {list(scores.shape)} and "
                                f"{list(indices.shape)} for {n} drawings of {self.top_k_width}")  # fmt: skip
-        if indices.size and (indices.min() < 0 or indices.max() >= classes):
+        # one reduction: read as unsigned, a negative index is larger than any class
+        unsigned = indices if indices.dtype.kind == "u" else indices.view(f"u{indices.dtype.itemsize}")
+        if indices.size and unsigned.max() >= classes:
             raise BackendError(f"TF Serving returned class indices outside 0..{classes - 1}")
         return TopK(scores.astype(np.float32, copy=False), indices)
 
     def _probabilities(self, resp: Any, n: int) -> NDArray[np.float32]:
         if OUTPUT_KEY not in resp.outputs:
             raise BackendError(f"TF Serving's answer has no {OUTPUT_KEY!r} output: {sorted(resp.outputs)}")
-        try:
-            probs = to_numpy(resp.outputs[OUTPUT_KEY]).astype(np.float32, copy=False)
-        except TensorDecodeError as exc:
-            raise BackendError(f"TF Serving's {OUTPUT_KEY!r} could not be decoded: {exc}") from None
+        probs = _output(resp, OUTPUT_KEY, tfs.DT_FLOAT, (n, len(self._labels))).astype(np.float32, copy=False)
         if probs.ndim != 2 or len(probs) != n or probs.shape[1] != len(self._labels):
             raise BackendError(f"TF Serving returned {OUTPUT_KEY!r} of shape {list(probs.shape)} for {n} drawings "
                                f"of {len(self._labels)} classes")  # fmt: skip
@@ -695,3 +687,16 @@ class TFServingBackend:
                 await self._poller
         for r in self._replicas:
             await r.channel.close()
+
+
+def _output(resp: Any, key: str, dtype: int, shape: tuple[int, ...]) -> NDArray[Any]:
+    """The answer's output ``key`` (present), decoded: cheaply when it is the ``dtype`` and ``shape`` expected, as
+    TF Serving sends them; otherwise in full, a BackendError when it cannot be (its shape is the caller's check)."""
+    tensor = resp.outputs[key]
+    array = exact(tensor, dtype, shape)
+    if array is None:
+        try:
+            array = to_numpy(tensor)
+        except TensorDecodeError as exc:
+            raise BackendError(f"TF Serving's {key!r} could not be decoded: {exc}") from None
+    return array

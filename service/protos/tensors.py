@@ -136,3 +136,39 @@ def from_numpy(array: NDArray[np.generic]) -> Any:
         raise TypeError(f"cannot encode numpy dtype {array.dtype}")
     content = np.ascontiguousarray(array, dtype=_NUMERIC[dt][0]).tobytes()
     return tfs.TensorProto(dtype=dt, tensor_shape=shape, tensor_content=content)
+
+
+def write_uint8(tensor: Any, array: NDArray[np.uint8]) -> None:
+    """Write a uint8 array into an empty TensorProto in place: what :func:`from_numpy` gives, without building a
+    tensor to copy (a Predict request's input, once per backend call)."""
+    tensor.dtype = tfs.DT_UINT8
+    dims = tensor.tensor_shape.dim
+    for d in array.shape:
+        dims.add(size=d)
+    tensor.tensor_content = np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def exact(tensor: Any, dtype: int, shape: tuple[int, ...]) -> NDArray[np.generic] | None:
+    """A tensor of exactly this ``dtype`` and ``shape``, decoded, when its values are in ``tensor_content`` or
+    in a typed field of that very type (``float_val`` for DT_FLOAT, ``int_val`` for DT_INT32, ...: nothing to
+    range-check); None for anything else (decode that with :func:`to_numpy`, which says what is wrong). TF
+    Serving's answers are such tensors (typed fields, as its ``AsProtoField``): this is their cheap path."""
+    if tensor.dtype != dtype or dtype not in _EXACT_FIELDS:
+        return None
+    if tuple([d.size for d in tensor.tensor_shape.dim]) != shape:
+        return None
+    np_dtype, field = _NUMERIC[dtype]
+    count = math.prod(shape)
+    content = tensor.tensor_content
+    if content:
+        if len(content) != count * np_dtype.itemsize:
+            return None
+        return np.frombuffer(content, dtype=np_dtype).reshape(shape)
+    values = getattr(tensor, field)
+    return np.fromiter(values, np_dtype, count).reshape(shape) if len(values) == count else None
+
+
+#: The DataTypes whose typed field holds exactly their values (``int_val`` also carries narrower integers, which
+#: :func:`to_numpy` range-checks).
+_EXACT_FIELDS = frozenset({tfs.DT_FLOAT, tfs.DT_DOUBLE, tfs.DT_INT32, tfs.DT_INT64, tfs.DT_UINT32, tfs.DT_UINT64,
+                           tfs.DT_BOOL})
