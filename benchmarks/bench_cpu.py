@@ -1,10 +1,11 @@
 """The gateway's CPU per call against a bare grpc.aio server's, open loop at 400 and 1,500 calls/s; RSS; start time.
 
-Four processes besides this one: the TF Serving stand-in (tests/tfserving_standin.py), a gateway
-``quickdraw serve --backend tfserving`` in front of it, a bare grpc.aio unary server (``benchmarks/bare_server.py``:
-one generic handler, 100 bytes back for anything), and the same bare server as a bare proxy (``--forward``: one
-grpc.aio Predict to the stand-in per call before it answers, the floor for a gateway that makes one backend call
-per call). A load generator in this
+Five processes besides this one: the TF Serving stand-in (tests/tfserving_standin.py), a gateway
+``quickdraw serve --backend tfserving`` in front of it (and a second one on asyncio's own event loop,
+``--event-loop asyncio``, to compare with uvloop, the default), a bare grpc.aio unary server
+(``benchmarks/bare_server.py``: one generic handler, 100 bytes back for anything), and the same bare server as a
+bare proxy (``--forward``: one grpc.aio Predict to the stand-in per call before it answers, the floor for a gateway
+that makes one backend call per call). A load generator in this
 process (grpc.aio, several channels, requests pre-serialized so it spends nothing on protobuf) sends
 single-bitmap calls to two of the gateway's doors, ``Classify`` (784 pixels, top_k 3) and the Open Inference
 Protocol's ``ModelInfer`` (``image`` UINT8 [1, 28, 28, 1], output ``probabilities``), and 784-byte calls to the
@@ -58,8 +59,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 CLASSIFY = "/quickdraw.v1.Classifier/Classify"
 BARE = "/bare.Bare/Call"
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
-#: The gateway's doors measured: quickdraw.v1 Classify, and the Open Inference Protocol's ModelInfer.
-GATEWAY_DOORS = ("gateway", "gateway-oip")
+#: The gateway's doors measured: quickdraw.v1 Classify, and the Open Inference Protocol's ModelInfer; and Classify on a
+#: second gateway that runs on asyncio's own event loop (``--event-loop asyncio``) instead of uvloop, the default.
+GATEWAY_DOORS = ("gateway", "gateway-oip", "gateway-asyncio")
 
 
 def _free_port() -> int:
@@ -187,7 +189,7 @@ def batches(metrics_url: str) -> tuple[float, float]:
 
 
 async def measure(
-    targets: dict[str, tuple[str, int, str, list[bytes]]], gateway_pid: int, metrics_url: str
+    targets: dict[str, tuple[str, int, str, list[bytes]]], gateway_pid: int, metrics_urls: dict[str, str]
 ) -> tuple[Measured, float]:
     """Warm up the gateway with RSS_AFTER_CALLS calls (its RSS then), then the alternating measured rounds."""
     channels = [grpc.aio.insecure_channel(t) for t, _, _, _ in targets.values() for _ in range(CHANNELS)]
@@ -207,12 +209,12 @@ async def measure(
                 for name, (_, pid, _, payloads) in targets.items():
                     await open_loop(calls[name], payloads, rate, WARMUP_S)
                     c0 = cpu_s(pid)
-                    b0 = batches(metrics_url) if name in GATEWAY_DOORS else (0.0, 0.0)
+                    b0 = batches(metrics_urls[name]) if name in GATEWAY_DOORS else (0.0, 0.0)
                     load = await open_loop(calls[name], payloads, rate, SECONDS)
                     out.cpu[name, rate].append((cpu_s(pid) - c0) / load.started)
                     out.loads[name, rate].append(load)
                     if name in GATEWAY_DOORS:
-                        b1 = batches(metrics_url)
+                        b1 = batches(metrics_urls[name])
                         out.batch[name, rate].append((b1[0] - b0[0]) / max(1.0, b1[1] - b0[1]))
         return out, rss
     finally:
@@ -266,7 +268,7 @@ def tiny_model(base: Path, env: dict[str, str]) -> None:
 def run() -> list[str]:
     """Start the three servers, measure, stop them; print the table and return the summary lines."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    tfs_port, gw_port, http_port, bare_port, proxy_port = (_free_port() for _ in range(5))
+    tfs_port, gw_port, http_port, bare_port, proxy_port, gw2_port, http2_port = (_free_port() for _ in range(7))
     logs = tempfile.TemporaryDirectory(prefix="bench_cpu-")
     procs: list[subprocess.Popen[str]] = []
 
@@ -290,14 +292,21 @@ def run() -> list[str]:
                         str(http_port), "--backend", "tfserving", "--tfserving-target", f"127.0.0.1:{tfs_port}")
         asyncio.run(wait_serving(f"127.0.0.1:{gw_port}"))
         to_serving = time.monotonic() - t0
+        on_asyncio = spawn("-m", "quickdraw", "serve", "--host", "127.0.0.1", "--grpc-port", str(gw2_port),
+                           "--http-port", str(http2_port), "--backend", "tfserving", "--tfserving-target",
+                           f"127.0.0.1:{tfs_port}", "--event-loop", "asyncio")  # fmt: skip
+        asyncio.run(wait_serving(f"127.0.0.1:{gw2_port}"))
         gw_payloads, oip_payloads, bare_payloads = payloads()
         targets = {
             "gateway": (f"127.0.0.1:{gw_port}", gateway.pid, CLASSIFY, gw_payloads),
             "gateway-oip": (f"127.0.0.1:{gw_port}", gateway.pid, MODEL_INFER, oip_payloads),
+            "gateway-asyncio": (f"127.0.0.1:{gw2_port}", on_asyncio.pid, CLASSIFY, gw_payloads),
             "bare": (f"127.0.0.1:{bare_port}", bare.pid, BARE, bare_payloads),
             "proxy": (f"127.0.0.1:{proxy_port}", proxy.pid, BARE, bare_payloads),
         }
-        m, rss = asyncio.run(measure(targets, gateway.pid, f"http://127.0.0.1:{http_port}/metrics"))
+        m, rss = asyncio.run(measure(targets, gateway.pid, {
+            "gateway": f"http://127.0.0.1:{http_port}/metrics", "gateway-oip": f"http://127.0.0.1:{http_port}/metrics",
+            "gateway-asyncio": f"http://127.0.0.1:{http2_port}/metrics"}))
     except Exception:
         for i, _ in enumerate(procs):
             print((Path(logs.name) / f"{i}.log").read_text()[-3000:], file=sys.stderr)
@@ -332,6 +341,11 @@ def run() -> list[str]:
                 f"/ bare server {per[door] / per['bare']:.2f} ({per['bare']:.0f} us; "
                 f"{np.median(m.batch[door, rate]):.2f} drawings per backend call)"
             )
+        summary.append(
+            f"CPU per single-bitmap Classify call at {rate}/s open loop: gateway on uvloop (the default) / the same "
+            f"gateway on asyncio's own loop = {per['gateway'] / per['gateway-asyncio']:.2f} ({per['gateway']:.0f} vs "
+            f"{per['gateway-asyncio']:.0f} us; on asyncio / bare proxy {per['gateway-asyncio'] / per['proxy']:.2f})"
+        )
     print(f"  gateway RSS after {RSS_AFTER_CALLS} calls: {rss:.0f} MiB; time to SERVING: {to_serving:.2f} s",
           flush=True)  # fmt: skip
     summary.append(f"gateway (tfserving backend): RSS after {RSS_AFTER_CALLS} calls {rss:.0f} MiB; process start to "

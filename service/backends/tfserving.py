@@ -664,9 +664,7 @@ class TFServingBackend:
         if scores.shape != shape or indices.shape != shape or indices.dtype.kind not in "iu":
             raise BackendError(f"TF Serving returned top-k outputs of shapes {list(scores.shape)} and "
                                f"{list(indices.shape)} for {n} drawings of {self.top_k_width}")  # fmt: skip
-        # one reduction: read as unsigned, a negative index is larger than any class
-        unsigned = indices if indices.dtype.kind == "u" else indices.view(f"u{indices.dtype.itemsize}")
-        if indices.size and unsigned.max() >= classes:
+        if indices.size and not _in_range(indices, classes):
             raise BackendError(f"TF Serving returned class indices outside 0..{classes - 1}")
         return TopK(scores.astype(np.float32, copy=False), indices)
 
@@ -700,3 +698,13 @@ def _output(resp: Any, key: str, dtype: int, shape: tuple[int, ...]) -> NDArray[
         except TensorDecodeError as exc:
             raise BackendError(f"TF Serving's {key!r} could not be decoded: {exc}") from None
     return array
+
+
+def _in_range(indices: NDArray[np.integer], classes: int) -> bool:
+    """Every index in 0..classes-1: in Python for a few (a numpy reduction costs more than its work there), else one
+    reduction (read as unsigned, a negative index is larger than any class)."""
+    if indices.size <= 64:
+        flat = indices.ravel().tolist()
+        return min(flat) >= 0 and max(flat) < classes
+    unsigned = indices if indices.dtype.kind == "u" else indices.view(f"u{indices.dtype.itemsize}")
+    return bool(unsigned.max() < classes)

@@ -144,6 +144,8 @@ class Batcher:
         #: Backend slots free now (a batch holds one from when it is taken until its backend work has ended).
         self._free = config.max_concurrent_batches
         self._running: set[asyncio.Task[None]] = set()
+        #: The backend's last call was a coroutine (TF Serving's RPC): idle calls then take ``_alone``.
+        self._coroutines = False
         #: Batches run by their own caller (the idle fast path of ``answer``), and what close() waits on for them.
         self._inline = 0
         self._inline_done: asyncio.Future[None] | None = None
@@ -222,14 +224,16 @@ class Batcher:
         loop = asyncio.get_running_loop()
         now = self._clock()
         size = self._cfg.max_batch_size
+        idle = not self._queue and self._free > 0 and self._cfg.max_batch_delay_ms <= 0 and n <= size
+        wants = top_k if top_k is not None and top_k <= self._top_k_width else None
+        if idle and self._coroutines:
+            return await self._alone(images, version, now, deadline_s, wants, timed)
         if n <= size:
-            wants = top_k if top_k is not None and top_k <= self._top_k_width else None
             items = [_Item(images, version, loop.create_future(), now, deadline_s, wants)]
         else:
             items = [
                 _Item(images[i : i + size], version, loop.create_future(), now, deadline_s) for i in range(0, n, size)
             ]
-        idle = not self._queue and self._free > 0 and self._cfg.max_batch_delay_ms <= 0 and len(items) == 1
         self._queue.extend(items)
         self._queued += n
         self._metrics.queue_depth.set(self._queued)
@@ -270,6 +274,61 @@ class Batcher:
         knowns = [p.known for p in parts]
         known = None if any(k is None for k in knowns) else np.concatenate(knowns)  # type: ignore[arg-type]
         return Answered(scores, parts[0].version, known)
+
+    async def _alone(
+        self, images: NDArray[np.uint8], version: int, now: float, deadline_s: float | None, top_k: int | None,
+        timed: bool,
+    ) -> Answered:
+        """The idle fast path of ``answer`` for a backend whose calls are coroutines (TF Serving's RPCs): nothing
+        queued, a slot free, no batch delay, so the call is a batch of its own at once, as the collector would make
+        it, and its backend call is awaited in the caller's own task: no queue, no future, no collector wake-up.
+        Calls arriving meanwhile queue, and the collector batches them. What ``_dispatch`` does for a batch, done
+        for this one caller: the same slot, estimate, timeout, metrics and errors."""
+        n = len(images)
+        if deadline_s is not None and now >= deadline_s:  # dropped before it costs a backend call, as _take drops it
+            self._dropped("deadline").inc(n)
+            raise DeadlineExceeded("deadline exceeded while queued for the backend")
+        self._free -= 1
+        self._metrics.queue_wait.observe(0.0)  # once per batch, as _take: it waited for nothing
+        started, t0 = self._begin(images, version, deadline_s, top_k is not None)
+        self._inflight[started] = t0
+        self._inline += 1
+        outcome = "ok"
+        released = False
+        timeout_s = self._cfg.backend_timeout_ms / 1000.0
+        timer = asyncio.timeout(timeout_s)  # the backend's
+        deadline = None  # the caller's, unless gRPC cancels it at its deadline (not timed)
+        if timed and deadline_s is not None:
+            deadline = asyncio.timeout_at(asyncio.get_running_loop().time() + (deadline_s - self._clock()))
+        try:
+            if deadline is None:
+                async with timer:
+                    got = await started
+            else:
+                async with deadline, timer:
+                    got = await started
+            answered = self._answered(got, n, version)
+            self._succeeded(n, t0)
+            released = True
+            return answered
+        except (Exception, asyncio.CancelledError) as exc:
+            self._learn(n, self._clock() - t0)  # failures cost time too: a brownout must show in the estimate
+            task = asyncio.current_task()
+            if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling() > 0:
+                outcome = "cancelled"  # the caller went away (gRPC cancelled it): its backend call with it
+                raise
+            if deadline is not None and deadline.expired() and not timer.expired():
+                outcome = "cancelled"  # the caller's deadline passed: its backend call was cancelled for it
+                raise DeadlineExceeded("deadline exceeded while queued for the backend") from None
+            outcome = "error"
+            if timer.expired():
+                await self._outlive(started, timeout_s)
+            raise self._failure(exc, n, timer) from None
+        finally:
+            self._inline -= 1
+            if not self._inline and self._inline_done is not None and not self._inline_done.done():
+                self._inline_done.set_result(None)
+            self._ended(started, t0, outcome, released)
 
     def _take_alone(
         self, item: _Item
@@ -525,21 +584,29 @@ class Batcher:
         call, its RPC started already) is awaited as it is by ``_dispatch``, with no task of its own; any other
         awaitable but a future is wrapped in a task."""
         images = batch[0].images if len(batch) == 1 else np.concatenate([it.images for it in batch])
+        deadlines = [it.deadline_s for it in batch]
+        deadline = None if None in deadlines else max(d for d in deadlines if d is not None)
+        started, t0 = self._begin(images, batch[0].version, deadline, all(it.top_k is not None for it in batch))
+        return images, started, t0
+
+    def _begin(
+        self, images: NDArray[np.uint8], version: int, deadline_s: float | None, top_k_only: bool
+    ) -> tuple[Awaitable[Scores | Answered], float]:
+        """Count a batch in and start its backend call (for its top-k outputs alone when every caller wants only
+        those and the backend gives them); returns the call, a coroutine or a future, and when it started."""
         self._metrics.batch_size.observe(len(images))
         self._metrics.inflight_batches.inc()
         t0 = self._clock()
-        deadlines = [it.deadline_s for it in batch]
-        deadline = None if None in deadlines else max(d for d in deadlines if d is not None)
         try:
-            top_k_only = self._run_top_k is not None and all(it.top_k is not None for it in batch)
-            run = self._run_top_k if top_k_only else self._run_batch
-            started = run(images, batch[0].version, deadline)  # type: ignore[misc]
-            if not asyncio.iscoroutine(started):
+            run = self._run_top_k if top_k_only and self._run_top_k is not None else self._run_batch
+            started = run(images, version, deadline_s)  # type: ignore[misc]
+            self._coroutines = asyncio.iscoroutine(started)
+            if not self._coroutines:
                 started = asyncio.ensure_future(started)
         except Exception as exc:  # a backend that fails before it starts fails this batch like any other
             started = asyncio.get_running_loop().create_future()
             started.set_exception(exc)
-        return images, started, t0
+        return started, t0
 
     async def _dispatch(
         self,
@@ -577,21 +644,11 @@ class Batcher:
                 else:
                     # shielded: at the timeout, a thread's future must stay pending until the thread really returns
                     got = await asyncio.shield(started)  # type: ignore[arg-type]
-            if isinstance(got, Answered):
-                probs, version, known = got.scores, got.version, got.known
-            else:
-                probs, version, known = got, batch[0].version, None
-            if len(probs) != n:
-                raise BackendError(f"backend returned {len(probs)} results for {n} drawings")
-            if known is not None and known.shape != (n,):
-                raise BackendError(f"backend returned known scores of shape {list(known.shape)} for {n} drawings")
-            self._learn(n, self._clock() - t0)
-            if self._timeouts:
-                self._timeouts = 0
-                self._report()
+            answered = self._answered(got, n, batch[0].version)
+            probs, version, known = answered.scores, answered.version, answered.known
             # Free the slot before answering: the next batch starts while this batch's callers are being
             # answered, so the backend does not sit idle in between.
-            self._release(hand_over=True)
+            self._succeeded(n, t0)
             released = True
             start = 0
             for it in batch:
@@ -608,19 +665,11 @@ class Batcher:
             # batch's only caller, as when the callers of a batch all leave
             gone = inline and own_cancel
             outcome = "error"
-            if timer.expired():
-                err: ServiceError = BackendError(
-                    f"backend batch of {n} timed out after backend_timeout_ms={self._cfg.backend_timeout_ms:g}"
-                )
-            elif isinstance(exc, asyncio.CancelledError):
-                if gone or (not own_cancel and all(it.future.cancelled() for it in batch)):
-                    outcome = "cancelled"  # every caller went away, and the backend call was cancelled for it
-                err = BackendError(f"backend call for a batch of {n} was cancelled")
-            elif isinstance(exc, ServiceError):
-                err = exc
-            else:
-                log.exception("backend batch of %d drawings failed", n)
-                err = BackendError(f"backend failed on a batch of {n} drawings: {exc}")
+            if isinstance(exc, asyncio.CancelledError) and not timer.expired() and (
+                gone or (not own_cancel and all(it.future.cancelled() for it in batch))
+            ):
+                outcome = "cancelled"  # every caller went away, and the backend call was cancelled for it
+            err = self._failure(exc, n, timer)
             for it in batch:
                 if gone:
                     it.future.cancel()  # its caller is gone: nobody would retrieve an exception
@@ -632,12 +681,50 @@ class Batcher:
             if own_cancel:
                 raise  # this task itself is being cancelled: its callers are answered, let it end
         finally:
-            self._inflight.pop(started, None)
-            m = self._metrics
-            m.child(m.backend_latency, self._backend, outcome).observe(self._clock() - t0)
-            self._metrics.inflight_batches.dec()
-            if not released:
-                self._release()
+            self._ended(started, t0, outcome, released)
+
+    def _answered(self, got: Scores | Answered, n: int, version: int) -> Answered:
+        """A batch's backend answer checked: ``n`` results (and known scores), and the version that answered."""
+        if isinstance(got, Answered):
+            probs, version, known = got.scores, got.version, got.known
+        else:
+            probs, known = got, None
+        if len(probs) != n:
+            raise BackendError(f"backend returned {len(probs)} results for {n} drawings")
+        if known is not None and known.shape != (n,):
+            raise BackendError(f"backend returned known scores of shape {list(known.shape)} for {n} drawings")
+        return got if isinstance(got, Answered) else Answered(probs, version, known)
+
+    def _succeeded(self, n: int, t0: float) -> None:
+        """A batch ended well: learn its cost, clear the timeouts, and free its slot (the next batch starts now)."""
+        self._learn(n, self._clock() - t0)
+        if self._timeouts:
+            self._timeouts = 0
+            self._report()
+        self._release(hand_over=True)
+
+    def _failure(self, exc: BaseException, n: int, timer: asyncio.Timeout) -> ServiceError:
+        """What a failed batch's callers get: its timeout, its cancellation, the backend's ServiceError, or any
+        other exception as a BackendError (logged with its traceback)."""
+        if timer.expired():
+            return BackendError(
+                f"backend batch of {n} timed out after backend_timeout_ms={self._cfg.backend_timeout_ms:g}"
+            )
+        if isinstance(exc, asyncio.CancelledError):
+            return BackendError(f"backend call for a batch of {n} was cancelled")
+        if isinstance(exc, ServiceError):
+            return exc
+        log.exception("backend batch of %d drawings failed", n, exc_info=exc)
+        return BackendError(f"backend failed on a batch of {n} drawings: {exc}")
+
+    def _ended(self, started: Awaitable[Scores | Answered], t0: float, outcome: str, released: bool) -> None:
+        """Count a batch out, whatever its end: its latency by outcome, and its slot freed if not yet."""
+        self._inflight.pop(started, None)
+        m = self._metrics
+        m.child(m.backend_latency, self._backend, outcome).observe(self._clock() - t0)
+        m.inflight_batches.dec()
+        if not released:
+            self._release()
 
     def _cancel_when_callers_gone(
         self, batch: list[_Item], started: asyncio.Task[Any], watch: _Watch | None = None

@@ -349,6 +349,25 @@ def violations(err: ValidationError, prefix: Sequence[int | str] = ()) -> list[F
     return out
 
 
+def bitmaps_only(req: pb.ClassifyRequest, limits: Limits) -> tuple[NDArray[np.uint8], int, int | None] | None:
+    """The commonest request checked without building its pydantic models: every drawing a bitmap of exactly
+    ``BITMAP_PIXELS`` bytes, as many drawings and classes as the limits allow. Returns its bitmaps [n, 28, 28, 1], its
+    top_k and the version it asks for (None: the default), or None for any other request, which :func:`validate`
+    then checks (and words the errors of); what this accepts, validate accepts the same."""
+    drawings = req.drawings
+    top_k = req.top_k or DEFAULT_TOP_K
+    if not 0 < len(drawings) <= limits.max_drawings_per_request or not 1 <= top_k <= min(limits.max_top_k,
+                                                                                          limits.num_classes):
+        return None
+    pixels = []
+    for d in drawings:
+        if d.WhichOneof("input") != "bitmap" or len(d.bitmap.pixels) != BITMAP_PIXELS:
+            return None
+        pixels.append(d.bitmap.pixels)
+    images = np.frombuffer(bytearray(b"".join(pixels)), np.uint8).reshape(len(pixels), BITMAP_SIDE, BITMAP_SIDE, 1)
+    return images, top_k, (req.model.version if req.HasField("model") and req.model.version else None)
+
+
 def validate(req: pb.ClassifyRequest, limits: Limits) -> ClassifyIn:
     """Validate a request; raises InvalidArgument with one violation per problem.
 

@@ -127,18 +127,20 @@ def hand_made(field: str, other_limit: int) -> InvalidArgument:
 
 
 def check_classify(buf: Wire, max_drawings: int, max_strokes: int, start: int = 0, end: int | None = None,
-                   prefix: str = "") -> None:  # fmt: skip
+                   prefix: str = "", top: Spans | None = None) -> None:  # fmt: skip
     """Refuse a serialized ClassifyRequest (``buf[start:end]``) whose drawings or strokes are far over the limits.
 
-    Raises InvalidArgument naming the limit; lets malformed bytes through for the parser to refuse.
+    Raises InvalidArgument naming the limit; lets malformed bytes through for the parser to refuse. ``top``: the
+    whole request's top level as :func:`top_level` counted it already (not scanned again).
     """
     end = len(buf) if end is None else end
     try:
-        top = scan(buf, start, end, 1, SCAN_FACTOR * max_drawings)
-        if len(top.spans) > SCAN_FACTOR * max_drawings:
-            raise too_many(f"{prefix}drawings", "drawings", max_drawings, "max_drawings_per_request")
-        if top.others > MAX_OTHER_FIELDS:
-            raise hand_made(prefix or "request", MAX_OTHER_FIELDS)
+        if top is None:
+            top = scan(buf, start, end, 1, SCAN_FACTOR * max_drawings)
+            if len(top.spans) > SCAN_FACTOR * max_drawings:
+                raise too_many(f"{prefix}drawings", "drawings", max_drawings, "max_drawings_per_request")
+            if top.others > MAX_OTHER_FIELDS:
+                raise hand_made(prefix or "request", MAX_OTHER_FIELDS)
         for d, (a, b) in enumerate(top.spans):
             drawing = scan(buf, a, b, 3, MAX_OTHER_FIELDS)  # Drawing.strokes (a oneof member: merged if repeated)
             if len(drawing.spans) > MAX_OTHER_FIELDS or drawing.others > MAX_OTHER_FIELDS:
@@ -156,22 +158,28 @@ def check_classify(buf: Wire, max_drawings: int, max_strokes: int, start: int = 
 
 
 def count_drawings(buf: Wire, max_drawings: int) -> int:
-    """The drawings of a serialized ClassifyRequest, counted on its top level only: at most ``SCAN_FACTOR`` times
-    ``max_drawings`` and ``MAX_OTHER_FIELDS`` fields are looked at, so this costs the same whatever the request
-    holds, cheap enough for the event loop to decide admission before anything else is done.
+    """The drawings of a serialized ClassifyRequest, counted on its top level only (see :func:`top_level`); malformed
+    bytes count 0 (the parser refuses them later)."""
+    top = top_level(buf, max_drawings)
+    return 0 if top is None else len(top.spans)
 
-    Raises InvalidArgument for far too many drawings or fields, as :func:`check_classify` does; malformed bytes
-    count 0 (the parser refuses them later).
+
+def top_level(buf: Wire, max_drawings: int) -> Spans | None:
+    """A serialized ClassifyRequest's drawings, found on its top level only: at most ``SCAN_FACTOR`` times
+    ``max_drawings`` and ``MAX_OTHER_FIELDS`` fields are looked at, so this costs the same whatever the request
+    holds, cheap enough for the event loop to decide admission before anything else is done. None: malformed.
+
+    Raises InvalidArgument for far too many drawings or fields, as :func:`check_classify` does.
     """
     try:
         top = scan(buf, 0, len(buf), 1, SCAN_FACTOR * max_drawings)
     except Malformed:
-        return 0
+        return None
     if len(top.spans) > SCAN_FACTOR * max_drawings:
         raise too_many("drawings", "drawings", max_drawings, "max_drawings_per_request")
     if top.others > MAX_OTHER_FIELDS:
         raise hand_made("request", MAX_OTHER_FIELDS)
-    return len(top.spans)
+    return top
 
 
 def stream_parts(buf: Wire) -> tuple[bytes, Wire]:

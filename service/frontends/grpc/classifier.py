@@ -28,7 +28,7 @@ from service.core.streams import StreamSlots
 from service.dataplane.pipeline import Call, Converted, DataPlane, DataPlaneSlot, Result
 from service.frontends.grpc.calls import Reserve, deadline, parse_message, refuse_stream, unary, windowed_answers
 from service.preprocess import wire
-from service.preprocess.validation import Kind, validate
+from service.preprocess.validation import ClassifyIn, Kind, bitmaps_only, validate
 from service.preprocess.wire import Wire
 
 log = logging.getLogger(__name__)
@@ -40,28 +40,36 @@ ANSWER_BYTES_PER_DRAWING = 48
 ANSWER_BYTES_PER_CLASS = 16
 
 
-def convert_classify(plane: DataPlane, request: pb.ClassifyRequest | Wire) -> Converted:
-    """A ClassifyRequest (bytes: counted on the wire, then parsed) validated, in the pipeline's terms."""
+def convert_classify(plane: DataPlane, request: pb.ClassifyRequest | Wire, top: wire.Spans | None = None) -> Converted:
+    """A ClassifyRequest (bytes: counted on the wire, then parsed; ``top``: its top level, found already)
+    validated, in the pipeline's terms."""
     lim = plane.limits
     if isinstance(request, bytes | memoryview):
-        wire.check_classify(request, lim.max_drawings_per_request, lim.max_strokes)
+        wire.check_classify(request, lim.max_drawings_per_request, lim.max_strokes, top=top)
         request = parse_message(pb.ClassifyRequest, request)
-    req = validate(request, lim)
+    fast = bitmaps_only(request, lim)
+    if fast is not None:
+        drawings, top_k, version = fast
+    else:
+        req = validate(request, lim)
+        drawings, top_k, version = req, req.top_k, req.version
     label = plane.model.label_chars
-    answer = len(req.drawings) * (ANSWER_BYTES_PER_DRAWING + req.top_k * (label + ANSWER_BYTES_PER_CLASS))
-    return Converted(req, req.version, req.top_k, answer)
+    answer = len(drawings.drawings if isinstance(drawings, ClassifyIn) else drawings) * (
+        ANSWER_BYTES_PER_DRAWING + top_k * (label + ANSWER_BYTES_PER_CLASS))
+    return Converted(drawings, version, top_k, answer)
 
 
 def classify_call(plane: DataPlane, request: pb.ClassifyRequest | Wire, deadline_s: float | None,
                   reserve: Reserve | None = None, transport_deadline: bool = False) -> Call[Any]:  # fmt: skip
     """One Classify as a pipeline call: its drawings counted on the wire's top level (admission).
     ``transport_deadline``: gRPC cancels the call at its deadline (unary Classify; see ``Call``)."""
+    top = None
     if isinstance(request, bytes | memoryview):
-        n = wire.count_drawings(request, plane.limits.max_drawings_per_request)
-        size = len(request)
+        top = wire.top_level(request, plane.limits.max_drawings_per_request)
+        n, size = (0 if top is None else len(top.spans)), len(request)
     else:
         n, size = len(request.drawings), request.ByteSize()
-    return Call(request, lambda r: convert_classify(plane, r), max(n, 1), size, deadline_s, reserve=reserve,
+    return Call(request, lambda r: convert_classify(plane, r, top), max(n, 1), size, deadline_s, reserve=reserve,
                 transport_deadline=transport_deadline)
 
 
@@ -72,16 +80,19 @@ def classify_response(plane: DataPlane, result: Result) -> pb.ClassifyResponse:
     scores = answered.scores
     top = scores if isinstance(scores, TopK) else TopK.of(scores, k)
     labels = plane.model.labels
-    predictions = [
-        pb.Prediction(top=[pb.ScoredLabel(label=labels[j], score=v, index=j) for j, v in zip(idx, val, strict=True)])
-        for idx, val in zip(top.indices[:, :k].tolist(), top.scores[:, :k].tolist(), strict=True)
-    ]
+    response = pb.ClassifyResponse(model_name=plane.model.name, model_version=answered.version)
+    predictions = response.predictions
+    for idx, val in zip(top.indices[:, :k].tolist(), top.scores[:, :k].tolist(), strict=True):
+        add = predictions.add().top.add  # built in place: no message built to be copied in
+        for j, v in zip(idx, val, strict=True):
+            add(label=labels[j], score=v, index=j)
     ood = plane.model.out_of_class.get(answered.version)
     if answered.known is not None and ood is not None:
         threshold = float(np.float32(ood.threshold))  # as the answer carries it: its own decision holds there
         for p, score in zip(predictions, answered.known.tolist(), strict=True):
-            p.out_of_class.CopyFrom(pb.OutOfClass(known=score >= threshold, score=score, threshold=threshold))
-    return pb.ClassifyResponse(predictions=predictions, model_name=plane.model.name, model_version=answered.version)
+            decision = p.out_of_class
+            decision.known, decision.score, decision.threshold = score >= threshold, score, threshold
+    return response
 
 
 async def classify(
