@@ -58,7 +58,7 @@ from quickdraw_client.v1 import classifier_pb2 as pb
 from service.backends import find_versions
 from service.core.errors import InvalidArgument
 from service.frontends.http.jsonwalk import respell
-from service.preprocess.validation import ImageIn, Limits, render
+from service.preprocess.validation import ImageIn, Limits, bitmaps_only, render, validate
 from service.protos.tensors import TensorDecodeError, to_numpy
 
 pytestmark = pytest.mark.skipif(
@@ -476,6 +476,39 @@ def test_fuzz_classify(api: Api, case: Case) -> None:
     """Every field of ClassifyRequest, valid or with planted defects: the exact code and field violations."""
     request = _served(case, api)
     check(case, api.call(api.classify, request), api)
+
+
+@settings(FUZZ, max_examples=FUZZ_EXAMPLES * 4)
+@given(case=classify_cases())
+def test_the_bitmap_fast_path_accepts_only_what_validation_accepts_and_reads_it_the_same(case: Case) -> None:
+    """``bitmaps_only`` (the converter's pydantic-free path for the commonest request) on fuzzed requests: when it
+    accepts one, full validation accepts it too, with the same bitmaps, top_k and version; a request with any
+    defect planted at validation goes to full validation (which words the error)."""
+    fast = bitmaps_only(case.request, LIMITS)
+    if fast is None:
+        return
+    assert not any(d.stage == "validate" for d in case.defects), case.defects
+    valid = validate(case.request, LIMITS)
+    images, top_k, version = fast
+    assert (top_k, version) == (valid.top_k, valid.version)
+    rendered = np.stack([render(i, d, LIMITS) for i, d in enumerate(valid.drawings)])
+    assert np.array_equal(images[..., 0], rendered)
+
+
+def test_the_bitmap_fast_path_takes_bitmaps_within_the_limits_and_nothing_else() -> None:
+    """The requests ``bitmaps_only`` takes (read as validation reads them) and those it leaves to validation."""
+    pixels = [bytes([i]) * 784 for i in range(3)]
+    req = pb.ClassifyRequest(drawings=[pb.Drawing(bitmap=pb.Bitmap(pixels=p)) for p in pixels], top_k=5)
+    req.model.version = 2
+    images, top_k, version = bitmaps_only(req, LIMITS) or (None, 0, None)
+    assert images is not None and images.shape == (3, 28, 28, 1) and images[2, 5, 5, 0] == 2
+    assert (top_k, version) == (5, 2) == (validate(req, LIMITS).top_k, validate(req, LIMITS).version)
+    assert bitmaps_only(pb.ClassifyRequest(drawings=req.drawings[:1]), LIMITS)[1:] == (3, None)  # type: ignore[index]
+    for bad in (pb.ClassifyRequest(drawings=[pb.Drawing(bitmap=pb.Bitmap(pixels=bytes(783)))]),
+                pb.ClassifyRequest(drawings=req.drawings, top_k=LIMITS.max_top_k + 1),
+                pb.ClassifyRequest(drawings=[*req.drawings, pb.Drawing(image=pb.EncodedImage(data=b"x"))]),
+                pb.ClassifyRequest()):  # fmt: skip
+        assert bitmaps_only(bad, LIMITS) is None
 
 
 @settings(FUZZ, max_examples=max(5, FUZZ_EXAMPLES // 3))

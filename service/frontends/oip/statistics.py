@@ -64,7 +64,10 @@ class Statistics:
 
     def of(self, version: int) -> VersionStatistics:
         """The statistics of ``version`` (zeros until it answers)."""
-        return self.versions.setdefault(version, VersionStatistics())
+        st = self.versions.get(version)
+        if st is None:  # not setdefault: its default would be built (with its nine Durations) on every call
+            st = self.versions[version] = VersionStatistics()
+        return st
 
     def succeeded(
         self, version: int, drawings: int, total_ns: int, input_ns: int, infer_ns: int, output_ns: int
@@ -77,7 +80,9 @@ class Statistics:
         st.phases["success"].add(total_ns)
         for phase, ns in (("compute_input", input_ns), ("compute_infer", infer_ns), ("compute_output", output_ns)):
             st.phases[phase].add(ns)
-        batch = st.batches.setdefault(drawings, (Duration(), Duration(), Duration()))
+        batch = st.batches.get(drawings)
+        if batch is None:
+            batch = st.batches[drawings] = (Duration(), Duration(), Duration())
         for d, ns in zip(batch, (input_ns, infer_ns, output_ns), strict=True):
             d.add(ns)
 
