@@ -302,8 +302,8 @@ class Settings(BaseSettings):
         "preprocessing threads; beyond it a call is refused at once with RESOURCE_EXHAUSTED")
 
     event_loop: Literal["uvloop", "asyncio"] = Field(
-        "uvloop", description="the event loop the gateway runs on: uvloop (libuv; measured ~5% less CPU per "
-        "gRPC call with grpc.aio, see BENCHMARKS.md) or Python's own asyncio loop")
+        "uvloop", description="the event loop the gateway runs on: uvloop (libuv; about 2% less CPU per gRPC "
+        "call than asyncio's own loop in bench_cpu, see BENCHMARKS.md) or asyncio's own loop")
 
     # --- logging ----------------------------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = Field(
