@@ -237,23 +237,14 @@ class Batcher:
         self._queue.extend(items)
         self._queued += n
         self._metrics.queue_depth.set(self._queued)
-        inline = self._take_alone(items[0]) if idle else None
-        if not idle and (self._free > 0 or self._cfg.max_batch_delay_ms > 0):
+        if idle:
+            self._take_alone(items[0])
+        elif self._free > 0 or self._cfg.max_batch_delay_ms > 0:
             self._wake.set()  # otherwise the next slot freed takes it: no collector wake-up for nothing
         try:
             # asyncio.timeout, not wait_for: no extra task per call on the hot path.
             when = None if deadline_s is None or not timed else loop.time() + (deadline_s - self._clock())
             async with asyncio.timeout_at(when):
-                if inline is not None:
-                    # The idle fast path: this call's batch runs in the caller's own task (no collector wake-up,
-                    # no dispatch task); calls arriving meanwhile queue, and the collector batches them.
-                    self._inline += 1
-                    try:
-                        await self._dispatch(*inline, inline=True)
-                    finally:
-                        self._inline -= 1
-                        if not self._inline and self._inline_done is not None and not self._inline_done.done():
-                            self._inline_done.set_result(None)
                 if len(items) == 1:
                     parts = [await items[0].future]
                 else:
@@ -330,13 +321,11 @@ class Batcher:
                 self._inline_done.set_result(None)
             self._ended(started, t0, outcome, released)
 
-    def _take_alone(
-        self, item: _Item
-    ) -> tuple[list[_Item], NDArray[np.uint8], Awaitable[Scores | Answered], float] | None:
-        """The idle fast path of ``answer`` (nothing else queued, a slot free, no batch delay): take the caller's own
-        item as a batch now, as the collector would, and start its backend call. Returns what ``_dispatch`` takes
-        for the caller to run it in its own task, or None: the item was dropped (its deadline passed: its future
-        says so), or the batch went to a task of its own (a thread's work, which outlives its callers)."""
+    def _take_alone(self, item: _Item) -> None:
+        """An idle batcher (nothing else queued, a slot free, no batch delay) whose backend is not known to give
+        coroutines (a thread's work, or before its first call): take the caller's own item as a batch now, as the
+        collector would, and start it in a task of its own, with no collector wake-up. A dropped item (its deadline
+        passed) has its future say so. A coroutine backend's idle calls take ``_alone`` instead."""
         self._free -= 1
         try:
             batch = self._take()
@@ -346,15 +335,11 @@ class Batcher:
             refusal = self._refusal()
             if refusal is not None and not item.future.done():
                 item.future.set_exception(refusal)
-            return None
+            return
         if not batch:
             self._release()
-            return None
-        images, started, t0 = self._start(batch)
-        if asyncio.iscoroutine(started) or (asyncio.isfuture(started) and started.done()):
-            return batch, images, started, t0
-        self._spawn(batch, images, started, t0)
-        return None
+            return
+        self._spawn(batch, *self._start(batch))
 
     def _spawn(
         self, batch: list[_Item], images: NDArray[np.uint8], started: Awaitable[Scores | Answered], t0: float
@@ -614,10 +599,8 @@ class Batcher:
         images: NDArray[np.uint8],
         started: Awaitable[Scores | Answered],
         t0: float,
-        inline: bool = False,
     ) -> None:
-        """Await a batch's backend call and answer its callers. ``inline``: this task is the batch's only caller's
-        own (``answer``'s fast path), and ``started`` a coroutine or a done future."""
+        """Await a batch's backend call, in a task of its own, and answer its callers."""
         n = len(images)
         timeout_s = self._cfg.backend_timeout_ms / 1000.0
         self._inflight[started] = t0
@@ -625,7 +608,7 @@ class Batcher:
         direct = asyncio.iscoroutine(started)
         watch: _Watch | None = None
         if direct:  # awaited in this task: cancelling this task cancels the call (the RPC)
-            if not inline and task is not None:
+            if task is not None:
                 watch = _Watch()
                 self._cancel_when_callers_gone(batch, task, watch)
         elif isinstance(started, asyncio.Task):
@@ -661,19 +644,14 @@ class Batcher:
             if watch is not None and watch.fired and task is not None:
                 task.uncancel()  # our own cancel, for callers gone: not one from outside
             own_cancel = task is not None and task.cancelling() > 0
-            # inline: this task's caller is going away (gRPC cancelled it, or its deadline passed): it was the
-            # batch's only caller, as when the callers of a batch all leave
-            gone = inline and own_cancel
             outcome = "error"
-            if isinstance(exc, asyncio.CancelledError) and not timer.expired() and (
-                gone or (not own_cancel and all(it.future.cancelled() for it in batch))
+            if isinstance(exc, asyncio.CancelledError) and not timer.expired() and not own_cancel and all(
+                it.future.cancelled() for it in batch
             ):
                 outcome = "cancelled"  # every caller went away, and the backend call was cancelled for it
             err = self._failure(exc, n, timer)
             for it in batch:
-                if gone:
-                    it.future.cancel()  # its caller is gone: nobody would retrieve an exception
-                elif not it.future.done():
+                if not it.future.done():
                     it.future.set_exception(err)
             self._learn(n, self._clock() - t0)  # failures cost time too: a brownout must show in the estimate
             if timer.expired():
