@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import gc
 import importlib
 import logging
@@ -33,6 +34,7 @@ from service.core.metrics import Metrics
 from service.core.streams import StreamSlots
 from service.dataplane.batching import BackendHealth, Batcher, BatcherConfig
 from service.dataplane.pipeline import DataPlane
+from service.dataplane.rollout import PlanFile, Rollout, RolloutPlan, Shadow
 from service.frontends.grpc import classifier as api
 from service.frontends.grpc.classifier import SERVICE_NAME, ClassifierService
 from service.frontends.http import v1
@@ -163,6 +165,8 @@ class App:
         self._json_parser: JsonParsePool | None = None
         self._decoder: WorkerPool | None = None
         self._renderer: WorkerPool | None = None
+        self._shadow: Shadow | None = None
+        self._plan_file: PlanFile | None = None
         self._stopping = False
         #: Stop stages that had not finished when the grace period ran out ("start": a start abandoned on a signal).
         self.left_behind: list[str] = []
@@ -273,6 +277,7 @@ class App:
                                   s.preprocess_threads, decoder, s.max_preprocessing_calls,
                                   versionless=self._backend.versionless, renderer=renderer,
                                   max_answer_bytes=s.max_message_bytes)  # fmt: skip
+        self._start_rollout(self._gateway)
         service.attach(self._gateway)
         if tfs is not None:
             tfs.attach(self._gateway, self._backend)  # GetModelMetadata answers with its signature_defs
@@ -290,6 +295,29 @@ class App:
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.ready.set()
         log.info("serving %s versions %s (%d classes)", model.name, list(model.versions), len(model.labels))
+
+    def _start_rollout(self, plane: DataPlane) -> None:
+        """The canary split and the shadow (``service.dataplane.rollout``), when the settings or a rollout file
+        ask for them; nothing on the call path otherwise."""
+        s = self.settings
+        plan = RolloutPlan.of(s.canary_split, s.shadow_version, s.shadow_fraction)
+        if not plan.active and s.rollout_file is None:
+            return
+        backend, batcher = self._backend, self._batcher
+        assert backend is not None and batcher is not None
+        shadow = self._shadow = Shadow(
+            functools.partial(backend.predict, attempts=1), batcher, self.metrics, s.shadow_max_queued_drawings,
+            s.backend_timeout_ms / 1000.0,
+        )  # fmt: skip
+        rollout = Rollout(self.metrics, shadow)
+        rollout.apply(plan)
+        if s.rollout_file is not None:
+            self._plan_file = PlanFile(s.rollout_file, rollout.apply, s.rollout_watch_s)
+            self._plan_file.load()
+            self._plan_file.start()
+        shadow.start()
+        plane.routing_key_header = s.routing_key_header
+        plane.rollout = rollout
 
     def _install_loop_error_log(self) -> None:
         """Route the event loop's error reports (accept() failing, say) through a rate-limited log."""
@@ -365,6 +393,10 @@ class App:
         # Both ports stop accepting at once; their in-flight calls finish while the batcher still serves them.
         await asyncio.gather(self._stop_grpc(end), self._bounded("HTTP server", self._http.stop(), end))
         end = max(end, loop.time() + CLEANUP_S)
+        if self._plan_file is not None:
+            await self._plan_file.close()
+        if self._shadow is not None:
+            await self._bounded("shadow", self._shadow.close(), end)
         if self._batcher is not None:
             await self._bounded("batcher", self._batcher.close(), end)
         if self._gateway is not None:

@@ -305,6 +305,38 @@ class Settings(BaseSettings):
         "uvloop", description="the event loop the gateway runs on: uvloop (libuv; about 2% less CPU per gRPC "
         "call than asyncio's own loop in bench_cpu, see BENCHMARKS.md) or asyncio's own loop")
 
+    # --- roll-outs (canary split, shadow comparison) -----------------------------------------------------------
+    canary_split: str | None = Field(
+        None,
+        description="weighted split of calls that name no version, as target=weight pairs: versions (1=90,2=10) "
+        "or TF Serving version labels (stable=95,canary=5); a caller sending --routing-key-header stays on one "
+        "side; default: no split",
+    )
+    shadow_version: str | None = Field(
+        None,
+        description="candidate (a version or a TF Serving label) that --shadow-fraction of calls are also sent "
+        "to, off the caller's path, to compare its answers with the stable version's (quickdraw_shadow_* metrics, "
+        "quickdraw rollout status)",
+    )
+    shadow_fraction: float = Field(0.1, ge=0.0, le=1.0, description="share of calls shadowed to --shadow-version")
+    shadow_max_queued_drawings: int = Field(
+        512, ge=1, description="drawings waiting for the shadow candidate; beyond this shadow work is dropped "
+        "(counted), never the caller's",
+    )  # fmt: skip
+    rollout_file: Path | None = Field(
+        None,
+        description="JSON roll-out plan ({\"split\": {\"1\": 90, \"2\": 10}, \"shadow\": {\"target\": \"2\", "
+        "\"fraction\": 0.5}}), read at start and again whenever it changes (quickdraw rollout promote|abort "
+        "writes it); it replaces --canary-split and --shadow-version while it exists",
+    )
+    rollout_watch_s: float = Field(
+        2.0, ge=0.0, description="how often to look for a change of --rollout-file; 0 reads it at start only"
+    )
+    routing_key_header: str = Field(
+        "x-routing-key", pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$",
+        description="gRPC metadata key / HTTP header whose value keeps one caller on one side of the canary split",
+    )  # fmt: skip
+
     # --- logging ----------------------------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = Field(
         None,

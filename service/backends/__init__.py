@@ -145,6 +145,9 @@ class ModelDescription:
     #: The out-of-class decision of each served version that makes one (its signature gives ``KNOWN_SCORE`` and
     #: its model card a threshold); versions not here make none.
     out_of_class: dict[int, OutOfClassInfo] = field(default_factory=dict, hash=False)
+    #: TF Serving version labels known to the backend and the version each points at (the roll-out plan's
+    #: targets may name them; ``service.dataplane.rollout``).
+    version_labels: dict[str, int] = field(default_factory=dict, hash=False)
 
     @property
     def default_version(self) -> int:
@@ -190,9 +193,10 @@ class Backend(Protocol):
         ...
 
     def predict(
-        self, images: NDArray[np.uint8], version: int, deadline_s: float | None = None
+        self, images: NDArray[np.uint8], version: int, deadline_s: float | None = None, attempts: int | None = None
     ) -> Awaitable[NDArray[np.float32] | Answered]:
-        """Probabilities for a batch of images, by ``deadline_s`` (monotonic clock) if given. A backend should
+        """Probabilities for a batch of images, by ``deadline_s`` (monotonic clock) if given, in at most
+        ``attempts`` backend attempts (None: the backend's own retry policy; shadow calls ask for 1). A backend should
         start the work when called (a future from an executor, a gRPC call) rather than when the awaitable is
         first awaited; a coroutine works too. Failures are ServiceErrors (Unavailable, DeadlineExceeded...).
         ``Answered`` names the version that answered (required for ``ANY_VERSION``)."""

@@ -293,12 +293,12 @@ class EmbeddedBackend:
                         np.asarray(score.numpy(), dtype=np.float32).reshape(-1))  # fmt: skip
 
     def predict(
-        self, images: NDArray[np.uint8], version: int, deadline_s: float | None = None
+        self, images: NDArray[np.uint8], version: int, deadline_s: float | None = None, attempts: int | None = None
     ) -> asyncio.Future[NDArray[np.float32] | Answered]:
         """Submit one batch to the pool at once (not when a task gets round to it); await the result.
 
         ``deadline_s`` is not used: a TensorFlow run in progress cannot be interrupted, and the batcher has
-        already dropped every expired call."""
+        already dropped every expired call. ``attempts``: one, always (nothing here is retried)."""
         return asyncio.get_running_loop().run_in_executor(self._pool, self._run, images, version)
 
     async def close(self) -> None:

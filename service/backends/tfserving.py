@@ -474,10 +474,13 @@ class TFServingBackend:
         self._disagreeing = len(targets) > 1
 
     # --- batches -----------------------------------------------------------------------------------------------
-    def predict(self, images: NDArray[np.uint8], version: int, deadline_s: float | None = None) -> Awaitable[Answered]:
+    def predict(
+        self, images: NDArray[np.uint8], version: int, deadline_s: float | None = None, attempts: int | None = None
+    ) -> Awaitable[Answered]:
         """Send one batch now; the awaitable gives its probabilities and the version that answered, or raises a
-        ServiceError. ``version`` may be ``ANY_VERSION``."""
-        return self._run(images, version, deadline_s, [OUTPUT_KEY], self._probabilities)
+        ServiceError. ``version`` may be ``ANY_VERSION``. ``attempts``: at most this many (shadow calls: 1, never
+        retried); default ``tfserving_max_attempts``."""
+        return self._run(images, version, deadline_s, [OUTPUT_KEY], self._probabilities, attempts)
 
     def predict_top_k(
         self, images: NDArray[np.uint8], version: int, deadline_s: float | None = None
@@ -543,11 +546,12 @@ class TFServingBackend:
         deadline_s: float | None,
         outputs: list[str],
         parse: Callable[[Any, int], Any],
+        attempts: int | None = None,
     ) -> Awaitable[Answered]:
         """Start the first attempt now; the coroutine retries as the module docstring says."""
         tried: list[Replica] = []
         first = self._attempt(version, images, outputs, deadline_s, tried)
-        return self._complete(first, version, images, outputs, deadline_s, tried, len(images), parse)
+        return self._complete(first, version, images, outputs, deadline_s, tried, len(images), parse, attempts)
 
     def _attempt(
         self, version: int, images: NDArray[np.uint8], outputs: list[str], deadline_s: float | None,
@@ -584,10 +588,11 @@ class TFServingBackend:
         tried: list[Replica],
         n: int,
         parse: Callable[[Any, int], Any],
+        most: int | None = None,
     ) -> Answered:
         r, call, sent = first
         attempts = 1
-        max_attempts = self._s.tfserving_max_attempts
+        max_attempts = self._s.tfserving_max_attempts if most is None else most
         which = "the default version" if version == ANY_VERSION else f"version {version}"
         what = f"Predict of {n} drawings on {which}"
         known = True  # KNOWN_SCORE may be asked for (see _request); not after a replica said it has no such output

@@ -141,6 +141,59 @@ class Metrics:
             namespace=ns, registry=r,
         )  # fmt: skip
         self.ready = Gauge("ready", "1 once the model is loaded and warmed up.", namespace=ns, registry=r)
+        # --- roll-outs (service.dataplane.rollout): the canary split and shadow comparison ------------------------
+        self.split_calls = Counter(
+            "split_calls_total",
+            "Versionless calls routed by the canary split, by target (a version or TF Serving label of the split) "
+            "and the version it stood for (default: the target was not served, so the default version answered).",
+            ["target", "version"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.shadow_compared = Counter(
+            "shadow_compared_drawings_total",
+            "Drawings answered by the stable version and, in the shadow, by the candidate, and compared.",
+            ["stable", "candidate"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.shadow_top1_agreements = Counter(
+            "shadow_top1_agreements_total",
+            "Compared drawings whose top-1 class was the same for the stable and the candidate version.",
+            ["stable", "candidate"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.shadow_top3_overlap = Histogram(
+            "shadow_top3_overlap_ratio",
+            "Share of the stable version's 3 best classes that are among the candidate's 3 best, per compared drawing.",
+            ["stable", "candidate"], namespace=ns, buckets=(0.0, 1 / 3, 2 / 3, 1.0), registry=r,
+        )  # fmt: skip
+        self.shadow_total_variation = Histogram(
+            "shadow_total_variation_ratio",
+            "Total-variation distance between the stable and the candidate's probabilities (half the L1 distance, "
+            "0 to 1), per compared drawing.",
+            ["stable", "candidate"], namespace=ns,
+            buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0), registry=r,
+        )  # fmt: skip
+        self.shadow_ood_compared = Counter(
+            "shadow_out_of_class_compared_drawings_total",
+            "Compared drawings for which both versions make an out-of-class decision.",
+            ["stable", "candidate"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.shadow_ood_agreements = Counter(
+            "shadow_out_of_class_agreements_total",
+            "Compared drawings on whose out-of-class decision (known or not) both versions agreed.",
+            ["stable", "candidate"], namespace=ns, registry=r,
+        )  # fmt: skip
+        self.shadow_latency = Histogram(
+            "shadow_duration_seconds",
+            "For shadowed calls, by role and version: stable, the caller's wait for its backend answer; candidate, "
+            "the shadow batch's backend call.",
+            ["role", "version"], namespace=ns, buckets=LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.shadow_dropped = Counter(
+            "shadow_dropped_drawings_total",
+            "Drawings not compared, by reason: queue_full, busy (callers' work queued or every backend slot taken), "
+            "refused (admission refusing), unavailable (the candidate is not served), same_version (the candidate "
+            "answered the call), too_large, no_probabilities, error (the candidate failed or timed out; never "
+            "retried), shutdown.",
+            ["reason"], namespace=ns, registry=r,
+        )  # fmt: skip
 
     def child(self, metric: M, *labels: str) -> M:
         """``metric.labels(*labels)``, bound once and kept: what the hot path uses.

@@ -172,6 +172,16 @@ class Batcher:
         return self._queued
 
     @property
+    def busy(self) -> bool:
+        """Callers' drawings are queued, or every backend slot is taken: no room for optional work (shadow calls)."""
+        return self._queued > 0 or self._free <= 0
+
+    @property
+    def refusing(self) -> bool:
+        """Calls are refused now (closed, a dead task, a wedged backend)."""
+        return self._closed or self._refusal() is not None
+
+    @property
     def health(self) -> BackendHealth:
         """The backend's health as this batcher sees it now."""
         return self._health

@@ -17,7 +17,10 @@ for, how many best classes the answer needs, and a bound on the answer's size), 
 6. a stream's **answer window**, when the call is a stream message (``Call.reserve``);
 7. the **batcher** and the **backend**; the door builds its answer from the :class:`Result`.
 
-Canary routing and shadow calls belong here, in :meth:`DataPlane.infer`: every door's calls pass through it.
+Canary routing and shadow calls (``service.dataplane.rollout``) are applied here, in :meth:`DataPlane.infer`,
+between steps 4 and 7: every door's calls pass through it. A versionless call's version may be moved by the split
+(its routing key read from the call's transport metadata, whatever the door), and a shadowed call's drawings are
+queued for the candidate once its answer is in.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -47,6 +50,7 @@ from service.core.errors import (
 )
 from service.core.metrics import Metrics
 from service.dataplane.batching import Batcher
+from service.dataplane.rollout import Rollout
 from service.preprocess.decode import WorkerPool
 from service.preprocess.validation import BitmapIn, ClassifyIn, ImageIn, Kind, Limits, render
 
@@ -59,6 +63,12 @@ INLINE_PARSE_BYTES = 64 * 1024
 PROCESS_PARSE_BYTES = 1024 * 1024
 
 R = TypeVar("R")
+
+#: A call's transport metadata, asked for only when needed (gRPC's ``context.invocation_metadata``, an HTTP
+#: request's ``headers.items``): (key, value) pairs.
+Metadata = Callable[[], Iterable[tuple[str, Any]]]
+#: The longest routing key read (a longer one is cut: it only seeds a hash).
+MAX_ROUTING_KEY_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -110,6 +120,8 @@ class Call(Generic[R]):
     pre_parse: Callable[[R], Awaitable[R]] | None = None
     #: For a stream message: waits until the stream's window has room for the answer's ``answer_bytes``.
     reserve: Callable[[int], Awaitable[None]] | None = None
+    #: The call's transport metadata (gRPC metadata, HTTP headers), read for the routing key of a canary split.
+    metadata: Metadata | None = None
 
 
 @dataclass(frozen=True)
@@ -169,6 +181,10 @@ class DataPlane:
         #: Most calls off the loop at once (parsing in a process, or on or waiting for a preprocessing thread).
         self.max_preprocessing_calls = max_preprocessing_calls
         self._preprocessing = 0
+        #: The roll-out plan in force (canary split, shadow), when one is configured; None: neither.
+        self.rollout: Rollout | None = None
+        #: The metadata key (lower case) whose value keeps a caller on one side of a canary split.
+        self.routing_key_header = "x-routing-key"
 
     # --- the pipeline ------------------------------------------------------------------------------------------
 
@@ -197,10 +213,34 @@ class DataPlane:
         m.child(m.preprocess_latency, kind_label).observe(time.perf_counter() - t0)
         if call.reserve is not None:
             await call.reserve(converted.answer_bytes)
+        top_k = converted.top_k
+        rollout = self.rollout
+        shadow = None
+        if rollout is not None:
+            if converted.version is None:
+                version = rollout.route(self.model, functools.partial(self._routing_key, call), version)
+            shadow = rollout.shadow
+            if shadow is not None and shadow.wants(len(images)):
+                top_k = None  # the comparison needs the stable version's probabilities
+            else:
+                shadow = None
         started = time.perf_counter_ns()
-        answered = await self._answer(images, version, call.deadline_s, converted.top_k, call.transport_deadline,
-                                      admitted)  # fmt: skip
-        return Result(answered, converted, images, started, time.perf_counter_ns())
+        answered = await self._answer(images, version, call.deadline_s, top_k, call.transport_deadline, admitted)
+        done = time.perf_counter_ns()
+        if shadow is not None:
+            shadow.offer(images, answered, self.model, (done - started) / 1e9)
+        return Result(answered, converted, images, started, done)
+
+    def _routing_key(self, call: Call[Any]) -> str | None:
+        """The call's routing key (``routing_key_header`` in its metadata), or None."""
+        if call.metadata is None:
+            return None
+        header = self.routing_key_header
+        for key, value in call.metadata():
+            if key.lower() == header:
+                text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+                return text[:MAX_ROUTING_KEY_CHARS] or None
+        return None
 
     def _convert(self, convert: Callable[[R], Converted], request: R) -> tuple[Converted, int]:
         """The door's converter, the answer bound, then the version (both before any preprocessing)."""

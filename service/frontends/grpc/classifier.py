@@ -25,7 +25,7 @@ from service.core.calls import Observed, service_error
 from service.core.errors import FieldViolation, InvalidArgument, to_rpc_status
 from service.core.metrics import Metrics
 from service.core.streams import StreamSlots
-from service.dataplane.pipeline import Call, Converted, DataPlane, DataPlaneSlot, Result
+from service.dataplane.pipeline import Call, Converted, DataPlane, DataPlaneSlot, Metadata, Result
 from service.frontends.grpc.calls import Reserve, deadline, parse_message, refuse_stream, unary, windowed_answers
 from service.preprocess import wire
 from service.preprocess.validation import ClassifyIn, Kind, bitmaps_only, validate
@@ -60,7 +60,8 @@ def convert_classify(plane: DataPlane, request: pb.ClassifyRequest | Wire, top: 
 
 
 def classify_call(plane: DataPlane, request: pb.ClassifyRequest | Wire, deadline_s: float | None,
-                  reserve: Reserve | None = None, transport_deadline: bool = False) -> Call[Any]:  # fmt: skip
+                  reserve: Reserve | None = None, transport_deadline: bool = False,
+                  metadata: Metadata | None = None) -> Call[Any]:  # fmt: skip
     """One Classify as a pipeline call: its drawings counted on the wire's top level (admission).
     ``transport_deadline``: gRPC cancels the call at its deadline (unary Classify; see ``Call``)."""
     top = None
@@ -70,7 +71,7 @@ def classify_call(plane: DataPlane, request: pb.ClassifyRequest | Wire, deadline
     else:
         n, size = len(request.drawings), request.ByteSize()
     return Call(request, lambda r: convert_classify(plane, r, top), max(n, 1), size, deadline_s, reserve=reserve,
-                transport_deadline=transport_deadline)
+                transport_deadline=transport_deadline, metadata=metadata)
 
 
 def classify_response(plane: DataPlane, result: Result) -> pb.ClassifyResponse:
@@ -97,10 +98,10 @@ def classify_response(plane: DataPlane, result: Result) -> pb.ClassifyResponse:
 
 async def classify(
     plane: DataPlane, request: pb.ClassifyRequest | Wire, deadline_s: float | None, reserve: Reserve | None = None,
-    transport_deadline: bool = False,
+    transport_deadline: bool = False, metadata: Metadata | None = None,
 ) -> pb.ClassifyResponse:
     """Answer one ClassifyRequest through the pipeline."""
-    call = classify_call(plane, request, deadline_s, reserve, transport_deadline)
+    call = classify_call(plane, request, deadline_s, reserve, transport_deadline, metadata)
     return classify_response(plane, await plane.infer(call))
 
 
@@ -156,7 +157,8 @@ class ClassifierService(DataPlaneSlot, pb_grpc.ClassifierServicer):
         self, request: pb.ClassifyRequest | bytes, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyResponse:
         """Classify a batch of drawings (``request`` as gRPC received it: bytes, see :func:`add_to_server`)."""
-        return await classify(self.plane, request, deadline(context), transport_deadline=True)
+        return await classify(self.plane, request, deadline(context), transport_deadline=True,
+                              metadata=context.invocation_metadata)
 
     @unary("GetModelInfo")
     async def GetModelInfo(
@@ -196,7 +198,7 @@ class ClassifierService(DataPlaneSlot, pb_grpc.ClassifierServicer):
                         ident = _utf8(raw_id, "id")
                     else:
                         ident, request = msg.id, msg.request
-                    answer = await classify(plane, request, limit, reserve)
+                    answer = await classify(plane, request, limit, reserve, metadata=context.invocation_metadata)
                     return pb.ClassifyStreamResponse(id=ident, response=answer)
                 except Exception as exc:
                     err = service_error(exc)

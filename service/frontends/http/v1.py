@@ -22,7 +22,7 @@ from aiohttp import web
 from quickdraw_client.v1 import classifier_pb2 as pb
 from service.core.calls import Observed, service_error
 from service.core.errors import InvalidArgument, ServiceError
-from service.dataplane.pipeline import Call, Converted, DataPlane
+from service.dataplane.pipeline import Call, Converted, DataPlane, Metadata
 from service.frontends.grpc.classifier import classify_response, convert_classify, model_info
 from service.frontends.http import openapi
 from service.frontends.http.jsonbody import check_shape, parse_body, respelled
@@ -81,7 +81,7 @@ class _Routes:
                 raw = await server.read_body(request)
                 request[RAW_BODY_KEY] = raw  # field violations are named as this body spells the fields
                 check_shape(raw, plane.limits)
-                result = await plane.infer(self._classify_call(plane, raw, limit))
+                result = await plane.infer(self._classify_call(plane, raw, limit, request.headers.items))
                 body = to_json(classify_response(plane, result))
                 if _flag(request.query.get("bitmaps")):
                     body["bitmaps"] = [{"pixels": base64.b64encode(image.tobytes()).decode("ascii")}
@@ -95,7 +95,8 @@ class _Routes:
                     err = respelled(err, raw)
                 return error_response(err)
 
-    def _classify_call(self, plane: DataPlane, raw: bytes, deadline_s: float | None) -> Call[Any]:
+    def _classify_call(self, plane: DataPlane, raw: bytes, deadline_s: float | None,
+                       metadata: Metadata | None = None) -> Call[Any]:  # fmt: skip
         """A /v1/classify body as a pipeline call: parsed as the JSON mapping of a ClassifyRequest (in a worker
         process when large: ``service.frontends.http.jsonparse``), then the Classify door's converter."""
         server = self.server
@@ -111,7 +112,7 @@ class _Routes:
             return _Serialized(await server.json_parser.parse(body, max_bytes, limits))
 
         pre_parse = in_process if server.json_parser is not None else None
-        return Call(raw, convert, 1, len(raw), deadline_s, pre_parse=pre_parse)
+        return Call(raw, convert, 1, len(raw), deadline_s, pre_parse=pre_parse, metadata=metadata)
 
     async def _model(self, request: web.Request) -> web.Response:
         server = self.server

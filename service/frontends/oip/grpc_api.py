@@ -23,6 +23,7 @@ from service.core.calls import Observed, service_error
 from service.core.errors import MAX_MESSAGE_CHARS, FieldViolation, InvalidArgument, ServiceError, clip
 from service.core.metrics import Metrics
 from service.core.streams import StreamSlots
+from service.dataplane.pipeline import Metadata
 from service.frontends.grpc.calls import Reserve, deadline, parse_message, refuse_stream, unary, windowed_answers
 from service.frontends.oip.core import CLASSIFICATION, InferAnswer, InferCall, InputTensor, OutputRequest, Surface
 from service.preprocess import wire
@@ -183,10 +184,11 @@ class InferenceService:
     @unary("ModelInfer")
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         """Inference through the gateway (``request`` as bytes: counted on the wire first)."""
-        return await self._infer(request, deadline(context), transport_deadline=True)
+        return await self._infer(request, deadline(context), transport_deadline=True,
+                                 metadata=context.invocation_metadata)
 
     async def _infer(self, request: bytes, deadline_s: float | None, reserve: Reserve | None = None,
-                     transport_deadline: bool = False) -> Any:
+                     transport_deadline: bool = False, metadata: Metadata | None = None) -> Any:
         """One ModelInferRequest (its bytes: counted on the wire, then parsed by the pipeline's converter);
         ``transport_deadline``: gRPC cancels it at its deadline (unary ModelInfer; see ``Call``)."""
         surface = self.surface
@@ -197,7 +199,8 @@ class InferenceService:
             return to_call(parse_message(oip.ModelInferRequest, raw))
 
         return to_response(await surface.infer(surface.call(request, parsed, len(request), deadline_s,
-                                                            reserve=reserve, transport_deadline=transport_deadline)))
+                                                            reserve=reserve, transport_deadline=transport_deadline,
+                                                            metadata=metadata)))
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -220,7 +223,8 @@ class InferenceService:
             ident = ""
             with Observed(self.metrics, "ModelStreamInfer", limit) as call:
                 try:
-                    return oip.ModelStreamInferResponse(infer_response=await self._infer(raw, limit, reserve))
+                    inferred = await self._infer(raw, limit, reserve, metadata=context.invocation_metadata)
+                    return oip.ModelStreamInferResponse(infer_response=inferred)
                 except Exception as exc:
                     err: ServiceError = service_error(exc)
                     call.fail(err)

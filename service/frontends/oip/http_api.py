@@ -190,7 +190,7 @@ class _Routes:
             async def in_process(b: bytes | tuple[InferCall, bool]) -> tuple[InferCall, bool]:
                 return await parser.run(parse_infer_in_worker, b, *args)  # type: ignore[no-any-return]
 
-            result = await surface.infer(surface.call(body, convert, len(body), limit,
+            result = await surface.infer(surface.call(body, convert, len(body), limit, metadata=request.headers.items,
                                                       pre_parse=in_process if parser is not None else None))
             infer_call, binary_output = parsed[-1]
             return self._answer(result, infer_call, binary_output)

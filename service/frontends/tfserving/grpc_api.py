@@ -189,7 +189,8 @@ class PredictionService:
     async def Predict(self, request: bytes, context: grpc.aio.ServicerContext) -> Any:
         """Run ``serving_default`` on the images: one pipeline call (``request`` as bytes: counted first)."""
         result = await self._surface.plane.infer(Call(request, self._convert, 1, len(request), deadline(context),
-                                                      transport_deadline=True))  # gRPC cancels it at its deadline
+                                                      transport_deadline=True,  # gRPC cancels it at its deadline
+                                                      metadata=context.invocation_metadata))  # fmt: skip
         return self._response(result)
 
     def _convert(self, raw: bytes) -> Converted:
