@@ -39,6 +39,7 @@ COMMANDS: dict[str, str] = {
     "serve": "serve",
     "classify": "classify",
     "loadtest": "loadtest",
+    "rollout": "rollout",
 }
 #: Commands that import TensorFlow (``serve`` does when its backend is embedded: quickdraw.commands.serve).
 TENSORFLOW_COMMANDS = {"train", "evaluate", "predict"}

@@ -310,9 +310,14 @@ class App:
             s.backend_timeout_ms / 1000.0,
         )  # fmt: skip
         rollout = Rollout(self.metrics, shadow)
-        rollout.apply(plan)
+
+        def apply(plan: RolloutPlan) -> None:
+            rollout.apply(plan)
+            backend.watch_labels(plan.labels)
+
+        apply(plan)
         if s.rollout_file is not None:
-            self._plan_file = PlanFile(s.rollout_file, rollout.apply, s.rollout_watch_s)
+            self._plan_file = PlanFile(s.rollout_file, apply, s.rollout_watch_s)
             self._plan_file.load()
             self._plan_file.start()
         shadow.start()

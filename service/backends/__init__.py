@@ -209,6 +209,10 @@ class Backend(Protocol):
         ``top_k_width`` > 0."""
         ...
 
+    def watch_labels(self, labels: frozenset[str]) -> None:
+        """Follow these version labels (a roll-out plan's targets) in ``ModelDescription.version_labels``."""
+        ...
+
     async def close(self) -> None:
         """Release resources; called after the last batch finished."""
         ...

@@ -301,6 +301,13 @@ class EmbeddedBackend:
         already dropped every expired call. ``attempts``: one, always (nothing here is retried)."""
         return asyncio.get_running_loop().run_in_executor(self._pool, self._run, images, version)
 
+    def watch_labels(self, labels: frozenset[str]) -> None:
+        """Version labels are TF Serving's: a roll-out plan naming one here leaves that target unserved (its share
+        goes to the default version); logged."""
+        if labels:
+            log.warning("version labels %s name nothing on the embedded backend: use version numbers",
+                        ", ".join(sorted(labels)))  # fmt: skip
+
     async def close(self) -> None:
         """Stop watching, wait for running batches and drop the models."""
         if self._watcher is not None:

@@ -68,6 +68,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,6 +157,8 @@ class TFServingBackend:
         #: Every signature of the served SavedModel, as TF Serving's GetModelMetadata gave it (a SignatureDefMap).
         self.signature_defs: Any = None
         self._refresh = asyncio.Event()
+        #: Version labels followed beside ``tfserving_version_label`` (the roll-out plan's: ``watch_labels``).
+        self.watched_labels: frozenset[str] = frozenset()
         self._disagreeing = False
         self._lograte = LogRate(log, interval_s=30.0)
         #: The gateway's metrics (set by the composition root before start; None: not counted).
@@ -209,17 +212,30 @@ class TFServingBackend:
         r.up, r.error = True, ""
         r.versions = tuple(sorted(v.version for v in resp.model_version_status if v.state == AVAILABLE))
         r.labelled = await self._label_on(r, timeout_s) if s.tfserving_version_label and r.versions else None
+        labels = {}
+        for label in self.watched_labels if r.versions else ():
+            if (v := await self._label_on(r, timeout_s, label)) is not None:
+                labels[label] = v
+        r.labels = labels
 
-    async def _label_on(self, r: Replica, timeout_s: float) -> int | None:
-        """The version ``tfserving_version_label`` points at on ``r`` (None when it does not know the label)."""
+    def watch_labels(self, labels: frozenset[str]) -> None:
+        """Follow these version labels too (a roll-out plan's targets): ``ModelDescription.version_labels``."""
+        if labels != self.watched_labels:
+            self.watched_labels = labels
+            self._refresh.set()
+
+    async def _label_on(self, r: Replica, timeout_s: float, label: str | None = None) -> int | None:
+        """The version ``label`` (default ``tfserving_version_label``) points at on ``r`` (None when it does not
+        know the label)."""
+        label = label or self._s.tfserving_version_label or ""
         req = tfs.GetModelMetadataRequest(metadata_field=["signature_def"])
         req.model_spec.name = self._s.model_name
-        req.model_spec.version_label = self._s.tfserving_version_label or ""
+        req.model_spec.version_label = label
         try:
             resp = await r.predict.GetModelMetadata(req, timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
-            self._lograte.log(f"label {r.address}", "TF Serving replica %s: label %r: %s %s", r.address,
-                              self._s.tfserving_version_label, exc.code().name, exc.details())  # fmt: skip
+            self._lograte.log(f"label {r.address} {label}", "TF Serving replica %s: label %r: %s %s", r.address,
+                              label, exc.code().name, exc.details())  # fmt: skip
             return None
         return int(resp.model_spec.version.value)
 
@@ -440,7 +456,8 @@ class TFServingBackend:
             default = max(d for r in serving if (d := r.default(self._accepted)) is not None)
             ood = {v: self._out_of_class[v] for v in versions if v in self._out_of_class}
             new: ModelDescription | None = ModelDescription(
-                self._s.model_name, versions, self._labels, None if default == versions[-1] else default, ood
+                self._s.model_name, versions, self._labels, None if default == versions[-1] else default, ood,
+                self._label_versions(serving),
             )
         else:
             new = None
@@ -455,6 +472,15 @@ class TFServingBackend:
                      list(new.versions), new.default_version, len(serving), len(self._replicas))  # fmt: skip
         if not first and self.on_change is not None:
             self.on_change(new)
+
+    def _label_versions(self, serving: list[Replica]) -> dict[str, int]:
+        """Each watched label's version, as most serving replicas say (ties: the higher version), if accepted."""
+        out = {}
+        for label in sorted(self.watched_labels):
+            said = Counter(v for r in serving if (v := r.labels.get(label)) is not None and v in self._accepted)
+            if said:
+                out[label] = max(said, key=lambda v: (said[v], v))
+        return out
 
     def _notice_labels(self) -> None:
         """Replicas whose label points at different versions: logged and counted, health unchanged."""

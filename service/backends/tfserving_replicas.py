@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -132,6 +132,8 @@ class Replica:
     versions: tuple[int, ...] = ()
     #: The version ``tfserving_version_label`` points at on this replica (None: no label, or not known here).
     labelled: int | None = None
+    #: The version each watched label (a roll-out plan's targets) points at here; labels it does not know are absent.
+    labels: dict[str, int] = field(default_factory=dict)
     #: It answered its last status poll, and no Predict has found it unreachable since.
     up: bool = False
     #: Why its last status poll failed ("CODE: details"; empty when it answered).

@@ -152,6 +152,12 @@ class RolloutPlan(BaseModel):
         tmp.replace(path)
 
     @property
+    def labels(self) -> frozenset[str]:
+        """The TF Serving version labels the plan names (its targets that are not version numbers)."""
+        targets = [*self.split, *([self.shadow.target] if self.shadow else [])]
+        return frozenset(t for t in targets if not t.isdigit())
+
+    @property
     def active(self) -> bool:
         """Whether the plan splits or shadows anything."""
         return bool(self.split) or (self.shadow is not None and self.shadow.fraction > 0)
