@@ -57,6 +57,7 @@ from typing import Any
 import numpy as np
 import rehearsal_autoscaling as ra
 import rehearsal_batching as rb
+import rehearsal_rollouts as rr
 from rehearsal_topology import (
     DEPLOY,
     REQUEST_COUNT,
@@ -276,11 +277,16 @@ class Rehearsal:
                 new, code, exit_s = topo.replace_gateway(old)
                 p.notes.append(f"{old.name} exit {code} {exit_s:.1f} s after SIGTERM; {new.name} ready")
                 self.hold(p, o.phase_s)
+
+            if o.rollouts and topo.prometheus is not None:  # the gate reads Prometheus
+                rr.run(self, topo, o)
         finally:
             self.load.stop()
             end = self.counter.sample()
             self.counter.stop()
-        return tabulate(self.phases, self.load.calls, end if self.counter.available else None)
+        rows = tabulate(self.phases, self.load.calls, end if self.counter.available else None)
+        rr.annotate(rows)
+        return rows
 
 
 def write_section(path: Path, heading: str, body: str) -> Path:
@@ -350,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pinned-every", type=int, default=20, help="every Nth call is pinned to version 2 (default 20)")
     p.add_argument("--phase-s", type=float, default=15.0, help="shortest length of each phase (default 15)")
     p.add_argument("--version-label", default="stable", help="the gateways' --tfserving-version-label ('' for none)")
-    p.add_argument("--no-prometheus", action="store_true", help="do not start Prometheus")
+    p.add_argument("--no-prometheus", action="store_true", help="do not start Prometheus (no roll-out rows either)")
+    p.add_argument("--no-rollouts", action="store_true", help="leave out rows 7-9 (canary, promoted shadow, refused "
+                   "shadow: scripts/rehearsal_rollouts.py)")  # fmt: skip
     p.add_argument(
         "--parts",
         default="events,autoscaling,batching",
@@ -400,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     opts = Options(rate_per_s=args.rate_per_s, deadline_s=args.deadline_ms / 1000, pinned_every=args.pinned_every,
                    phase_s=args.phase_s, short=args.short, prometheus=not args.no_prometheus,
-                   version_label=args.version_label or None, standin=args.standin)  # fmt: skip
+                   version_label=args.version_label or None, standin=args.standin,
+                   rollouts=not args.no_rollouts)  # fmt: skip
     parts = {x.strip() for x in args.parts.split(",") if x.strip()}
     if unknown := parts - {"events", "autoscaling", "batching"}:
         p.error(f"unknown parts {sorted(unknown)}")
@@ -412,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     rows: list[Row] = []
     hpa_ok = True
+    if "events" in parts and opts.rollouts and opts.prometheus:
+        rr.candidates()  # made (or found cached) before the load starts: training and perturbing take a minute each
     with Topology(opts) as topo:
         if "events" in parts:
             rows = Rehearsal(topo, opts).run()

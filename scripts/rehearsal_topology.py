@@ -100,13 +100,16 @@ class Phase:
 # --- the model directory and the stand-in replicas ----------------------------------------------------------
 
 
-def model_config_text(base_path: Path, stable: int) -> str:
-    """deploy/tfserving/models.config with this base path and ``version_labels { key: "stable" }``."""
+def model_config_text(base_path: Path, stable: int, canary: int | None = None) -> str:
+    """deploy/tfserving/models.config with this base path and ``version_labels { key: "stable" }`` (and
+    ``canary``, when given: the roll-out rows' candidate)."""
     text = (DEPLOY / "tfserving" / "models.config").read_text()
     text, n = re.subn(r'base_path:\s*"[^"]*"', f'base_path: "{base_path}"', text)
     assert n == 1, "deploy/tfserving/models.config: expected one base_path"
-    text, n = re.subn(r'(model_platform:\s*"[^"]*"\n)', rf'\1    version_labels {{ key: "stable" value: {stable} }}\n',
-                      text)  # fmt: skip
+    labels = f'    version_labels {{ key: "stable" value: {stable} }}\n'
+    if canary is not None:
+        labels += f'    version_labels {{ key: "canary" value: {canary} }}\n'
+    text, n = re.subn(r'(model_platform:\s*"[^"]*"\n)', lambda m: m.group(1) + labels, text)
     assert n == 1, "deploy/tfserving/models.config: expected one model_platform"
     return text
 
@@ -153,10 +156,11 @@ class Replica:
         self.proc = Process(self.args, ready=r"tfserving stand-in: .* on 127\.0\.0\.1:\d+", timeout_s=180)
         return self
 
-    def write_config(self, stable: int) -> None:
-        """Point ``stable`` at ``stable`` in this replica's config file (written whole, then renamed)."""
+    def write_config(self, stable: int, canary: int | None = None) -> None:
+        """Point ``stable`` at ``stable`` (and ``canary`` at ``canary``) in this replica's config file (written
+        whole, then renamed)."""
         tmp = self.config.with_suffix(".tmp")
-        tmp.write_text(model_config_text(self.base_path, stable))
+        tmp.write_text(model_config_text(self.base_path, stable, canary))
         os.replace(tmp, self.config)
         self.stable = stable
 
@@ -527,6 +531,8 @@ class Options:
     gateway_extra: tuple[str, ...] = ()
     replica_extra: tuple[str, ...] = ()
     standin: Path = ROOT / "tests" / "tfserving_standin.py"
+    #: Rows 7-9 (scripts/rehearsal_rollouts.py): canary, promoted shadow, refused shadow; need Prometheus.
+    rollouts: bool = True
 
 
 class Topology:
@@ -550,6 +556,9 @@ class Topology:
         self.service = Service()
         self.prometheus: Prometheus | None = None
         self._pod_serial = 0
+        #: Every gateway's --rollout-file (the canary split and shadow plan; empty: neither).
+        self.rollout_file = self.workdir / "rollout.json"
+        self.rollout_file.write_text('{"split": {}}\n')
 
     def __enter__(self) -> Topology:
         try:
@@ -609,8 +618,9 @@ class Topology:
         """Start a gateway (not yet in the Service); ``extra`` options win over the defaults."""
         name = f"quickdraw-gateway-{self._pod_serial}"
         self._pod_serial += 1
+        plan = ("--rollout-file", str(self.rollout_file), "--rollout-watch-s", "0.5")
         gw = Gateway(*gateway_args([r.target for r in self.replicas], self.model_dir, self.opts.version_label,
-                                   (*self.opts.gateway_extra, *extra)))  # fmt: skip
+                                   (*plan, *self.opts.gateway_extra, *extra)))  # fmt: skip
         pod = Pod(name, gw)
         self.pods.append(pod)
         return pod
@@ -623,10 +633,11 @@ class Topology:
         self.prometheus.set_targets("tfserving", {r.name: f"127.0.0.1:{r.rest_port}" for r in self.replicas})
 
     # --- events ---------------------------------------------------------------------------------------------
-    def roll_out(self, version: int = 2) -> None:
-        """Copy the staged version beside the served ones under a temporary name, then rename it into place."""
+    def roll_out(self, version: int = 2, source: Path | None = None) -> None:
+        """Copy the staged version (or ``source``) beside the served ones under a temporary name, then rename it
+        into place."""
         tmp = self.model_dir / f".{version}.incoming-{os.getpid()}"
-        shutil.copytree(self.staged_v2, tmp)
+        shutil.copytree(source or self.staged_v2, tmp)
         os.rename(tmp, self.model_dir / str(version))
 
     def remove_version(self, version: int = 2) -> None:

@@ -15,8 +15,9 @@ its share to the default version. Counted in ``quickdraw_split_calls_total{targe
 **The shadow** (:class:`Shadow`). A shadowed call asks its own batch for full probabilities (not top-k alone); once
 the caller has its answer, its drawings and the stable version's probabilities are queued for the candidate:
 
-- in a queue of its own, bounded by ``shadow_max_queued_drawings``, batched up to the batcher's batch size, one
-  candidate batch in flight at a time, each under ``backend_timeout_ms``;
+- in a queue of its own, bounded by ``shadow_max_queued_drawings``; each shadowed call is one candidate batch, as
+  its caller sent it (so the candidate's latency compares with the stable version's on the same batch), one in
+  flight at a time, each under ``backend_timeout_ms``;
 - dropped, and counted in ``quickdraw_shadow_dropped_drawings_total{reason}``, when that queue is full
   (``queue_full``), when the backend is busy with callers' work (``busy``: drawings queued or every slot taken, when
   the call is offered and again when its batch would be sent), when admission is refusing (``refused``), when the
@@ -310,18 +311,12 @@ class Shadow:
         self._wake.set()
 
     def _take(self) -> list[_Shadowed]:
-        """The next batch: queued calls of one (stable, candidate) pair, up to the batch size."""
+        """The next batch: one shadowed call, as its caller sent it. Not merged with others, so the candidate's
+        latency is measured on the same batch as the stable version's (a TF Serving backend batches them again
+        on its side, with its own batch scheduler)."""
         first = self._queue.popleft()
-        batch, n, size = [first], len(first.images), self._primary.max_batch_size
-        while self._queue:
-            nxt = self._queue[0]
-            same = (nxt.stable, nxt.candidate, nxt.thresholds) == (first.stable, first.candidate, first.thresholds)
-            if not same or n + len(nxt.images) > size:
-                break
-            batch.append(self._queue.popleft())
-            n += len(nxt.images)
-        self._queued -= n
-        return batch
+        self._queued -= len(first.images)
+        return [first]
 
     async def _run(self) -> None:
         while True:

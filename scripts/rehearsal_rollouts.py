@@ -1,0 +1,174 @@
+"""``make rehearsal``'s roll-out rows: a 10% canary, a good candidate shadowed and promoted, a bad one refused.
+
+They run after the other events, under the same open-loop load, through the gateways' ``--rollout-file`` (every
+gateway re-reads it within half a second) and TF Serving version labels in each replica's model config file:
+
+7. **canary**: a retrained candidate rolled out as version 2 under the label ``canary``; the plan sends 10% of
+   versionless calls to ``canary`` (90% to ``stable``) and shadows every call to it; held until 2,000 versionless
+   calls were sent; the row says what share version 2 answered against the binomial 99% interval, and the gate's
+   decision (``quickdraw rollout status``, reading Prometheus);
+8. **shadow, promoted**: no split, every call shadowed to ``canary``; once enough drawings are compared,
+   ``quickdraw rollout promote`` is asked (the gate must say promote) and rewrites the plan: every versionless call
+   to version 2; then the platform moves ``stable`` to 2 on every replica;
+9. **shadow, refused**: the shipped weights perturbed (scripts/perturb_model.py: test top-1 down 10 points or more)
+   rolled out as version 3 under ``canary``, every call shadowed to it; ``quickdraw rollout promote`` must refuse,
+   and ``quickdraw rollout abort`` resets the plan.
+
+The candidates are made once and kept under ``.rehearsal/candidates`` (keyed by the shipped model): the retrained
+one by ``quickdraw train --init-from`` (one epoch on 400 drawings a class at learning rate 1e-4, another seed: test
+top-1 within a point of the shipped model's, top-1 agreement with it about 0.97), the bad one by
+``scripts/perturb_model.py`` (agreement about 0.82).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rehearsal_topology import ROOT, Options, Phase, Topology, say
+
+CACHE = ROOT / ".rehearsal" / "candidates"
+SHIPPED = ROOT / "models" / "quickdraw" / "1"
+#: Versionless calls the canary row holds for (its split is judged on them).
+CANARY_CALLS = 2000
+#: Compared drawings the gate asks for here (``quickdraw rollout status --min-compared``).
+MIN_COMPARED = 400
+
+
+def binomial_interval(n: int, p: float, level: float = 0.99) -> tuple[int, int]:
+    """The central ``level`` interval of Binomial(n, p), from its exact CDF (in log space)."""
+    tail, cdf, lo = (1 - level) / 2, 0.0, None
+    for k in range(n + 1):
+        log_pmf = math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+        cdf += math.exp(log_pmf + k * math.log(p) + (n - k) * math.log1p(-p))
+        if lo is None and cdf >= tail:
+            lo = k
+        if cdf >= 1 - tail:
+            return lo or 0, k
+    return lo or 0, n
+
+
+def candidates() -> tuple[Path, Path]:
+    """(the retrained candidate, the bad one): version directories, made once per shipped model."""
+    key = hashlib.sha256((SHIPPED / "saved_model.pb").read_bytes()).hexdigest()[:12]
+    where = CACHE / key
+    good, bad = where / "good" / "quickdraw" / "2", where / "bad" / "quickdraw" / "3"
+    if not good.is_dir():
+        say("training the retrained candidate once (quickdraw train --init-from, 1 epoch; cached)...")
+        subprocess.run([sys.executable, "-m", "quickdraw", "train", "--init-from", str(SHIPPED), "--epochs", "1",
+                        "--per-class", "400", "--seed", "7", "--learning-rate", "1e-4", "--out", str(good.parent),
+                        "--version", "2", "--workdir", str(where / "runs")], check=True, cwd=ROOT)  # fmt: skip
+    if not bad.is_dir():
+        say("perturbing the shipped weights for the bad candidate once (scripts/perturb_model.py; cached)...")
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "perturb_model.py"), "--model", str(SHIPPED),
+                        "--out", str(bad.parent), "--version", "3"], check=True, cwd=ROOT)  # fmt: skip
+    return good, bad
+
+
+def write_plan(topo: Topology, plan: dict[str, Any]) -> None:
+    """The gateways' rollout file, replaced whole; then time for every gateway to have read it."""
+    tmp = topo.rollout_file.with_name(".rollout.json.tmp")
+    tmp.write_text(json.dumps(plan) + "\n")
+    os.replace(tmp, topo.rollout_file)
+    time.sleep(1.5)
+
+
+def rollout(topo: Topology, action: str, candidate: int) -> tuple[int, str]:
+    """``quickdraw rollout ACTION`` against the rehearsal's Prometheus: (exit code, its output)."""
+    assert topo.prometheus is not None
+    args = [sys.executable, "-m", "quickdraw", "rollout", action, "--prometheus", topo.prometheus.base,
+            "--candidate", str(candidate), "--min-compared", str(MIN_COMPARED),
+            "--rollout-file", str(topo.rollout_file)]  # fmt: skip
+    done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    out = (done.stdout + done.stderr).strip()
+    for line in out.splitlines():
+        say(f"  {line}")
+    return done.returncode, out
+
+
+def decision(out: str) -> str:
+    """The gate's decision line, short."""
+    for line in out.splitlines():
+        if line.startswith("decision:"):
+            return line.removeprefix("decision: ")
+    return out.splitlines()[-1] if out else "no output"
+
+
+def compared(topo: Topology, candidate: int) -> float:
+    """Drawings compared with ``candidate`` so far, over every gateway, as Prometheus has them."""
+    assert topo.prometheus is not None
+    rows = topo.prometheus.query(f'sum(quickdraw_shadow_compared_drawings_total{{candidate="{candidate}"}})')
+    return float(rows[0]["value"][1]) if rows else 0.0
+
+
+def hold_until_compared(topo: Topology, candidate: int, timeout_s: float = 120) -> float:
+    """Until Prometheus has ``MIN_COMPARED`` drawings (and a margin) compared with ``candidate``."""
+    t0 = time.monotonic()
+    while (n := compared(topo, candidate)) < MIN_COMPARED * 1.25:
+        if time.monotonic() - t0 > timeout_s:
+            break
+        time.sleep(1.0)
+    time.sleep(2.0)  # a scrape past the last comparison
+    return n
+
+
+def run(reh: Any, topo: Topology, o: Options) -> None:
+    """Rows 7-9 (see the module); ``reh`` is the running ``rehearsal.Rehearsal``."""
+    good, bad = candidates()
+
+    p: Phase = reh.phase("7 canary: 10% of versionless calls to label canary (v2, retrained)")
+    topo.roll_out(2, good)
+    reh.wait_all(p, {1, 2}, 1)
+    for r in topo.replicas:
+        r.write_config(1, canary=2)
+    time.sleep(2 * o.config_poll_s)  # every replica's config poll has seen the canary label
+    write_plan(topo, {"split": {"stable": 90, "canary": 10}, "shadow": {"target": "canary", "fraction": 1.0}})
+    while sum(1 for c in list(reh.load.calls) if c.sent >= p.started and not c.pinned) < CANARY_CALLS:
+        time.sleep(0.5)
+    _, out = rollout(topo, "status", 2)
+    p.notes.append(f"gate: {decision(out)}")
+
+    p = reh.phase("8 shadow v2 on every call; gate says promote; promoted")
+    write_plan(topo, {"split": {}, "shadow": {"target": "canary", "fraction": 1.0}})
+    hold_until_compared(topo, 2)
+    code, out = rollout(topo, "promote", 2)
+    p.notes.append(f"promote exit {code}: {decision(out)}")
+    time.sleep(1.5)  # the gateways read the promoted plan
+    reh.hold(p, o.phase_s)
+    for r in topo.replicas:  # the platform then moves the label, and the plan goes back to empty
+        r.write_config(2, canary=2)
+    reh.wait_all(p, {1, 2}, 2)
+    write_plan(topo, {"split": {}})
+
+    p = reh.phase("9 shadow v3 (perturbed) on every call; gate refuses; aborted")
+    topo.roll_out(3, bad)
+    reh.wait_all(p, {1, 2, 3}, 2)
+    for r in topo.replicas:
+        r.write_config(2, canary=3)
+    time.sleep(2 * o.config_poll_s)
+    write_plan(topo, {"split": {}, "shadow": {"target": "canary", "fraction": 1.0}})
+    hold_until_compared(topo, 3)
+    code, out = rollout(topo, "promote", 3)
+    p.notes.append(f"promote exit {code}: {decision(out)}")
+    code, _ = rollout(topo, "abort", 3)
+    p.notes.append(f"abort exit {code}")
+    reh.hold(p, o.phase_s / 2)
+
+
+def annotate(rows: list[Any]) -> None:
+    """The canary row's split against the binomial 99% interval, in its notes."""
+    for row in rows:
+        if row.event.startswith("7 canary"):
+            n = sum(row.answered_by.values())
+            k = row.answered_by.get(2, 0)
+            lo, hi = binomial_interval(n, 0.10)
+            verdict = "inside" if lo <= k <= hi else "OUTSIDE"
+            row.notes = f"v2 answered {k} of {n} versionless calls ({k / max(n, 1):.3f}); binomial 99% interval " \
+                        f"{lo}..{hi}: {verdict}; " + row.notes  # fmt: skip
