@@ -70,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("model", type=Path, metavar="MODEL_DIR", help="e.g. models/quickdraw/1 (or models/quickdraw: "
                         "its highest version)")  # fmt: skip
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("QUICKDRAW_SAMPLE_DIR", "../shared/quickdraw")),
+    default_data = Path(os.environ.get("QUICKDRAW_SAMPLE_DIR", "../shared/quickdraw"))
+    parser.add_argument("--data", type=Path, default=default_data,
                         help="numpy_bitmap data (default: $QUICKDRAW_SAMPLE_DIR or %(default)s)")  # fmt: skip
     parser.add_argument("--check", action="store_true", help="write nothing: exit 1 when the card's entry differs "
                         "from what is measured now")  # fmt: skip
