@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,3 +140,32 @@ def test_reference_from_the_shipped_card_is_exported() -> None:
     assert len(les) == len(ref.known_bounds) + 1
     with pytest.raises(ValueError, match="exactly the model's classes"):
         Reference.from_card({"top1_class": {"cat": 1}}, LABELS)
+
+
+def test_the_drift_tests_are_generated_from_the_shipped_card() -> None:
+    """deploy/prometheus/tests/model-health.test.yml (scripts/gen_drift_tests.py: the model's answers, so TensorFlow,
+    not run here) carries the shipped card's reference in every test: regenerate it when the card changes. promtool
+    runs it in tests/test_deploy.py."""
+    import yaml
+
+    path = SHIPPED_MODEL.parent.parent / "deploy" / "prometheus" / "tests" / "model-health.test.yml"
+    if not path.exists():  # QUICKDRAW_TEST_MODEL_DIR elsewhere
+        path = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "tests" / "model-health.test.yml"
+    version_dir = SHIPPED_MODEL / str(max(find_versions(SHIPPED_MODEL)))
+    card = json.loads((version_dir / MODEL_CARD).read_text())[MODEL_CARD_DISTRIBUTION]
+    total = sum(card["top1_class"].values())
+    want = {f'quickdraw_model_reference_class_share{{class="{c}"}}': n / total for c, n in card["top1_class"].items()}
+    want["quickdraw_model_reference_ink_fraction_mean"] = card["ink_fraction"]["mean"]
+    want["quickdraw_model_reference_out_of_class_ratio"] = card["out_of_class_rate"]
+    tests = yaml.safe_load(path.read_text())["tests"]
+    assert len(tests) == 3
+    for case in tests:
+        for s in case["input_series"]:
+            name, labels = s["series"].split("{", 1)
+            if not name.startswith("quickdraw_model_reference_"):
+                continue
+            assert f'version="{version_dir.name}"' in labels
+            cls = [x for x in labels.rstrip("}").split(",") if x.startswith("class=")]
+            key = name + (f"{{{cls[0]}}}" if cls else "")
+            got = float(s["values"].split("x")[0])
+            assert got == pytest.approx(want[key], rel=1e-12), (case["name"], key)
