@@ -43,6 +43,20 @@ TOP_K: Final = 5
 KNOWN_SCORE: Final = "known_score"
 #: The model card's key for the out-of-class decision (threshold, operating point, score name, method).
 MODEL_CARD_OOD: Final = "out_of_class"
+#: The model card's key for the validation distribution of what the model answers (issue 26, model health): the
+#: class mix of its top-1 predictions, histograms of the top-1 probability, of ``KNOWN_SCORE`` and of the ink
+#: fraction, and the out-of-class rate, measured on the validation split at export (``trainer.distribution``).
+#: The gateway counts the same things per served version and exports this entry beside them
+#: (``service.core.modelhealth``), so that Prometheus can compare the two.
+MODEL_CARD_DISTRIBUTION: Final = "validation_distribution"
+#: Default upper bounds of the top-1 probability histogram (the card's entry says which it used).
+TOP1_PROBABILITY_BOUNDS: Final = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+#: Default upper bounds of the ink fraction histogram: the share of the 784 pixels that are not 0 (numpy_bitmap
+#: drawings: 0.1 to 0.5; a bitmap sent inverted, dark strokes on a light background, above 0.85).
+INK_FRACTION_BOUNDS: Final = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+#: Default upper bounds of the ``KNOWN_SCORE`` histogram, for a version whose card has none (the trainer writes
+#: bounds fitted to each model's scores: the threshold and quantiles of the validation scores).
+KNOWN_SCORE_BOUNDS: Final = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 8.0)
 #: Every output of the signature, the probabilities first (``KNOWN_SCORE`` only in models exported with it).
 OUTPUTS: Final = (OUTPUT_KEY, TOP_K_SCORES, TOP_K_INDICES, TOP_K_LABELS)
 #: Each output's dtype (numpy's and TensorFlow's names; ``string`` is TensorFlow's).
@@ -53,17 +67,21 @@ OUTPUT_DTYPES: Final = {OUTPUT_KEY: "float32", TOP_K_SCORES: "float32", TOP_K_IN
 LABELS_PATH: Final = PurePosixPath("assets/labels.txt")
 
 __all__ = [
+    "INK_FRACTION_BOUNDS",
     "INPUT_DTYPE",
     "INPUT_KEY",
     "INPUT_SHAPE",
     "KNOWN_SCORE",
+    "KNOWN_SCORE_BOUNDS",
     "LABELS_PATH",
     "METHOD_NAME",
+    "MODEL_CARD_DISTRIBUTION",
     "MODEL_CARD_OOD",
     "OUTPUTS",
     "OUTPUT_DTYPES",
     "OUTPUT_KEY",
     "SIGNATURE_NAME",
+    "TOP1_PROBABILITY_BOUNDS",
     "TOP_K",
     "TOP_K_INDICES",
     "TOP_K_LABELS",

@@ -73,12 +73,18 @@ def configuration() -> str:
 
 def metrics() -> str:
     """The metrics reference: every metric the gateway exports, with its type, labels and help text."""
-    from service.core.metrics import LATENCY_BUCKETS_S, NAMESPACE, Metrics
+    from service.core.metrics import LATENCY_BUCKETS_S, NAMESPACE, Metrics, ModelHealthCollector
 
     m = Metrics()
     suffix = {"counter": "_total"}
     rows = []
     for collector in list(m.registry._collector_to_names):  # the registry's own list of what it exports
+        if isinstance(collector, ModelHealthCollector):  # built at scrape time: its families as it declares them
+            for family in collector.describe():
+                labels = ", ".join(f"`{label}`" for label in family._labelnames) or "none"  # type: ignore[attr-defined]
+                name = family.name + suffix.get(family.type, "")
+                rows.append(f"| `{name}` | {family.type} | {labels} | {_cell(family.documentation)} |")
+            continue
         if not hasattr(collector, "_labelnames"):  # ProcessCollector: the standard process_* metrics
             continue
         kind = collector._type  # type: ignore[attr-defined]

@@ -28,7 +28,7 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service.backends import Backend, ModelDescription
+from service.backends import Backend, ModelDescription, read_reference
 from service.backends.embedded import EmbeddedBackend
 from service.core.metrics import Metrics
 from service.core.streams import StreamSlots
@@ -345,10 +345,25 @@ class App:
                 self._gateway.model = model
             for v in model.versions:
                 self.metrics.model_version.labels(model.name, str(v), backend).set(1)
+            self._serve_health(model)
         self.metrics.ready.set(0 if model is None or self._stopping else 1)
         serving = model is not None and not self._stopping
         self._model_serving = serving
         return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+
+    def _serve_health(self, model: ModelDescription) -> None:
+        """Model health (``Metrics.health``) counts the served versions, each with its out-of-class threshold and
+        its model card's validation distribution under ``model_dir`` (none: nothing to compare it with)."""
+        references = {}
+        for v in model.versions:
+            try:
+                references[v] = read_reference(self.settings.model_dir / str(v), model.labels)
+            except ValueError as exc:
+                log.warning("version %d: no validation distribution for model health: %s", v, exc)
+                references[v] = None
+        ood = model.out_of_class
+        thresholds = {v: ood[v].threshold if v in ood else None for v in model.versions}
+        self.metrics.health.serve(model.labels, thresholds, references)
 
     async def _set_health(self, status: int) -> None:
         """Readiness: ``status`` (the model's), NOT_SERVING while the batcher reports the backend not ready."""

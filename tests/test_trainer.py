@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from doodle.contract import KNOWN_SCORE, MODEL_CARD_OOD
+from doodle.contract import KNOWN_SCORE, MODEL_CARD_DISTRIBUTION, MODEL_CARD_OOD
 from trainer.data import BitmapData, Split, SplitSpec
 
 CLASSES = "cat,dog,apple"
@@ -135,6 +135,14 @@ def test_export_layout_and_signature(tiny_model: Path) -> None:
     for key in ("test_top1", "test_top3", "val_top1"):
         assert 0.0 <= card["metrics"][key] <= 1.0
     assert card["training_seconds"] > 0 and card["tensorflow_version"] == tf.__version__
+    # model health (issue 26): the exported signature's answers on the validation split, counted
+    dist = card[MODEL_CARD_DISTRIBUTION]
+    assert list(dist["top1_class"]) == ["apple", "cat", "dog"]
+    assert dist["drawings"] == sum(dist["top1_class"].values()) == card["data"]["counts"]["val"]
+    for hist in ("top1_probability", KNOWN_SCORE, "ink_fraction"):
+        assert sum(dist[hist]["counts"]) == dist["drawings"]
+        assert len(dist[hist]["counts"]) == len(dist[hist]["bounds"]) + 1
+    assert 0 <= dist["out_of_class_rate"] <= 1 and 0 < dist["ink_fraction"]["mean"] < 1
 
 
 def test_evaluate_and_predict(tiny_model: Path, sample: Path, tmp_path: Path) -> None:

@@ -9,7 +9,8 @@
   server-side batching requires;
 - ``assets/labels.txt``: the class names, one a line, in output order;
 - ``assets.extra/tf_serving_warmup_requests``: PredictionLog records TF Serving replays on load;
-- ``model_card.json``: what the model is, what it was trained on and how well it does.
+- ``model_card.json``: what the model is, what it was trained on and how well it does, and (given the
+  validation split) the distribution of its answers there (``trainer.distribution``: model health).
 
 The version directory appears in one ``rename`` from a hidden temporary directory beside it, so a
 server watching ``models/quickdraw/`` never sees a half-written version.
@@ -24,7 +25,7 @@ import platform
 import shutil
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,7 @@ from doodle.contract import (
     INPUT_SHAPE,
     KNOWN_SCORE,
     LABELS_PATH,
+    MODEL_CARD_DISTRIBUTION,
     MODEL_CARD_OOD,
     OUTPUT_DTYPES,
     OUTPUT_KEY,
@@ -50,6 +52,7 @@ from doodle.contract import (
     TOP_K_LABELS,
     TOP_K_SCORES,
 )
+from trainer.distribution import DistributionCounter
 
 if TYPE_CHECKING:
     from trainer.config import Recipe, TrainConfig
@@ -138,6 +141,9 @@ class ModelCard:
     calibration: dict[str, Any] | None = None
     #: The out-of-class decision, written under ``MODEL_CARD_OOD`` (score, method, threshold, class split).
     ood: dict[str, Any] | None = None
+    #: What the model answers on the validation split, written under ``MODEL_CARD_DISTRIBUTION``
+    #: (``trainer.distribution``): the gateway's model-health metrics are compared with it.
+    distribution: dict[str, Any] | None = None
 
     @classmethod
     def build(
@@ -210,10 +216,13 @@ def export_model(
     version: int | None = None,
     temperature: float = 1.0,
     score: str | None = None,
+    validation: Iterable[np.ndarray] | None = None,
 ) -> Path:
     """Write ``base/<version>/`` atomically and return it. Refuses to overwrite an existing version.
 
     ``temperature`` divides the logits before the softmax; ``score`` adds the ``KNOWN_SCORE`` output.
+    ``validation``: batches of the validation split's images, run through the exported signature for the card's
+    ``MODEL_CARD_DISTRIBUTION`` entry (with the threshold of ``card.ood``, when it has one).
     """
     base.mkdir(parents=True, exist_ok=True)
     version = version or next_version(base)
@@ -231,6 +240,8 @@ def export_model(
             raise RuntimeError(f"the labels asset is not at {LABELS_PATH} in the exported SavedModel")
         write_warmup_requests(tmp / "assets.extra" / "tf_serving_warmup_requests")
         card.version = version
+        if validation is not None:
+            card.distribution = validation_distribution(module, labels, validation, card.ood)
         (tmp / CARD_FILE).write_text(json.dumps(card_dict(card), indent=1) + "\n")
         os.rename(tmp, final)
     finally:
@@ -244,13 +255,30 @@ def card_dict(card: ModelCard) -> dict[str, Any]:
     """The card as written: the out-of-class entry under ``MODEL_CARD_OOD``, absent fields left out."""
     d = asdict(card)
     ood = d.pop("ood")
+    distribution = d.pop("distribution")
     if d["calibration"] is None:
         d.pop("calibration")
     if ood is not None:
         d[MODEL_CARD_OOD] = ood
     else:
         d["outputs"].pop(KNOWN_SCORE, None)
+    if distribution is not None:
+        d[MODEL_CARD_DISTRIBUTION] = distribution
     return d
+
+
+def validation_distribution(
+    module: ServingModule, labels: Sequence[str], batches: Iterable[np.ndarray], ood: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The card's ``MODEL_CARD_DISTRIBUTION`` entry: ``batches`` (uint8 [b, 28, 28, 1]) through the exported
+    signature, counted by ``trainer.distribution``."""
+    threshold = (ood or {}).get("threshold")
+    counter = DistributionCounter(labels, None if threshold is None else float(threshold))
+    for x in batches:
+        out = module.serve(tf.constant(x, tf.as_dtype(INPUT_DTYPE)))
+        known = out[KNOWN_SCORE].numpy() if KNOWN_SCORE in out else None
+        counter.add(out[OUTPUT_KEY].numpy(), known, x)
+    return counter.entry(f"validation split: {counter.drawings} drawings, the exported signature's answers")
 
 
 def write_warmup_requests(path: Path, batch_sizes: Sequence[int] = WARMUP_BATCH_SIZES) -> None:

@@ -352,6 +352,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             version=cfg.version,
             temperature=temperature,
             score=ood_card["score_kind"],
+            validation=(x for x, _ in data.batches(Split.VAL, 512, shuffle=False)),
         )
     else:
         # Every worker must take part in saving (it may run collectives); non-chiefs write to a scratch

@@ -23,7 +23,8 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from doodle.contract import KNOWN_SCORE, LABELS_PATH, MODEL_CARD_OOD
+from doodle.contract import KNOWN_SCORE, LABELS_PATH, MODEL_CARD_DISTRIBUTION, MODEL_CARD_OOD
+from service.core.modelhealth import Reference
 
 #: A version's model card, beside ``saved_model.pb`` (the trainer writes it; the out-of-class threshold is there).
 MODEL_CARD = "model_card.json"
@@ -228,6 +229,35 @@ def find_versions(base: Path) -> list[int]:
 def read_labels(version_dir: Path) -> tuple[str, ...]:
     """Class names from ``LABELS_PATH`` (``assets/labels.txt``), one per line, in output order."""
     return tuple(line for line in (version_dir / LABELS_PATH).read_text(encoding="utf-8").splitlines() if line)
+
+
+def read_card(version_dir: Path) -> dict[str, Any] | None:
+    """``version_dir``'s ``model_card.json`` (None: there is none); ValueError when it cannot be read as a JSON
+    object."""
+    path = version_dir / MODEL_CARD
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} cannot be read: {exc}") from None
+    try:
+        card = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not JSON: {exc}") from None
+    return card if isinstance(card, dict) else None
+
+
+def read_reference(version_dir: Path, labels: tuple[str, ...]) -> Reference | None:
+    """The validation distribution in ``version_dir``'s model card (``MODEL_CARD_DISTRIBUTION``: model health), for
+    a model of ``labels``; None when there is no card or no such entry. ValueError when it is unusable."""
+    card = read_card(version_dir)
+    if card is None or MODEL_CARD_DISTRIBUTION not in card:
+        return None
+    try:
+        return Reference.from_card(card[MODEL_CARD_DISTRIBUTION], labels)
+    except ValueError as exc:
+        raise ValueError(f"{version_dir / MODEL_CARD}: {exc}") from None
 
 
 def read_out_of_class(version_dir: Path) -> OutOfClassInfo | None:

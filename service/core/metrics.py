@@ -1,15 +1,27 @@
 """Every Prometheus metric of the gateway, declared once, here, in its own registry.
 
 Names carry the ``quickdraw_`` namespace and a unit suffix; labels have bounded cardinality (method and status
-code come from fixed sets, kinds from the three input forms, versions from the few a model has). Latency
-buckets span 0.5 ms to 5 s.
+code come from fixed sets, kinds from the three input forms, versions from the few a model has, classes from the
+model's labels). Latency buckets span 0.5 ms to 5 s.
+
+Model health (issue 26) is counted in plain Python by ``service.core.modelhealth`` and exported at scrape time by
+``ModelHealthCollector`` (its families are declared in ``ModelHealthCollector.FAMILIES``): no prometheus_client
+call per drawing.
 """
 
 from __future__ import annotations
 
-from typing import TypeVar
+import math
+from collections.abc import Iterator
+from typing import ClassVar, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from doodle import BITMAP_PIXELS
+from service.core.modelhealth import ModelHealth, VersionCounts
 
 NAMESPACE = "quickdraw"
 LATENCY_BUCKETS_S = (
@@ -30,6 +42,92 @@ def batch_size_buckets(max_batch_size: int) -> tuple[float, ...]:
         b *= 2
     out.append(float(max_batch_size))
     return tuple(out)
+
+
+class ModelHealthCollector(Collector):
+    """The model-health families (``service.core.modelhealth``), built from its counts at each scrape: per served
+    version, and class (the model's labels), and kind (the three input forms)."""
+
+    #: name -> (type, labels, help); counters without their ``_total``.
+    FAMILIES: ClassVar[dict[str, tuple[str, tuple[str, ...], str]]] = {
+        "quickdraw_predictions": ("counter", ("version", "class"),
+            "Drawings answered, by model version and top-1 class (the model's labels only)."),
+        "quickdraw_top1_probability": ("histogram", ("version",),
+            "The top-1 probability of each drawing answered, by model version."),
+        "quickdraw_known_score": ("histogram", ("version",),
+            "The known_score of each drawing answered by a version that makes the out-of-class decision (buckets: "
+            "the model card's validation distribution's)."),
+        "quickdraw_out_of_class": ("counter", ("version",),
+            "Drawings decided out-of-class (known_score under the version's threshold); the rate is this over "
+            "quickdraw_known_score_count."),
+        "quickdraw_ink_fraction": ("histogram", ("version",),
+            "The share of each drawing's 784 pixels that are not 0 (ink), as the model got it, by model version."),
+        "quickdraw_model_drawings": ("counter", ("version", "kind"),
+            "Drawings answered, by model version and input kind (bitmap, image, strokes)."),
+        "quickdraw_model_reference_class_share": ("gauge", ("version", "class"),
+            "The share of validation drawings each class was the top-1 prediction of (the model card's "
+            "validation distribution), for versions whose card has one."),
+        "quickdraw_model_reference_top1_probability_mean": ("gauge", ("version",),
+            "The mean top-1 probability on the validation split (model card)."),
+        "quickdraw_model_reference_known_score_mean": ("gauge", ("version",),
+            "The mean known_score on the validation split (model card)."),
+        "quickdraw_model_reference_out_of_class_ratio": ("gauge", ("version",),
+            "The share of validation drawings decided out-of-class (model card)."),
+        "quickdraw_model_reference_ink_fraction_mean": ("gauge", ("version",),
+            "The mean ink fraction of the validation drawings (model card)."),
+    }  # fmt: skip
+
+    def __init__(self, health: ModelHealth) -> None:
+        self.health = health
+
+    def describe(self) -> Iterator[Metric]:
+        """The families, empty (for the registry's name checks and the metrics reference)."""
+        kinds = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}
+        for name, (kind, labels, text) in self.FAMILIES.items():
+            yield kinds[kind](name, text, labels=list(labels))
+
+    def collect(self) -> Iterator[Metric]:
+        """The families, from the counts now."""
+        h = self.health
+        fam = {m.name: m for m in self.describe()}
+        labels = h.labels
+        for version, v in sorted(h.versions.items()):
+            ver = str(version)
+            for label, n in zip(labels, v.classes, strict=True):
+                fam["quickdraw_predictions"].add_metric([ver, label], n)
+            _histogram(fam["quickdraw_top1_probability"], ver, v.top1_bounds, v.top1, v.top1_sum)
+            if v.threshold is not None:
+                _histogram(fam["quickdraw_known_score"], ver, v.known_bounds, v.known, v.known_sum)
+                fam["quickdraw_out_of_class"].add_metric([ver], v.out_of_class)
+            _histogram(fam["quickdraw_ink_fraction"], ver, v.ink_bounds, v.ink, v.ink_pixels / BITMAP_PIXELS)
+            for kind, n in sorted(v.kinds.items()):
+                fam["quickdraw_model_drawings"].add_metric([ver, str(kind)], n)
+            _reference(fam, ver, v, labels)
+        yield from fam.values()
+
+
+def _histogram(family: HistogramMetricFamily, version: str, bounds: tuple[float, ...], counts: list[int],
+               total: float) -> None:  # fmt: skip
+    cumulative, buckets = 0, []
+    for bound, n in zip((*bounds, math.inf), counts, strict=True):
+        cumulative += n
+        buckets.append((floatToGoString(bound), cumulative))
+    family.add_metric([version], buckets, total)
+
+
+def _reference(fam: dict[str, Metric], version: str, v: VersionCounts, labels: tuple[str, ...]) -> None:
+    r = v.reference
+    if r is None:
+        return
+    for label, share in zip(labels, r.class_share, strict=True):
+        fam["quickdraw_model_reference_class_share"].add_metric([version, label], share)
+    means = (("top1_probability", r.top1_mean), ("ink_fraction", r.ink_mean),
+             ("known_score", r.known_mean if v.threshold is not None else None))  # fmt: skip
+    for what, mean in means:
+        if mean is not None:
+            fam[f"quickdraw_model_reference_{what}_mean"].add_metric([version], mean)
+    if r.out_of_class_rate is not None and v.threshold is not None:
+        fam["quickdraw_model_reference_out_of_class_ratio"].add_metric([version], r.out_of_class_rate)
 
 
 class Metrics:
@@ -194,6 +292,9 @@ class Metrics:
             "retried), shutdown.",
             ["reason"], namespace=ns, registry=r,
         )  # fmt: skip
+        #: Model health per served version (issue 26): counted by the data plane, exported at scrape time.
+        self.health = ModelHealth()
+        r.register(ModelHealthCollector(self.health))
 
     def child(self, metric: M, *labels: str) -> M:
         """``metric.labels(*labels)``, bound once and kept: what the hot path uses.
