@@ -43,7 +43,7 @@ pytestmark = pytest.mark.skipif(
 
 
 #: Versionless calls split 90/10 here (``make rehearsal``'s canary row sends over 2,000 through real processes).
-CALLS = 600
+CALLS = 400
 
 
 def binomial_interval(n: int, p: float, level: float = 0.99) -> tuple[int, int]:
@@ -84,7 +84,7 @@ def labelled(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 
 def test_split_by_labels_is_binomial_and_routing_keys_stick_at_every_door(labelled: Any, tmp_path: Path) -> None:
-    """stable=90, canary=10 over 600 versionless calls: the canary's share is within the binomial 99% interval,
+    """stable=90, canary=10 over 400 versionless calls: the canary's share is within the binomial 99% interval,
     each answer naming its version. Then, through the rollout file, 50/50: a routing key keeps its caller on one
     side, the same side at every door; ``quickdraw rollout abort`` sends everyone back to stable."""
     base, replicas = labelled
@@ -172,6 +172,9 @@ def _uint8_tensor(a: np.ndarray) -> Any:
 
 # --- the shadow, against the two SavedModels offline ------------------------------------------------------------
 
+#: Drawings shadowed and compared offline (in calls of 100).
+DRAWINGS = 300
+
 
 @pytest.fixture(scope="module")
 def two_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -192,12 +195,12 @@ def test_shadow_agreement_equals_the_offline_agreement_of_the_two_models(two_mod
     the caller's answers are version 1's."""
     import tensorflow as tf
 
-    images = sample_bitmaps(400)
+    images = sample_bitmaps(DRAWINGS)
     with RunningGateway(model_dir=two_models, model_versions="all", canary_split="1=100", shadow_version="2",
                         shadow_fraction=1.0) as gw, grpc.insecure_channel(gw.target) as ch:  # fmt: skip
         stub = pb_grpc.ClassifierStub(ch)
         done = 0.0
-        for i in range(0, 400, 100):  # one call at a time, each compared before the next (nothing busy)
+        for i in range(0, DRAWINGS, 100):  # one call at a time, each compared before the next (nothing busy)
             req = pb.ClassifyRequest(drawings=[pb.Drawing(bitmap=pb.Bitmap(pixels=x.tobytes()))
                                                for x in images[i : i + 100]], top_k=1)  # fmt: skip
             assert stub.Classify(req, timeout=30).model_version == 1
@@ -216,7 +219,7 @@ def test_shadow_agreement_equals_the_offline_agreement_of_the_two_models(two_mod
         fn = tf.saved_model.load(str(two_models / str(v))).signatures["serving_default"]
         probs.append(fn(image=tf.constant(images))["probabilities"].numpy())
     offline = Comparison.of(probs[0], probs[1])
-    print(f"\nshadow of 400 drawings: exported top-1 agreement {exported:.4f}, offline {offline.top1.mean():.4f}; "
+    print(f"\nshadow of {DRAWINGS} drawings: exported top-1 agreement {exported:.4f}, offline {offline.top1.mean():.4f}; "
           f"top-3 overlap {top3:.4f} / {offline.overlap.mean():.4f}")  # fmt: skip
     assert 0.5 < exported < 1.0  # the perturbed model really differs
     assert abs(exported - offline.top1.mean()) <= 0.005
