@@ -188,6 +188,14 @@ def write_reliability(rows: list[Row], command: str, opts: Options, elapsed_s: f
         "from slowness or shedding (the replicas load versions on the same cores that serve), anything else would "
         "be a version skew."
     )
+    if any(r.event.startswith("7 ") for r in rows):
+        intro += (
+            " Rows 7-9 (scripts/rehearsal_rollouts.py, docs/rollouts.md) go through the gateways' --rollout-file and "
+            "`quickdraw rollout` against Prometheus: a 10% canary by TF Serving label (version 2, retrained) with "
+            "its binomial check; version 2 shadowed on every call, gated and promoted; version 3 (the shipped "
+            "weights perturbed by scripts/perturb_model.py until test top-1 fell 10 points) shadowed, refused by "
+            "the gate, aborted. The gate's decision is in the notes."
+        )
     section = f"{SECTION}\n\n{textwrap.fill(intro, 115)}\n\n{markdown_table(rows)}\n"
     path.write_text(before + section)
     return path
