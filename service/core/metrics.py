@@ -286,10 +286,10 @@ class Metrics:
         )  # fmt: skip
         self.shadow_dropped = Counter(
             "shadow_dropped_drawings_total",
-            "Drawings not compared, by reason: queue_full, busy (callers' work queued or every backend slot taken), "
-            "refused (admission refusing), unavailable (the candidate is not served), same_version (the candidate "
-            "answered the call), too_large, no_probabilities, error (the candidate failed or timed out; never "
-            "retried), shutdown.",
+            "Drawings not compared, by reason: queue_full, busy (every backend slot taken, or a full batch of callers' "
+            "drawings waiting), refused (admission refusing), unavailable (the candidate is not served), "
+            "same_version (the candidate answered the call), too_large, no_probabilities, error (the candidate failed "
+            "or timed out; never retried), shutdown.",
             ["reason"], namespace=ns, registry=r,
         )  # fmt: skip
         #: Model health per served version (issue 26): counted by the data plane, exported at scrape time.

@@ -173,8 +173,9 @@ class Batcher:
 
     @property
     def busy(self) -> bool:
-        """Callers' drawings are queued, or every backend slot is taken: no room for optional work (shadow calls)."""
-        return self._queued > 0 or self._free <= 0
+        """Every backend slot is taken, or a full batch of callers' drawings is waiting: no room for optional work
+        (shadow calls). A free slot with a few drawings queued is not busy: the collector is about to send them."""
+        return self._free <= 0 or self._queued >= self._cfg.max_batch_size
 
     @property
     def refusing(self) -> bool:

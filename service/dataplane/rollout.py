@@ -19,10 +19,11 @@ the caller has its answer, its drawings and the stable version's probabilities a
   its caller sent it (so the candidate's latency compares with the stable version's on the same batch), one in
   flight at a time, each under ``backend_timeout_ms``;
 - dropped, and counted in ``quickdraw_shadow_dropped_drawings_total{reason}``, when that queue is full
-  (``queue_full``), when the backend is busy with callers' work (``busy``: drawings queued or every slot taken, when
-  the call is offered and again when its batch would be sent), when admission is refusing (``refused``), when the
-  candidate is not served (``unavailable``) or is the version that answered (``same_version``), and when the
-  candidate's batch fails or times out (``error``); never retried (a TF Serving backend makes one attempt);
+  (``queue_full``), when the backend is busy with callers' work (``busy``: every slot taken or a full batch
+  waiting, when the call is offered and again when its batch would be sent), when admission is refusing
+  (``refused``), when the candidate is not served (``unavailable``) or is the version that answered
+  (``same_version``), and when the candidate's batch fails or times out (``error``); never retried (a TF Serving
+  backend makes one attempt);
 - compared per drawing: top-1 agreement, top-3 overlap, the total-variation distance of the two probability
   vectors, agreement on the out-of-class decision (when both versions make one), and latency (the candidate's batch;
   the stable version's call). Exported with ``stable`` and ``candidate`` version labels (``quickdraw_shadow_*``);
