@@ -4,15 +4,16 @@ They run after the other events, under the same open-loop load, through the gate
 gateway re-reads it within half a second) and TF Serving version labels in each replica's model config file:
 
 7. **canary**: a retrained candidate rolled out as version 2 under the label ``canary``; the plan sends 10% of
-   versionless calls to ``canary`` (90% to ``stable``) and shadows every call to it; held until 2,000 versionless
-   calls were sent; the row says what share version 2 answered against the binomial 99% interval, and the gate's
-   decision (``quickdraw rollout status``, reading Prometheus);
-8. **shadow, promoted**: no split, every call shadowed to ``canary``; once enough drawings are compared,
+   versionless calls to ``canary`` (90% to ``stable``) and shadows a quarter of the calls to it; held until 2,000
+   versionless calls were sent; the row gives the canary's share as the gateways counted it
+   (``quickdraw_split_calls_total`` in Prometheus) against the binomial 99% interval, and the gate's decision
+   (``quickdraw rollout status``, reading Prometheus);
+8. **shadow, promoted**: no split, a quarter of the calls shadowed to ``canary``; once enough drawings are compared,
    ``quickdraw rollout promote`` is asked (the gate must say promote) and rewrites the plan: every versionless call
    to version 2; then the platform moves ``stable`` to 2 on every replica;
 9. **shadow, refused**: the shipped weights perturbed (scripts/perturb_model.py: test top-1 down 10 points or more)
-   rolled out as version 3 under ``canary``, every call shadowed to it; ``quickdraw rollout promote`` must refuse,
-   and ``quickdraw rollout abort`` resets the plan.
+   rolled out as version 3 under ``canary``, a quarter of the calls shadowed to it; ``quickdraw rollout promote``
+   must refuse, and ``quickdraw rollout abort`` resets the plan.
 
 The candidates are made once and kept under ``.rehearsal/candidates`` (keyed by the shipped model): the retrained
 one by ``quickdraw train --init-from`` (one epoch on 400 drawings a class at learning rate 1e-4, another seed: test
@@ -40,6 +41,10 @@ SHIPPED = ROOT / "models" / "quickdraw" / "1"
 CANARY_CALLS = 2000
 #: Compared drawings the gate asks for here (``quickdraw rollout status --min-compared``).
 MIN_COMPARED = 400
+#: Share of calls shadowed. Each shadowed call is one more Predict for the replicas, which share this machine's
+#: cores with everything else here and pad every batch to 16 drawings (batching.config): a quarter of the calls is
+#: what they have room for at the rehearsal's rate, as an operator picks a fraction the fleet has headroom for.
+SHADOW_FRACTION = 0.25
 
 
 def binomial_interval(n: int, p: float, level: float = 0.99) -> tuple[int, int]:
@@ -101,6 +106,13 @@ def decision(out: str) -> str:
     return out.splitlines()[-1] if out else "no output"
 
 
+def split_counts(topo: Topology) -> dict[str, float]:
+    """Versionless calls each split target got so far, over every gateway, as Prometheus has them."""
+    assert topo.prometheus is not None
+    rows = topo.prometheus.query("sum by (target) (quickdraw_split_calls_total)")
+    return {r["metric"].get("target", ""): float(r["value"][1]) for r in rows}
+
+
 def compared(topo: Topology, candidate: int) -> float:
     """Drawings compared with ``candidate`` so far, over every gateway, as Prometheus has them."""
     assert topo.prometheus is not None
@@ -129,14 +141,23 @@ def run(reh: Any, topo: Topology, o: Options) -> None:
     for r in topo.replicas:
         r.write_config(1, canary=2)
     time.sleep(2 * o.config_poll_s)  # every replica's config poll has seen the canary label
-    write_plan(topo, {"split": {"stable": 90, "canary": 10}, "shadow": {"target": "canary", "fraction": 1.0}})
+    shadow = {"target": "canary", "fraction": SHADOW_FRACTION}
+    before = split_counts(topo)
+    write_plan(topo, {"split": {"stable": 90, "canary": 10}, "shadow": shadow})
     while sum(1 for c in list(reh.load.calls) if c.sent >= p.started and not c.pinned) < CANARY_CALLS:
         time.sleep(0.5)
+    write_plan(topo, {"split": {}, "shadow": shadow})  # the split ends here: its calls are counted
+    time.sleep(2.0)  # a scrape past the last split call
+    after = split_counts(topo)
+    routed = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    n, k = round(sum(routed.values())), round(routed.get("canary", 0.0))
+    lo, hi = binomial_interval(n, 0.10)
+    p.notes.append(f"split by the gateways: canary {k} of {n} versionless calls ({k / max(n, 1):.3f}); binomial 99% "
+                   f"interval {lo}..{hi}: {'inside' if lo <= k <= hi else 'OUTSIDE'}")  # fmt: skip
     _, out = rollout(topo, "status", 2)
     p.notes.append(f"gate: {decision(out)}")
 
-    p = reh.phase("8 shadow v2 on every call; gate says promote; promoted")
-    write_plan(topo, {"split": {}, "shadow": {"target": "canary", "fraction": 1.0}})
+    p = reh.phase("8 shadow v2 (25% of calls); gate says promote; promoted")
     hold_until_compared(topo, 2)
     code, out = rollout(topo, "promote", 2)
     p.notes.append(f"promote exit {code}: {decision(out)}")
@@ -147,13 +168,13 @@ def run(reh: Any, topo: Topology, o: Options) -> None:
     reh.wait_all(p, {1, 2}, 2)
     write_plan(topo, {"split": {}})
 
-    p = reh.phase("9 shadow v3 (perturbed) on every call; gate refuses; aborted")
+    p = reh.phase("9 shadow v3 (perturbed; 25% of calls); gate refuses; aborted")
     topo.roll_out(3, bad)
     reh.wait_all(p, {2, 3}, 2)  # models.config keeps the two newest versions loaded
     for r in topo.replicas:
         r.write_config(2, canary=3)
     time.sleep(2 * o.config_poll_s)
-    write_plan(topo, {"split": {}, "shadow": {"target": "canary", "fraction": 1.0}})
+    write_plan(topo, {"split": {}, "shadow": {"target": "canary", "fraction": SHADOW_FRACTION}})
     hold_until_compared(topo, 3)
     code, out = rollout(topo, "promote", 3)
     p.notes.append(f"promote exit {code}: {decision(out)}")
@@ -163,12 +184,8 @@ def run(reh: Any, topo: Topology, o: Options) -> None:
 
 
 def annotate(rows: list[Any]) -> None:
-    """The canary row's split against the binomial 99% interval, in its notes."""
+    """The canary row's answers by version, beside the split the gateways counted (in its notes)."""
     for row in rows:
         if row.event.startswith("7 canary"):
             n = sum(row.answered_by.values())
-            k = row.answered_by.get(2, 0)
-            lo, hi = binomial_interval(n, 0.10)
-            verdict = "inside" if lo <= k <= hi else "OUTSIDE"
-            row.notes = f"v2 answered {k} of {n} versionless calls ({k / max(n, 1):.3f}); binomial 99% interval " \
-                        f"{lo}..{hi}: {verdict}; " + row.notes  # fmt: skip
+            row.notes = f"answered: v2 {row.answered_by.get(2, 0)} of {n} versionless OK; " + row.notes
