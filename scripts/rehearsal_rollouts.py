@@ -4,8 +4,8 @@ They run after the other events, under the same open-loop load, through the gate
 gateway re-reads it within half a second) and TF Serving version labels in each replica's model config file:
 
 7. **canary**: a retrained candidate rolled out as version 2 under the label ``canary``; the plan sends 10% of
-   versionless calls to ``canary`` (90% to ``stable``) and shadows a quarter of the calls to it; held until 2,000
-   versionless calls were sent; the row gives the canary's share as the gateways counted it
+   versionless calls to ``canary`` (90% to ``stable``) and shadows a quarter of the calls to it; held until the
+   gateways have split 2,000 versionless calls; the row gives the canary's share as the gateways counted it
    (``quickdraw_split_calls_total`` in Prometheus) against the binomial 99% interval, and the gate's decision
    (``quickdraw rollout status``, reading Prometheus);
 8. **shadow, promoted**: no split, a quarter of the calls shadowed to ``canary``; once enough drawings are compared,
@@ -37,10 +37,14 @@ from rehearsal_topology import ROOT, Options, Phase, Topology, say
 
 CACHE = ROOT / ".rehearsal" / "candidates"
 SHIPPED = ROOT / "models" / "quickdraw" / "1"
-#: Versionless calls the canary row holds for (its split is judged on them).
+#: Versionless calls the gateways split in the canary row (its split is judged on them).
 CANARY_CALLS = 2000
 #: Compared drawings the gate asks for here (``quickdraw rollout status --min-compared``).
 MIN_COMPARED = 400
+#: The gate's latency test here: the medians over the last minute. Three replicas, two gateways, Prometheus and the
+#: load share two cores with whatever else runs on the machine, and a candidate version's first calls after its
+#: load are slow: a p99 of a few hundred shadowed calls since start is that noise, not the candidate.
+GATE_LATENCY = ("--latency-quantile", "0.5", "--window", "60s")
 #: Share of calls shadowed. Each shadowed call is one more Predict for the replicas, which share this machine's
 #: cores with everything else here and pad every batch to 16 drawings (batching.config): a quarter of the calls is
 #: what they have room for at the rehearsal's rate, as an operator picks a fraction the fleet has headroom for.
@@ -89,7 +93,7 @@ def rollout(topo: Topology, action: str, candidate: int) -> tuple[int, str]:
     """``quickdraw rollout ACTION`` against the rehearsal's Prometheus: (exit code, its output)."""
     assert topo.prometheus is not None
     args = [sys.executable, "-m", "quickdraw", "rollout", action, "--prometheus", topo.prometheus.base,
-            "--candidate", str(candidate), "--min-compared", str(MIN_COMPARED),
+            "--candidate", str(candidate), "--min-compared", str(MIN_COMPARED), *GATE_LATENCY,
             "--rollout-file", str(topo.rollout_file)]  # fmt: skip
     done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=60)
     out = (done.stdout + done.stderr).strip()
@@ -144,14 +148,16 @@ def run(reh: Any, topo: Topology, o: Options) -> None:
     shadow = {"target": "canary", "fraction": SHADOW_FRACTION}
     before = split_counts(topo)
     write_plan(topo, {"split": {"stable": 90, "canary": 10}, "shadow": shadow})
-    while sum(1 for c in list(reh.load.calls) if c.sent >= p.started and not c.pinned) < CANARY_CALLS:
-        time.sleep(0.5)
-    write_plan(topo, {"split": {}, "shadow": shadow})  # the split ends here: its calls are counted
-    time.sleep(2.0)  # a scrape past the last split call
-    after = split_counts(topo)
-    routed = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    t0 = time.monotonic()
+    while True:  # until the gateways have split CANARY_CALLS calls, as Prometheus counts them
+        after = split_counts(topo)
+        routed = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+        if sum(routed.values()) >= CANARY_CALLS or time.monotonic() - t0 > 4 * CANARY_CALLS / o.rate_per_s:
+            break
+        time.sleep(1.0)
     n, k = round(sum(routed.values())), round(routed.get("canary", 0.0))
     lo, hi = binomial_interval(n, 0.10)
+    write_plan(topo, {"split": {}, "shadow": shadow})  # the split ends here
     p.notes.append(f"split by the gateways: canary {k} of {n} versionless calls ({k / max(n, 1):.3f}); binomial 99% "
                    f"interval {lo}..{hi}: {'inside' if lo <= k <= hi else 'OUTSIDE'}")  # fmt: skip
     _, out = rollout(topo, "status", 2)

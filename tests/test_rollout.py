@@ -219,8 +219,8 @@ def test_shadow_agreement_equals_the_offline_agreement_of_the_two_models(two_mod
         fn = tf.saved_model.load(str(two_models / str(v))).signatures["serving_default"]
         probs.append(fn(image=tf.constant(images))["probabilities"].numpy())
     offline = Comparison.of(probs[0], probs[1])
-    print(f"\nshadow of {DRAWINGS} drawings: exported top-1 agreement {exported:.4f}, offline {offline.top1.mean():.4f}; "
-          f"top-3 overlap {top3:.4f} / {offline.overlap.mean():.4f}")  # fmt: skip
+    print(f"\nshadow of {DRAWINGS} drawings: exported top-1 agreement {exported:.4f}, offline "
+          f"{offline.top1.mean():.4f}; top-3 overlap {top3:.4f} / {offline.overlap.mean():.4f}")  # fmt: skip
     assert 0.5 < exported < 1.0  # the perturbed model really differs
     assert abs(exported - offline.top1.mean()) <= 0.005
     assert abs(top3 - offline.overlap.mean()) <= 0.005
@@ -318,7 +318,8 @@ def test_split_weights_and_keys() -> None:
 
 
 def test_gate_decides_wait_refuse_promote() -> None:
-    args = SimpleNamespace(min_compared=500, min_agreement=0.95, max_latency_ratio=1.5, latency_slack_ms=5.0)
+    args = SimpleNamespace(min_compared=500, min_agreement=0.95, max_latency_ratio=1.5, latency_slack_ms=5.0,
+                           latency_quantile=0.99)  # fmt: skip
 
     def gate(n: float, agreement: float, p99: tuple[float, float] = (0.002, 0.003)) -> rollout_cmd.Gate:
         g = rollout_cmd.Gate("1", "2", n, agreement, 1.0, 0.0, None, p99[0], p99[1], {})

@@ -5,8 +5,9 @@ The gateways export, per (stable, candidate) pair of versions, what their shadow
 decides:
 
 - **wait**: fewer than ``--min-compared`` drawings compared (exit 3);
-- **refuse**: top-1 agreement below ``--min-agreement``, or the candidate's p99 latency over
-  ``--max-latency-ratio`` x the stable version's (with ``--latency-slack-ms`` of slack for fast models) (exit 1);
+- **refuse**: top-1 agreement below ``--min-agreement``, or the candidate's latency at ``--latency-quantile``
+  (p99) over ``--max-latency-ratio`` x the stable version's (with ``--latency-slack-ms`` of slack for fast
+  models) (exit 1);
 - **promote**: otherwise (exit 0).
 
 ``promote`` checks the same gate (``--force`` skips it) and moves traffic: with ``--rollout-file``, the gateways' plan
@@ -46,9 +47,11 @@ class Gate:
     top3_overlap: float
     total_variation: float
     out_of_class_agreement: float | None
-    stable_p99_s: float | None
-    candidate_p99_s: float | None
+    stable_latency_s: float | None
+    candidate_latency_s: float | None
     dropped: dict[str, float]
+    #: The latency quantile compared (``--latency-quantile``).
+    quantile: float = 0.99
     decision: str = "wait"
     reasons: tuple[str, ...] = ()
 
@@ -70,9 +73,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "%(default)s: at 95%% agreement, a 95%% interval of about +-2 points)")  # fmt: skip
     p.add_argument("--min-agreement", type=float, default=0.95, help="least top-1 agreement with the stable version "
                    "(default %(default)s)")  # fmt: skip
-    p.add_argument("--max-latency-ratio", type=float, default=1.5, help="most candidate p99 / stable p99 (default "
-                   "%(default)s)")  # fmt: skip
-    p.add_argument("--latency-slack-ms", type=float, default=5.0, help="p99 differences below this always pass "
+    p.add_argument("--max-latency-ratio", type=float, default=1.5, help="most candidate / stable latency at "
+                   "--latency-quantile (default %(default)s)")  # fmt: skip
+    p.add_argument("--latency-quantile", type=float, default=0.99, help="the latency quantile compared (default "
+                   "%(default)s: p99)")  # fmt: skip
+    p.add_argument("--latency-slack-ms", type=float, default=5.0, help="latency differences below this always pass "
                    "(default %(default)s)")  # fmt: skip
     p.add_argument("--rollout-file", type=Path, help="the gateways' --rollout-file: promote/abort rewrite its plan")
     p.add_argument("--model-config", type=Path, help="a TF Serving model config file whose --label entry promote "
@@ -129,11 +134,12 @@ def gate(args: argparse.Namespace) -> Gate | None:
     ood_n = _by_pair(base, total("quickdraw_shadow_out_of_class_compared_drawings_total")).get(pair)
     buckets = "quickdraw_shadow_duration_seconds_bucket"
     inner = f"rate({buckets}[{w}])" if w else buckets
-    p99: dict[tuple[str, str], float] = {}
-    for row in query(base, f"histogram_quantile(0.99, sum by (le, role, version) ({inner}))"):
+    q = args.latency_quantile
+    latency: dict[tuple[str, str], float] = {}
+    for row in query(base, f"histogram_quantile({q:g}, sum by (le, role, version) ({inner}))"):
         value = float(row["value"][1])
         if math.isfinite(value):
-            p99[(row["metric"].get("role", ""), row["metric"].get("version", ""))] = value
+            latency[(row["metric"].get("role", ""), row["metric"].get("version", ""))] = value
     dropped_q = "quickdraw_shadow_dropped_drawings_total"
     dropped_inner = f"increase({dropped_q}[{w}])" if w else dropped_q
     dropped = {row["metric"].get("reason", ""): float(row["value"][1])
@@ -142,7 +148,8 @@ def gate(args: argparse.Namespace) -> Gate | None:
         stable=pair[0], candidate=pair[1], compared=n, agreement=agreed / n if n else 0.0,
         top3_overlap=top3 / top3_n if top3_n else 0.0, total_variation=tv / tv_n if tv_n else 0.0,
         out_of_class_agreement=(ood / ood_n) if ood is not None and ood_n else None,
-        stable_p99_s=p99.get(("stable", pair[0])), candidate_p99_s=p99.get(("candidate", pair[1])), dropped=dropped,
+        stable_latency_s=latency.get(("stable", pair[0])), candidate_latency_s=latency.get(("candidate", pair[1])),
+        dropped=dropped, quantile=q,
     )  # fmt: skip
     decide(g, args)
     return g
@@ -157,12 +164,13 @@ def decide(g: Gate, args: argparse.Namespace) -> None:
         return
     if g.agreement < args.min_agreement:
         reasons.append(f"top-1 agreement {g.agreement:.4f} is below --min-agreement {args.min_agreement}")
-    if g.stable_p99_s is not None and g.candidate_p99_s is not None:
-        bound = max(g.stable_p99_s * args.max_latency_ratio, g.stable_p99_s + args.latency_slack_ms / 1000.0)
-        if g.candidate_p99_s > bound:
-            reasons.append(f"candidate p99 {g.candidate_p99_s * 1000:.1f} ms is over {bound * 1000:.1f} ms "
-                           f"(--max-latency-ratio {args.max_latency_ratio} x stable p99 "
-                           f"{g.stable_p99_s * 1000:.1f} ms)")  # fmt: skip
+    if g.stable_latency_s is not None and g.candidate_latency_s is not None:
+        stable, name = g.stable_latency_s, f"p{g.quantile * 100:g}"
+        bound = max(stable * args.max_latency_ratio, stable + args.latency_slack_ms / 1000.0)
+        if g.candidate_latency_s > bound:
+            reasons.append(f"candidate {name} {g.candidate_latency_s * 1000:.1f} ms is over {bound * 1000:.1f} ms "
+                           f"(--max-latency-ratio {args.max_latency_ratio} x stable {name} "
+                           f"{stable * 1000:.1f} ms)")  # fmt: skip
     g.decision = "refuse" if reasons else "promote"
     g.reasons = tuple(reasons) or (f"top-1 agreement {g.agreement:.4f} >= {args.min_agreement} over "
                                    f"{g.compared:.0f} drawings; latency within bounds",)  # fmt: skip
@@ -182,7 +190,8 @@ def describe(g: Gate) -> str:
         f"  top-3 overlap          {g.top3_overlap:.4f}",
         f"  total variation (mean) {g.total_variation:.4f}",
         f"  out-of-class agreement {ood}",
-        f"  p99 latency            stable {ms(g.stable_p99_s)}, candidate {ms(g.candidate_p99_s)}",
+        f"  p{g.quantile * 100:g} latency{' ' * max(0, 12 - len(f'{g.quantile * 100:g}'))}stable "
+        f"{ms(g.stable_latency_s)}, candidate {ms(g.candidate_latency_s)}",
         f"  dropped shadow work    {dropped}",
         f"decision: {g.decision.upper()}: " + "; ".join(g.reasons),
     ])  # fmt: skip
