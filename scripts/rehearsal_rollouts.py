@@ -44,7 +44,8 @@ MIN_COMPARED = 400
 #: The gate's latency test here: the medians over the last minute. Three replicas, two gateways, Prometheus and the
 #: load share two cores with whatever else runs on the machine, and a candidate version's first calls after its
 #: load are slow: a p99 of a few hundred shadowed calls since start is that noise, not the candidate.
-GATE_LATENCY = ("--latency-quantile", "0.5", "--window", "60s")
+GATE_WINDOW = "60s"
+GATE_LATENCY = ("--latency-quantile", "0.5", "--window", GATE_WINDOW)
 #: Share of calls shadowed. Each shadowed call is one more Predict for the replicas, which share this machine's
 #: cores with everything else here and pad every batch to 16 drawings (batching.config): a quarter of the calls is
 #: what they have room for at the rehearsal's rate, as an operator picks a fraction the fleet has headroom for.
@@ -118,14 +119,16 @@ def split_counts(topo: Topology) -> dict[str, float]:
 
 
 def compared(topo: Topology, candidate: int) -> float:
-    """Drawings compared with ``candidate`` so far, over every gateway, as Prometheus has them."""
+    """Drawings compared with ``candidate`` over the gate's window, over every gateway, as Prometheus has them."""
     assert topo.prometheus is not None
-    rows = topo.prometheus.query(f'sum(quickdraw_shadow_compared_drawings_total{{candidate="{candidate}"}})')
+    rows = topo.prometheus.query(f'sum(increase(quickdraw_shadow_compared_drawings_total{{candidate="{candidate}"}}'
+                                 f"[{GATE_WINDOW}]))")  # fmt: skip
     return float(rows[0]["value"][1]) if rows else 0.0
 
 
 def hold_until_compared(topo: Topology, candidate: int, timeout_s: float = 120) -> float:
-    """Until Prometheus has ``MIN_COMPARED`` drawings (and a margin) compared with ``candidate``."""
+    """Until Prometheus has ``MIN_COMPARED`` drawings (and a margin) compared with ``candidate`` within the gate's
+    window."""
     t0 = time.monotonic()
     while (n := compared(topo, candidate)) < MIN_COMPARED * 1.25:
         if time.monotonic() - t0 > timeout_s:
