@@ -170,8 +170,7 @@ def run(reh: Any, topo: Topology, o: Options) -> None:
     hold_until_compared(topo, 2)
     code, out = rollout(topo, "promote", 2)
     p.notes.append(f"promote exit {code}: {decision(out)}")
-    time.sleep(1.5)  # the gateways read the promoted plan
-    reh.hold(p, o.phase_s)
+    time.sleep(1.5 + o.phase_s / 2)  # the gateways read the promoted plan; then calls go to version 2
     for r in topo.replicas:  # the platform then moves the label, and the plan goes back to empty
         r.write_config(2, canary=2)
     reh.wait_all(p, {1, 2}, 2)

@@ -307,7 +307,7 @@ class App:
         assert backend is not None and batcher is not None
         shadow = self._shadow = Shadow(
             functools.partial(backend.predict, attempts=1), batcher, self.metrics, s.shadow_max_queued_drawings,
-            s.backend_timeout_ms / 1000.0,
+            s.backend_timeout_ms / 1000.0, max_concurrent=s.shadow_max_concurrent_calls,
         )  # fmt: skip
         rollout = Rollout(self.metrics, shadow)
 

@@ -323,6 +323,10 @@ class Settings(BaseSettings):
         512, ge=1, description="drawings waiting for the shadow candidate; beyond this shadow work is dropped "
         "(counted), never the caller's",
     )  # fmt: skip
+    shadow_max_concurrent_calls: int = Field(
+        4, ge=1, le=64, description="shadow calls to the candidate in flight at once (each one shadowed call, as its "
+        "caller sent it)",
+    )  # fmt: skip
     rollout_file: Path | None = Field(
         None,
         description="JSON roll-out plan ({\"split\": {\"1\": 90, \"2\": 10}, \"shadow\": {\"target\": \"2\", "

@@ -16,8 +16,8 @@ its share to the default version. Counted in ``quickdraw_split_calls_total{targe
 the caller has its answer, its drawings and the stable version's probabilities are queued for the candidate:
 
 - in a queue of its own, bounded by ``shadow_max_queued_drawings``; each shadowed call is one candidate batch, as
-  its caller sent it (so the candidate's latency compares with the stable version's on the same batch), one in
-  flight at a time, each under ``backend_timeout_ms``;
+  its caller sent it (so the candidate's latency compares with the stable version's on the same batch), at most
+  ``shadow_max_concurrent_calls`` in flight, each under ``backend_timeout_ms``;
 - dropped, and counted in ``quickdraw_shadow_dropped_drawings_total{reason}``, when that queue is full
   (``queue_full``), when the backend is busy with callers' work (``busy``: every slot taken or a full batch
   waiting, when the call is offered and again when its batch would be sent), when admission is refusing
@@ -226,12 +226,14 @@ class Shadow:
 
     def __init__(
         self, predict: Predict, primary: Batcher, metrics: Metrics, max_queued_drawings: int = 512,
-        timeout_s: float = 10.0, rng: random.Random | None = None,
+        timeout_s: float = 10.0, rng: random.Random | None = None, max_concurrent: int = 4,
     ) -> None:  # fmt: skip
         self._predict = predict
         self._primary = primary
         self._metrics = metrics
         self.max_queued_drawings = max_queued_drawings
+        #: Candidate calls in flight at once.
+        self.max_concurrent = max_concurrent
         self._timeout_s = timeout_s
         self._random = (rng or random.Random()).random
         self._queue: deque[_Shadowed] = deque()
@@ -320,26 +322,42 @@ class Shadow:
         return [first]
 
     async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._queue:
-                batch = self._take()
-                n = sum(len(b.images) for b in batch)
-                if self._primary.refusing:
-                    self._drop("refused", n)
-                    continue
-                if self._primary.busy:
-                    self._drop("busy", n)
-                    continue
-                try:
-                    await self._compare(batch, n)
-                except asyncio.CancelledError:
-                    self._drop("shutdown", n)
-                    raise
-                except Exception as exc:  # a candidate's failure is counted, never the caller's
-                    self._drop("error", n)
-                    log.debug("shadow batch of %d drawings failed: %s", n, exc)
+        """Take queued calls in turn, at most ``max_concurrent`` candidate calls in flight."""
+        slots = asyncio.Semaphore(self.max_concurrent)
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._queue:
+                    await slots.acquire()
+                    if not self._queue:  # dropped meanwhile (close)
+                        slots.release()
+                        break
+                    batch = self._take()
+                    n = sum(len(b.images) for b in batch)
+                    if self._primary.refusing or self._primary.busy:
+                        self._drop("refused" if self._primary.refusing else "busy", n)
+                        slots.release()
+                        continue
+                    task = asyncio.get_running_loop().create_task(self._one(batch, n))
+                    running.add(task)
+                    task.add_done_callback(lambda t: (running.discard(t), slots.release()))
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+
+    async def _one(self, batch: list[_Shadowed], n: int) -> None:
+        """One candidate call and its comparison; its failure is counted, never the caller's."""
+        try:
+            await self._compare(batch, n)
+        except asyncio.CancelledError:
+            self._drop("shutdown", n)
+            raise
+        except Exception as exc:
+            self._drop("error", n)
+            log.debug("shadow batch of %d drawings failed: %s", n, exc)
 
     async def _compare(self, batch: list[_Shadowed], n: int) -> None:
         first = batch[0]
