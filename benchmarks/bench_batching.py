@@ -99,8 +99,10 @@ async def load(target: str, callers: int, images: np.ndarray, seconds: float) ->
     return done / seconds, hist, errors
 
 
-async def interleaved_latency(targets: dict[str, str], images: np.ndarray, calls: int) -> dict[str, HdrHistogram]:
-    """One caller alternating between the gateways call by call, so both see the same machine conditions."""
+async def interleaved_latency(targets: dict[str, str], images: np.ndarray, calls: int,
+                              top_k: int = 0) -> dict[str, HdrHistogram]:  # fmt: skip
+    """One caller alternating between the gateways call by call, which one goes first alternating too, so both see
+    the same machine conditions; microseconds."""
     from quickdraw_client.v1 import classifier_pb2 as pb
     from quickdraw_client.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -109,8 +111,10 @@ async def interleaved_latency(targets: dict[str, str], images: np.ndarray, calls
     try:
         stubs = {name: pb_grpc.ClassifierStub(ch) for name, ch in channels.items()}
         for i in range(calls + 50):
-            req = pb.ClassifyRequest(drawings=[pb.Drawing(bitmap=pb.Bitmap(pixels=images[i % len(images)].tobytes()))])
-            for name, stub in stubs.items():
+            req = pb.ClassifyRequest(drawings=[pb.Drawing(bitmap=pb.Bitmap(pixels=images[i % len(images)].tobytes()))],
+                                     top_k=top_k)  # fmt: skip
+            for name in list(stubs)[:: 1 if i % 2 == 0 else -1]:
+                stub = stubs[name]
                 t0 = time.perf_counter()
                 await stub.Classify(req, timeout=30)
                 if i >= 50:  # the first calls warm the channels up

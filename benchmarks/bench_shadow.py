@@ -31,9 +31,8 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from hdrh.histogram import HdrHistogram
 
-from benchmarks.bench_batching import load
+from benchmarks.bench_batching import interleaved_latency, load
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = Path(os.environ.get("QUICKDRAW_SAMPLE_DIR", ROOT.parent / "shared" / "quickdraw"))
@@ -128,31 +127,6 @@ async def open_loop(target: str, images: np.ndarray, rate_per_s: float, seconds:
     return codes
 
 
-async def alternating_latency(targets: dict[str, str], images: np.ndarray, calls: int) -> dict[str, HdrHistogram]:
-    """One caller alternating between the gateways call by call, which goes first alternating too (both see the
-    same machine); microseconds."""
-    from quickdraw_client.v1 import classifier_pb2 as pb
-    from quickdraw_client.v1 import classifier_pb2_grpc as pb_grpc
-
-    hists = {name: HdrHistogram(1, 60_000_000, 3) for name in targets}
-    channels = {name: grpc.aio.insecure_channel(t) for name, t in targets.items()}
-    try:
-        stubs = {name: pb_grpc.ClassifierStub(ch) for name, ch in channels.items()}
-        names = list(stubs)
-        for i in range(calls + 50):
-            req = pb.ClassifyRequest(drawings=[pb.Drawing(bitmap=pb.Bitmap(pixels=images[i % len(images)].tobytes()))],
-                                     top_k=3)  # fmt: skip
-            for name in names[:: 1 if i % 2 == 0 else -1]:
-                t0 = time.perf_counter()
-                await stubs[name].Classify(req, timeout=30)
-                if i >= 50:  # the first calls warm the channels up
-                    hists[name].record_value(max(1, int((time.perf_counter() - t0) * 1e6)))
-    finally:
-        for ch in channels.values():
-            await ch.close()
-    return hists
-
-
 def wait_serving(target: str, timeout_s: float = 120.0) -> None:
     """Until a Classify through ``target`` succeeds (its backend is back)."""
     from quickdraw_client.v1 import classifier_pb2 as pb
@@ -203,7 +177,7 @@ def run() -> list[str]:
             off, t_off, _ = gateway(ta, base)
             on, t_on, m_on = gateway(tb, base, "--shadow-version", "2", "--shadow-fraction", "1")
             gateways += [off, on]
-            hists = asyncio.run(alternating_latency({"off": t_off, "on": t_on}, images, LATENCY_CALLS))
+            hists = asyncio.run(interleaved_latency({"off": t_off, "on": t_on}, images, LATENCY_CALLS, top_k=3))
             p50 = {k: h.get_value_at_percentile(50) / 1000 for k, h in hists.items()}
             p99 = {k: h.get_value_at_percentile(99) / 1000 for k, h in hists.items()}
             shadowed = dropped(m_on)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import sys
 import time
 import urllib.request
@@ -37,6 +36,8 @@ from service.dataplane.rollout import Comparison, RolloutPlan, Shadow, Split, ro
 
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from rehearsal_rollouts import binomial_interval
+
 pytestmark = pytest.mark.skipif(
     not find_versions(SHIPPED_MODEL), reason=f"no SavedModel under {SHIPPED_MODEL} (the shipped model is missing)"
 )
@@ -44,21 +45,6 @@ pytestmark = pytest.mark.skipif(
 
 #: Versionless calls split 90/10 here (``make rehearsal``'s canary row sends over 2,000 through real processes).
 CALLS = 400
-
-
-def binomial_interval(n: int, p: float, level: float = 0.99) -> tuple[int, int]:
-    """The central ``level`` interval of Binomial(n, p), exactly (its CDF summed)."""
-    tail = (1 - level) / 2
-    cdf, lo, hi = 0.0, None, n
-    for k in range(n + 1):
-        log_pmf = math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
-        cdf += math.exp(log_pmf + k * math.log(p) + (n - k) * math.log1p(-p))
-        if lo is None and cdf >= tail:
-            lo = k
-        if cdf >= 1 - tail:
-            hi = k
-            break
-    return lo or 0, hi
 
 
 def classify(stub: Any, image: np.ndarray, key: str | None = None) -> int:

@@ -264,20 +264,10 @@ def read_out_of_class(version_dir: Path) -> OutOfClassInfo | None:
     """The out-of-class entry of ``version_dir``'s ``model_card.json`` (None: no card, or no such entry).
 
     Raises ValueError when the card cannot be read as JSON or the entry is unusable (an export mistake)."""
-    path = version_dir / MODEL_CARD
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} cannot be read: {exc}") from None
-    try:
-        card = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not JSON: {exc}") from None
-    if not isinstance(card, dict) or MODEL_CARD_OOD not in card:
+    card = read_card(version_dir)
+    if card is None or MODEL_CARD_OOD not in card:
         return None
     try:
         return OutOfClassInfo.from_card(card[MODEL_CARD_OOD])
     except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from None
+        raise ValueError(f"{version_dir / MODEL_CARD}: {exc}") from None
