@@ -71,7 +71,7 @@ Metadata = Callable[[], Iterable[tuple[str, Any]]]
 MAX_ROUTING_KEY_CHARS = 256
 
 
-@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs ~1 us more per call
+@dataclass(frozen=True)
 class Converted:
     """A door's request in the data plane's terms, checked as far as its protocol goes.
 
@@ -124,7 +124,7 @@ class Call(Generic[R]):
     metadata: Metadata | None = None
 
 
-@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs ~1 us more per call
+@dataclass(frozen=True)
 class Result:
     """What the backend answered, the version that answered, and the converted call (for the door's answer)."""
 
