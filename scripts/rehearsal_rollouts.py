@@ -24,9 +24,7 @@ top-1 within a point of the shipped model's, top-1 agreement with it about 0.97)
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -34,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from rehearsal_topology import ROOT, Options, Phase, Topology, say
+
+from service.dataplane.rollout import RolloutPlan
 
 CACHE = ROOT / ".rehearsal" / "candidates"
 SHIPPED = ROOT / "models" / "quickdraw" / "1"
@@ -84,9 +84,7 @@ def candidates() -> tuple[Path, Path]:
 
 def write_plan(topo: Topology, plan: dict[str, Any]) -> None:
     """The gateways' rollout file, replaced whole; then time for every gateway to have read it."""
-    tmp = topo.rollout_file.with_name(".rollout.json.tmp")
-    tmp.write_text(json.dumps(plan) + "\n")
-    os.replace(tmp, topo.rollout_file)
+    RolloutPlan.model_validate(plan).write(topo.rollout_file)
     time.sleep(1.5)
 
 

@@ -309,7 +309,7 @@ class App:
             functools.partial(backend.predict, attempts=1), batcher, self.metrics, s.shadow_max_queued_drawings,
             s.backend_timeout_ms / 1000.0, max_concurrent=s.shadow_max_concurrent_calls,
         )  # fmt: skip
-        rollout = Rollout(self.metrics, shadow)
+        rollout = Rollout(self.metrics, shadow, s.routing_key_header)
 
         def apply(plan: RolloutPlan) -> None:
             rollout.apply(plan)
@@ -321,7 +321,6 @@ class App:
             self._plan_file.load()
             self._plan_file.start()
         shadow.start()
-        plane.routing_key_header = s.routing_key_header
         plane.rollout = rollout
 
     def _install_loop_error_log(self) -> None:

@@ -198,10 +198,10 @@ def describe(g: Gate) -> str:
 
 
 def write_plan(path: Path, plan: dict[str, Any]) -> None:
-    """The rollout file, replaced atomically (the gateways never read half of it)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    """The rollout file, checked as the gateways check it and replaced atomically (``RolloutPlan.write``)."""
+    from service.dataplane.rollout import RolloutPlan
+
+    RolloutPlan.model_validate(plan).write(path)
 
 
 def move_label(config: Path, label: str, version: str) -> int:

@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -50,7 +50,7 @@ from service.core.errors import (
 )
 from service.core.metrics import Metrics
 from service.dataplane.batching import Batcher
-from service.dataplane.rollout import Rollout
+from service.dataplane.rollout import Metadata, Rollout
 from service.preprocess.decode import WorkerPool
 from service.preprocess.validation import BitmapIn, ClassifyIn, ImageIn, Kind, Limits, render
 
@@ -63,12 +63,6 @@ INLINE_PARSE_BYTES = 64 * 1024
 PROCESS_PARSE_BYTES = 1024 * 1024
 
 R = TypeVar("R")
-
-#: A call's transport metadata, asked for only when needed (gRPC's ``context.invocation_metadata``, an HTTP
-#: request's ``headers.items``): (key, value) pairs.
-Metadata = Callable[[], Iterable[tuple[str, Any]]]
-#: The longest routing key read (a longer one is cut: it only seeds a hash).
-MAX_ROUTING_KEY_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -183,8 +177,6 @@ class DataPlane:
         self._preprocessing = 0
         #: The roll-out plan in force (canary split, shadow), when one is configured; None: neither.
         self.rollout: Rollout | None = None
-        #: The metadata key (lower case) whose value keeps a caller on one side of a canary split.
-        self.routing_key_header = "x-routing-key"
 
     # --- the pipeline ------------------------------------------------------------------------------------------
 
@@ -218,7 +210,7 @@ class DataPlane:
         shadow = None
         if rollout is not None:
             if converted.version is None:
-                version = rollout.route(self.model, functools.partial(self._routing_key, call), version)
+                version = rollout.route(self.model, call.metadata, version)
             shadow = rollout.shadow
             if shadow is not None and shadow.wants(len(images)):
                 top_k = None  # the comparison needs the stable version's probabilities
@@ -231,17 +223,6 @@ class DataPlane:
         if shadow is not None:
             shadow.offer(images, answered, self.model, (done - started) / 1e9)
         return Result(answered, converted, images, started, done)
-
-    def _routing_key(self, call: Call[Any]) -> str | None:
-        """The call's routing key (``routing_key_header`` in its metadata), or None."""
-        if call.metadata is None:
-            return None
-        header = self.routing_key_header
-        for key, value in call.metadata():
-            if key.lower() == header:
-                text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
-                return text[:MAX_ROUTING_KEY_CHARS] or None
-        return None
 
     def _convert(self, convert: Callable[[R], Converted], request: R) -> tuple[Converted, int]:
         """The door's converter, the answer bound, then the version (both before any preprocessing)."""

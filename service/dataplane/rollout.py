@@ -44,7 +44,7 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,11 @@ from service.dataplane.batching import Batcher
 
 log = logging.getLogger(__name__)
 
+#: A call's transport metadata, asked for only when needed (gRPC's ``context.invocation_metadata``, an HTTP
+#: request's ``headers.items``): (key, value) pairs.
+Metadata = Callable[[], Iterable[tuple[str, Any]]]
+#: The longest routing key read (a longer one is cut: it only seeds a hash).
+MAX_ROUTING_KEY_CHARS = 256
 #: A split or shadow target: a version number, or a TF Serving version label (its own syntax: a letter first).
 TARGET = re.compile(r"^(?:[0-9]{1,18}|[A-Za-z][A-Za-z0-9_.-]{0,62})$")
 #: Most targets in one split (the metrics' ``target`` label stays bounded).
@@ -88,7 +93,10 @@ class ShadowPlan(BaseModel):
     target: str = Field(description="the candidate: a version number or a TF Serving version label")
     fraction: float = Field(1.0, ge=0.0, le=1.0, description="share of calls also sent to the candidate")
 
-    _check_target = field_validator("target")(classmethod(lambda cls, v: _target(v)))
+    @field_validator("target")
+    @classmethod
+    def _check_target(cls, value: str) -> str:
+        return _target(value)
 
 
 class RolloutPlan(BaseModel):
@@ -217,6 +225,14 @@ class _Shadowed:
     thresholds: tuple[float | None, float | None]
 
 
+async def _cancelled(task: asyncio.Task[None] | None) -> None:
+    """Cancel ``task`` (if any) and wait until it has ended; returns None, for the attribute that held it."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 #: The backend's batch call, for one attempt only: (images, version, deadline_s) -> its answer.
 Predict = Callable[[NDArray[np.uint8], int, float | None], Awaitable[Any]]
 
@@ -250,11 +266,7 @@ class Shadow:
 
     async def close(self) -> None:
         """Stop; what is queued is dropped (counted as ``shutdown``)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        self._task = await _cancelled(self._task)
         self._drop("shutdown", self._queued)
         self._queue.clear()
         self._queued = 0
@@ -313,14 +325,6 @@ class Shadow:
         self._queued += n
         self._wake.set()
 
-    def _take(self) -> list[_Shadowed]:
-        """The next batch: one shadowed call, as its caller sent it. Not merged with others, so the candidate's
-        latency is measured on the same batch as the stable version's (a TF Serving backend batches them again
-        on its side, with its own batch scheduler)."""
-        first = self._queue.popleft()
-        self._queued -= len(first.images)
-        return [first]
-
     async def _run(self) -> None:
         """Take queued calls in turn, at most ``max_concurrent`` candidate calls in flight."""
         slots = asyncio.Semaphore(self.max_concurrent)
@@ -334,13 +338,15 @@ class Shadow:
                     if not self._queue:  # dropped meanwhile (close)
                         slots.release()
                         break
-                    batch = self._take()
-                    n = sum(len(b.images) for b in batch)
+                    # one shadowed call per candidate call, as its caller sent it: the candidate's latency is then
+                    # measured on the same batch as the stable version's (TF Serving batches them again itself)
+                    item = self._queue.popleft()
+                    self._queued -= len(item.images)
                     if self._primary.refusing or self._primary.busy:
-                        self._drop("refused" if self._primary.refusing else "busy", n)
+                        self._drop("refused" if self._primary.refusing else "busy", len(item.images))
                         slots.release()
                         continue
-                    task = asyncio.get_running_loop().create_task(self._one(batch, n))
+                    task = asyncio.get_running_loop().create_task(self._one(item))
                     running.add(task)
                     task.add_done_callback(lambda t: (running.discard(t), slots.release()))
         finally:
@@ -348,10 +354,11 @@ class Shadow:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
 
-    async def _one(self, batch: list[_Shadowed], n: int) -> None:
+    async def _one(self, item: _Shadowed) -> None:
         """One candidate call and its comparison; its failure is counted, never the caller's."""
+        n = len(item.images)
         try:
-            await self._compare(batch, n)
+            await self._compare(item)
         except asyncio.CancelledError:
             self._drop("shutdown", n)
             raise
@@ -359,28 +366,23 @@ class Shadow:
             self._drop("error", n)
             log.debug("shadow batch of %d drawings failed: %s", n, exc)
 
-    async def _compare(self, batch: list[_Shadowed], n: int) -> None:
-        first = batch[0]
-        images = first.images if len(batch) == 1 else np.concatenate([b.images for b in batch])
+    async def _compare(self, item: _Shadowed) -> None:
         t0 = time.perf_counter()
-        got = await asyncio.wait_for(self._predict(images, first.candidate, time.monotonic() + self._timeout_s),
+        got = await asyncio.wait_for(self._predict(item.images, item.candidate, time.monotonic() + self._timeout_s),
                                      self._timeout_s)  # fmt: skip
         took = time.perf_counter() - t0
         if isinstance(got, Answered):
             cand, cand_known, answered_by = got.scores, got.known, got.version
         else:
-            cand, cand_known, answered_by = got, None, first.candidate
-        if isinstance(cand, TopK) or answered_by != first.candidate:
-            self._drop("error", n)
+            cand, cand_known, answered_by = got, None, item.candidate
+        if isinstance(cand, TopK) or answered_by != item.candidate:
+            self._drop("error", len(item.images))
             return
-        stable = first.probs if len(batch) == 1 else np.concatenate([b.probs for b in batch])
-        knowns = [b.known for b in batch]
-        stable_known = None if any(k is None for k in knowns) else np.concatenate(knowns)  # type: ignore[arg-type]
-        self._record(Comparison.of(stable, np.asarray(cand, np.float32)), first.stable, first.candidate, took)
-        ts, tc = first.thresholds
-        if stable_known is not None and cand_known is not None and ts is not None and tc is not None:
-            agree = (stable_known >= ts) == (np.asarray(cand_known) >= tc)
-            m, s, k = self._metrics, str(first.stable), str(first.candidate)
+        self._record(Comparison.of(item.probs, np.asarray(cand, np.float32)), item.stable, item.candidate, took)
+        ts, tc = item.thresholds
+        if item.known is not None and cand_known is not None and ts is not None and tc is not None:
+            agree = (item.known >= ts) == (np.asarray(cand_known) >= tc)
+            m, s, k = self._metrics, str(item.stable), str(item.candidate)
             m.child(m.shadow_ood_compared, s, k).inc(len(agree))
             m.child(m.shadow_ood_agreements, s, k).inc(int(agree.sum()))
 
@@ -464,19 +466,19 @@ class PlanFile:
 
     async def close(self) -> None:
         """Stop polling."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        self._task = await _cancelled(self._task)
 
 
 class Rollout:
     """The plan in force, as the data plane applies it: the split, and the shadow's candidate."""
 
-    def __init__(self, metrics: Metrics, shadow: Shadow | None = None) -> None:
+    def __init__(
+        self, metrics: Metrics, shadow: Shadow | None = None, routing_key_header: str = "x-routing-key"
+    ) -> None:
         self._metrics = metrics
         self.shadow = shadow
+        #: The metadata key (lower case) whose value keeps a caller on one side of the split.
+        self.routing_key_header = routing_key_header
         self.plan = RolloutPlan()
         self._split: Split | None = None
 
@@ -489,14 +491,14 @@ class Rollout:
         log.info("roll-out plan: split %s, shadow %s", plan.split or "none",
                  f"{plan.shadow.fraction:g} of calls to {plan.shadow.target}" if plan.shadow else "none")  # fmt: skip
 
-    def route(self, model: ModelDescription, key: Callable[[], str | None], default: int) -> int:
+    def route(self, model: ModelDescription, metadata: Metadata | None, default: int) -> int:
         """The version a versionless call goes to: ``default`` (what it would get without a split: the default
         version, or ``ANY_VERSION``) unless the split sends it to a served target other than the default.
-        ``key`` gives the call's routing key (read only when there is a split)."""
+        ``metadata``: the call's, read for its routing key only when there is a split."""
         split = self._split
         if split is None:
             return default
-        target = split.pick(key())
+        target = split.pick(self._routing_key(metadata))
         version = resolve_target(target, model)
         m = self._metrics
         if version is None:
@@ -504,3 +506,15 @@ class Rollout:
             return default
         m.child(m.split_calls, target, str(version)).inc()
         return default if version == model.default_version else version
+
+    def _routing_key(self, metadata: Metadata | None) -> str | None:
+        """The call's routing key (``routing_key_header`` in its metadata, cut to ``MAX_ROUTING_KEY_CHARS``), or
+        None."""
+        if metadata is None:
+            return None
+        header = self.routing_key_header
+        for key, value in metadata():
+            if key.lower() == header:
+                text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+                return text[:MAX_ROUTING_KEY_CHARS] or None
+        return None
