@@ -40,7 +40,7 @@ class Malformed(Exception):
     """The bytes are not valid protobuf; the parser will say so."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs ~1 us more per call
 class Spans:
     """The byte ranges of one repeated message field's values, and how many other fields the message held."""
 
