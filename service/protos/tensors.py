@@ -9,6 +9,7 @@ The messages are ``service.protos.tfs``'s (TensorFlow's own classes are not impo
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -155,7 +156,7 @@ def exact(tensor: Any, dtype: int, shape: tuple[int, ...]) -> NDArray[np.generic
     Serving's answers are such tensors (typed fields, as its ``AsProtoField``): this is their cheap path."""
     if tensor.dtype != dtype or dtype not in _EXACT_FIELDS:
         return None
-    if tuple([d.size for d in tensor.tensor_shape.dim]) != shape:
+    if tensor.tensor_shape != _shape_proto(shape):  # one comparison in C, not a wrapper per dim (~0.6 us)
         return None
     np_dtype, field = _NUMERIC[dtype]
     count = math.prod(shape)
@@ -166,6 +167,14 @@ def exact(tensor: Any, dtype: int, shape: tuple[int, ...]) -> NDArray[np.generic
         return np.frombuffer(content, dtype=np_dtype).reshape(shape)
     values = getattr(tensor, field)
     return np.fromiter(values, np_dtype, count).reshape(shape) if len(values) == count else None
+
+
+@functools.lru_cache(maxsize=1024)
+def _shape_proto(shape: tuple[int, ...]) -> Any:
+    """The TensorShapeProto of ``shape`` as serializers write it (dims unnamed, rank known), to compare with; never
+    modified. A tensor whose shape says more (dim names, ``unknown_rank``) is left to :func:`to_numpy`, which reads the
+    dims alone, as :func:`exact` did."""
+    return tfs.TensorShapeProto(dim=[tfs.TensorShapeProto.Dim(size=d) for d in shape])
 
 
 #: The DataTypes whose typed field holds exactly their values (``int_val`` also carries narrower integers, which
