@@ -550,7 +550,7 @@ class TFServingBackend:
             if label and r.labelled is not None and r.labelled in accepted:
                 label_it = True
                 expected = r.labelled
-            elif not all(v in accepted for v in r.versions):  # its newest is refused (or not checked yet)
+            elif not accepted.issuperset(r.versions):  # its newest is refused (or not checked yet)
                 sent = expected
         if expected in self._known and (known or sent != ANY_VERSION):
             outputs = [*outputs, KNOWN_SCORE]

@@ -143,8 +143,10 @@ class Replica:
         """The version a call naming none gets here: the label's if accepted, else the highest accepted one."""
         if self.labelled is not None and self.labelled in accepted and self.labelled in self.versions:
             return self.labelled
-        ok = [v for v in self.versions if v in accepted]
-        return ok[-1] if ok else None
+        for v in reversed(self.versions):  # the last accepted one, with no list built (twice per Predict)
+            if v in accepted:
+                return v
+        return None
 
 
 class RetryBudget:
