@@ -12,10 +12,12 @@ call per drawing.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from collections.abc import Iterator
 from typing import ClassVar, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -28,6 +30,23 @@ LATENCY_BUCKETS_S = (
     0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
     0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 3.0, 5.0,
 )  # fmt: skip
+
+
+class Histogram(prometheus_client.Histogram):
+    """prometheus_client's Histogram, whose ``observe`` finds the bucket by bisection.
+
+    The library walks the bounds in Python (``enumerate``, a comparison per bucket: 22 latency buckets) and checks
+    observability through two calls, about 1 us per observation; this is about half of that, and several are made
+    per call. Exemplars and NaN take the library's own path; the exposition is the library's.
+    """
+
+    def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
+        """Count ``amount`` in its bucket (the first whose upper bound is >= it) and in the sum."""
+        if exemplar or amount != amount or (self._labelnames and not self._labelvalues):
+            super().observe(amount, exemplar)
+            return
+        self._sum.inc(amount)
+        self._buckets[bisect_left(self._upper_bounds, amount)].inc(1)
 
 
 #: A labelled metric (its children are of the same class).

@@ -111,6 +111,57 @@ def scan(buf: Wire, start: int, end: int, field: int, limit: int, other_limit: i
     return Spans(spans, others)
 
 
+def scan_fields(buf: Wire, start: int, end: int, fields: tuple[int, ...], limit: int,
+                other_limit: int = MAX_OTHER_FIELDS) -> tuple[list[list[tuple[int, int]]], int]:
+    """:func:`scan` for several LEN fields in one walk of ``buf[start:end]``: their spans, in the order of
+    ``fields``, and how many other fields the message held.
+
+    Stops when any of ``fields`` occurs more than ``limit`` times or the other fields more than ``other_limit``
+    times in all (the caller sees a list longer than ``limit``, or ``others > other_limit``).
+    """
+    found: dict[int, list[tuple[int, int]]] = {(f << 3) | _WT_LEN: [] for f in fields}
+    others = 0
+    i = start
+    while i < end:
+        tag = buf[i]
+        if tag < 0x80:
+            i += 1
+        else:
+            tag, i = _varint(buf, i, end)
+        if tag < 8:  # field number 0: not protobuf
+            raise Malformed
+        wire = tag & 7
+        if wire == _WT_LEN:
+            n = buf[i] if i < end else 0x80
+            if n < 0x80:
+                i += 1
+            else:
+                n, i = _varint(buf, i, end)
+            if i + n > end:
+                raise Malformed
+            spans = found.get(tag)
+            i += n
+            if spans is not None:
+                spans.append((i - n, i))
+                if len(spans) > limit:
+                    break
+                continue
+        elif wire == _WT_VARINT:
+            _, i = _varint(buf, i, end)
+        elif wire == _WT_I32:
+            i += 4
+        elif wire == _WT_I64:
+            i += 8
+        else:  # groups (3, 4) and invalid wire types: the parser refuses them
+            raise Malformed
+        others += 1
+        if others > other_limit:
+            break
+    if i > end:
+        raise Malformed
+    return list(found.values()), others
+
+
 def too_many(field: str, what: str, limit: int, setting: str = "") -> InvalidArgument:
     """The refusal of ``field`` holding more ``what`` than ``limit`` (counted on the wire, before parsing)."""
     name = f"{setting}={limit}" if setting else str(limit)

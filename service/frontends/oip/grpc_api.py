@@ -40,27 +40,25 @@ def check_infer(buf: bytes | memoryview, max_drawings: int) -> None:
     before parsing it (``service.preprocess.wire``: a small request of a million empty elements parses into a million
     objects)."""
     others = wire.MAX_OTHER_FIELDS + 3 * MAX_TENSORS
-    try:
-        for number, what in ((5, "inputs"), (6, "outputs"), (7, "raw_input_contents")):
-            spans = wire.scan(buf, 0, len(buf), number, MAX_TENSORS, others)
-            if len(spans.spans) > MAX_TENSORS:
+    try:  # one walk of the top level for the three repeated fields, one per input for its shape and contents
+        found, n = wire.scan_fields(buf, 0, len(buf), (5, 6, 7), MAX_TENSORS, others)
+        for spans, what in zip(found, ("inputs", "outputs", "raw_input_contents"), strict=True):
+            if len(spans) > MAX_TENSORS:
                 raise wire.too_many(what, "entries", MAX_TENSORS)
-            if spans.others > others:  # the scan stopped early: what follows was not counted (81 empty ids did it)
-                raise wire.hand_made("request", others)
-            if number != 5:
-                continue
-            for i, (a, b) in enumerate(spans.spans):
-                shapes = wire.scan(buf, a, b, 3, 4, wire.MAX_OTHER_FIELDS)  # InferInputTensor.shape, packed
-                if any(b2 - a2 > MAX_SHAPE_BYTES for a2, b2 in shapes.spans) or len(shapes.spans) > 4:
-                    raise wire.too_many(f"inputs[{i}].shape", "dimensions", wire.MAX_TENSOR_DIMS)
-                contents = wire.scan(buf, a, b, 5, 4, wire.MAX_OTHER_FIELDS)  # InferInputTensor.contents
-                if len(contents.spans) > 4 or contents.others > wire.MAX_OTHER_FIELDS:
-                    raise wire.hand_made(f"inputs[{i}]", wire.MAX_OTHER_FIELDS)
-                for a2, b2 in contents.spans:
-                    elements = wire.scan(buf, a2, b2, 8, wire.SCAN_FACTOR * max_drawings)  # bytes_contents
-                    if len(elements.spans) > wire.SCAN_FACTOR * max_drawings:
-                        raise wire.too_many("inputs.contents.bytes_contents", "elements", max_drawings,
-                                             "max_drawings_per_request")  # fmt: skip
+        if n > others:  # the scan stopped early: what follows was not counted (81 empty ids did it)
+            raise wire.hand_made("request", others)
+        for i, (a, b) in enumerate(found[0]):
+            # InferInputTensor.shape (packed) and .contents
+            (shapes, contents), n = wire.scan_fields(buf, a, b, (3, 5), 4, wire.MAX_OTHER_FIELDS)
+            if len(shapes) > 4 or any(b2 - a2 > MAX_SHAPE_BYTES for a2, b2 in shapes):
+                raise wire.too_many(f"inputs[{i}].shape", "dimensions", wire.MAX_TENSOR_DIMS)
+            if len(contents) > 4 or n > wire.MAX_OTHER_FIELDS:
+                raise wire.hand_made(f"inputs[{i}]", wire.MAX_OTHER_FIELDS)
+            for a2, b2 in contents:
+                elements = wire.scan(buf, a2, b2, 8, wire.SCAN_FACTOR * max_drawings)  # bytes_contents
+                if len(elements.spans) > wire.SCAN_FACTOR * max_drawings:
+                    raise wire.too_many("inputs.contents.bytes_contents", "elements", max_drawings,
+                                        "max_drawings_per_request")  # fmt: skip
     except wire.Malformed:
         return
 
