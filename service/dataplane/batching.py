@@ -93,6 +93,25 @@ class _Watch:
     fired: bool = False
 
 
+class _Expiry:
+    """The backend's timer of one idle-path call (``Batcher._alone``): what ``asyncio.timeout`` does there, without a
+    loop timer of its own. A loop timer is created and cancelled per ``asyncio.timeout`` (~3 us with uvloop); the
+    batcher's one timer (``Batcher._expire``) serves every such call in flight, each cancelled at its own ``when``."""
+
+    __slots__ = ("cancelling", "fired", "task", "when")
+
+    def __init__(self, task: asyncio.Task[Any], when: float) -> None:
+        self.task = task
+        self.when = when
+        #: The task's cancellation requests when the call started (as ``asyncio.Timeout`` keeps them).
+        self.cancelling = task.cancelling()
+        self.fired = False
+
+    def expired(self) -> bool:
+        """Whether the timer cancelled the call (as ``asyncio.Timeout.expired``)."""
+        return self.fired
+
+
 @dataclass
 class BatcherConfig:
     """The batcher's knobs (a subset of the service settings)."""
@@ -163,6 +182,10 @@ class Batcher:
         #: What died (the collector, a backend's background task), once one has: the batcher then refuses calls.
         self._failed: str | None = None
         self._health = BackendHealth()
+        #: The idle-path calls' backend timers (``_alone``), and the one loop timer due at the earliest of them.
+        self._expiries: dict[_Expiry, None] = {}
+        self._expiry_handle: asyncio.TimerHandle | None = None
+        self._expiry_when = 0.0
         #: Called with the new BackendHealth whenever it changes (the composition root sets health from it).
         self.on_health: Callable[[BackendHealth], None] | None = None
 
@@ -298,25 +321,31 @@ class Batcher:
         outcome = "ok"
         released = False
         timeout_s = self._cfg.backend_timeout_ms / 1000.0
-        timer = asyncio.timeout(timeout_s)  # the backend's
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None  # answer() is awaited in a task
+        timer = self._expiry(loop, task, loop.time() + timeout_s)  # the backend's
         deadline = None  # the caller's, unless gRPC cancels it at its deadline (not timed)
         if timed and deadline_s is not None:
-            deadline = asyncio.timeout_at(asyncio.get_running_loop().time() + (deadline_s - self._clock()))
+            deadline = asyncio.timeout_at(loop.time() + (deadline_s - self._clock()))
         try:
-            if deadline is None:
-                async with timer:
+            try:
+                if deadline is None:
                     got = await started
-            else:
-                async with deadline, timer:
-                    got = await started
+                else:
+                    async with deadline:
+                        got = await started
+            finally:
+                self._expiries.pop(timer, None)
             answered = self._answered(got, n, version)
             self._succeeded(n, t0)
             released = True
             return answered
         except (Exception, asyncio.CancelledError) as exc:
             self._learn(n, self._clock() - t0)  # failures cost time too: a brownout must show in the estimate
-            task = asyncio.current_task()
-            if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling() > 0:
+            if timer.fired and isinstance(exc, asyncio.CancelledError) and task.uncancel() > timer.cancelling:
+                timer.fired = False  # cancelled from outside as well: that cancellation wins (as asyncio.Timeout)
+            if isinstance(exc, asyncio.CancelledError) and not timer.fired and task.cancelling() > 0:
                 outcome = "cancelled"  # the caller went away (gRPC cancelled it): its backend call with it
                 raise
             if deadline is not None and deadline.expired() and not timer.expired():
@@ -331,6 +360,34 @@ class Batcher:
             if not self._inline and self._inline_done is not None and not self._inline_done.done():
                 self._inline_done.set_result(None)
             self._ended(started, t0, outcome, released)
+
+    def _expiry(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], when: float) -> _Expiry:
+        """An idle-path call's backend timer, due at ``when`` (loop time); the batcher's loop timer is set for it
+        unless one is due already at or before it (calls start in order, each for the same timeout)."""
+        timer = _Expiry(task, when)
+        self._expiries[timer] = None
+        if self._expiry_handle is None or when < self._expiry_when:
+            if self._expiry_handle is not None:
+                self._expiry_handle.cancel()
+            self._expiry_handle = loop.call_at(when, self._expire, when)
+            self._expiry_when = when
+        return timer
+
+    def _expire(self, now: float) -> None:
+        """The batcher's loop timer, due at ``now``: cancel every idle-path call due by then (at most one per backend
+        slot is in flight), and set the timer again for the earliest one left."""
+        self._expiry_handle = None
+        later: float | None = None
+        for timer in list(self._expiries):
+            if timer.when <= now:
+                del self._expiries[timer]
+                timer.fired = True
+                timer.task.cancel()
+            elif later is None or timer.when < later:
+                later = timer.when
+        if later is not None:
+            self._expiry_handle = asyncio.get_running_loop().call_at(later, self._expire, later)
+            self._expiry_when = later
 
     def _take_alone(self, item: _Item) -> None:
         """An idle batcher (nothing else queued, a slot free, no batch delay) whose backend is not known to give
@@ -692,7 +749,7 @@ class Batcher:
             self._report()
         self._release(hand_over=True)
 
-    def _failure(self, exc: BaseException, n: int, timer: asyncio.Timeout) -> ServiceError:
+    def _failure(self, exc: BaseException, n: int, timer: asyncio.Timeout | _Expiry) -> ServiceError:
         """What a failed batch's callers get: its timeout, its cancellation, the backend's ServiceError, or any
         other exception as a BackendError (logged with its traceback)."""
         if timer.expired():
