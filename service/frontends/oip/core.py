@@ -112,7 +112,7 @@ def server_version() -> str:
         return "0"
 
 
-@dataclass
+@dataclass(slots=True)
 class InputTensor:
     """One input as either side received it: raw little-endian bytes, or typed values (a list or array)."""
 
@@ -123,7 +123,7 @@ class InputTensor:
     values: Any = None  # uint contents (ints) or bytes contents (bytes)
 
 
-@dataclass
+@dataclass(slots=True)
 class OutputRequest:
     """One requested output: its name and, for the classification extension, how many classes (0: the tensor)."""
 
@@ -132,7 +132,7 @@ class OutputRequest:
     binary: bool | None = None  # HTTP only: the output's ``binary_data`` parameter
 
 
-@dataclass
+@dataclass(slots=True)
 class InferCall:
     """A ModelInfer request, whichever side received it."""
 
@@ -144,7 +144,7 @@ class InferCall:
     parameters: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(slots=True)
 class OutputTensor:
     """One output of the answer: FP32 values, or BYTES elements."""
 
@@ -164,7 +164,7 @@ class OutputTensor:
         return np.ascontiguousarray(self.array, dtype="<f4").tobytes()
 
 
-@dataclass
+@dataclass(slots=True)
 class InferAnswer:
     """A ModelInfer answer."""
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass
+@dataclass(slots=True)
 class Duration:
     """Triton's StatisticDuration: how many, and their total nanoseconds."""
 
@@ -77,14 +77,16 @@ class Statistics:
         st.last_inference_ms = time.time_ns() // 1_000_000
         st.inference_count += drawings
         st.execution_count += 1
-        st.phases["success"].add(total_ns)
-        for phase, ns in (("compute_input", input_ns), ("compute_infer", infer_ns), ("compute_output", output_ns)):
-            st.phases[phase].add(ns)
+        phases = st.phases
         batch = st.batches.get(drawings)
         if batch is None:
             batch = st.batches[drawings] = (Duration(), Duration(), Duration())
-        for d, ns in zip(batch, (input_ns, infer_ns, output_ns), strict=True):
-            d.add(ns)
+        # Duration.add written out: ten method calls per answered call otherwise
+        for d, ns in ((phases["success"], total_ns), (phases["compute_input"], input_ns), (batch[0], input_ns),
+                      (phases["compute_infer"], infer_ns), (batch[1], infer_ns),
+                      (phases["compute_output"], output_ns), (batch[2], output_ns)):  # fmt: skip
+            d.count += 1
+            d.ns += ns
 
     def failed(self, version: int, total_ns: int) -> None:
         """A call for ``version`` that ended in an error."""
