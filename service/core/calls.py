@@ -51,7 +51,7 @@ class Observed:
 
     def __enter__(self) -> Observed:
         self._t0 = time.perf_counter()
-        self._metrics.inflight.inc()
+        self._metrics.calls_in_flight += 1
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
@@ -59,7 +59,7 @@ class Observed:
             expired = self.deadline_s is not None and time.monotonic() >= self.deadline_s - DEADLINE_SLACK_S
             self.code, self.fault = ("DEADLINE_EXCEEDED" if expired else "CANCELLED"), "client"
         m = self._metrics
-        m.inflight.dec()
+        m.calls_in_flight -= 1
         m.child(m.request_latency, self._method, self.code).observe(time.perf_counter() - self._t0)
         if self.code != "OK":
             m.child(m.errors, self._method, self.code, self.fault or "server").inc()

@@ -188,6 +188,10 @@ class Metrics:
             "inflight_requests", "Calls being handled now (Classify calls and stream messages).",
             namespace=ns, registry=r,
         )  # fmt: skip
+        #: What ``inflight`` reports, read at scrape time: a plain count kept by ``service.core.calls.Observed`` on
+        #: the event loop (two locked gauge updates per call otherwise).
+        self.calls_in_flight = 0
+        self.inflight.set_function(lambda: self.calls_in_flight)
         self.queue_depth = Gauge(
             "queue_depth_drawings", "Drawings waiting in the batcher's queue.", namespace=ns, registry=r
         )

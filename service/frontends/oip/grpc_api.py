@@ -109,12 +109,12 @@ def to_call(request: Any) -> InferCall:
     if request.outputs:
         outputs = []
         for o in request.outputs:
-            k = _parameter(o.parameters[CLASSIFICATION]) if CLASSIFICATION in o.parameters else 0
+            k = _parameter(o.parameters[CLASSIFICATION]) if o.parameters and CLASSIFICATION in o.parameters else 0
             if isinstance(k, bool) or not isinstance(k, int):
                 raise InvalidArgument([FieldViolation(f"outputs[{o.name}].parameters[{CLASSIFICATION}]",
                                                       f"is {k!r}; expected an integer class count")])  # fmt: skip
             outputs.append(OutputRequest(o.name, k))
-    params = {key: _parameter(p) for key, p in request.parameters.items()}
+    params = {key: _parameter(p) for key, p in request.parameters.items()} if request.parameters else {}
     return InferCall(request.model_name, request.model_version, request.id, inputs, outputs, params)
 
 
