@@ -384,7 +384,7 @@ def test_full_queue_is_refused_at_once(sample: Path) -> None:
                         max_queue_wait_ms=0, max_concurrent_batches=1) as gw, \
             QuickDrawClient(gw.target) as c, ThreadPoolExecutor(4) as pool:
         first = pool.submit(c.classify, [images[0]])  # dispatched, held at the gate
-        while not gw.app.metrics.inflight_batches._value.get():
+        while not gw.app.metrics.batches_in_flight:
             threading.Event().wait(0.01)
         queued = pool.submit(c.classify, list(images[1:5]))  # fills the queue (4 drawings)
         while gw.scrape().get("quickdraw_queue_depth_drawings", 0) < 4:
@@ -404,7 +404,7 @@ def test_expired_calls_never_reach_the_backend(sample: Path) -> None:
     with RunningGateway(factory, max_concurrent_batches=1) as gw, QuickDrawClient(gw.target) as c, \
             ThreadPoolExecutor(2) as pool:
         first = pool.submit(c.classify, [images[0]])
-        while not gw.app.metrics.inflight_batches._value.get():
+        while not gw.app.metrics.batches_in_flight:
             threading.Event().wait(0.01)
         with pytest.raises(grpc.RpcError) as info:
             c.classify(list(images[1:3]), timeout_s=0.3)  # queued behind the held batch; its deadline passes

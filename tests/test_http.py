@@ -266,7 +266,7 @@ def test_unavailable_while_loading_then_deadline_header(sample: Path) -> None:
         made[0].gate.clear()  # hold the next batch
         held = threading.Thread(target=call, args=(gw, "/v1/classify", cat))
         held.start()
-        while not gw.app.metrics.inflight_batches._value.get():
+        while not gw.app.metrics.batches_in_flight:
             threading.Event().wait(0.01)
         status, body, _ = call(gw, "/v1/classify", cat, {"X-Server-Timeout": "0.2"})  # queued behind it
         assert (status, body["error"]["status"]) == (504, "DEADLINE_EXCEEDED")

@@ -217,7 +217,7 @@ def test_http_stops_accepting_before_the_batcher_closes_and_its_calls_finish() -
     with gw, ThreadPoolExecutor(1) as pool:
         port = gw.app.http_port
         held = pool.submit(_post_bitmap, port)  # reaches the backend and is held there
-        while not gw.app.metrics.inflight_batches._value.get():
+        while not gw.app.metrics.batches_in_flight:
             time.sleep(0.01)
         stopping = asyncio.run_coroutine_threadsafe(gw.app.stop(), gw.loop)
         time.sleep(0.3)

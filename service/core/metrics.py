@@ -198,6 +198,9 @@ class Metrics:
         self.inflight_batches = Gauge(
             "inflight_batches", "Backend batches running now.", namespace=ns, registry=r
         )
+        #: What ``inflight_batches`` reports, read at scrape time: a plain count kept by the batchers on the loop.
+        self.batches_in_flight = 0
+        self.inflight_batches.set_function(lambda: self.batches_in_flight)
         self.drawings = Counter(
             "drawings_total", "Drawings received, by input kind (bitmap, image, strokes).",
             ["kind"], namespace=ns, registry=r,

@@ -648,7 +648,7 @@ class Batcher:
         """Count a batch in and start its backend call (for its top-k outputs alone when every caller wants only
         those and the backend gives them); returns the call, a coroutine or a future, and when it started."""
         self._metrics.batch_size.observe(len(images))
-        self._metrics.inflight_batches.inc()
+        self._metrics.batches_in_flight += 1
         t0 = self._clock()
         try:
             run = self._run_top_k if top_k_only and self._run_top_k is not None else self._run_batch
@@ -768,7 +768,7 @@ class Batcher:
         self._inflight.pop(started, None)
         m = self._metrics
         m.child(m.backend_latency, self._backend, outcome).observe(self._clock() - t0)
-        m.inflight_batches.dec()
+        m.batches_in_flight -= 1
         if not released:
             self._release()
 
