@@ -67,47 +67,7 @@ def scan(buf: Wire, start: int, end: int, field: int, limit: int, other_limit: i
     Stops when ``field`` occurs more than ``limit`` times or any other field more than ``other_limit`` times in
     all, returning what it has so far (the caller sees ``len(spans) > limit`` or ``others > other_limit``).
     """
-    spans: list[tuple[int, int]] = []
-    others = 0
-    want = (field << 3) | _WT_LEN
-    i = start
-    while i < end:
-        tag = buf[i]
-        if tag < 0x80:
-            i += 1
-        else:
-            tag, i = _varint(buf, i, end)
-        if tag < 8:  # field number 0: not protobuf
-            raise Malformed
-        wire = tag & 7
-        if wire == _WT_LEN:
-            n = buf[i] if i < end else 0x80
-            if n < 0x80:
-                i += 1
-            else:
-                n, i = _varint(buf, i, end)
-            if i + n > end:
-                raise Malformed
-            if tag == want:
-                spans.append((i, i + n))
-                i += n
-                if len(spans) > limit:
-                    break
-                continue
-            i += n
-        elif wire == _WT_VARINT:
-            _, i = _varint(buf, i, end)
-        elif wire == _WT_I32:
-            i += 4
-        elif wire == _WT_I64:
-            i += 8
-        else:  # groups (3, 4) and invalid wire types: the parser refuses them
-            raise Malformed
-        others += 1
-        if others > other_limit:
-            break
-    if i > end:
-        raise Malformed
+    (spans,), others = scan_fields(buf, start, end, (field,), limit, other_limit)
     return Spans(spans, others)
 
 
