@@ -115,6 +115,8 @@ KNOWN_SCORE = contract.KNOWN_SCORE
 AVAILABLE = tfs.AVAILABLE
 #: Shortest pause between two status polls (a burst of NOT_FOUNDs asks for one early poll, not one each).
 MIN_POLL_GAP_S = 0.2
+#: Most PredictRequest templates kept (``TFServingBackend._request``); a few outputs x versions x batch sizes.
+MAX_REQUEST_TEMPLATES = 1024
 
 
 @dataclass
@@ -126,6 +128,12 @@ class _Signature:
     top_k: int
     defs: Any = field(repr=False, default=None)
     known: bool = False
+
+
+def _what(n: int, version: int) -> str:
+    """A batch's Predict as its errors name it (built only when one is raised)."""
+    which = "the default version" if version == ANY_VERSION else f"version {version}"
+    return f"Predict of {n} drawings on {which}"
 
 
 class TFServingBackend:
@@ -154,6 +162,9 @@ class TFServingBackend:
         self._out_of_class: dict[int, OutOfClassInfo] = {}
         #: Width of the signature's top_k_* outputs (0 without them): what ``predict_top_k`` gives.
         self.top_k_width = 0
+        #: PredictRequests without their input's bytes, by (outputs, version sent, by label, input shape): a request
+        #: is a copy of one (one copy in C) with the bytes set, not built field by field (~2 us less per call).
+        self._templates: dict[tuple[tuple[str, ...], int, bool, tuple[int, ...]], Any] = {}
         #: Every signature of the served SavedModel, as TF Serving's GetModelMetadata gave it (a SignatureDefMap).
         self.signature_defs: Any = None
         self._refresh = asyncio.Event()
@@ -554,15 +565,24 @@ class TFServingBackend:
                 sent = expected
         if expected in self._known and (known or sent != ANY_VERSION):
             outputs = [*outputs, KNOWN_SCORE]
-        req = tfs.PredictRequest(output_filter=outputs)
-        spec = req.model_spec
-        spec.name = self._s.model_name
-        spec.signature_name = self._s.tfserving_signature
-        if label_it:
-            spec.version_label = self._s.tfserving_version_label or ""
-        if sent != ANY_VERSION:
-            spec.version.value = sent
-        write_uint8(req.inputs[INPUT_KEY], images)
+        key = (tuple(outputs), sent, label_it, images.shape)
+        template = self._templates.get(key)
+        if template is None:
+            if len(self._templates) >= MAX_REQUEST_TEMPLATES:
+                self._templates.clear()
+            template = self._templates[key] = tfs.PredictRequest(output_filter=outputs)
+            spec = template.model_spec
+            spec.name = self._s.model_name
+            spec.signature_name = self._s.tfserving_signature
+            if label_it:
+                spec.version_label = self._s.tfserving_version_label or ""
+            if sent != ANY_VERSION:
+                spec.version.value = sent
+            write_uint8(template.inputs[INPUT_KEY], images)
+            template.inputs[INPUT_KEY].tensor_content = b""  # each request's own bytes go in its copy
+        req = tfs.PredictRequest()
+        req.CopyFrom(template)
+        req.inputs[INPUT_KEY].tensor_content = np.ascontiguousarray(images, dtype=np.uint8).tobytes()
         return req, sent
 
     def _run(
@@ -619,8 +639,6 @@ class TFServingBackend:
         r, call, sent = first
         attempts = 1
         max_attempts = self._s.tfserving_max_attempts if most is None else most
-        which = "the default version" if version == ANY_VERSION else f"version {version}"
-        what = f"Predict of {n} drawings on {which}"
         known = True  # KNOWN_SCORE may be asked for (see _request); not after a replica said it has no such output
         while True:
             try:
@@ -629,13 +647,13 @@ class TFServingBackend:
                 self._budget.failed()
                 code = exc.code()
                 if overloaded(exc):
-                    raise mapped(exc, what) from None  # never retried: the fleet is full, not this replica
+                    raise mapped(exc, _what(n, version)) from None  # never retried: the fleet is full, not this replica
                 if known and sent == ANY_VERSION and lacks_known_score(exc):
                     # A version loaded since the last poll answered, without KNOWN_SCORE: ask again without it.
                     known = False
                     self._refresh.set()
                     if attempts >= max_attempts or not self._retry("unchecked_version"):
-                        raise mapped(exc, what) from None
+                        raise mapped(exc, _what(n, version)) from None
                     tried.remove(r)
                     r, call, sent = self._attempt(version, images, outputs, deadline_s, tried, known)
                     attempts += 1
@@ -649,13 +667,13 @@ class TFServingBackend:
                     self._refresh.set()
                     reason = "unavailable"
                 else:
-                    raise mapped(exc, what) from None
+                    raise mapped(exc, _what(n, version)) from None
                 if attempts >= max_attempts or not self._retry(reason):
-                    raise mapped(exc, what) from None
+                    raise mapped(exc, _what(n, version)) from None
                 try:
                     r, call, sent = self._attempt(version, images, outputs, deadline_s, tried, known)
                 except NotFound:
-                    raise mapped(exc, what) from None  # no other replica lists it: the caller's NOT_FOUND
+                    raise mapped(exc, _what(n, version)) from None  # no other replica lists it: the caller's NOT_FOUND
                 attempts += 1
                 continue
             answered = int(resp.model_spec.version.value) or sent
@@ -668,8 +686,8 @@ class TFServingBackend:
             self._refresh.set()
             r.versions = tuple(sorted({*r.versions, answered}))
             if attempts >= max_attempts or not self._retry("unchecked_version"):
-                raise Unavailable(f"TF Serving answered {what} with version {answered}, which this gateway has not "
-                                  f"accepted (yet); retry with backoff")  # fmt: skip
+                raise Unavailable(f"TF Serving answered {_what(n, version)} with version {answered}, which this "
+                                  "gateway has not accepted (yet); retry with backoff")  # fmt: skip
             tried.remove(r)  # the same replica may answer again, by number
             r, call, sent = self._attempt(version, images, outputs, deadline_s, tried, known)
             attempts += 1

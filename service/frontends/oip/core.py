@@ -395,8 +395,11 @@ class Surface(DataPlaneSlot):
                 f"{prefix}inference request batch-size must be >= 1 for '{name}'",
             )
         n = shape[0]
-        top_k = max((o.classification for o in outputs), default=0)
-        wants_tensor = any(o.name == PROBABILITIES and not o.classification for o in outputs)
+        top_k = 0  # the widest classification asked for, and whether the probabilities tensor is asked for too
+        wants_tensor = False
+        for o in outputs:
+            top_k = max(top_k, o.classification)
+            wants_tensor = wants_tensor or (o.name == PROBABILITIES and not o.classification)
         backend_k = None if wants_tensor or not top_k else top_k
         drawings: Any
         if tensor.name == IMAGE:
