@@ -834,3 +834,6 @@ class Batcher:
             elif self._inline:  # batches their callers run themselves
                 self._inline_done = asyncio.get_running_loop().create_future()
                 await asyncio.shield(self._inline_done)
+        if self._expiry_handle is not None:  # no idle-path call is left for the backend's timer to watch
+            self._expiry_handle.cancel()
+            self._expiry_handle = None
