@@ -526,3 +526,45 @@ def test_unknown_routes_answer_json_errors(embedded: RunningGateway) -> None:
         assert set(body) == set(known) and isinstance(body["error"], str) and path in body["error"], body
     code, kind, body = refused("/no/such/route")
     assert code == 404 and kind.startswith("application/json") and body["error"]["status"] == "NOT_FOUND"  # type: ignore[index]
+
+
+def _bad_infer(field: str) -> bytes:
+    """A small ModelInferRequest over one of the limits ``check_infer`` counts on the wire."""
+    from service.protos import oip
+
+    req = oip.ModelInferRequest(model_name=MODEL)
+    if field == "inputs":
+        for i in range(17):
+            req.inputs.add(name=f"x{i}", datatype="UINT8", shape=[1])
+    elif field == "outputs":
+        req.inputs.add(name="image", datatype="UINT8", shape=[1, 28, 28, 1])
+        for i in range(17):
+            req.outputs.add(name=f"y{i}")
+    elif field == "raw_input_contents":
+        req.inputs.add(name="image", datatype="UINT8", shape=[1, 28, 28, 1])
+        req.raw_input_contents.extend([b""] * 17)
+    elif field == "shape":
+        req.inputs.add(name="image", datatype="UINT8", shape=[-1] * 17)  # 10 bytes a dim: over check_infer's 160
+    else:  # 513 empty elements: over SCAN_FACTOR x max_drawings_per_request (256)
+        req.inputs.add(name="strokes", datatype="BYTES", shape=[513]).contents.bytes_contents.extend([b""] * 513)
+    return req.SerializeToString()
+
+
+@pytest.mark.parametrize("field", ["inputs", "outputs", "raw_input_contents", "shape", "bytes_contents"])
+def test_a_small_request_counted_after_parsing_gets_the_wire_counts_error(field: str) -> None:
+    """A ModelInferRequest of at most ``wire.PARSE_FIRST_BYTES`` is parsed before it is counted (its parse is bounded
+    by its size); ``to_call`` then refuses what ``check_infer`` refuses on the wire of a larger one, in the same
+    words."""
+    from service.core.errors import InvalidArgument
+    from service.frontends.oip.grpc_api import check_infer, to_call
+    from service.preprocess import wire
+    from service.protos import oip
+
+    raw = _bad_infer(field)
+    assert len(raw) <= wire.PARSE_FIRST_BYTES
+    with pytest.raises(InvalidArgument) as on_wire:
+        check_infer(raw, 256)
+    with pytest.raises(InvalidArgument) as parsed:
+        to_call(oip.ModelInferRequest.FromString(raw), 256)
+    assert parsed.value.violations == on_wire.value.violations
+    assert "over the limit" in parsed.value.violations[0].description

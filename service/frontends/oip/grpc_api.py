@@ -4,7 +4,9 @@ ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer, 
 (each request answered by one ``ModelStreamInferResponse``, with ``error_message`` set instead of failing the
 stream, as Triton does), ModelConfig and ModelStatistics (Triton's extensions, for perf_analyzer and Model
 Analyzer). The model and its errors are ``service.frontends.oip.core``'s. ModelInfer takes its request as
-bytes, counted on the wire before parsing (:func:`check_infer`), as Predict and Classify do; its answer puts
+bytes, counted on the wire before parsing (:func:`check_infer`), as Predict and Classify do, when it is larger
+than ``wire.PARSE_FIRST_BYTES`` (a smaller one is parsed first, its parse bounded by its size, and counted by
+:func:`to_call` with the same errors); its answer puts
 every output in ``raw_output_contents``, as Triton does. Latency is recorded by method (``ModelInfer``,
 ``ModelStreamInfer``, ...) and code, as for the other APIs.
 """
@@ -79,22 +81,36 @@ def _parameter(p: Any) -> Any:
     return None if which is None else getattr(p, which)
 
 
-def to_call(request: Any) -> InferCall:
-    """A parsed ModelInferRequest as the shared ``InferCall``; raw_input_contents matched to inputs in order."""
+def to_call(request: Any, max_drawings: int) -> InferCall:
+    """A parsed ModelInferRequest as the shared ``InferCall``; raw_input_contents matched to inputs in order.
+
+    Counts what :func:`check_infer` counts, with its errors, so a request parsed before it was counted (at most
+    ``wire.PARSE_FIRST_BYTES``: its parse was bounded by its size) is held to the same limits."""
     raw = list(request.raw_input_contents)
-    if raw and len(raw) != len(request.inputs):
+    tensors = request.inputs
+    asked = request.outputs
+    if len(tensors) > MAX_TENSORS or len(asked) > MAX_TENSORS or len(raw) > MAX_TENSORS:
+        what = next(w for w, n in (("inputs", len(tensors)), ("outputs", len(asked)), ("raw_input_contents", len(raw)))
+                    if n > MAX_TENSORS)  # fmt: skip
+        raise wire.too_many(what, "entries", MAX_TENSORS)
+    if raw and len(raw) != len(tensors):
         raise InvalidArgument(
-            [FieldViolation("raw_input_contents", f"{len(raw)} entries for {len(request.inputs)} inputs; give one "
+            [FieldViolation("raw_input_contents", f"{len(raw)} entries for {len(tensors)} inputs; give one "
                                                   "per input, in order, or none")],
-            f"expected {len(request.inputs)} raw_input_contents (one per input), got {len(raw)}",
+            f"expected {len(tensors)} raw_input_contents (one per input), got {len(raw)}",
         )  # fmt: skip
     inputs = []
-    for i, t in enumerate(request.inputs):
-        if len(t.shape) > wire.MAX_TENSOR_DIMS:
+    for i, t in enumerate(tensors):
+        shape = list(t.shape)
+        if len(shape) > wire.MAX_TENSOR_DIMS:
             raise wire.too_many(f"inputs[{i}].shape", "dimensions", wire.MAX_TENSOR_DIMS)
-        tensor = InputTensor(t.name, t.datatype, list(t.shape))
+        tensor = InputTensor(t.name, t.datatype, shape)
+        has_contents = t.HasField("contents")
+        if has_contents and len(t.contents.bytes_contents) > wire.SCAN_FACTOR * max_drawings:
+            raise wire.too_many("inputs.contents.bytes_contents", "elements", max_drawings,
+                                "max_drawings_per_request")  # fmt: skip
         if raw:
-            if t.HasField("contents"):
+            if has_contents:
                 raise InvalidArgument(
                     [FieldViolation(f"inputs[{t.name}].contents", "set with raw_input_contents; use one or the other")],
                     f"contents field must not be specified when using raw_input_contents for '{t.name}'",
@@ -106,15 +122,17 @@ def to_call(request: Any) -> InferCall:
             tensor.values = np.asarray(t.contents.uint_contents, np.int64)
         inputs.append(tensor)
     outputs = None
-    if request.outputs:
+    if asked:
         outputs = []
-        for o in request.outputs:
-            k = _parameter(o.parameters[CLASSIFICATION]) if o.parameters and CLASSIFICATION in o.parameters else 0
+        for o in asked:
+            parameters = o.parameters
+            k = _parameter(parameters[CLASSIFICATION]) if parameters and CLASSIFICATION in parameters else 0
             if isinstance(k, bool) or not isinstance(k, int):
                 raise InvalidArgument([FieldViolation(f"outputs[{o.name}].parameters[{CLASSIFICATION}]",
                                                       f"is {k!r}; expected an integer class count")])  # fmt: skip
             outputs.append(OutputRequest(o.name, k))
-    params = {key: _parameter(p) for key, p in request.parameters.items()} if request.parameters else {}
+    parameters = request.parameters
+    params = {key: _parameter(p) for key, p in parameters.items()} if parameters else {}
     return InferCall(request.model_name, request.model_version, request.id, inputs, outputs, params)
 
 
@@ -193,8 +211,9 @@ class InferenceService:
         max_drawings = surface.plane.limits.max_drawings_per_request
 
         def parsed(raw: bytes) -> InferCall:
-            check_infer(raw, max_drawings)
-            return to_call(parse_message(oip.ModelInferRequest, raw))
+            if len(raw) > wire.PARSE_FIRST_BYTES:  # smaller: parsed first (bounded by its size), counted by to_call
+                check_infer(raw, max_drawings)
+            return to_call(parse_message(oip.ModelInferRequest, raw), max_drawings)
 
         return to_response(await surface.infer(surface.call(request, parsed, len(request), deadline_s,
                                                             reserve=reserve, transport_deadline=transport_deadline,
