@@ -169,3 +169,40 @@ def test_the_drift_tests_are_generated_from_the_shipped_card() -> None:
             key = name + (f"{{{cls[0]}}}" if cls else "")
             got = float(s["values"].split("x")[0])
             assert got == pytest.approx(want[key], rel=1e-12), (case["name"], key)
+
+
+def test_the_one_lock_histogram_exposes_what_the_librarys_does() -> None:
+    """``service.core.metrics.Histogram`` (bisection, one lock a child) against prometheus_client's own Histogram
+    over the same observations: bucket bounds exactly, between them, past the last, negative, NaN, an exemplar."""
+    import math
+    import threading
+
+    import prometheus_client
+    from prometheus_client import CollectorRegistry
+
+    from service.core.metrics import LATENCY_BUCKETS_S, Histogram
+
+    values = [b for b in LATENCY_BUCKETS_S] + [b * 1.01 for b in LATENCY_BUCKETS_S] + [0.0, -1.0, 9.0, 1e9]
+    values += [i / 997 for i in range(5000)]
+    texts = []
+    for cls in (Histogram, prometheus_client.Histogram):
+        registry = CollectorRegistry()
+        h = cls("h", "h", ["door"], buckets=LATENCY_BUCKETS_S, registry=registry)
+        child = h.labels("x")
+        for v in values:
+            child.observe(v)
+        child.observe(0.004, {"trace_id": "abc"})
+        nan = cls("nan", "nan", buckets=LATENCY_BUCKETS_S, registry=registry)
+        nan.observe(math.nan)
+        nan.observe(0.1)
+        texts.append(generate_latest(registry).decode().replace("\n# TYPE", "").splitlines())
+    assert [t for t in texts[0] if "_created" not in t] == [t for t in texts[1] if "_created" not in t]
+    assert Histogram("e", "e", registry=CollectorRegistry())._one_lock  # the fast path is the one measured
+
+    shared = Histogram("t", "t", buckets=LATENCY_BUCKETS_S, registry=CollectorRegistry())
+    threads = [threading.Thread(target=lambda: [shared.observe(0.004) for _ in range(20_000)]) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(b.get() for b in shared._buckets) == 80_000  # no update lost between threads

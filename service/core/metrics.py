@@ -12,15 +12,18 @@ call per drawing.
 from __future__ import annotations
 
 import math
+import time
 from bisect import bisect_left
 from collections.abc import Iterator
 from typing import ClassVar, TypeVar
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, Exemplar, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.metrics import _validate_exemplar
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+from prometheus_client.values import MutexValue
 
 from doodle import BITMAP_PIXELS
 from service.core.modelhealth import ModelHealth, VersionCounts
@@ -33,20 +36,38 @@ LATENCY_BUCKETS_S = (
 
 
 class Histogram(prometheus_client.Histogram):
-    """prometheus_client's Histogram, whose ``observe`` finds the bucket by bisection.
+    """prometheus_client's Histogram, whose ``observe`` finds the bucket by bisection under one lock.
 
-    The library walks the bounds in Python (``enumerate``, a comparison per bucket: 22 latency buckets) and checks
-    observability through two calls, about 1 us per observation; this is about half of that, and several are made
-    per call. Exemplars and NaN take the library's own path; the exposition is the library's.
+    The library walks the bounds in Python (``enumerate``, a comparison per bucket: 22 latency buckets) and takes two
+    locks through two calls (the sum's, the bucket's), about 1 us per observation; several are made per call. Here
+    every observation of a child takes the lock of its sum alone and updates the sum and the bucket under it (0.30
+    against 0.52 us in a tight loop), so every update of a child's values is serialized by that one lock (readers
+    take each value's own lock, as the library's exposition does: a float is read whole). NaN counts in the sum
+    and no bucket, as the library's walk counts it. The exposition is the library's.
     """
+
+    #: Whether this child's values are the library's in-process ``MutexValue`` (not multiprocess mode's).
+    _one_lock = False
+
+    def _metric_init(self) -> None:
+        super()._metric_init()
+        self._one_lock = type(self._sum) is MutexValue
 
     def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
         """Count ``amount`` in its bucket (the first whose upper bound is >= it) and in the sum."""
-        if exemplar or amount != amount or (self._labelnames and not self._labelvalues):
+        if not self._one_lock:  # a labelled parent (the library raises) or multiprocess values
             super().observe(amount, exemplar)
             return
-        self._sum.inc(amount)
-        self._buckets[bisect_left(self._upper_bounds, amount)].inc(1)
+        total = self._sum
+        bucket = None
+        with total._lock:
+            total._value += amount
+            if amount == amount:
+                bucket = self._buckets[bisect_left(self._upper_bounds, amount)]
+                bucket._value += 1
+        if exemplar and bucket is not None:
+            _validate_exemplar(exemplar)
+            bucket.set_exemplar(Exemplar(exemplar, amount, time.time()))
 
 
 #: A labelled metric (its children are of the same class).
