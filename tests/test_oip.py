@@ -15,8 +15,9 @@ import json
 import queue
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -568,3 +569,76 @@ def test_a_small_request_counted_after_parsing_gets_the_wire_counts_error(field:
         to_call(oip.ModelInferRequest.FromString(raw), 256)
     assert parsed.value.violations == on_wire.value.violations
     assert "over the limit" in parsed.value.violations[0].description
+
+
+def _surface(ood: bool) -> Any:
+    """An OIP ``Surface`` over a data plane of a 29-class model (no backend called: conversion only)."""
+    from service.backends import ModelDescription, OutOfClassInfo
+    from service.core.metrics import Metrics
+    from service.dataplane.batching import Batcher, BatcherConfig
+    from service.dataplane.pipeline import DataPlane
+    from service.frontends.oip.core import Surface
+    from service.preprocess.validation import Limits
+
+    async def never(*_: Any, **__: Any) -> Any:
+        raise AssertionError("conversion only")
+
+    labels = tuple(f"c{i}" for i in range(29))
+    model = ModelDescription(MODEL, (1, 2), labels, out_of_class={2: OutOfClassInfo(1.5)} if ood else {})
+    metrics = Metrics()
+    plane = DataPlane(model, Batcher(never, BatcherConfig(), metrics, "none"), Limits(num_classes=29), metrics, "none")
+    surface = Surface(metrics)
+    surface.attach(plane)
+    return surface
+
+
+def _infer(n: int = 1, outputs: Sequence[str] = ("probabilities",), version: str = "", size: int | None = None,
+           shape: Sequence[int] | None = None, **extra: Any) -> Any:  # fmt: skip
+    from service.protos import oip
+
+    req = oip.ModelInferRequest(model_name=extra.pop("model", MODEL), model_version=version, id=extra.pop("id", ""))
+    t = req.inputs.add(name=extra.pop("input", "image"), datatype=extra.pop("datatype", "UINT8"),
+                       shape=list(shape or (n, 28, 28, 1)))  # fmt: skip
+    for name in outputs:
+        req.outputs.add(name=name)
+    if extra.pop("classification", None):
+        req.outputs[0].parameters["classification"].int64_param = 3
+    if extra.pop("parameter", None):
+        t.parameters["x"].bool_param = True
+    req.raw_input_contents.append(bytes(i * 7 % 256 for i in range(784 * n)) if size is None else bytes(size))
+    return req
+
+
+@pytest.mark.parametrize("ood", [True, False])
+def test_the_fast_image_converter_converts_as_the_general_one(ood: bool) -> None:
+    """``fast_convert`` (the commonest ModelInferRequest, without an ``InferCall``) gives what ``to_call`` and
+    ``Surface.convert`` give, for what it takes, and leaves everything else to them (None), errors included."""
+    from service.core.errors import ServiceError
+    from service.frontends.oip.grpc_api import fast_convert, to_call
+
+    surface = _surface(ood)
+    both = ("probabilities", "known_score") if ood else ("probabilities",)
+    taken = [_infer(), _infer(3, ()), _infer(2, both), _infer(1, both[::-1]), _infer(version="2", id="r-1"),
+             _infer(256), _infer(1, ("probabilities",), "1"), _infer(version="3")]  # fmt: skip
+    for req in taken:
+        fast = fast_convert(req, surface)
+        general = surface.convert(to_call(req, 256))
+        assert fast is not None, req
+        assert np.array_equal(fast.drawings, general.drawings) and fast.drawings.shape == general.drawings.shape
+        assert (fast.version, fast.top_k, fast.answer_bytes, fast.extra) == (
+            general.version, general.top_k, general.answer_bytes, general.extra)
+        assert fast.unknown_version(7).message == general.unknown_version(7).message
+    left = [_infer(outputs=("probabilities", "probabilities")), _infer(outputs=("nope",)), _infer(size=783),
+            _infer(shape=(1, 28, 28)), _infer(shape=(1, 784, 1, 1)), _infer(257), _infer(0, size=0),
+            _infer(classification=True), _infer(parameter=True), _infer(input="strokes"), _infer(datatype="FP32")]
+    if not ood:
+        left.append(_infer(outputs=("known_score",)))
+    for req in left:
+        assert fast_convert(req, surface) is None, req
+    for req in (_infer(version="x"), _infer(version="+1"), _infer(model="other")):
+        with pytest.raises(ServiceError) as fast_error:
+            fast_convert(req, surface)
+        with pytest.raises(ServiceError) as general_error:
+            surface.convert(to_call(req, 256))
+        assert (fast_error.value.code, fast_error.value.message) == (general_error.value.code,
+                                                                     general_error.value.message)

@@ -206,6 +206,11 @@ class Surface(DataPlaneSlot):
         self.statistics = Statistics()
         #: Whether the gateway serves now (set by the composition root: the model's versions and the backend).
         self.is_ready: Callable[[], bool] = lambda: self._plane is not None
+        #: :meth:`convert_image`'s outputs and answer bytes per drawing, by the names asked for (only names among
+        #: those offered: a handful of entries), for the model in ``_plain_for``.
+        self._plain: dict[tuple[str, ...], tuple[list[OutputRequest], int]] = {}
+        self._plain_for: object = None
+        self._unknown: tuple[str, Callable[[int], NotFound]] | None = None
 
     # --- health and metadata -----------------------------------------------------------------------------------
 
@@ -345,10 +350,10 @@ class Surface(DataPlaneSlot):
         except BaseException:
             self.statistics.failed(plane.model.default_version, time.perf_counter_ns() - started)
             raise
-        infer_call, outputs, prefix, n = result.converted.extra
+        request_id, outputs, n = result.converted.extra
         answered = result.answered
-        answer = InferAnswer(plane.model.name, str(answered.version), infer_call.id,
-                             self._build(outputs, answered, prefix, plane.model.name))  # fmt: skip
+        answer = InferAnswer(plane.model.name, str(answered.version), request_id,
+                             self._build(outputs, answered, request_id, plane.model.name))  # fmt: skip
         done = time.perf_counter_ns()
         self.statistics.succeeded(answered.version, n, done - started, result.infer_started_ns - started,
                                   result.infer_done_ns - result.infer_started_ns, done - result.infer_done_ns)
@@ -359,7 +364,7 @@ class Surface(DataPlaneSlot):
         large request)."""
         plane = self.plane
         asked = self.asked_version(call.model_name, call.model_version)
-        prefix = f"[request id: {call.id or '<id_unknown>'}] "
+        prefix = _prefix(call.id)
         name = plane.model.name
         outputs = self._outputs(call, prefix, name)
         tensor = self._input(call, prefix, name)
@@ -406,8 +411,47 @@ class Surface(DataPlaneSlot):
             drawings = self._bitmaps(tensor, n, prefix, name)
         else:
             drawings = validate(self._drawings(tensor, n), plane.limits)
-        return Converted(drawings, asked, backend_k, self._answer_bytes(outputs, n), self.unknown_version(name),
-                         (call, outputs, prefix, n))  # fmt: skip
+        return Converted(drawings, asked, backend_k, self._answer_bytes(outputs, n), self._unknown_version(name),
+                         (call.id, outputs, n))  # fmt: skip
+
+    def convert_image(self, model_name: str, model_version: str, request_id: str, pixels: bytes,
+                      shape: Sequence[int], output_names: Sequence[str]) -> Converted | None:  # fmt: skip
+        """:meth:`convert` for the commonest call without building an ``InferCall`` first (as
+        ``validation.bitmaps_only`` is for Classify): ``image`` UINT8 [n, 28, 28, 1] as ``pixels``, n within the
+        limit and ``pixels`` of its size, and the outputs (none: all) named once each among those offered, the
+        door having seen that nothing else is set (no parameters, no typed contents). None for any other call,
+        which :meth:`convert` then checks and words the errors of; what this accepts, convert accepts the same,
+        and converts the same."""
+        plane = self.plane
+        if (len(shape) != 4 or shape[1] != BITMAP_SIDE or shape[2] != BITMAP_SIDE or shape[3] != 1
+                or not 0 < shape[0] <= plane.limits.max_drawings_per_request
+                or len(pixels) != shape[0] * BITMAP_SIDE * BITMAP_SIDE):  # fmt: skip
+            return None
+        model = plane.model
+        if model is not self._plain_for:
+            self._plain, self._plain_for = {}, model
+        names = tuple(output_names)
+        plain = self._plain.get(names)
+        if plain is None:
+            offered = (PROBABILITIES, KNOWN_SCORE) if model.ood is not None else (PROBABILITIES,)
+            if not names:
+                names = offered
+            elif len(names) > len(offered) or len(set(names)) != len(names) or any(o not in offered for o in names):
+                return None  # convert words the error
+            outputs = [OutputRequest(o) for o in names]
+            plain = self._plain[tuple(output_names)] = (outputs, self._answer_bytes(outputs, 1))
+        outputs, per_drawing = plain  # shared by calls: read, never changed
+        n = shape[0]
+        images = np.frombuffer(pixels, np.uint8).reshape(n, BITMAP_SIDE, BITMAP_SIDE, 1)
+        return Converted(images, self.asked_version(model_name, model_version), None, per_drawing * n,
+                         self._unknown_version(model.name), (request_id, outputs, n))  # fmt: skip
+
+    def _unknown_version(self, name: str) -> Callable[[int], NotFound]:
+        """:meth:`unknown_version` for ``name``, kept for the next call."""
+        kept = self._unknown
+        if kept is None or kept[0] != name:
+            kept = self._unknown = (name, self.unknown_version(name))
+        return kept[1]
 
     def _answer_bytes(self, outputs: list[OutputRequest], n: int) -> int:
         """A bound on the answer's size: each output's tensor, before any of it is built."""
@@ -538,7 +582,8 @@ class Surface(DataPlaneSlot):
             raise InvalidArgument(problems)
         return request
 
-    def _build(self, outputs: list[OutputRequest], answered: Answered, prefix: str, name: str) -> list[OutputTensor]:
+    def _build(self, outputs: list[OutputRequest], answered: Answered, request_id: str, name: str
+               ) -> list[OutputTensor]:  # fmt: skip
         """The outputs asked for, from the backend's answer."""
         labels = self.plane.model.labels
         scores = answered.scores
@@ -548,7 +593,7 @@ class Surface(DataPlaneSlot):
                 if answered.known is None:
                     raise InvalidArgument(
                         [FieldViolation("outputs", f"version {answered.version} gives no {KNOWN_SCORE!r}")],
-                        f"{prefix}unexpected inference output '{KNOWN_SCORE}' for model '{name}' version "
+                        f"{_prefix(request_id)}unexpected inference output '{KNOWN_SCORE}' for model '{name}' version "
                         f"{answered.version}",
                     )
                 built.append(OutputTensor(o.name, "FP32", np.asarray(answered.known, np.float32)))
@@ -565,6 +610,11 @@ class Surface(DataPlaneSlot):
                 assert not isinstance(scores, TopK)  # asked for: the backend gave every class
                 built.append(OutputTensor(o.name, "FP32", np.asarray(scores, np.float32)))
         return built
+
+
+def _prefix(request_id: str) -> str:
+    """What Triton's messages about a request start with."""
+    return f"[request id: {request_id or '<id_unknown>'}] "
 
 
 def _renamed(error: InvalidArgument) -> InvalidArgument:

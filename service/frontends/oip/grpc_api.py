@@ -25,9 +25,17 @@ from service.core.calls import Observed, service_error
 from service.core.errors import MAX_MESSAGE_CHARS, FieldViolation, InvalidArgument, ServiceError, clip
 from service.core.metrics import Metrics
 from service.core.streams import StreamSlots
-from service.dataplane.pipeline import Metadata
+from service.dataplane.pipeline import Call, Converted, Metadata
 from service.frontends.grpc.calls import Reserve, deadline, parse_message, refuse_stream, unary, windowed_answers
-from service.frontends.oip.core import CLASSIFICATION, InferAnswer, InferCall, InputTensor, OutputRequest, Surface
+from service.frontends.oip.core import (
+    CLASSIFICATION,
+    IMAGE,
+    InferAnswer,
+    InferCall,
+    InputTensor,
+    OutputRequest,
+    Surface,
+)
 from service.preprocess import wire
 from service.protos import oip
 
@@ -136,6 +144,25 @@ def to_call(request: Any, max_drawings: int) -> InferCall:
     return InferCall(request.model_name, request.model_version, request.id, inputs, outputs, params)
 
 
+def fast_convert(request: Any, surface: Surface) -> Converted | None:
+    """The commonest ModelInferRequest converted without an ``InferCall`` (``Surface.convert_image``): one input,
+    ``image`` UINT8 in one raw_input_contents entry, no parameters anywhere, outputs without parameters. None for
+    any other request (then :func:`to_call` and ``Surface.convert`` check it and word its errors)."""
+    tensors = request.inputs
+    raw = request.raw_input_contents
+    if len(tensors) != 1 or len(raw) != 1 or request.parameters:
+        return None
+    t = tensors[0]
+    if t.name != IMAGE or t.datatype != "UINT8" or t.parameters or t.HasField("contents"):
+        return None
+    names = []
+    for o in request.outputs:
+        if o.parameters or len(names) == MAX_TENSORS:
+            return None
+        names.append(o.name)
+    return surface.convert_image(request.model_name, request.model_version, request.id, raw[0], t.shape, names)
+
+
 def to_response(answer: InferAnswer) -> Any:
     """The answer as a ModelInferResponse, every output in ``raw_output_contents``."""
     resp = oip.ModelInferResponse(model_name=answer.model_name, model_version=answer.model_version, id=answer.id)
@@ -210,14 +237,16 @@ class InferenceService:
         surface = self.surface
         max_drawings = surface.plane.limits.max_drawings_per_request
 
-        def parsed(raw: bytes) -> InferCall:
+        def converted(raw: bytes) -> Converted:
             if len(raw) > wire.PARSE_FIRST_BYTES:  # smaller: parsed first (bounded by its size), counted by to_call
                 check_infer(raw, max_drawings)
-            return to_call(parse_message(oip.ModelInferRequest, raw), max_drawings)
+            message = parse_message(oip.ModelInferRequest, raw)
+            fast = fast_convert(message, surface)
+            return fast if fast is not None else surface.convert(to_call(message, max_drawings))
 
-        return to_response(await surface.infer(surface.call(request, parsed, len(request), deadline_s,
-                                                            reserve=reserve, transport_deadline=transport_deadline,
-                                                            metadata=metadata)))
+        return to_response(await surface.infer(Call(request, converted, 1, len(request), deadline_s,
+                                                    transport_deadline=transport_deadline, reserve=reserve,
+                                                    metadata=metadata)))  # fmt: skip
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
