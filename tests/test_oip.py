@@ -642,3 +642,25 @@ def test_the_fast_image_converter_converts_as_the_general_one(ood: bool) -> None
             surface.convert(to_call(req, 256))
         assert (fast_error.value.code, fast_error.value.message) == (general_error.value.code,
                                                                      general_error.value.message)
+
+
+def test_a_small_classify_request_is_counted_as_a_large_one_is() -> None:
+    """The other door parsed first when small: a ClassifyRequest of at most ``wire.PARSE_FIRST_BYTES`` that is more
+    than bitmaps still has its strokes counted on the wire before validation, with the error a large one gets."""
+    from service.core.errors import InvalidArgument
+    from service.frontends.grpc.classifier import convert_classify
+    from service.preprocess import wire
+
+    plane = _surface(False).plane
+    strokes = pb.Strokes(strokes=[pb.Stroke() for _ in range(600)])  # over 2 x max_strokes (256)
+    small = pb.ClassifyRequest(drawings=[pb.Drawing(strokes=strokes)]).SerializeToString()
+    large = pb.ClassifyRequest(drawings=[pb.Drawing(strokes=strokes), pb.Drawing(image=pb.EncodedImage(data=bytes(20_000)))])
+    assert len(small) <= wire.PARSE_FIRST_BYTES < len(large.SerializeToString())
+    errors = []
+    for raw in (small, large.SerializeToString()):
+        with pytest.raises(InvalidArgument) as refused:
+            convert_classify(plane, raw, wire.top_level(raw, 256))
+        errors.append(refused.value.violations)
+    assert errors[0] == errors[1] and "max_strokes" in errors[0][0].description
+    bitmaps = pb.ClassifyRequest(drawings=[pb.Drawing(bitmap=pb.Bitmap(pixels=bytes(784)))] * 3).SerializeToString()
+    assert convert_classify(plane, bitmaps, wire.top_level(bitmaps, 256)).drawings.shape == (3, 28, 28, 1)

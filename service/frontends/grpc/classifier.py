@@ -42,15 +42,22 @@ ANSWER_BYTES_PER_CLASS = 16
 
 def convert_classify(plane: DataPlane, request: pb.ClassifyRequest | Wire, top: wire.Spans | None = None) -> Converted:
     """A ClassifyRequest (bytes: counted on the wire, then parsed; ``top``: its top level, found already)
-    validated, in the pipeline's terms."""
+    validated, in the pipeline's terms. One of at most ``wire.PARSE_FIRST_BYTES`` is parsed first (its parse
+    bounded by its size), and its drawings' strokes are counted on the wire only when it is more than bitmaps."""
     lim = plane.limits
-    if isinstance(request, bytes | memoryview):
+    counted = not isinstance(request, bytes | memoryview)
+    if not counted and len(request) > wire.PARSE_FIRST_BYTES:
         wire.check_classify(request, lim.max_drawings_per_request, lim.max_strokes, top=top)
+        counted = True
+    raw = request
+    if isinstance(request, bytes | memoryview):  # smaller: parsed first, its parse bounded by its size
         request = parse_message(pb.ClassifyRequest, request)
-    fast = bitmaps_only(request, lim)
+    fast = bitmaps_only(request, lim)  # bitmaps of the right size only: no strokes to count
     if fast is not None:
         drawings, top_k, version = fast
     else:
+        if not counted:  # strokes are counted on the wire before validation builds anything of them
+            wire.check_classify(raw, lim.max_drawings_per_request, lim.max_strokes, top=top)
         req = validate(request, lim)
         drawings, top_k, version = req, req.top_k, req.version
     label = plane.model.label_chars
