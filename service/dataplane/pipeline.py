@@ -177,6 +177,9 @@ class DataPlane:
         self._preprocessing = 0
         #: The roll-out plan in force (canary split, shadow), when one is configured; None: neither.
         self.rollout: Rollout | None = None
+        #: The drawings counter and preprocessing histogram of bitmaps, bound once.
+        self._bitmap_children = (metrics.child(metrics.drawings, Kind.BITMAP.value),
+                                 metrics.child(metrics.preprocess_latency, Kind.BITMAP.value))  # fmt: skip
 
     # --- the pipeline ------------------------------------------------------------------------------------------
 
@@ -198,11 +201,16 @@ class DataPlane:
         assert converted is not None
         m = self.metrics
         kinds = converted.kinds()
-        distinct = set(kinds)
-        for kind in distinct:
-            m.child(m.drawings, kind.value).inc(len(kinds) if len(distinct) == 1 else kinds.count(kind))
-        kind_label = kinds[0].value if len(distinct) == 1 else "mixed"
-        m.child(m.preprocess_latency, kind_label).observe(time.perf_counter() - t0)
+        if not isinstance(converted.drawings, ClassifyIn):  # bitmaps (the commonest call): children bound once
+            drawings, preprocessed = self._bitmap_children
+            drawings.inc(len(kinds))
+            preprocessed.observe(time.perf_counter() - t0)
+        else:
+            distinct = set(kinds)
+            for kind in distinct:
+                m.child(m.drawings, kind.value).inc(len(kinds) if len(distinct) == 1 else kinds.count(kind))
+            kind_label = kinds[0].value if len(distinct) == 1 else "mixed"
+            m.child(m.preprocess_latency, kind_label).observe(time.perf_counter() - t0)
         if call.reserve is not None:
             await call.reserve(converted.answer_bytes)
         top_k = converted.top_k
