@@ -654,7 +654,8 @@ def test_a_small_classify_request_is_counted_as_a_large_one_is() -> None:
     plane = _surface(False).plane
     strokes = pb.Strokes(strokes=[pb.Stroke() for _ in range(600)])  # over 2 x max_strokes (256)
     small = pb.ClassifyRequest(drawings=[pb.Drawing(strokes=strokes)]).SerializeToString()
-    large = pb.ClassifyRequest(drawings=[pb.Drawing(strokes=strokes), pb.Drawing(image=pb.EncodedImage(data=bytes(20_000)))])
+    padding = pb.Drawing(image=pb.EncodedImage(data=bytes(20_000)))
+    large = pb.ClassifyRequest(drawings=[pb.Drawing(strokes=strokes), padding])
     assert len(small) <= wire.PARSE_FIRST_BYTES < len(large.SerializeToString())
     errors = []
     for raw in (small, large.SerializeToString()):
