@@ -36,7 +36,7 @@ def test_two_workers_finish_with_identical_weights_and_one_export(sample: Path, 
             "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
         }
         cmd = [sys.executable, "-m", "quickdraw", "train", "--data", str(sample), "--classes", "cat,dog",
-               "--per-class", "192", "--epochs", "2", "--batch-size", "64", "--threads", "1",
+               "--per-class", "192", "--epochs", "2", "--batch-size", "64", "--threads", "1", "--tta", "none",
                "--out", str(out), "--workdir", str(workdir)]
         log = (tmp_path / f"worker{index}.log").open("w")
         procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
