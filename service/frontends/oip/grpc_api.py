@@ -232,7 +232,8 @@ class InferenceService:
 
     async def _infer(self, request: bytes, deadline_s: float | None, reserve: Reserve | None = None,
                      transport_deadline: bool = False, metadata: Metadata | None = None) -> Any:
-        """One ModelInferRequest (its bytes: counted on the wire, then parsed by the pipeline's converter);
+        """One ModelInferRequest (its bytes: counted on the wire when over ``wire.PARSE_FIRST_BYTES``, parsed and
+        converted by the pipeline's converter, the commonest form by :func:`fast_convert`);
         ``transport_deadline``: gRPC cancels it at its deadline (unary ModelInfer; see ``Call``)."""
         surface = self.surface
         max_drawings = surface.plane.limits.max_drawings_per_request
