@@ -34,7 +34,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 @pytest.fixture(scope="module")
 def rows() -> list[rehearsal.Row]:
     opts = rehearsal.Options(
-        rate_per_s=30, deadline_s=2.0, pinned_every=10, phase_s=5, short=True, prometheus=False, standin=STANDIN
+        rate_per_s=30, deadline_s=2.0, pinned_every=10, phase_s=7, short=True, prometheus=False, standin=STANDIN
     )
     with rehearsal.Topology(opts) as topo:
         out = rehearsal.Rehearsal(topo, opts).run()
