@@ -665,3 +665,31 @@ def test_a_small_classify_request_is_counted_as_a_large_one_is() -> None:
     assert errors[0] == errors[1] and "max_strokes" in errors[0][0].description
     bitmaps = pb.ClassifyRequest(drawings=[pb.Drawing(bitmap=pb.Bitmap(pixels=bytes(784)))] * 3).SerializeToString()
     assert convert_classify(plane, bitmaps, wire.top_level(bitmaps, 256)).drawings.shape == (3, 28, 28, 1)
+
+
+@pytest.mark.parametrize("field", ["inputs", "output_filter", "dims"])
+def test_a_small_predict_request_counted_after_parsing_gets_the_wire_counts_error(field: str) -> None:
+    """TF Serving's door parses a PredictRequest of at most ``wire.PARSE_FIRST_BYTES`` first, as OIP and Classify do;
+    ``count_parsed`` refuses what ``wire.check_predict`` refuses on the wire, in the same words."""
+    from service.core.errors import InvalidArgument
+    from service.frontends.tfserving.grpc_api import count_parsed
+    from service.preprocess import wire
+    from service.protos import tfs
+
+    req = tfs.PredictRequest()
+    req.model_spec.name = MODEL
+    if field == "inputs":
+        for i in range(17):
+            req.inputs[f"x{i}"].dtype = tfs.DT_UINT8
+    elif field == "output_filter":
+        req.output_filter.extend(f"y{i}" for i in range(17))
+    else:
+        for _ in range(17):
+            req.inputs["image"].tensor_shape.dim.add(size=1)
+    raw = req.SerializeToString()
+    assert len(raw) <= wire.PARSE_FIRST_BYTES
+    with pytest.raises(InvalidArgument) as on_wire:
+        wire.check_predict(raw)
+    with pytest.raises(InvalidArgument) as parsed:
+        count_parsed(tfs.PredictRequest.FromString(raw))
+    assert parsed.value.violations == on_wire.value.violations

@@ -65,7 +65,7 @@ from numpy.typing import NDArray
 from doodle import BITMAP_SIDE
 from doodle.contract import KNOWN_SCORE, LABELS_PATH, OUTPUT_KEY
 from quickdraw_client.v1 import classifier_pb2 as pb
-from service.backends import ANY_VERSION, Answered, TopK
+from service.backends import ANY_VERSION, Answered, ModelDescription, TopK
 from service.core.errors import FieldViolation, InvalidArgument, NotFound
 from service.core.metrics import Metrics
 from service.core.versions import parse_version
@@ -433,7 +433,7 @@ class Surface(DataPlaneSlot):
         names = tuple(output_names)
         plain = self._plain.get(names)
         if plain is None:
-            offered = (PROBABILITIES, KNOWN_SCORE) if model.ood is not None else (PROBABILITIES,)
+            offered = _offered(model)
             if not names:
                 names = offered
             elif len(names) > len(offered) or len(set(names)) != len(names) or any(o not in offered for o in names):
@@ -471,7 +471,7 @@ class Surface(DataPlaneSlot):
     def _outputs(self, call: InferCall, prefix: str, name: str) -> list[OutputRequest]:
         """The outputs asked for (all when none): known names, and a classification count in range."""
         plane = self.plane
-        offered = [PROBABILITIES] + ([KNOWN_SCORE] if plane.model.ood is not None else [])
+        offered = _offered(plane.model)
         if call.outputs is None or not call.outputs:
             return [OutputRequest(o) for o in offered]
         classes = len(plane.model.labels)
@@ -485,7 +485,7 @@ class Surface(DataPlaneSlot):
             seen.add(o.name)
             if o.name not in offered and o.name != KNOWN_SCORE:
                 raise InvalidArgument(
-                    [FieldViolation("outputs", f"unknown output {o.name!r}; this model has {offered}")],
+                    [FieldViolation("outputs", f"unknown output {o.name!r}; this model has {list(offered)}")],
                     f"{prefix}unexpected inference output '{o.name}' for model '{name}'",
                 )
             if o.classification and (o.name != PROBABILITIES or not 1 <= o.classification <= classes):
@@ -610,6 +610,11 @@ class Surface(DataPlaneSlot):
                 assert not isinstance(scores, TopK)  # asked for: the backend gave every class
                 built.append(OutputTensor(o.name, "FP32", np.asarray(scores, np.float32)))
         return built
+
+
+def _offered(model: ModelDescription) -> tuple[str, ...]:
+    """The outputs ``model`` gives (all of them when a call names none)."""
+    return (PROBABILITIES, KNOWN_SCORE) if model.ood is not None else (PROBABILITIES,)
 
 
 def _prefix(request_id: str) -> str:

@@ -172,6 +172,18 @@ class _Surface(DataPlaneSlot):
                         f"{', '.join(map(str, model.versions))}")  # fmt: skip
 
 
+def count_parsed(request: Any) -> None:
+    """``wire.check_predict``'s counts, with its errors, on a PredictRequest parsed before it was counted (at most
+    ``wire.PARSE_FIRST_BYTES``: its parse was bounded by its size)."""
+    if len(request.inputs) > wire.MAX_PREDICT_INPUTS:
+        raise wire.too_many("inputs", "entries", wire.MAX_PREDICT_INPUTS)
+    if len(request.output_filter) > wire.MAX_OUTPUT_FILTER:
+        raise wire.too_many("output_filter", "names", wire.MAX_OUTPUT_FILTER)
+    for tensor in request.inputs.values():
+        if len(tensor.tensor_shape.dim) > wire.MAX_TENSOR_DIMS:
+            raise wire.too_many("inputs.tensor_shape.dim", "dimensions", wire.MAX_TENSOR_DIMS)
+
+
 def _require_model_spec(request: Any) -> None:
     """TF Serving's first check of Predict, GetModelMetadata and GetModelStatus."""
     if not request.HasField("model_spec"):
@@ -187,7 +199,8 @@ class PredictionService:
 
     @unary("Predict")
     async def Predict(self, request: bytes, context: grpc.aio.ServicerContext) -> Any:
-        """Run ``serving_default`` on the images: one pipeline call (``request`` as bytes: counted first)."""
+        """Run ``serving_default`` on the images: one pipeline call (``request`` as bytes: counted on the wire
+        first when over ``wire.PARSE_FIRST_BYTES``, after parsing otherwise)."""
         result = await self._surface.plane.infer(Call(request, self._convert, 1, len(request), deadline(context),
                                                       transport_deadline=True,  # gRPC cancels it at its deadline
                                                       metadata=context.invocation_metadata))  # fmt: skip
@@ -195,8 +208,11 @@ class PredictionService:
 
     def _convert(self, raw: bytes) -> Converted:
         """A PredictRequest checked as TF Serving checks it, in the pipeline's terms."""
-        wire.check_predict(raw)
+        if len(raw) > wire.PARSE_FIRST_BYTES:  # smaller: parsed first (bounded by its size), then counted
+            wire.check_predict(raw)
         request = parse_message(tfs.PredictRequest, raw)
+        if len(raw) <= wire.PARSE_FIRST_BYTES:
+            count_parsed(request)
         _require_model_spec(request)
         surface = self._surface
         plane = surface.plane
