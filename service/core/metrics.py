@@ -12,18 +12,15 @@ call per drawing.
 from __future__ import annotations
 
 import math
-import time
 from bisect import bisect_left
 from collections.abc import Iterator
 from typing import ClassVar, TypeVar
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, Exemplar, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.metrics import _validate_exemplar
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
-from prometheus_client.values import MutexValue
 
 from doodle import BITMAP_PIXELS
 from service.core.modelhealth import ModelHealth, VersionCounts
@@ -44,30 +41,32 @@ class Histogram(prometheus_client.Histogram):
     against 0.52 us in a tight loop), so every update of a child's values is serialized by that one lock (readers
     take each value's own lock, as the library's exposition does: a float is read whole). NaN counts in the sum
     and no bucket, as the library's walk counts it. The exposition is the library's.
+
+    That path reads the library's in-process values (a lock and a float each: ``_lock``, ``_value``). Where they
+    are not that (multiprocess mode, a labelled parent, another release's internals), and for an exemplar (the
+    gateway sets none), ``observe`` is the library's own.
     """
 
-    #: Whether this child's values are the library's in-process ``MutexValue`` (not multiprocess mode's).
+    #: Whether this child's sum and buckets are the library's in-process values, a lock and a float each.
     _one_lock = False
 
     def _metric_init(self) -> None:
         super()._metric_init()
-        self._one_lock = type(self._sum) is MutexValue
+        self._one_lock = all(
+            isinstance(getattr(v, "_value", None), float) and hasattr(getattr(v, "_lock", None), "__enter__")
+            for v in (self._sum, *self._buckets)
+        )
 
     def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
         """Count ``amount`` in its bucket (the first whose upper bound is >= it) and in the sum."""
-        if not self._one_lock:  # a labelled parent (the library raises) or multiprocess values
+        if exemplar or not self._one_lock:
             super().observe(amount, exemplar)
             return
         total = self._sum
-        bucket = None
         with total._lock:
             total._value += amount
             if amount == amount:
-                bucket = self._buckets[bisect_left(self._upper_bounds, amount)]
-                bucket._value += 1
-        if exemplar and bucket is not None:
-            _validate_exemplar(exemplar)
-            bucket.set_exemplar(Exemplar(exemplar, amount, time.time()))
+                self._buckets[bisect_left(self._upper_bounds, amount)]._value += 1
 
 
 #: A labelled metric (its children are of the same class).

@@ -208,10 +208,11 @@ class PredictionService:
 
     def _convert(self, raw: bytes) -> Converted:
         """A PredictRequest checked as TF Serving checks it, in the pipeline's terms."""
-        if len(raw) > wire.PARSE_FIRST_BYTES:  # smaller: parsed first (bounded by its size), then counted
+        small = len(raw) <= wire.PARSE_FIRST_BYTES  # parsed first (its parse bounded by its size), then counted
+        if not small:
             wire.check_predict(raw)
         request = parse_message(tfs.PredictRequest, raw)
-        if len(raw) <= wire.PARSE_FIRST_BYTES:
+        if small:
             count_parsed(request)
         _require_model_spec(request)
         surface = self._surface
